@@ -1,0 +1,108 @@
+"""The scaling policy: how many workers to launch now. A pure function, no I/O.
+
+Queue-driven scaling the way AWS recommends it ("backlog per instance"): the workers needed
+are the ones that drain the whole backlog within a target time, given how long jobs take
+and how many jobs a worker runs at once. Workers still booting count as capacity.
+
+The cluster-wide maximum is split between the endpoints' scalers: each may own at most its
+share, so the sum can never exceed the maximum, even when both scalers run in the same
+second or cannot reach each other. Every scaler sizes for the cluster-wide backlog; when the
+peer is reachable (its scaler is presumably running too) each launches its share of what is
+missing, otherwise it launches all of it, within its own share of the cap.
+
+Hysteresis: nothing is launched until the oldest item has waited `scale_after_s`, and the
+policy never shrinks the fleet -- workers leave by themselves after `idle_timeout` without
+work, so a short lull does not tear down capacity that the next burst needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EndpointLoad:
+    """What one endpoint reports about its queue."""
+
+    pending: int
+    oldest_pending_age_s: float
+    recent_jobs: int = 0
+    recent_job_duration_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    endpoints: tuple[EndpointLoad, ...]  # this endpoint first, then the peer if it answered
+    peer_reachable: bool
+    workers_ready: int  # cluster-wide, whoever launched them
+    workers_booting: int  # launched, not yet ready: already capacity on the way
+    own_workers: int  # launched by this scaler (ready or booting), counted against its share
+
+
+@dataclass(frozen=True)
+class Policy:
+    scale_after_s: float = 30.0  # launch only once the oldest item has waited this long
+    target_drain_s: float = 120.0  # size the fleet to drain the backlog within this time
+    max_workers: int = 4  # cluster-wide, across both scalers
+    own_cap: int = 2  # this scaler's share of max_workers (see split_cap)
+    max_launch_per_tick: int = 4
+    slots_per_worker: int = 2  # jobs a worker runs at once (its cores)
+    default_job_duration_s: float = 1.0  # until jobs have been measured
+
+
+@dataclass(frozen=True)
+class Decision:
+    launch: int
+    needed: int  # cluster-wide workers the backlog calls for
+    reason: str
+
+
+def split_cap(max_workers: int, endpoint_index: int, endpoint_count: int = 2) -> int:
+    """This endpoint's share of the cluster-wide maximum; the shares add up to it exactly."""
+    base, extra = divmod(max_workers, endpoint_count)
+    return base + (1 if endpoint_index < extra else 0)
+
+
+def job_duration(endpoints: tuple[EndpointLoad, ...], default: float) -> float:
+    """Mean recent job duration across endpoints, weighted by how many jobs each measured."""
+    measured = [(e.recent_jobs, e.recent_job_duration_s) for e in endpoints
+                if e.recent_jobs and e.recent_job_duration_s]
+    jobs = sum(count for count, _ in measured)
+    if not jobs:
+        return default
+    return sum(count * duration for count, duration in measured) / jobs
+
+
+def workers_needed(backlog: int, duration_s: float, policy: Policy) -> int:
+    """Workers that finish `backlog` jobs of `duration_s` within the target time."""
+    if backlog <= 0:
+        return 0
+    jobs_per_worker = max(1.0, policy.slots_per_worker * policy.target_drain_s / max(duration_s, 1e-6))
+    return min(policy.max_workers, math.ceil(backlog / jobs_per_worker))
+
+
+def decide(view: ClusterView, policy: Policy) -> Decision:
+    backlog = sum(e.pending for e in view.endpoints)
+    oldest = max((e.oldest_pending_age_s for e in view.endpoints if e.pending), default=0.0)
+    if backlog == 0:
+        return Decision(0, 0, "no pending work")
+    if oldest < policy.scale_after_s:
+        return Decision(0, 0, f"oldest item has waited {oldest:.0f}s, under the {policy.scale_after_s:.0f}s threshold")
+
+    duration = job_duration(view.endpoints, policy.default_job_duration_s)
+    needed = workers_needed(backlog, duration, policy)
+    current = view.workers_ready + view.workers_booting
+    missing = needed - current
+    sizing = (f"{backlog} pending x {duration:.3g}s needs {needed} worker(s) to drain in "
+              f"{policy.target_drain_s:.0f}s; {view.workers_ready} ready, {view.workers_booting} booting")
+    if missing <= 0:
+        return Decision(0, needed, f"{sizing}: enough")
+
+    share = policy.own_cap / policy.max_workers if policy.max_workers else 0.0
+    my_part = math.ceil(missing * share) if view.peer_reachable else missing
+    headroom = policy.own_cap - view.own_workers
+    launch = max(0, min(my_part, headroom, policy.max_launch_per_tick))
+    if launch == 0:
+        return Decision(0, needed, f"{sizing}: this scaler's share of the cap ({policy.own_cap}) is in use")
+    return Decision(launch, needed, f"{sizing}: launching {launch}")

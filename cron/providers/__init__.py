@@ -1,0 +1,41 @@
+"""Where workers run. Every provider offers the same four operations (list, launch,
+provision, terminate), in the manner of Ray's NodeProvider, so the scaler does not care
+whether a worker is a local process, an existing server reached over SSH, or an EC2 instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class ProviderError(Exception):
+    """A launch, provisioning or termination step failed."""
+
+
+@dataclass(frozen=True)
+class Node:
+    node_id: str  # instance id, process id or host name
+    owner: str  # the endpoint whose scaler launched it (its share of the cap pays for it)
+    launched_at: float  # unix seconds
+    ready: bool  # provisioned: the worker was started and confirmed running
+    address: str | None = None  # where SSH reaches it, for providers that use SSH
+
+
+class Provider(Protocol):
+    def list(self) -> list[Node]:
+        """This cluster's live workers, ready or still booting."""
+        ...
+
+    def launch(self, count: int, owner: str, intent: str) -> list[Node]:
+        """Start `count` machines. `intent` names this launch decision: retrying the same
+        intent must not start more (EC2 turns it into ClientTokens)."""
+        ...
+
+    def provision(self, node: Node) -> Node:
+        """Install and start the worker, confirm it runs, and mark the node ready."""
+        ...
+
+    def terminate(self, nodes: Sequence[Node], reason: str) -> None:
+        ...

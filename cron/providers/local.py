@@ -1,0 +1,112 @@
+"""Workers as processes on this machine: what `./deploy.sh local` uses."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from cron.providers import Node, ProviderError
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks, or None if it is gone or a zombie.
+
+    Recorded at launch and compared later, so that a recycled PID is never taken for
+    (or killed as) one of our workers.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+class LocalProvider:
+    def __init__(self, state_dir: Path, endpoints: Sequence[str], secret_file: Path, *,
+                 processes_per_worker: int = 1, idle_timeout: float = 60.0, log_dir: Path | None = None) -> None:
+        self.state_dir = state_dir
+        self.endpoints = list(endpoints)
+        self.secret_file = secret_file
+        self.processes_per_worker = processes_per_worker
+        self.idle_timeout = idle_timeout
+        self.log_dir = log_dir or state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+
+    def list(self) -> list[Node]:
+        nodes = []
+        for record_path in sorted(self.state_dir.glob("*.json")):
+            record = json.loads(record_path.read_text())
+            if self._alive(record):
+                nodes.append(Node(record["id"], record["owner"], record["launched_at"], ready=True))
+            else:
+                record_path.unlink(missing_ok=True)  # it exited (idle) or was killed
+        return nodes
+
+    def launch(self, count: int, owner: str, intent: str) -> list[Node]:
+        nodes = []
+        for _ in range(count):
+            worker_id = f"local-{owner}-{secrets.token_hex(4)}"
+            command = [sys.executable, "-m", "worker", "--worker-id", worker_id,
+                       "--processes", str(self.processes_per_worker), "--idle-timeout", str(self.idle_timeout)]
+            for endpoint in self.endpoints:
+                command += ["--endpoint", endpoint]
+            env = {**os.environ, "DW_SECRET_FILE": str(self.secret_file)}
+            env.pop("DW_SECRET", None)
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_dir / f"worker-{worker_id}.log", "ab") as log_file:
+                try:
+                    # Its own session: a worker outlives a one-shot scaler run, and is
+                    # stopped as a whole process group.
+                    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                               stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+                except OSError as exc:
+                    raise ProviderError(f"could not start a local worker: {exc}") from exc
+            record = {"id": worker_id, "owner": owner, "pid": process.pid,
+                      "start_ticks": _start_ticks(process.pid), "launched_at": time.time(), "intent": intent}
+            (self.state_dir / f"{worker_id}.json").write_text(json.dumps(record))
+            log.info("started local worker %s (pid %d)", worker_id, process.pid)
+            nodes.append(Node(worker_id, owner, record["launched_at"], ready=True))
+        return nodes
+
+    def provision(self, node: Node) -> Node:
+        return node  # a local worker starts fully configured
+
+    def terminate(self, nodes: Sequence[Node], reason: str) -> None:
+        records = []
+        for node in nodes:
+            record_path = self.state_dir / f"{node.node_id}.json"
+            if record_path.exists():
+                records.append((record_path, json.loads(record_path.read_text())))
+        for _, record in records:
+            if self._alive(record):
+                log.info("stopping local worker %s (%s)", record["id"], reason)
+                os.killpg(record["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for record_path, record in records:
+            while self._alive(record) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if self._alive(record):
+                os.killpg(record["pid"], signal.SIGKILL)
+            record_path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _alive(record: dict) -> bool:
+        pid = record["pid"]
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and has exited
+        return _start_ticks(pid) is not None and _start_ticks(pid) == record["start_ticks"]

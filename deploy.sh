@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Run dynamic-workload.
+#   ./deploy.sh local [options]   both endpoints, the scalers and their workers on this machine,
+#                                 in the foreground; Ctrl-C or SIGTERM stops all of it.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() {
+    cat <<'EOF'
+usage: ./deploy.sh local [--max-workers N] [--idle-timeout S] [--scale-after S]
+                         [--port-a P] [--port-b P] [--every S]
+
+  --max-workers N   most workers at once, across both endpoints' scalers (default 2)
+  --idle-timeout S  a worker exits after S seconds without work (default 30)
+  --scale-after S   launch workers once the oldest pending item has waited S seconds (default 2)
+  --port-a P        endpoint A's port on 127.0.0.1 (default 5000)
+  --port-b P        endpoint B's port on 127.0.0.1 (default 5001)
+  --every S         seconds between scaling decisions (default 2; cron uses 60 on EC2)
+EOF
+}
+
+deploy_local() {
+    local max_workers=2 idle_timeout=30 scale_after=2 port_a=5000 port_b=5001 every=2
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --max-workers) max_workers=$2; shift 2 ;;
+            --idle-timeout) idle_timeout=$2; shift 2 ;;
+            --scale-after) scale_after=$2; shift 2 ;;
+            --port-a) port_a=$2; shift 2 ;;
+            --port-b) port_b=$2; shift 2 ;;
+            --every) every=$2; shift 2 ;;
+            -h|--help) usage; exit 0 ;;
+            *) echo "deploy.sh local: unknown option $1" >&2; usage >&2; exit 2 ;;
+        esac
+    done
+
+    ./setup.sh local
+    mkdir -p var/log
+    if [ ! -s var/secret ]; then
+        (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > var/secret)
+    fi
+
+    local url_a="http://127.0.0.1:$port_a" url_b="http://127.0.0.1:$port_b"
+    local pids=()
+    cleanup() {
+        trap - INT TERM EXIT
+        echo
+        echo "stopping..."
+        [ ${#pids[@]} -gt 0 ] && kill -TERM "${pids[@]}" 2>/dev/null || true
+        for _ in $(seq 50); do
+            local alive=0
+            for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+            [ $alive = 0 ] && break
+            sleep 0.2
+        done
+        [ ${#pids[@]} -gt 0 ] && kill -KILL "${pids[@]}" 2>/dev/null || true
+        # Workers run in their own sessions (they outlive one-shot scaler runs): stop them through the provider.
+        DW_STATE_DIR=var .venv/bin/python -m cron.scale --terminate-all --log-level WARNING || true
+        echo "stopped."
+    }
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+
+    export DW_SECRET_FILE=var/secret
+    .venv/bin/python -m endpoint --node-id a --port "$port_a" --peer "$url_b" >> var/log/endpoint-a.log 2>&1 &
+    pids+=($!)
+    .venv/bin/python -m endpoint --node-id b --port "$port_b" --peer "$url_a" >> var/log/endpoint-b.log 2>&1 &
+    pids+=($!)
+    for url in "$url_a" "$url_b"; do
+        for _ in $(seq 100); do
+            curl -fs "$url/stats" > /dev/null 2>&1 && break
+            kill -0 "${pids[0]}" 2>/dev/null && kill -0 "${pids[1]}" 2>/dev/null || {
+                echo "an endpoint failed to start; see var/log/endpoint-*.log" >&2; exit 1; }
+            sleep 0.1
+        done
+    done
+    # One scaler per endpoint, as on EC2 (there: a cron entry on each endpoint host).
+    local index=0
+    for node in a b; do
+        local peer=$url_a
+        [ $node = a ] && peer=$url_b
+        .venv/bin/python -m cron.scale --every "$every" --node-id $node --endpoint-index $index \
+            --peer "$peer" --endpoint "$url_a" --endpoint "$url_b" --provider local \
+            --max-workers "$max_workers" --idle-timeout "$idle_timeout" --scale-after "$scale_after" \
+            >> "var/log/scaler-$node.log" 2>&1 &
+        pids+=($!)
+        index=$((index + 1))
+    done
+
+    cat <<EOF
+dynamic-workload is running locally:
+  endpoint A  $url_a   (data: var/a.sqlite3, log: var/log/endpoint-a.log)
+  endpoint B  $url_b   (data: var/b.sqlite3, log: var/log/endpoint-b.log)
+  scalers     up to $max_workers worker(s), launched once work waits ${scale_after}s,
+              each exiting after ${idle_timeout}s idle (logs: var/log/scaler-*.log, var/log/worker-*.log)
+
+Try it:
+  curl -X PUT "$url_a/enqueue?iterations=10" -d "data=Hello"
+  curl -X PUT "$url_b/enqueue?iterations=3" -F "data=@README.md"
+  sleep $((scale_after + 3))
+  curl -X POST "$url_a/pullCompleted?top=5"
+  curl "$url_b/stats"
+
+Ctrl-C stops everything.
+EOF
+    wait
+}
+
+case "${1:-}" in
+    local) shift; deploy_local "$@" ;;
+    -h|--help|"") usage; [ -n "${1:-}" ] || exit 2 ;;
+    *) echo "deploy.sh: unknown target ${1}" >&2; usage >&2; exit 2 ;;
+esac

@@ -1,0 +1,254 @@
+"""The endpoint's HTTP API: Bottle routes, each a plain function.
+
+Public (clients, unauthenticated):   PUT /enqueue, POST /pullCompleted, GET /work/<id>, GET /stats
+Worker (shared secret):              POST /internal/claim, /internal/work/<id>/{renew,release,result}
+Peer (shared secret):                POST /internal/peer/take-completed, GET /internal/peer/work/<id>
+
+Every error is JSON {"error": "..."} with a 4xx status for anything a client sent wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import logging
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import bottle
+from bottle import HTTPError, HTTPResponse, request, response
+
+from endpoint.inputs import InputError, payload_from, positive_int, query_params, read_body
+from endpoint.peer import Peer, PeerUnavailable
+from endpoint.store import Delivered, Store, StoreUnavailable, owner_of
+
+log = logging.getLogger(__name__)
+
+RESULT_PATTERN = re.compile(r"[0-9a-f]{128}")
+WORKER_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+_TIMESTAMP_FIELDS = ("created_at", "claimed_at", "lease_expires_at", "completed_at", "delivered_at")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_payload_bytes: int = 4 * 1024 * 1024
+    max_iterations: int = 100_000_000
+    max_top: int = 1000
+
+
+class JsonBottle(bottle.Bottle):
+    """Bottle whose error pages (its own 404/405/500 included) are JSON."""
+
+    def default_error_handler(self, res: HTTPError) -> str:
+        response.content_type = "application/json"
+        message = res.body if isinstance(res.body, str) and res.body else res.status_line
+        if res.status_code >= 500 and res.exception is not None:
+            message = "internal error"
+        return json.dumps({"error": message})
+
+
+def json_response(value: Any, status: int = 200) -> HTTPResponse:
+    return HTTPResponse(json.dumps(value), status=status, headers={"Content-Type": "application/json"})
+
+
+def iso_time(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def item_view(item: dict[str, Any]) -> dict[str, Any]:
+    view = {key: value for key, value in item.items() if value is not None or key == "result"}
+    for field in _TIMESTAMP_FIELDS:
+        if field in view:
+            view[field] = iso_time(view[field])
+    return view
+
+
+def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None) -> bottle.Bottle:
+    app = JsonBottle()
+
+    def client_errors(route: Callable[..., Any]) -> Callable[..., Any]:
+        """Turn input and store errors into their HTTP answers."""
+
+        @functools.wraps(route)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return route(*args, **kwargs)
+            except InputError as exc:
+                return json_response({"error": exc.message}, exc.status)
+            except StoreUnavailable as exc:
+                log.error("store unavailable: %s", exc)
+                return json_response({"error": "storage unavailable, retry later"}, 503)
+
+        return wrapper
+
+    def internal(route: Callable[..., Any]) -> Callable[..., Any]:
+        """Worker and peer routes: only callers holding the shared secret."""
+
+        @functools.wraps(route)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            scheme, _, token = request.get_header("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                return json_response({"error": "missing credentials: send Authorization: Bearer <secret>"}, 401)
+            if not hmac.compare_digest(token.encode(), secret.encode()):
+                return json_response({"error": "wrong credentials"}, 403)
+            return route(*args, **kwargs)
+
+        return wrapper
+
+    # -- public API ----------------------------------------------------------------------
+
+    @app.route("/enqueue", method="PUT")
+    @client_errors
+    def enqueue() -> HTTPResponse:
+        params = query_params(request.query_string)
+        iterations = positive_int(params, "iterations", limits.max_iterations)
+        environ = request.environ
+        body = read_body(environ["wsgi.input"], environ.get("CONTENT_LENGTH", ""), limits.max_payload_bytes)
+        # Not request.content_type: Bottle lower-cases it, and multipart boundaries are case-sensitive.
+        payload = payload_from(body, environ.get("CONTENT_TYPE", ""), params, limits.max_payload_bytes)
+        return json_response({"id": store.enqueue(payload, iterations)})
+
+    @app.route("/pullCompleted", method="POST")
+    @client_errors
+    def pull_completed() -> HTTPResponse:
+        top = positive_int(query_params(request.query_string), "top", limits.max_top)
+        results = store.take_completed(top, delivery_id=secrets.token_hex(16))
+        if len(results) < top and peer is not None:
+            results += peer.take_completed(top - len(results))
+        results.sort(key=lambda item: item.completed_at, reverse=True)
+        return json_response([{"id": item.work_id, "result": item.result} for item in results])
+
+    @app.route("/work/<work_id>", method="GET")
+    @client_errors
+    def work_status(work_id: str) -> HTTPResponse:
+        owner = owner_of(work_id)
+        not_found = json_response({"error": f"no work item {work_id!r}"}, 404)
+        if owner == store.node_id:
+            item = store.get(work_id)
+            return json_response(item_view(item)) if item else not_found
+        if owner is None or peer is None:
+            return not_found
+        try:
+            view = peer.get_work(work_id)
+        except PeerUnavailable as exc:
+            return json_response({"error": f"endpoint {owner!r}, which owns this item, is unreachable: {exc}"}, 503)
+        return json_response(view) if view else not_found
+
+    @app.route("/stats", method="GET")
+    @client_errors
+    def stats() -> HTTPResponse:
+        return json_response(store.stats())
+
+    # -- worker API ----------------------------------------------------------------------
+
+    def worker_request() -> dict[str, Any]:
+        try:
+            fields = json.loads(request.body.read() or b"{}")
+        except ValueError as exc:
+            raise InputError(400, f"request body is not JSON: {exc}") from exc
+        if not isinstance(fields, dict):
+            raise InputError(400, "request body must be a JSON object")
+        worker_id = fields.get("worker")
+        if not isinstance(worker_id, str) or not WORKER_ID_PATTERN.fullmatch(worker_id):
+            raise InputError(400, "field 'worker' must be 1-128 characters of [A-Za-z0-9._:@-]")
+        return fields
+
+    def attempt_of(fields: dict[str, Any]) -> int:
+        attempt = fields.get("attempt")
+        if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+            raise InputError(400, "field 'attempt' must be a positive integer")
+        return attempt
+
+    @app.route("/internal/claim", method="POST")
+    @internal
+    @client_errors
+    def claim() -> HTTPResponse:
+        fields = worker_request()
+        claimed = store.claim(fields["worker"])
+        if claimed is None:
+            return HTTPResponse(status=204)
+        return HTTPResponse(
+            claimed.payload,
+            status=200,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "X-Work-Id": claimed.work_id,
+                "X-Iterations": str(claimed.iterations),
+                "X-Attempt": str(claimed.attempt),
+                "X-Lease-Seconds": str(claimed.lease_seconds),
+            },
+        )
+
+    def known_item(work_id: str) -> None:
+        if owner_of(work_id) != store.node_id or store.get(work_id) is None:
+            raise InputError(404, f"no work item {work_id!r} at endpoint {store.node_id!r}")
+
+    @app.route("/internal/work/<work_id>/renew", method="POST")
+    @internal
+    @client_errors
+    def renew(work_id: str) -> HTTPResponse:
+        fields = worker_request()
+        if store.renew(work_id, attempt_of(fields), fields["worker"]):
+            return json_response({"lease_seconds": store.lease_seconds})
+        known_item(work_id)
+        return json_response({"error": "lease lost: the item was completed or leased to another attempt"}, 409)
+
+    @app.route("/internal/work/<work_id>/release", method="POST")
+    @internal
+    @client_errors
+    def release(work_id: str) -> HTTPResponse:
+        fields = worker_request()
+        if store.release(work_id, attempt_of(fields), fields["worker"]):
+            return json_response({"released": True})
+        known_item(work_id)
+        return json_response({"error": "lease lost: nothing to release"}, 409)
+
+    @app.route("/internal/work/<work_id>/result", method="POST")
+    @internal
+    @client_errors
+    def submit_result(work_id: str) -> HTTPResponse:
+        fields = worker_request()
+        result = fields.get("result")
+        if not isinstance(result, str) or not RESULT_PATTERN.fullmatch(result):
+            raise InputError(400, "field 'result' must be 128 lowercase hex digits")
+        duration = fields.get("duration_s")
+        if duration is not None and (not isinstance(duration, (int, float)) or duration < 0):
+            raise InputError(400, "field 'duration_s' must be a non-negative number")
+        stored = store.complete(work_id, fields["worker"], result, duration)
+        if stored is None:
+            raise InputError(404, f"no work item {work_id!r} at endpoint {store.node_id!r}")
+        return json_response({"stored": stored})
+
+    # -- peer API ------------------------------------------------------------------------
+
+    @app.route("/internal/peer/take-completed", method="POST")
+    @internal
+    @client_errors
+    def peer_take_completed() -> HTTPResponse:
+        params = query_params(request.query_string)
+        top = positive_int(params, "top", limits.max_top)
+        delivery_id = params.get("delivery", "")
+        if not re.fullmatch(r"[0-9a-f]{32}", delivery_id):
+            raise InputError(400, "query parameter 'delivery' must be 32 hex digits")
+        results: list[Delivered] = store.take_completed(top, delivery_id)
+        return json_response(
+            [{"id": item.work_id, "result": item.result, "completed_at": item.completed_at} for item in results]
+        )
+
+    @app.route("/internal/peer/work/<work_id>", method="GET")
+    @internal
+    @client_errors
+    def peer_work_status(work_id: str) -> HTTPResponse:
+        item = store.get(work_id) if owner_of(work_id) == store.node_id else None
+        if item is None:
+            return json_response({"error": f"no work item {work_id!r}"}, 404)
+        return json_response(item_view(item))
+
+    return app

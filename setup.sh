@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One-time preparation, safe to re-run.
+#   ./setup.sh          local: .venv with the pinned dependencies (what ./deploy.sh local needs)
+#   ./setup.sh dev      the same plus the test tools (what ./tests/run.sh needs)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+
+ensure_venv() {
+    local requirements=$1
+    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+        echo "setup: $PYTHON is older than Python 3.10" >&2
+        exit 1
+    fi
+    if [ ! -x .venv/bin/python ]; then
+        echo "setup: creating .venv"
+        "$PYTHON" -m venv .venv
+    fi
+    # Reinstall only when the requirements changed since the last successful install.
+    local stamp=.venv/.installed-$(basename "$requirements")
+    local digest
+    digest=$(cat requirements*.txt | sha256sum | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
+        echo "setup: installing $requirements into .venv"
+        .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$requirements"
+        echo "$digest" > "$stamp"
+    fi
+}
+
+case "${1:-local}" in
+    local) ensure_venv requirements.txt ;;
+    dev) ensure_venv requirements-dev.txt ;;
+    *)
+        echo "usage: ./setup.sh [local|dev]" >&2
+        exit 2
+        ;;
+esac

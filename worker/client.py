@@ -1,0 +1,110 @@
+"""The worker's side of the endpoint's worker API, over one kept-alive HTTP connection."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
+
+
+class EndpointDown(Exception):
+    """The endpoint did not answer, or answered with a server error: try again later."""
+
+
+class Rejected(Exception):
+    """The endpoint refused the request itself (bad secret, unknown item): retrying won't help."""
+
+
+@dataclass(frozen=True)
+class Job:
+    endpoint: str
+    work_id: str
+    iterations: int
+    attempt: int
+    lease_seconds: float
+    payload: bytes
+
+
+class EndpointClient:
+    """Not thread-safe: one per thread that talks to this endpoint."""
+
+    def __init__(self, base_url: str, secret: str, worker_id: str, timeout: float = 10.0) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"endpoint URL must look like http://host:port, got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self._host = parts.hostname
+        self._port = parts.port or 80
+        self._timeout = timeout
+        self._worker_id = worker_id
+        self._auth = f"Bearer {secret}"
+        self._conn: http.client.HTTPConnection | None = None
+
+    def claim(self) -> Job | None:
+        status, headers, body = self._post("/internal/claim", {"worker": self._worker_id})
+        if status == 204:
+            return None
+        if status != 200:
+            raise Rejected(f"claim: HTTP {status}: {body[:200]!r}")
+        return Job(
+            endpoint=self.base_url,
+            work_id=headers["X-Work-Id"],
+            iterations=int(headers["X-Iterations"]),
+            attempt=int(headers["X-Attempt"]),
+            lease_seconds=float(headers["X-Lease-Seconds"]),
+            payload=body,
+        )
+
+    def renew(self, job: Job) -> bool:
+        """False when the lease is no longer ours (the item was requeued or finished)."""
+        return self._lease_call(job, "renew")
+
+    def release(self, job: Job) -> bool:
+        return self._lease_call(job, "release")
+
+    def submit(self, job: Job, result: str, duration_s: float) -> bool:
+        """True if this result was stored, False if the item already had one (ours is dropped)."""
+        fields = {"worker": self._worker_id, "result": result, "duration_s": round(duration_s, 6)}
+        status, _, body = self._post(f"/internal/work/{quote(job.work_id)}/result", fields)
+        if status != 200:
+            raise Rejected(f"result for {job.work_id}: HTTP {status}: {body[:200]!r}")
+        return bool(json.loads(body)["stored"])
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _lease_call(self, job: Job, action: str) -> bool:
+        fields = {"worker": self._worker_id, "attempt": job.attempt}
+        status, _, body = self._post(f"/internal/work/{quote(job.work_id)}/{action}", fields)
+        if status == 409:
+            return False
+        if status != 200:
+            raise Rejected(f"{action} {job.work_id}: HTTP {status}: {body[:200]!r}")
+        return True
+
+    def _post(self, path: str, fields: dict[str, object]) -> tuple[int, http.client.HTTPMessage, bytes]:
+        body = json.dumps(fields).encode()
+        headers = {"Authorization": self._auth, "Content-Type": "application/json"}
+        reused = self._conn is not None
+        for _ in range(2):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+            try:
+                self._conn.request("POST", path, body=body, headers=headers)
+                response = self._conn.getresponse()
+                data = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if reused:  # the server may have closed an idle kept-alive connection: one fresh try
+                    reused = False
+                    continue
+                raise EndpointDown(f"{self.base_url}: {exc}") from exc
+            if response.will_close:
+                self.close()
+            if response.status >= 500:
+                raise EndpointDown(f"{self.base_url}{path}: HTTP {response.status}")
+            return response.status, response.headers, data
+        raise EndpointDown(f"{self.base_url}: no answer")

@@ -1,0 +1,251 @@
+"""A worker: one supervisor process and one slot process per core.
+
+Each slot claims jobs from the endpoints in turn, computes them while a thread renews the
+lease, and posts the result to the endpoint that owns the item. The supervisor watches the
+slots, ends the worker when no endpoint has had work for `idle_timeout` seconds, and then
+runs the exit action (on EC2 a shutdown, which terminates the instance).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import random
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import SynchronizedArray
+from multiprocessing.synchronize import Event
+from types import FrameType
+
+from worker.client import EndpointClient, EndpointDown, Job, Rejected
+from worker.hashing import work
+
+log = logging.getLogger("worker")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    endpoints: tuple[str, ...]
+    secret: str
+    worker_id: str
+    processes: int
+    idle_timeout: float
+    poll_interval: float = 0.5
+    exit_command: str = ""
+    max_backoff: float = 30.0
+
+
+class Backoff:
+    """When to try an endpoint again after it failed: doubling delays with jitter."""
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0) -> None:
+        self._first, self._cap = first, cap
+        self._delay = 0.0
+        self._next_try = 0.0
+
+    def ready(self) -> bool:
+        return time.monotonic() >= self._next_try
+
+    def failed(self) -> float:
+        self._delay = min(self._cap, self._delay * 2 if self._delay else self._first)
+        wait = self._delay * random.uniform(0.5, 1.0)
+        self._next_try = time.monotonic() + wait
+        return wait
+
+    def succeeded(self) -> None:
+        self._delay = 0.0
+        self._next_try = 0.0
+
+
+class _Slot:
+    """The loop of one slot process."""
+
+    def __init__(self, index: int, options: WorkerOptions, stop: Event, busy: SynchronizedArray,
+                 last_work: SynchronizedArray) -> None:
+        self.index = index
+        self.options = options
+        self.stop = stop
+        self.busy = busy
+        self.last_work = last_work
+        self.parent_pid = os.getppid()
+        self.clients = [EndpointClient(url, options.secret, options.worker_id) for url in options.endpoints]
+        self.backoffs = [Backoff(cap=options.max_backoff) for _ in options.endpoints]
+        self.next_endpoint = index % len(self.clients)  # slots start on different endpoints
+
+    def should_stop(self) -> bool:
+        # A slot whose supervisor died (SIGKILL) must not keep computing unobserved.
+        return self.stop.is_set() or os.getppid() != self.parent_pid
+
+    def run(self) -> None:
+        while not self.should_stop():
+            claimed = self.claim_next()
+            if claimed is None:
+                self.stop.wait(self.options.poll_interval * random.uniform(0.8, 1.2))
+                continue
+            client, job = claimed
+            self.busy[self.index] = 1
+            self.last_work[self.index] = time.time()
+            try:
+                self.process(client, job)
+            finally:
+                self.last_work[self.index] = time.time()
+                self.busy[self.index] = 0
+
+    def claim_next(self) -> tuple[EndpointClient, Job] | None:
+        """Ask the endpoints in turn, starting after the one that gave the last job."""
+        count = len(self.clients)
+        for offset in range(count):
+            position = (self.next_endpoint + offset) % count
+            client, backoff = self.clients[position], self.backoffs[position]
+            if not backoff.ready():
+                continue
+            try:
+                job = client.claim()
+            except (EndpointDown, Rejected) as exc:
+                log.warning("slot %d: %s unavailable, retry in %.1fs: %s",
+                            self.index, client.base_url, backoff.failed(), exc)
+                continue
+            backoff.succeeded()
+            if job is not None:
+                self.next_endpoint = (position + 1) % count
+                return client, job
+        return None
+
+    def process(self, client: EndpointClient, job: Job) -> None:
+        lease_lost = threading.Event()
+        done = threading.Event()
+        renewer = threading.Thread(target=self.keep_lease, args=(job, lease_lost, done), daemon=True)
+        renewer.start()
+        started = time.perf_counter()
+        try:
+            result = work(job.payload, job.iterations, lambda: lease_lost.is_set() or self.should_stop())
+        finally:
+            done.set()
+            renewer.join()
+        duration = time.perf_counter() - started
+        if result is None:
+            if not lease_lost.is_set():
+                self.give_back(client, job)
+            return
+        self.submit(client, job, result, duration)
+
+    def keep_lease(self, job: Job, lease_lost: threading.Event, done: threading.Event) -> None:
+        # Its own connection: the slot's is not thread-safe.
+        client = EndpointClient(job.endpoint, self.options.secret, self.options.worker_id)
+        try:
+            while not done.wait(job.lease_seconds / 3):
+                try:
+                    if not client.renew(job):
+                        log.info("slot %d: lease on %s lost, abandoning it", self.index, job.work_id)
+                        lease_lost.set()
+                        return
+                except (EndpointDown, Rejected) as exc:
+                    # Keep computing: the result is still accepted if the endpoint comes back.
+                    log.warning("slot %d: renewing %s failed: %s", self.index, job.work_id, exc)
+        finally:
+            client.close()
+
+    def give_back(self, client: EndpointClient, job: Job) -> None:
+        try:
+            client.release(job)
+        except (EndpointDown, Rejected) as exc:
+            log.info("slot %d: could not release %s (its lease will expire): %s", self.index, job.work_id, exc)
+
+    def submit(self, client: EndpointClient, job: Job, result: str, duration: float) -> None:
+        """Post the result to the owning endpoint until it is accepted."""
+        backoff = Backoff(first=0.2, cap=self.options.max_backoff)
+        while True:
+            try:
+                stored = client.submit(job, result, duration)
+            except EndpointDown as exc:
+                if self.should_stop():
+                    log.warning("slot %d: stopping with %s unsubmitted (its lease will expire): %s",
+                                self.index, job.work_id, exc)
+                    return
+                wait = backoff.failed()
+                log.warning("slot %d: result for %s not accepted, retry in %.1fs: %s",
+                            self.index, job.work_id, wait, exc)
+                self.stop.wait(wait)
+                continue
+            except Rejected as exc:
+                log.error("slot %d: result for %s refused: %s", self.index, job.work_id, exc)
+                return
+            if not stored:
+                log.info("slot %d: %s already had a result; ours was dropped", self.index, job.work_id)
+            return
+
+
+def _run_slot(index: int, options: WorkerOptions, stop: Event, busy: SynchronizedArray,
+              last_work: SynchronizedArray, log_level: int) -> None:
+    # Ctrl-C and a group-wide SIGTERM reach every process; the supervisor alone decides
+    # when slots stop (and a slot whose supervisor died notices by itself).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s worker[{index}]: %(message)s")
+    _Slot(index, options, stop, busy, last_work).run()
+
+
+def run_worker(options: WorkerOptions) -> str:
+    """Run until idle or told to stop; returns why it ended ("idle" or "stopped")."""
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    busy = context.Array("b", options.processes)
+    last_work = context.Array("d", [time.time()] * options.processes)
+    log_level = logging.getLogger().getEffectiveLevel()
+
+    def start_slot(index: int) -> multiprocessing.process.BaseProcess:
+        process = context.Process(
+            target=_run_slot, args=(index, options, stop, busy, last_work, log_level),
+            name=f"slot-{index}", daemon=True,
+        )
+        process.start()
+        return process
+
+    signalled: list[int] = []
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        # Only a plain flag here: Event.set() from a signal handler can deadlock with
+        # an Event.wait() the interrupted code is in.
+        signalled.append(signum)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    slots = [start_slot(index) for index in range(options.processes)]
+    log.info("worker %s: %d slots on %s", options.worker_id, options.processes, ", ".join(options.endpoints))
+    reason = "stopped"
+    while True:
+        time.sleep(0.25)
+        if signalled:
+            log.info("signal %d: stopping", signalled[0])
+            break
+        for index, process in enumerate(slots):
+            if not process.is_alive():
+                log.error("slot %d exited with code %s; restarting it", index, process.exitcode)
+                busy[index] = 0
+                slots[index] = start_slot(index)
+        idle_for = time.time() - max(last_work[:])
+        if not any(busy[:]) and idle_for >= options.idle_timeout:
+            log.info("no work from any endpoint for %.0fs: exiting", idle_for)
+            reason = "idle"
+            break
+    stop.set()
+    for process in slots:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+    if reason == "idle" and options.exit_command:
+        run_exit_command(options.exit_command)
+    return reason
+
+
+def run_exit_command(command: str) -> None:
+    log.info("running exit command: %s", command)
+    try:
+        subprocess.run(shlex.split(command), check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.error("exit command failed: %s", exc)
