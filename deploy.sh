@@ -16,6 +16,8 @@ usage: ./deploy.sh local [--max-workers N] [--idle-timeout S] [--scale-after S]
   --port-a P        endpoint A's port on 127.0.0.1 (default 5000)
   --port-b P        endpoint B's port on 127.0.0.1 (default 5001)
   --every S         seconds between scaling decisions (default 2; cron uses 60 on EC2)
+
+Data, logs and the shared secret go to \$DW_STATE_DIR (default var/).
 EOF
 }
 
@@ -35,9 +37,10 @@ deploy_local() {
     done
 
     ./setup.sh local
-    mkdir -p var/log
-    if [ ! -s var/secret ]; then
-        (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > var/secret)
+    local state=${DW_STATE_DIR:-var}
+    mkdir -p "$state/log"
+    if [ ! -s "$state/secret" ]; then
+        (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$state/secret")
     fi
 
     local url_a="http://127.0.0.1:$port_a" url_b="http://127.0.0.1:$port_b"
@@ -55,23 +58,26 @@ deploy_local() {
         done
         [ ${#pids[@]} -gt 0 ] && kill -KILL "${pids[@]}" 2>/dev/null || true
         # Workers run in their own sessions (they outlive one-shot scaler runs): stop them through the provider.
-        DW_STATE_DIR=var .venv/bin/python -m cron.scale --terminate-all --log-level WARNING || true
+        .venv/bin/python -m cron.scale --state-dir "$state" --terminate-all --log-level WARNING || true
         echo "stopped."
     }
     trap cleanup EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM
 
-    export DW_SECRET_FILE=var/secret
-    .venv/bin/python -m endpoint --node-id a --port "$port_a" --peer "$url_b" >> var/log/endpoint-a.log 2>&1 &
-    pids+=($!)
-    .venv/bin/python -m endpoint --node-id b --port "$port_b" --peer "$url_a" >> var/log/endpoint-b.log 2>&1 &
-    pids+=($!)
+    export DW_SECRET_FILE=$state/secret
+    for node in a b; do
+        local port=$port_a peer=$url_b
+        [ $node = b ] && port=$port_b peer=$url_a
+        .venv/bin/python -m endpoint --node-id $node --port "$port" --peer "$peer" --db "$state/$node.sqlite3" \
+            >> "$state/log/endpoint-$node.log" 2>&1 &
+        pids+=($!)
+    done
     for url in "$url_a" "$url_b"; do
         for _ in $(seq 100); do
             curl -fs "$url/stats" > /dev/null 2>&1 && break
             kill -0 "${pids[0]}" 2>/dev/null && kill -0 "${pids[1]}" 2>/dev/null || {
-                echo "an endpoint failed to start; see var/log/endpoint-*.log" >&2; exit 1; }
+                echo "an endpoint failed to start; see $state/log/endpoint-*.log" >&2; exit 1; }
             sleep 0.1
         done
     done
@@ -81,19 +87,19 @@ deploy_local() {
         local peer=$url_a
         [ $node = a ] && peer=$url_b
         .venv/bin/python -m cron.scale --every "$every" --node-id $node --endpoint-index $index \
-            --peer "$peer" --endpoint "$url_a" --endpoint "$url_b" --provider local \
+            --peer "$peer" --endpoint "$url_a" --endpoint "$url_b" --provider local --state-dir "$state" \
             --max-workers "$max_workers" --idle-timeout "$idle_timeout" --scale-after "$scale_after" \
-            >> "var/log/scaler-$node.log" 2>&1 &
+            >> "$state/log/scaler-$node.log" 2>&1 &
         pids+=($!)
         index=$((index + 1))
     done
 
     cat <<EOF
 dynamic-workload is running locally:
-  endpoint A  $url_a   (data: var/a.sqlite3, log: var/log/endpoint-a.log)
-  endpoint B  $url_b   (data: var/b.sqlite3, log: var/log/endpoint-b.log)
+  endpoint A  $url_a   (data: $state/a.sqlite3, log: $state/log/endpoint-a.log)
+  endpoint B  $url_b   (data: $state/b.sqlite3, log: $state/log/endpoint-b.log)
   scalers     up to $max_workers worker(s), launched once work waits ${scale_after}s,
-              each exiting after ${idle_timeout}s idle (logs: var/log/scaler-*.log, var/log/worker-*.log)
+              each exiting after ${idle_timeout}s idle (logs: $state/log/scaler-*.log, worker-*.log)
 
 Try it:
   curl -X PUT "$url_a/enqueue?iterations=10" -d "data=Hello"

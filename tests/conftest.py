@@ -1,0 +1,241 @@
+"""Shared test machinery: real endpoint and worker processes on loopback.
+
+Every process a test starts runs in a process group of its own and is stopped at teardown
+by that group, so nothing outlives the test and nothing we did not start is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+SECRET = "test-secret-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {SECRET}"}
+
+
+def reference(data: bytes, iterations: int) -> str:
+    """The work as specified, written independently of worker.hashing."""
+    out = hashlib.sha512(data).digest()
+    for _ in range(iterations - 1):
+        out = hashlib.sha512(out).digest()
+    return out.hex()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+class Service:
+    """A process we started, leading its own process group."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = log_path
+        self.env = {**os.environ, "DW_SECRET": SECRET, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.args, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal_group(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL to the whole group, as a crash or a dead machine would."""
+        self.signal_group(signal.SIGKILL)
+        self.wait_gone()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process is None:
+            return
+        self.signal_group(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
+        self.signal_group(signal.SIGKILL)
+        self.wait_gone()
+
+    def wait_gone(self, timeout: float = 15.0) -> None:
+        assert self.process is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
+        wait_for(lambda: not group_members(self.pid), timeout, f"process group of {self.name} to exit")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Endpoint:
+    def __init__(self, services: Services, node_id: str, directory: Path, port: int, peer_url: str = "",
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.node_id = node_id
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.db = directory / f"{node_id}.sqlite3"
+        args = [PYTHON, "-m", "endpoint", "--node-id", node_id, "--port", str(port), "--db", str(self.db),
+                "--log-level", "WARNING", *extra_args]
+        if peer_url:
+            args += ["--peer", peer_url]
+        self.service = services.start(f"endpoint-{node_id}", args)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        def answers() -> bool:
+            if not self.service.running():
+                raise AssertionError(f"endpoint {self.node_id} exited:\n{self.service.log()}")
+            try:
+                return requests.get(f"{self.url}/stats", timeout=1).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_for(answers, 20, f"endpoint {self.node_id} to answer")
+
+    def restart(self) -> None:
+        self.service.start()
+        self.wait_ready()
+
+    def enqueue(self, payload: bytes, iterations: int) -> str:
+        response = requests.put(f"{self.url}/enqueue", params={"iterations": iterations}, data=payload,
+                                headers={"Content-Type": "application/octet-stream"}, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()["id"]
+
+    def pull(self, top: int) -> list[dict[str, str]]:
+        response = requests.post(f"{self.url}/pullCompleted", params={"top": top}, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def stats(self) -> dict[str, Any]:
+        response = requests.get(f"{self.url}/stats", timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def work(self, work_id: str) -> requests.Response:
+        return requests.get(f"{self.url}/work/{work_id}", timeout=10)
+
+
+class Services:
+    """Starts processes for one test and stops all of them afterwards."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[Service] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Service:
+        service = Service(name, args, self.directory / f"{name}-{len(self.started)}.log", env)
+        self.started.append(service)
+        return service
+
+    def endpoint(self, node_id: str, port: int | None = None, peer_url: str = "",
+                 extra_args: tuple[str, ...] = ()) -> Endpoint:
+        return Endpoint(self, node_id, self.directory, port or free_port(), peer_url, extra_args)
+
+    def endpoint_pair(self, extra_args: tuple[str, ...] = ()) -> tuple[Endpoint, Endpoint]:
+        port_a, port_b = free_port(), free_port()
+        a = self.endpoint("a", port_a, f"http://127.0.0.1:{port_b}", extra_args)
+        b = self.endpoint("b", port_b, f"http://127.0.0.1:{port_a}", extra_args)
+        return a, b
+
+    def worker(self, endpoints: list[Endpoint], *, worker_id: str = "", processes: int = 1,
+               idle_timeout: float = 300, extra_args: tuple[str, ...] = ()) -> Service:
+        args = [PYTHON, "-m", "worker", "--processes", str(processes), "--idle-timeout", str(idle_timeout),
+                "--poll-interval", "0.1", *extra_args]
+        if worker_id:
+            args += ["--worker-id", worker_id]
+        for endpoint in endpoints:
+            args += ["--endpoint", endpoint.url]
+        return self.start(f"worker-{worker_id or len(self.started)}", args)
+
+    def stop_all(self) -> None:
+        for service in reversed(self.started):
+            service.stop()
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[Services]:
+    started = Services(tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+@pytest.fixture
+def pair(services: Services) -> tuple[Endpoint, Endpoint]:
+    return services.endpoint_pair()
+
+
+def drain(endpoints: list[Endpoint], expected: int, timeout: float = 60.0, top: int = 100) -> list[dict[str, str]]:
+    """Pull from the endpoints in turn until `expected` results have arrived."""
+    collected: list[dict[str, str]] = []
+    deadline = time.monotonic() + timeout
+    turn = 0
+    while len(collected) < expected:
+        assert time.monotonic() < deadline, f"only {len(collected)} of {expected} results after {timeout}s"
+        batch = endpoints[turn % len(endpoints)].pull(top)
+        collected += batch
+        turn += 1
+        if not batch:
+            time.sleep(0.05)
+    return collected

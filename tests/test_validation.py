@@ -1,0 +1,217 @@
+"""Bad input gets a 4xx JSON error that says what is wrong, and changes nothing."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import sqlite3
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from conftest import AUTH, Endpoint, Services
+
+MAX_PAYLOAD = 1024
+MAX_ITERATIONS = 1000
+MAX_TOP = 50
+
+
+@pytest.fixture
+def endpoint(services: Services) -> Iterator[Endpoint]:
+    yield services.endpoint("a", extra_args=("--max-payload-bytes", str(MAX_PAYLOAD), "--max-iterations",
+                                             str(MAX_ITERATIONS), "--max-top", str(MAX_TOP)))
+
+
+def snapshot(endpoint: Endpoint) -> tuple:
+    """Everything the store holds, to compare before and after a rejected request."""
+    with sqlite3.connect(endpoint.db) as conn:
+        items = conn.execute("SELECT id, state, attempts, result, delivered_at FROM work_items ORDER BY seq").fetchall()
+        payloads = conn.execute("SELECT seq, length(data) FROM payloads ORDER BY seq").fetchall()
+    return items, payloads
+
+
+def assert_rejected(endpoint: Endpoint, response: requests.Response, status: int, mentions: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    error = response.json()["error"]
+    assert mentions.lower() in error.lower(), error
+
+
+ENQUEUE_CASES = [
+    # (query, body, headers, status, what the error mentions)
+    ("", b"x", {}, 400, "iterations"),
+    ("iterations=", b"x", {}, 400, "integer"),
+    ("iterations=abc", b"x", {}, 400, "integer"),
+    ("iterations=1.5", b"x", {}, 400, "integer"),
+    ("iterations=1e3", b"x", {}, 400, "integer"),
+    ("iterations=0", b"x", {}, 400, "at least 1"),
+    ("iterations=-3", b"x", {}, 400, "positive"),
+    (f"iterations={MAX_ITERATIONS + 1}", b"x", {}, 400, f"at most {MAX_ITERATIONS}"),
+    ("iterations=99999999999999999999999", b"x", {}, 400, "integer"),
+    ("iterations=1&Iterations=2", b"x", {}, 400, "more than once"),
+    ("iterations=1", b"", {}, 400, "empty"),
+    ("iterations=1", b"data=", {"Content-Type": "application/x-www-form-urlencoded"}, 400, "empty"),
+    ("iterations=1&buffer=", b"", {}, 400, "empty"),
+    ("iterations=1", b"x" * (MAX_PAYLOAD + 1), {"Content-Type": "application/octet-stream"}, 413, "limit"),
+    ("iterations=1", b"data=" + b"y" * (MAX_PAYLOAD + 1), {"Content-Type": "application/x-www-form-urlencoded"},
+     413, "limit"),
+    ("iterations=1", b"--zz\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nv\r\n--zz--\r\n",
+     {"Content-Type": "multipart/form-data; boundary=zz"}, 400, "'data'"),
+    ("iterations=1", b"this is not multipart", {"Content-Type": "multipart/form-data; boundary=zz"}, 400, "multipart"),
+    ("iterations=1", b"x", {"Content-Type": "multipart/form-data"}, 400, "boundary"),
+]
+
+
+@pytest.mark.parametrize(("query", "body", "headers", "status", "mentions"), ENQUEUE_CASES)
+def test_bad_enqueue_is_refused_and_stores_nothing(endpoint: Endpoint, query: str, body: bytes,
+                                                   headers: dict[str, str], status: int, mentions: str) -> None:
+    endpoint.enqueue(b"already here", 5)
+    before = snapshot(endpoint)
+    response = requests.put(f"{endpoint.url}/enqueue?{query}", data=body, headers=headers, timeout=10)
+    assert_rejected(endpoint, response, status, mentions)
+    assert snapshot(endpoint) == before
+
+
+def test_oversized_multipart_upload_is_refused(endpoint: Endpoint) -> None:
+    before = snapshot(endpoint)
+    response = requests.put(f"{endpoint.url}/enqueue?iterations=1",
+                            files={"data": ("f", os.urandom(MAX_PAYLOAD + 1))}, timeout=10)
+    assert_rejected(endpoint, response, 413, "limit")
+    assert snapshot(endpoint) == before
+
+
+def test_payload_at_the_limit_is_accepted(endpoint: Endpoint) -> None:
+    work_id = endpoint.enqueue(b"z" * MAX_PAYLOAD, 1)
+    assert endpoint.work(work_id).json()["payload_bytes"] == MAX_PAYLOAD
+
+
+def test_oversized_body_is_refused_before_it_is_sent(endpoint: Endpoint) -> None:
+    """Only headers are sent: the 413 must come back without the server waiting for the body."""
+    before = snapshot(endpoint)
+    with socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) as sock:
+        sock.sendall(b"PUT /enqueue?iterations=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n"
+                     b"Content-Type: application/octet-stream\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(4096):  # the server closes the connection after refusing
+            chunks.append(chunk)
+    answer = b"".join(chunks).decode()
+    status_line, _, rest = answer.partition("\r\n")
+    assert " 413 " in status_line, answer
+    assert '"error"' in rest and "application/json" in rest
+    assert snapshot(endpoint) == before
+
+
+PULL_CASES = [
+    ("", 400, "top"),
+    ("top=", 400, "integer"),
+    ("top=x", 400, "integer"),
+    ("top=0", 400, "at least 1"),
+    ("top=-1", 400, "positive"),
+    (f"top={MAX_TOP + 1}", 400, f"at most {MAX_TOP}"),
+    ("top=1&TOP=2", 400, "more than once"),
+]
+
+
+@pytest.mark.parametrize(("query", "status", "mentions"), PULL_CASES)
+def test_bad_pull_is_refused_and_delivers_nothing(services: Services, endpoint: Endpoint, query: str, status: int,
+                                                  mentions: str) -> None:
+    work_id = endpoint.enqueue(b"payload", 1)
+    complete_directly(endpoint, work_id)
+    before = snapshot(endpoint)
+    response = requests.post(f"{endpoint.url}/pullCompleted?{query}", timeout=10)
+    assert_rejected(endpoint, response, status, mentions)
+    assert snapshot(endpoint) == before
+    assert [item["id"] for item in endpoint.pull(1)] == [work_id]
+
+
+def complete_directly(endpoint: Endpoint, work_id: str) -> None:
+    """Claim and complete through the worker API, as a worker would."""
+    claim = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "t"}, headers=AUTH, timeout=10)
+    assert claim.headers["X-Work-Id"] == work_id
+    done = requests.post(f"{endpoint.url}/internal/work/{work_id}/result", headers=AUTH, timeout=10,
+                         json={"worker": "t", "result": "ab" * 64})
+    assert done.json() == {"stored": True}
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/nowhere", 404),
+    ("GET", "/enqueue?iterations=1", 405),
+    ("POST", "/enqueue?iterations=1", 405),
+    ("GET", "/pullCompleted?top=1", 405),
+    ("DELETE", "/stats", 405),
+    ("GET", "/work/not-an-id", 404),
+    ("GET", "/work/a-0000000000000000", 404),
+])
+def test_unknown_routes_and_methods(endpoint: Endpoint, method: str, path: str, status: int) -> None:
+    before = snapshot(endpoint)
+    response = requests.request(method, f"{endpoint.url}{path}", timeout=10)
+    assert response.status_code == status
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.json()["error"]
+    assert snapshot(endpoint) == before
+
+
+INTERNAL_ROUTES = [
+    ("POST", "/internal/claim"),
+    ("POST", "/internal/work/a-0123456789abcdef/renew"),
+    ("POST", "/internal/work/a-0123456789abcdef/release"),
+    ("POST", "/internal/work/a-0123456789abcdef/result"),
+    ("POST", "/internal/peer/take-completed?top=1&delivery=" + "0" * 32),
+    ("GET", "/internal/peer/work/a-0123456789abcdef"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), INTERNAL_ROUTES)
+@pytest.mark.parametrize(("headers", "status"), [
+    ({}, 401),
+    ({"Authorization": "Bearer wrong-secret-wrong-secret"}, 403),
+    ({"Authorization": "Basic dGVzdDp0ZXN0"}, 401),
+], ids=["missing", "wrong", "other-scheme"])
+def test_internal_routes_refuse_missing_or_wrong_secret(endpoint: Endpoint, method: str, path: str,
+                                                        headers: dict[str, str], status: int) -> None:
+    endpoint.enqueue(b"keep me pending", 3)
+    before = snapshot(endpoint)
+    response = requests.request(method, f"{endpoint.url}{path}", headers=headers, json={"worker": "w"}, timeout=10)
+    assert_rejected(endpoint, response, status, "credentials")
+    assert snapshot(endpoint) == before
+
+
+@pytest.mark.parametrize(("path", "body", "status", "mentions"), [
+    ("/internal/claim", b"not json", 400, "json"),
+    ("/internal/claim", b"[]", 400, "object"),
+    ("/internal/claim", b'{"worker": ""}', 400, "worker"),
+    ("/internal/claim", b'{"worker": "has spaces"}', 400, "worker"),
+    ("/internal/work/{id}/result", b'{"worker": "w", "result": "xyz"}', 400, "hex"),
+    ("/internal/work/{id}/result", b'{"worker": "w", "result": "' + b"A" * 128 + b'"}', 400, "hex"),
+    ("/internal/work/{id}/result", b'{"worker": "w", "result": "' + b"a" * 128 + b'", "duration_s": -1}', 400,
+     "duration"),
+    ("/internal/work/a-0123456789abcdef/result", b'{"worker": "w", "result": "' + b"a" * 128 + b'"}', 404, "no work"),
+    ("/internal/work/{id}/renew", b'{"worker": "w", "attempt": "1"}', 400, "attempt"),
+    ("/internal/work/{id}/renew", b'{"worker": "w", "attempt": 0}', 400, "attempt"),
+    ("/internal/work/{id}/renew", b'{"worker": "w", "attempt": 1}', 409, "lease"),
+])
+def test_bad_worker_requests(endpoint: Endpoint, path: str, body: bytes, status: int, mentions: str) -> None:
+    work_id = endpoint.enqueue(b"pending item", 3)
+    before = snapshot(endpoint)
+    response = requests.post(endpoint.url + path.format(id=work_id), data=body, headers=AUTH, timeout=10)
+    assert_rejected(endpoint, response, status, mentions)
+    assert snapshot(endpoint) == before
+
+
+def test_random_garbage_never_causes_a_server_error(endpoint: Endpoint) -> None:
+    rng = random.Random(1234)
+    paths = ["/enqueue", "/pullCompleted", "/stats", "/work/a-0123456789abcdef", "/internal/claim"]
+    content_types = ["", "application/x-www-form-urlencoded", "multipart/form-data; boundary=b",
+                     "multipart/form-data; boundary=", "text/plain; charset=\xff", "application/json"]
+    for _ in range(300):
+        query = bytes(rng.randrange(33, 127) for _ in range(rng.randrange(0, 40))).decode()
+        query = rng.choice(["", "iterations=2&", "top=3&", "buffer=%ff%00&iterations=1&"]) + query.replace("#", "")
+        body = os.urandom(rng.randrange(0, 300))
+        headers = {"Content-Type": rng.choice(content_types)}
+        if rng.random() < 0.3:
+            headers.update(AUTH)
+        response = requests.request(rng.choice(["GET", "PUT", "POST"]), f"{endpoint.url}{rng.choice(paths)}?{query}",
+                                    data=body, headers=headers, timeout=10)
+        assert response.status_code < 500, (query, headers, response.text)

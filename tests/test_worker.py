@@ -1,0 +1,79 @@
+"""The worker: exact results, all cores, both endpoints, and the idle exit action."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, Endpoint, Services, drain, free_port, reference, wait_for
+from worker.hashing import work
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 8191, 8192, 8193, 20_000])
+def test_work_matches_the_reference(iterations: int) -> None:
+    for payload in (b"\x00", b"Hello", os.urandom(5000)):
+        assert work(payload, iterations) == reference(payload, iterations)
+
+
+def test_work_stops_when_cancelled() -> None:
+    checks = []
+
+    def cancelled() -> bool:
+        checks.append(1)
+        return len(checks) >= 2
+
+    assert work(b"x", 10_000_000, cancelled) is None
+    assert len(checks) == 2
+
+
+def test_worker_runs_one_job_per_core_by_default(services: Services) -> None:
+    endpoint = services.endpoint("a")
+    worker = services.start("worker", [PYTHON, "-m", "worker", "--endpoint", endpoint.url, "--poll-interval", "0.1"])
+    cores = os.cpu_count() or 1
+    ids = [endpoint.enqueue(f"job {index}".encode(), 2_000_000) for index in range(cores)]
+    wait_for(lambda: endpoint.stats()["running"] == cores, timeout=20, what=f"{cores} jobs running at once")
+    assert {endpoint.work(work_id).json()["state"] for work_id in ids} == {"running"}
+    worker.stop()
+
+
+def test_worker_serves_both_endpoints_and_retries_one_that_was_down(services: Services) -> None:
+    port_a = free_port()
+    b = services.endpoint("b", peer_url=f"http://127.0.0.1:{port_a}")
+    down_url = f"http://127.0.0.1:{port_a}"
+    worker = services.start("worker", [PYTHON, "-m", "worker", "--endpoint", down_url, "--endpoint", b.url,
+                                       "--processes", "1", "--poll-interval", "0.1"])
+    b_items = {b.enqueue(f"b{index}".encode(), 100): reference(f"b{index}".encode(), 100) for index in range(5)}
+    wait_for(lambda: b.stats()["completed"] == 5, timeout=30, what="B's items while A is down")
+    assert "unavailable" in worker.log()
+
+    a = services.endpoint("a", port_a, b.url)
+    a_items = {a.enqueue(f"a{index}".encode(), 100): reference(f"a{index}".encode(), 100) for index in range(5)}
+    results = {item["id"]: item["result"] for item in drain([a, b], 10, timeout=60)}
+    assert results == {**a_items, **b_items}
+
+
+def test_worker_alternates_between_endpoints(services: Services, pair: tuple[Endpoint, Endpoint]) -> None:
+    a, b = pair
+    for index in range(20):
+        a.enqueue(f"a{index}".encode(), 10)
+        b.enqueue(f"b{index}".encode(), 10)
+    services.worker([a, b], processes=1)
+    wait_for(lambda: a.stats()["completed"] + b.stats()["completed"] >= 10, timeout=30, what="ten jobs done")
+    # Strict alternation: after ten jobs neither endpoint can be more than one job ahead.
+    assert abs(a.stats()["completed"] - b.stats()["completed"]) <= 2
+
+
+def test_idle_worker_exits_and_runs_its_exit_action(services: Services, tmp_path: Path) -> None:
+    endpoint = services.endpoint("a")
+    marker = tmp_path / "exit-action-ran"
+    endpoint.enqueue(b"one job", 10)
+    started = time.monotonic()
+    worker = services.worker([endpoint], idle_timeout=1.5, extra_args=("--exit-command", f"touch {marker}"))
+    wait_for(lambda: not worker.running(), timeout=30, what="the idle worker to exit")
+    assert worker.process is not None and worker.process.returncode == 0
+    assert marker.exists()
+    assert endpoint.stats()["completed"] == 1
+    assert time.monotonic() - started >= 1.5
