@@ -44,20 +44,27 @@ deploy_local() {
     fi
 
     local url_a="http://127.0.0.1:$port_a" url_b="http://127.0.0.1:$port_b"
-    local pids=()
+    # Each service runs in a process group of its own (setsid), so that it is stopped as a
+    # whole (a server and its worker processes) and only by us, not also by the terminal's Ctrl-C.
+    local groups=()
+    start() {
+        setsid "$@" &
+        groups+=($!)
+    }
+    alive() {
+        local group
+        for group in "${groups[@]}"; do kill -0 -- "-$group" 2> /dev/null && return 0; done
+        return 1
+    }
     cleanup() {
         trap - INT TERM EXIT
         echo
         echo "stopping..."
-        [ ${#pids[@]} -gt 0 ] && kill -TERM "${pids[@]}" 2>/dev/null || true
-        for _ in $(seq 50); do
-            local alive=0
-            for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-            [ $alive = 0 ] && break
-            sleep 0.2
-        done
-        [ ${#pids[@]} -gt 0 ] && kill -KILL "${pids[@]}" 2>/dev/null || true
-        # Workers run in their own sessions (they outlive one-shot scaler runs): stop them through the provider.
+        local group
+        for group in "${groups[@]}"; do kill -TERM -- "-$group" 2> /dev/null || true; done
+        for _ in $(seq 100); do alive || break; sleep 0.1; done
+        for group in "${groups[@]}"; do kill -KILL -- "-$group" 2> /dev/null || true; done
+        # Workers run in sessions of their own (they outlive one-shot scaler runs): stop them through the provider.
         .venv/bin/python -m cron.scale --state-dir "$state" --terminate-all --log-level WARNING || true
         echo "stopped."
     }
@@ -69,14 +76,13 @@ deploy_local() {
     for node in a b; do
         local port=$port_a peer=$url_b
         [ $node = b ] && port=$port_b peer=$url_a
-        .venv/bin/python -m endpoint --node-id $node --port "$port" --peer "$peer" --db "$state/$node.sqlite3" \
-            >> "$state/log/endpoint-$node.log" 2>&1 &
-        pids+=($!)
+        start .venv/bin/python -m endpoint --node-id $node --port "$port" --peer "$peer" --db "$state/$node.sqlite3" \
+            >> "$state/log/endpoint-$node.log" 2>&1
     done
     for url in "$url_a" "$url_b"; do
         for _ in $(seq 100); do
             curl -fs "$url/stats" > /dev/null 2>&1 && break
-            kill -0 "${pids[0]}" 2>/dev/null && kill -0 "${pids[1]}" 2>/dev/null || {
+            kill -0 "${groups[0]}" 2> /dev/null && kill -0 "${groups[1]}" 2> /dev/null || {
                 echo "an endpoint failed to start; see $state/log/endpoint-*.log" >&2; exit 1; }
             sleep 0.1
         done
@@ -86,11 +92,10 @@ deploy_local() {
     for node in a b; do
         local peer=$url_a
         [ $node = a ] && peer=$url_b
-        .venv/bin/python -m cron.scale --every "$every" --node-id $node --endpoint-index $index \
+        start .venv/bin/python -m cron.scale --every "$every" --node-id $node --endpoint-index $index \
             --peer "$peer" --endpoint "$url_a" --endpoint "$url_b" --provider local --state-dir "$state" \
             --max-workers "$max_workers" --idle-timeout "$idle_timeout" --scale-after "$scale_after" \
-            >> "$state/log/scaler-$node.log" 2>&1 &
-        pids+=($!)
+            >> "$state/log/scaler-$node.log" 2>&1
         index=$((index + 1))
     done
 

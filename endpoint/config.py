@@ -1,0 +1,93 @@
+"""The endpoint's settings: one table, read as command-line flags with environment fallbacks.
+
+`python -m endpoint --port 5001` and `DW_PORT=5001 python -m endpoint` are the same. The
+server runs the app in a worker process, which reads the very same table from the
+environment the launcher exported (see `export`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    port: int
+    node_id: str
+    peer: str
+    db: str
+    secret_file: str
+    threads: int
+    max_payload_bytes: int
+    max_iterations: int
+    max_top: int
+    lease_seconds: float
+    max_attempts: int
+    synchronous: str
+    log_level: str
+
+    @property
+    def db_path(self) -> str:
+        return self.db or f"var/{self.node_id}.sqlite3"
+
+
+# name -> (environment variable, default, type, help)
+OPTIONS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
+    "host": ("DW_HOST", "127.0.0.1", str, "listen address"),
+    "port": ("DW_PORT", "5000", int, "listen port"),
+    "node_id": ("DW_NODE_ID", "a", str, "this endpoint's id, the prefix of its work ids (a-z, 0-9)"),
+    "peer": ("DW_PEER_URL", "", str, "base URL of the other endpoint, e.g. http://10.0.0.2:5000"),
+    "db": ("DW_DB", "", str, "SQLite file (default var/<node-id>.sqlite3)"),
+    "secret_file": ("DW_SECRET_FILE", "", str, "file holding the shared secret (or put the secret in DW_SECRET)"),
+    "threads": ("DW_THREADS", "16", int, "request threads"),
+    "max_payload_bytes": ("DW_MAX_PAYLOAD_BYTES", str(4 * 1024 * 1024), int, "largest payload accepted"),
+    "max_iterations": ("DW_MAX_ITERATIONS", "100000000", int, "largest iterations accepted"),
+    "max_top": ("DW_MAX_TOP", "1000", int, "largest pullCompleted top accepted"),
+    "lease_seconds": ("DW_LEASE_SECONDS", "30", float, "a claim lasts this long unless the worker renews it"),
+    "max_attempts": ("DW_MAX_ATTEMPTS", "3", int, "claims an item gets before an expired lease fails it"),
+    "synchronous": ("DW_SYNCHRONOUS", "FULL", str.upper,
+                    "SQLite synchronous: FULL puts every acknowledged write on disk; NORMAL may lose the last "
+                    "writes on power loss"),
+    "log_level": ("DW_LOG_LEVEL", "INFO", str.upper, "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ) -> Settings:
+    parser = argparse.ArgumentParser(prog="python -m endpoint", description="Run one dynamic-workload endpoint.")
+    for name, (env, default, kind, help_text) in OPTIONS.items():
+        parser.add_argument(_flag(name), dest=name, type=kind, default=kind(environ.get(env, default)),
+                            help=f"{help_text} [{env}, default {default or 'none'}]")
+    return _checked(Settings(**vars(parser.parse_args(argv))))
+
+
+def from_env(environ: Mapping[str, str] = os.environ) -> Settings:
+    return _checked(Settings(**{name: kind(environ.get(env, default))
+                                for name, (env, default, kind, _) in OPTIONS.items()}))
+
+
+def export(settings: Settings) -> dict[str, str]:
+    """The environment that makes `from_env` return these settings."""
+    return {OPTIONS[field.name][0]: str(getattr(settings, field.name)) for field in fields(settings)}
+
+
+def _checked(settings: Settings) -> Settings:
+    problems = []
+    if settings.synchronous not in ("FULL", "NORMAL", "EXTRA"):
+        problems.append("synchronous must be FULL, NORMAL or EXTRA")
+    for name in ("threads", "max_payload_bytes", "max_iterations", "max_top", "max_attempts"):
+        if getattr(settings, name) < 1:
+            problems.append(f"{name} must be at least 1")
+    if settings.lease_seconds <= 0:
+        problems.append("lease_seconds must be positive")
+    if problems:
+        raise SystemExit("endpoint: " + "; ".join(problems))
+    return settings

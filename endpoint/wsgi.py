@@ -1,0 +1,49 @@
+"""The WSGI application as the server's worker process builds it: `endpoint.wsgi:create_app`."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+
+import bottle
+
+from endpoint.app import Limits, make_app
+from endpoint.config import from_env
+from endpoint.peer import Peer
+from endpoint.secret import read_secret
+from endpoint.store import Store
+
+log = logging.getLogger("endpoint")
+
+
+def create_app() -> bottle.Bottle:
+    settings = from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    secret = read_secret(settings.secret_file)
+    store = Store(settings.db_path, settings.node_id, lease_seconds=settings.lease_seconds,
+                  max_attempts=settings.max_attempts, synchronous=settings.synchronous)
+    atexit.register(store.close)
+    _exit_with_parent(store)
+    peer = Peer(settings.peer, secret) if settings.peer else None
+    limits = Limits(settings.max_payload_bytes, settings.max_iterations, settings.max_top)
+    log.info("endpoint %s serving on http://%s:%d (db %s, peer %s)", settings.node_id, settings.host,
+             settings.port, store.path, settings.peer or "none")
+    return make_app(store, secret, limits, peer)
+
+
+def _exit_with_parent(store: Store) -> None:
+    """Stop serving if the server's supervising process dies (e.g. SIGKILL), rather than
+    linger as an orphan that holds the port and the database."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        log.error("server supervisor %d is gone: exiting", parent)
+        store.close()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
