@@ -6,9 +6,11 @@ and how many jobs a worker runs at once. Workers still booting count as capacity
 
 The cluster-wide maximum is split between the endpoints' scalers: each may own at most its
 share, so the sum can never exceed the maximum, even when both scalers run in the same
-second or cannot reach each other. Every scaler sizes for the cluster-wide backlog; when the
-peer is reachable (its scaler is presumably running too) each launches its share of what is
-missing, otherwise it launches all of it, within its own share of the cap.
+second or cannot reach each other. Every scaler sizes for the cluster-wide backlog. When the
+peer answers (so its scaler presumably runs too), what is missing is split between the two the
+same way as the cap -- endpoint 0 takes the odd one -- and a scaler also takes the peer's part
+when the peer's share is used up; when the peer is silent, it launches all that is missing.
+Either way no scaler goes past its own share.
 
 Hysteresis: nothing is launched until the oldest item has waited `scale_after_s`, and the
 policy never shrinks the fleet -- workers leave by themselves after `idle_timeout` without
@@ -38,6 +40,7 @@ class ClusterView:
     workers_ready: int  # cluster-wide, whoever launched them
     workers_booting: int  # launched, not yet ready: already capacity on the way
     own_workers: int  # launched by this scaler (ready or booting), counted against its share
+    peer_workers: int = 0  # launched by the peer's scaler
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class Policy:
     scale_after_s: float = 30.0  # launch only once the oldest item has waited this long
     target_drain_s: float = 120.0  # size the fleet to drain the backlog within this time
     max_workers: int = 4  # cluster-wide, across both scalers
-    own_cap: int = 2  # this scaler's share of max_workers (see split_cap)
+    endpoint_index: int = 0  # 0 or 1: which share of max_workers is this scaler's
     max_launch_per_tick: int = 4
     slots_per_worker: int = 2  # jobs a worker runs at once (its cores)
     default_job_duration_s: float = 1.0  # until jobs have been measured
@@ -99,10 +102,16 @@ def decide(view: ClusterView, policy: Policy) -> Decision:
     if missing <= 0:
         return Decision(0, needed, f"{sizing}: enough")
 
-    share = policy.own_cap / policy.max_workers if policy.max_workers else 0.0
-    my_part = math.ceil(missing * share) if view.peer_reachable else missing
-    headroom = policy.own_cap - view.own_workers
+    own_cap = split_cap(policy.max_workers, policy.endpoint_index)
+    if view.peer_reachable:
+        my_part = split_cap(missing, policy.endpoint_index)
+        peer_headroom = max(0, policy.max_workers - own_cap - view.peer_workers)
+        my_part += max(0, (missing - my_part) - peer_headroom)
+    else:
+        my_part = missing
+    headroom = own_cap - view.own_workers
     launch = max(0, min(my_part, headroom, policy.max_launch_per_tick))
     if launch == 0:
-        return Decision(0, needed, f"{sizing}: this scaler's share of the cap ({policy.own_cap}) is in use")
+        return Decision(0, needed, f"{sizing}: the peer launches the rest, or this scaler's share of the cap"
+                                   f" ({own_cap}) is in use")
     return Decision(launch, needed, f"{sizing}: launching {launch}")

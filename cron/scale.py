@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide, split_cap
+from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide
 from cron.providers import Node, Provider, ProviderError
 from cron.providers.local import LocalProvider
 from endpoint.store import open_read_only, read_stats
@@ -79,7 +79,7 @@ def make_policy(args: argparse.Namespace) -> Policy:
         scale_after_s=args.scale_after,
         target_drain_s=args.target_drain,
         max_workers=args.max_workers,
-        own_cap=split_cap(args.max_workers, args.endpoint_index),
+        endpoint_index=args.endpoint_index,
         max_launch_per_tick=args.max_launch_per_tick,
         slots_per_worker=args.slots_per_worker,
         default_job_duration_s=args.default_job_duration,
@@ -134,6 +134,7 @@ def observe(args: argparse.Namespace, nodes: list[Node]) -> ClusterView:
         workers_ready=sum(node.ready for node in nodes),
         workers_booting=sum(not node.ready for node in nodes),
         own_workers=sum(node.owner == args.node_id for node in nodes),
+        peer_workers=sum(node.owner != args.node_id for node in nodes),
     )
 
 
