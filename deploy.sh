@@ -90,10 +90,10 @@ deploy_local() {
     # One scaler per endpoint, as on EC2 (there: a cron entry on each endpoint host).
     local index=0
     for node in a b; do
-        local peer=$url_a
-        [ $node = a ] && peer=$url_b
+        local own=$url_a peer=$url_b
+        [ $node = b ] && own=$url_b peer=$url_a
         start .venv/bin/python -m cron.scale --every "$every" --node-id $node --endpoint-index $index \
-            --peer "$peer" --endpoint "$url_a" --endpoint "$url_b" --provider local --state-dir "$state" \
+            --url "$own" --peer "$peer" --endpoint "$url_a" --endpoint "$url_b" --provider local --state-dir "$state" \
             --max-workers "$max_workers" --idle-timeout "$idle_timeout" --scale-after "$scale_after" \
             >> "$state/log/scaler-$node.log" 2>&1
         index=$((index + 1))

@@ -92,4 +92,17 @@ CREATE TABLE IF NOT EXISTS workers (
     jobs_completed INTEGER NOT NULL DEFAULT 0
 );
 
-PRAGMA user_version = 1;
+-- The scaler (cron/scale.py) on this endpoint's host: its last run and its circuit breaker.
+-- Written by the scaler, shown by GET /stats.
+CREATE TABLE IF NOT EXISTS scaler (
+    node_id              TEXT PRIMARY KEY,
+    last_run_at          REAL,
+    last_decision        TEXT,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,  -- launch/provisioning failures in a row
+    breaker_open         INTEGER NOT NULL DEFAULT 0,  -- 1: launching stopped after too many failures
+    last_failure_at      REAL,
+    last_error           TEXT,
+    breaker_reset_at     REAL                         -- set by `python -m cron.scale --reset-breaker`
+);
+
+PRAGMA user_version = 2;

@@ -1,9 +1,18 @@
-"""One scaling decision for this endpoint's host: `python -m cron.scale`.
+"""One scaling run for this endpoint's host: `python -m cron.scale`.
 
 Installed as a crontab entry every minute on each endpoint host; `--every S` repeats the run
-in-process (what `./deploy.sh local` uses). A run takes an exclusive lock first, so two runs
-on one host never overlap. Steps: read this endpoint's SQLite and the peer's /stats, list
-the cluster's workers, ask the policy how many to launch, launch and provision them.
+in-process (what `./deploy.sh local` uses). A run holds an exclusive lock, so two runs on
+one host never overlap. Each run:
+
+1. lists the cluster's workers (whoever launched them);
+2. reconciles: terminates workers that did not become ready within --ready-deadline, and
+   ready workers that neither endpoint has heard from for --silence-deadline; resumes the
+   provisioning of its own workers that a killed earlier run left unprovisioned;
+3. reads this endpoint's queue from its SQLite file and the peer's from its /stats;
+4. asks the policy (cron/policy.py) how many workers to launch, limited by the circuit
+   breaker, then launches and provisions them; a worker that fails provisioning is
+   terminated at once;
+5. records the decision and the breaker in the endpoint's SQLite file, for GET /stats.
 """
 
 from __future__ import annotations
@@ -18,12 +27,16 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide
 from cron.providers import Node, Provider, ProviderError
 from cron.providers.local import LocalProvider
+from cron.provision import HostKeyPins, WorkerInstall
+from cron.state import Breaker, StateStore
+from endpoint.secret import read_secret
 from endpoint.store import open_read_only, read_stats
 
 log = logging.getLogger("cron.scale")
@@ -34,44 +47,106 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cron.scale", description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--node-id", default=env("DW_NODE_ID", "a"), help="this endpoint's id [DW_NODE_ID]")
-    add("--db", default=env("DW_DB", ""), help="this endpoint's SQLite file [DW_DB] (default var/<node-id>.sqlite3)")
-    add("--peer", default=env("DW_PEER_URL", ""), help="the other endpoint's base URL, for its /stats [DW_PEER_URL]")
+    add("--endpoint-index", type=int, default=env("DW_ENDPOINT_INDEX", "0"), choices=[0, 1],
+        help="which share of --max-workers (and of an ssh host list) is this scaler's [DW_ENDPOINT_INDEX]")
+    add("--db", default=env("DW_DB", ""),
+        help="this endpoint's SQLite file [DW_DB] (default <state-dir>/<node>.sqlite3)")
+    add("--url", default=env("DW_SELF_URL", "http://127.0.0.1:5000"),
+        help="this endpoint's URL, for the workers it has seen [DW_SELF_URL]")
+    add("--peer", default=env("DW_PEER_URL", ""), help="the other endpoint's URL, for its /stats [DW_PEER_URL]")
     add("--endpoint", action="append", dest="endpoints",
-        help="endpoint URL workers connect to, once per endpoint [DW_ENDPOINTS, comma-separated]")
-    add("--endpoint-index", type=int, default=env("DW_ENDPOINT_INDEX", "0"),
-        help="0 or 1: which share of --max-workers this scaler owns [DW_ENDPOINT_INDEX]")
-    add("--provider", default=env("DW_PROVIDER", "local"), choices=["local"], help="[DW_PROVIDER]")
-    add("--secret-file", default=env("DW_SECRET_FILE", "var/secret"), help="[DW_SECRET_FILE]")
-    add("--state-dir", default=env("DW_STATE_DIR", "var"), help="lock, local worker records, logs [DW_STATE_DIR]")
+        help="endpoint URL as workers reach it, once per endpoint [DW_ENDPOINTS, comma-separated]")
+    add("--state-dir", default=env("DW_STATE_DIR", "var"), help="lock, host keys, local workers [DW_STATE_DIR]")
+    add("--secret-file", default=env("DW_SECRET_FILE", ""),
+        help="the shared secret, handed to workers [DW_SECRET_FILE] (default <state-dir>/secret)")
+    # policy
     add("--max-workers", type=int, default=env("DW_MAX_WORKERS", "4"),
         help="cluster-wide maximum, across both endpoints' scalers [DW_MAX_WORKERS]")
     add("--scale-after", type=float, default=env("DW_SCALE_AFTER", "30"),
-        help="launch once the oldest pending item has waited this long, seconds [DW_SCALE_AFTER]")
+        help="launch once the oldest pending item has waited this many seconds [DW_SCALE_AFTER]")
     add("--target-drain", type=float, default=env("DW_TARGET_DRAIN", "120"),
         help="size the fleet to drain the backlog within this many seconds [DW_TARGET_DRAIN]")
-    add("--max-launch-per-tick", type=int, default=env("DW_MAX_LAUNCH_PER_TICK", "4"),
-        help="[DW_MAX_LAUNCH_PER_TICK]")
+    add("--max-launch-per-tick", type=int, default=env("DW_MAX_LAUNCH_PER_TICK", "4"), help="[DW_MAX_LAUNCH_PER_TICK]")
     add("--slots-per-worker", type=int, default=env("DW_SLOTS_PER_WORKER", "1"),
-        help="jobs one worker runs at once (its cores) [DW_SLOTS_PER_WORKER]")
+        help="jobs one worker runs at once, i.e. its cores [DW_SLOTS_PER_WORKER]")
     add("--default-job-duration", type=float, default=env("DW_DEFAULT_JOB_DURATION", "1"),
-        help="assumed job duration before any was measured, seconds [DW_DEFAULT_JOB_DURATION]")
+        help="assumed job duration until jobs have been measured, seconds [DW_DEFAULT_JOB_DURATION]")
+    # reconcile and breaker
+    add("--ready-deadline", type=float, default=env("DW_READY_DEADLINE", "300"),
+        help="terminate a worker not ready this many seconds after launch [DW_READY_DEADLINE]")
+    add("--silence-deadline", type=float, default=env("DW_SILENCE_DEADLINE", "180"),
+        help="terminate a ready worker neither endpoint has heard from for this long [DW_SILENCE_DEADLINE]")
+    add("--breaker-threshold", type=int, default=env("DW_BREAKER_THRESHOLD", "3"),
+        help="consecutive launch/provisioning failures that stop launching [DW_BREAKER_THRESHOLD]")
+    add("--breaker-cooldown", type=float, default=env("DW_BREAKER_COOLDOWN", "600"),
+        help="seconds between trial launches while the breaker is open [DW_BREAKER_COOLDOWN]")
+    # workers
+    add("--provider", default=env("DW_PROVIDER", "local"), choices=["local", "ssh", "ec2"], help="[DW_PROVIDER]")
     add("--idle-timeout", type=float, default=env("DW_IDLE_TIMEOUT", "60"),
         help="workers exit after this long without work [DW_IDLE_TIMEOUT]")
+    add("--worker-processes", type=int, default=env("DW_WORKER_PROCESSES", "0"),
+        help="jobs a worker runs at once; 0: one per core (local provider: --slots-per-worker) [DW_WORKER_PROCESSES]")
+    add("--worker-service", default=env("DW_WORKER_SERVICE", "systemd"), choices=["systemd", "process"],
+        help="how ssh/ec2 workers run: a systemd unit, or a detached process for hosts without systemd "
+             "[DW_WORKER_SERVICE]")
+    add("--worker-exit-command", default=env("DW_WORKER_EXIT_COMMAND", ""),
+        help="with --worker-service process: run after an idle exit [DW_WORKER_EXIT_COMMAND]")
+    add("--ssh-user", default=env("DW_SSH_USER", "ec2-user"), help="[DW_SSH_USER]")
+    add("--ssh-key", default=env("DW_SSH_KEY", ""), help="private key for SSH to workers [DW_SSH_KEY]")
+    add("--remote-python", default=env("DW_REMOTE_PYTHON", "python3"), help="[DW_REMOTE_PYTHON]")
+    add("--ssh-hosts", default=env("DW_SSH_HOSTS", ""), help="ssh provider: comma-separated hosts [DW_SSH_HOSTS]")
+    add("--cluster", default=env("DW_CLUSTER", "dw"), help="ec2: the cluster tag [DW_CLUSTER]")
+    add("--region", default=env("AWS_REGION", env("AWS_DEFAULT_REGION", "us-east-1")), help="[AWS_REGION]")
+    add("--aws-state", default=env("DW_AWS_STATE", ""),
+        help="ec2: state file of ./setup.sh aws (key pair, security group, subnets) [DW_AWS_STATE]")
+    add("--instance-type", default=env("DW_INSTANCE_TYPE", "c7i.large"), help="[DW_INSTANCE_TYPE]")
+    add("--ami", default=env("DW_AMI", ""), help="ec2: image id; default: latest Amazon Linux 2023 [DW_AMI]")
+    add("--test-ssh-addresses", default=env("DW_TEST_SSH_ADDRESSES", ""),
+        help="TEST ONLY: SSH addresses given to new instances instead of their IPs [DW_TEST_SSH_ADDRESSES]")
+    # modes
     add("--every", type=float, default=0.0, help="repeat every S seconds instead of running once")
     add("--terminate-all", action="store_true", help="terminate every worker of the cluster, then exit")
+    add("--reset-breaker", action="store_true", help="close the circuit breaker, then exit")
     add("--log-level", default=env("DW_LOG_LEVEL", "INFO"), help="[DW_LOG_LEVEL]")
     args = parser.parse_args(argv)
     if not args.endpoints:
         args.endpoints = [url.strip() for url in env("DW_ENDPOINTS", "").split(",") if url.strip()]
     args.db = args.db or f"{args.state_dir}/{args.node_id}.sqlite3"
+    args.secret_file = args.secret_file or f"{args.state_dir}/secret"
     return args
+
+
+def worker_install(args: argparse.Namespace) -> WorkerInstall:
+    return WorkerInstall(endpoints=tuple(args.endpoints), secret=read_secret(args.secret_file), worker_id="",
+                         idle_timeout=args.idle_timeout, processes=args.worker_processes,
+                         service=args.worker_service, exit_command=args.worker_exit_command,
+                         python=args.remote_python)
 
 
 def make_provider(args: argparse.Namespace) -> Provider:
     state_dir = Path(args.state_dir)
-    return LocalProvider(state_dir / "workers", args.endpoints, Path(args.secret_file),
-                         processes_per_worker=args.slots_per_worker, idle_timeout=args.idle_timeout,
-                         log_dir=state_dir / "log")
+    if args.provider == "local":
+        return LocalProvider(state_dir / "workers", args.endpoints, Path(args.secret_file),
+                             processes_per_worker=args.slots_per_worker, idle_timeout=args.idle_timeout,
+                             log_dir=state_dir / "log")
+    pins = HostKeyPins(state_dir / "known_hosts.json")
+    if args.provider == "ssh":
+        from cron.providers.ssh import SshProvider
+
+        hosts = [host.strip() for host in args.ssh_hosts.split(",") if host.strip()]
+        return SshProvider(hosts, args.endpoint_index, args.node_id, args.ssh_user, Path(args.ssh_key),
+                           worker_install(args), pins)
+    from cron.providers.ec2 import Ec2Provider, Ec2Settings
+
+    setup = json.loads(Path(args.aws_state).read_text()) if args.aws_state else {}
+    test_addresses = [address.strip() for address in args.test_ssh_addresses.split(",") if address.strip()]
+    settings = Ec2Settings(
+        cluster=args.cluster, region=setup.get("region", args.region), key_name=setup.get("key_name", ""),
+        key_path=Path(args.ssh_key or setup.get("key_path", "")),
+        security_group_id=setup.get("security_group_id", ""), subnet_ids=tuple(setup.get("subnet_ids", ())),
+        instance_type=args.instance_type, ami=args.ami, ssh_user=args.ssh_user, ssh_timeout=args.ready_deadline,
+        test_addresses=tuple(test_addresses[args.endpoint_index::2]))
+    return Ec2Provider(settings, worker_install(args), pins, args.node_id)
 
 
 def make_policy(args: argparse.Namespace) -> Policy:
@@ -102,73 +177,146 @@ def exclusive_run(lock_path: Path) -> Iterator[bool]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def load_of(stats: dict) -> EndpointLoad:
-    return EndpointLoad(
-        pending=stats["pending"],
-        oldest_pending_age_s=stats["oldest_pending_age_s"],
-        recent_jobs=stats.get("recent_jobs", 0),
-        recent_job_duration_s=stats.get("recent_job_duration_s"),
-    )
-
-
-def peer_stats(peer_url: str, timeout: float = 3.0) -> dict | None:
+def fetch_stats(url: str, timeout: float = 3.0) -> dict | None:
     try:
-        with urllib.request.urlopen(f"{peer_url.rstrip('/')}/stats", timeout=timeout) as response:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/stats", timeout=timeout) as response:
             return json.loads(response.read())
     except (OSError, ValueError) as exc:
-        log.warning("peer %s unreachable: %s", peer_url, exc)
+        log.warning("%s/stats unreachable: %s", url, exc)
         return None
 
 
-def observe(args: argparse.Namespace, nodes: list[Node]) -> ClusterView:
-    conn = open_read_only(args.db)
-    try:
-        own = read_stats(conn, args.node_id)
-    finally:
-        conn.close()
-    peer = peer_stats(args.peer) if args.peer else None
-    loads = (load_of(own),) + ((load_of(peer),) if peer else ())
-    return ClusterView(
-        endpoints=loads,
-        peer_reachable=peer is not None,
-        workers_ready=sum(node.ready for node in nodes),
-        workers_booting=sum(not node.ready for node in nodes),
-        own_workers=sum(node.owner == args.node_id for node in nodes),
-        peer_workers=sum(node.owner != args.node_id for node in nodes),
-    )
+def load_of(stats: dict) -> EndpointLoad:
+    return EndpointLoad(pending=stats["pending"], oldest_pending_age_s=stats["oldest_pending_age_s"],
+                        recent_jobs=stats.get("recent_jobs", 0),
+                        recent_job_duration_s=stats.get("recent_job_duration_s"))
 
 
-def run_once(args: argparse.Namespace, provider: Provider, policy: Policy) -> Decision:
-    nodes = provider.list()
-    decision = decide(observe(args, nodes), policy)
-    log.info("decision: %s", decision.reason)
-    if decision.launch:
-        intent = f"{args.node_id}-{int(time.time())}"
+class Scaler:
+    def __init__(self, args: argparse.Namespace, provider: Provider) -> None:
+        self.args = args
+        self.provider = provider
+        self.policy = make_policy(args)
+        self.breaker = Breaker(args.breaker_threshold, args.breaker_cooldown)
+        self.state = StateStore(args.db, args.node_id)
+
+    def run_once(self) -> Decision:
+        args = self.args
+        own_stats = self._own_queue()
+        peer_stats = fetch_stats(args.peer) if args.peer else None
+        nodes = self.reconcile(self.provider.list(), self._workers_heard_from(peer_stats))
+        view = ClusterView(
+            endpoints=(load_of(own_stats),) + ((load_of(peer_stats),) if peer_stats else ()),
+            peer_reachable=peer_stats is not None,
+            workers_ready=sum(node.ready for node in nodes),
+            workers_booting=sum(not node.ready for node in nodes),
+            own_workers=sum(node.owner == args.node_id for node in nodes),
+            peer_workers=sum(node.owner != args.node_id for node in nodes),
+        )
+        decision = decide(view, self.policy)
+        allowance, breaker_status = self.breaker.allowance(self.state.load(), time.time())
+        launch = decision.launch if allowance is None else min(decision.launch, allowance)
+        summary = decision.reason
+        if allowance is not None:
+            summary += f" [circuit breaker {breaker_status}]"
+            log.warning("circuit breaker %s", breaker_status)
+        log.info("decision: %s", summary)
+        self.state.record_run(summary, breaker_open=allowance == 0)
+        if launch:
+            self.launch(launch)
+        return decision
+
+    def _own_queue(self) -> dict:
+        conn = open_read_only(self.args.db)
         try:
-            for node in provider.launch(decision.launch, args.node_id, intent):
-                provider.provision(node)
+            return read_stats(conn, self.args.node_id)
+        finally:
+            conn.close()
+
+    def _workers_heard_from(self, peer_stats: dict | None) -> set[str] | None:
+        """Workers either endpoint heard from recently; None if neither endpoint answered."""
+        answers = [stats for stats in (fetch_stats(self.args.url), peer_stats) if stats is not None]
+        if not answers:
+            return None
+        return {worker["id"] for stats in answers for worker in stats["workers"]}
+
+    def reconcile(self, nodes: list[Node], heard_from: set[str] | None) -> list[Node]:
+        now = time.time()
+        doomed: list[tuple[Node, str]] = []
+        unprovisioned: list[Node] = []
+        kept: list[Node] = []
+        for node in nodes:
+            age = now - node.launched_at
+            if not node.ready and age > self.args.ready_deadline:
+                doomed.append((node, f"not ready {age:.0f}s after launch"))
+            elif not node.ready and node.owner == self.args.node_id:
+                unprovisioned.append(node)  # launched by an earlier run of ours that did not finish
+            elif (node.ready and heard_from is not None and node.node_id not in heard_from
+                  and age > self.args.silence_deadline):
+                doomed.append((node, f"neither endpoint heard from it for {self.args.silence_deadline:.0f}s"))
+            else:
+                kept.append(node)
+        for node, reason in doomed:
+            try:
+                self.provider.terminate([node], reason)
+            except ProviderError as exc:
+                log.error("reconcile: %s", exc)
+        if unprovisioned:
+            log.info("resuming provisioning of %s", ", ".join(node.node_id for node in unprovisioned))
+            kept += self.provision_all(unprovisioned)
+        return kept
+
+    def launch(self, count: int) -> None:
+        intent = f"{self.args.cluster}-{self.args.node_id}-{int(time.time() // 60)}"
+        try:
+            nodes = self.provider.launch(count, self.args.node_id, intent)
         except ProviderError as exc:
             log.error("launch failed: %s", exc)
-    return decision
+            self.state.record_failure(f"launch: {exc}")
+            return
+        self.provision_all(nodes)
+
+    def provision_all(self, nodes: list[Node]) -> list[Node]:
+        """Provision in parallel; a node that fails is terminated and counts against the breaker."""
+        def attempt(node: Node) -> Node | None:
+            try:
+                ready = self.provider.provision(node)
+            except ProviderError as exc:
+                log.error("provisioning %s failed: %s", node.node_id, exc)
+                self.state.record_failure(f"provisioning {node.node_id}: {exc}")
+                try:
+                    self.provider.terminate([node], "provisioning failed")
+                except ProviderError as terminate_error:
+                    log.error("%s", terminate_error)
+                return None
+            self.state.record_success()
+            return ready
+
+        with ThreadPoolExecutor(max_workers=min(8, len(nodes)) or 1) as pool:
+            return [node for node in pool.map(attempt, nodes) if node is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s scaler: %(message)s")
+    if args.reset_breaker:
+        StateStore(args.db, args.node_id).reset_breaker()
+        log.info("circuit breaker reset")
+        return 0
     provider = make_provider(args)
     if args.terminate_all:
         nodes = provider.list()
         provider.terminate(nodes, "terminate-all requested")
         log.info("terminated %d worker(s)", len(nodes))
         return 0
-    policy = make_policy(args)
+    scaler = Scaler(args, provider)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     lock_path = Path(args.state_dir) / f"scale-{args.node_id}.lock"
     while True:
         with exclusive_run(lock_path) as holding:
             if holding:
                 try:
-                    run_once(args, provider, policy)
+                    scaler.run_once()
                 except Exception:  # noqa: BLE001 -- one failed run must not end the --every loop
                     log.exception("scaling run failed")
                     if not args.every:

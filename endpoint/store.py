@@ -94,6 +94,11 @@ def read_stats(conn: sqlite3.Connection, node_id: str, worker_seen_window: float
             "SELECT worker_id, last_seen_at, jobs_completed FROM workers WHERE last_seen_at > ? ORDER BY worker_id",
             (now - worker_seen_window,),
         ).fetchall()
+        scaler = conn.execute(
+            """SELECT last_run_at, last_decision, consecutive_failures, breaker_open, last_failure_at, last_error
+               FROM scaler WHERE node_id = ?""",
+            (node_id,),
+        ).fetchone()
     finally:
         conn.execute("COMMIT")
     return {
@@ -107,24 +112,47 @@ def read_stats(conn: sqlite3.Connection, node_id: str, worker_seen_window: float
             {"id": worker_id, "last_seen_s_ago": round(now - seen, 3), "jobs_completed": jobs}
             for worker_id, seen, jobs in workers
         ],
+        "scaler": _scaler_view(scaler, now),
+    }
+
+
+def _scaler_view(row: tuple | None, now: float) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    last_run_at, last_decision, failures, breaker_open, last_failure_at, last_error = row
+    return {
+        "last_run_s_ago": round(now - last_run_at, 1) if last_run_at else None,
+        "last_decision": last_decision,
+        "breaker_open": bool(breaker_open),
+        "consecutive_failures": failures,
+        "last_error": last_error,
+        "last_failure_s_ago": round(now - last_failure_at, 1) if last_failure_at else None,
     }
 
 
 class _Writer:
-    """Runs write operations on one connection, many per transaction."""
+    """Runs write operations on one connection, many per transaction.
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection], max_batch: int = 512) -> None:
-        self._queue: queue.SimpleQueue[tuple[WriteOp[Any], Future[Any]] | None] = queue.SimpleQueue()
+    A write is durable by default: its caller hears back after an fsync (with synchronous
+    FULL). Writes whose loss in a power cut is harmless -- a claim or a lease renewal: the
+    item simply becomes pending again and runs again -- may say durable=False; a batch made
+    only of those commits without waiting for the disk, and the next durable commit syncs
+    them along.
+    """
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], synchronous: str, max_batch: int = 512) -> None:
+        self._queue: queue.SimpleQueue[tuple[WriteOp[Any], Future[Any], bool] | None] = queue.SimpleQueue()
+        self._synchronous = synchronous
         self._max_batch = max_batch
         self._closed = False
         self._thread = threading.Thread(target=self._run, args=(connect,), name="sqlite-writer", daemon=True)
         self._thread.start()
 
-    def run(self, op: WriteOp[T], timeout: float = 30.0) -> T:
+    def run(self, op: WriteOp[T], timeout: float = 30.0, durable: bool = True) -> T:
         if self._closed:
             raise StoreUnavailable("store is closed")
         future: Future[T] = Future()
-        self._queue.put((op, future))
+        self._queue.put((op, future, durable))
         try:
             return future.result(timeout)
         except TimeoutError as exc:
@@ -137,6 +165,7 @@ class _Writer:
 
     def _run(self, connect: Callable[[], sqlite3.Connection]) -> None:
         conn = connect()
+        synchronous = self._synchronous
         try:
             while True:
                 item = self._queue.get()
@@ -153,6 +182,10 @@ class _Writer:
                         stop = True
                         break
                     batch.append(item)
+                wanted = self._synchronous if any(durable for _, _, durable in batch) else "NORMAL"
+                if wanted != synchronous:
+                    conn.execute(f"PRAGMA synchronous = {wanted}")
+                    synchronous = wanted
                 self._commit(conn, batch)
                 if stop:
                     return
@@ -160,12 +193,12 @@ class _Writer:
             conn.close()
 
     @staticmethod
-    def _commit(conn: sqlite3.Connection, batch: list[tuple[WriteOp[Any], Future[Any]]]) -> None:
+    def _commit(conn: sqlite3.Connection, batch: list[tuple[WriteOp[Any], Future[Any], bool]]) -> None:
         # Each op runs inside its own savepoint so that one op's error undoes only that op.
         outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op, future in batch:
+            for op, future, _ in batch:
                 conn.execute("SAVEPOINT op")
                 try:
                     value = op(conn)
@@ -181,7 +214,7 @@ class _Writer:
             log.exception("transaction of %d writes failed; none of them is stored", len(batch))
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            for _, future in batch:
+            for _, future, _ in batch:
                 future.set_exception(StoreUnavailable(f"database write failed: {exc}"))
             return
         for future, value, error in outcomes:
@@ -223,7 +256,7 @@ class Store:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._apply_schema()
-        self._writer = _Writer(self._connect)
+        self._writer = _Writer(self._connect, self._synchronous)
         self._stopping = threading.Event()
         self._maintenance = threading.Thread(
             target=self._maintain, args=(maintenance_interval,), name="store-maintenance", daemon=True
@@ -273,7 +306,7 @@ class Store:
         # Leases expire and worker contacts are recorded even when no worker calls in.
         while not self._stopping.wait(interval):
             try:
-                self._writer.run(lambda conn: self._requeue_expired(conn, time.time()))
+                self._writer.run(lambda conn: self._requeue_expired(conn, time.time()), durable=False)
                 self._flush_contacts()
             except Exception:  # noqa: BLE001 -- keep maintaining; the next round retries
                 log.exception("store maintenance failed")
@@ -385,7 +418,7 @@ class Store:
             (payload,) = conn.execute("SELECT data FROM payloads WHERE seq = ?", (seq,)).fetchone()
             return Claim(work_id, iterations, attempt, self.lease_seconds, payload)
 
-        return self._writer.run(op)
+        return self._writer.run(op, durable=False)
 
     def renew(self, work_id: str, attempt: int, worker_id: str) -> bool:
         """Extend a lease; False if the lease is no longer this worker's."""
@@ -404,7 +437,7 @@ class Store:
                 == 1
             )
 
-        return self._writer.run(op)
+        return self._writer.run(op, durable=False)
 
     def release(self, work_id: str, attempt: int, worker_id: str) -> bool:
         """Give a leased item back at once (the worker is stopping); the attempt is not counted."""
@@ -423,7 +456,7 @@ class Store:
                 == 1
             )
 
-        return self._writer.run(op)
+        return self._writer.run(op, durable=False)
 
     def complete(self, work_id: str, worker_id: str, result: str, duration_s: float | None) -> bool | None:
         """Store a result. True: stored; False: the item already had one (kept); None: no such item."""

@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         poll_interval=args.poll_interval,
         exit_command=args.exit_command,
     )
-    run_worker(options)
-    return 0
+    return run_worker(options)
 
 
 if __name__ == "__main__":

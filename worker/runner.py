@@ -190,8 +190,10 @@ def _run_slot(index: int, options: WorkerOptions, stop: Event, busy: Synchronize
     _Slot(index, options, stop, busy, last_work).run()
 
 
-def run_worker(options: WorkerOptions) -> str:
-    """Run until idle or told to stop; returns why it ended ("idle" or "stopped")."""
+def run_worker(options: WorkerOptions) -> int:
+    """Run until idle or told to stop. Returns the exit status: 0 after an idle exit, 128 +
+    the signal number when stopped, so that a service manager can tell the two apart (on EC2
+    only the idle exit powers the instance off)."""
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     busy = context.Array("b", options.processes)
@@ -217,11 +219,12 @@ def run_worker(options: WorkerOptions) -> str:
     signal.signal(signal.SIGINT, request_stop)
     slots = [start_slot(index) for index in range(options.processes)]
     log.info("worker %s: %d slots on %s", options.worker_id, options.processes, ", ".join(options.endpoints))
-    reason = "stopped"
+    status = 0
     while True:
         time.sleep(0.25)
         if signalled:
             log.info("signal %d: stopping", signalled[0])
+            status = 128 + signalled[0]
             break
         for index, process in enumerate(slots):
             if not process.is_alive():
@@ -231,16 +234,15 @@ def run_worker(options: WorkerOptions) -> str:
         idle_for = time.time() - max(last_work[:])
         if not any(busy[:]) and idle_for >= options.idle_timeout:
             log.info("no work from any endpoint for %.0fs: exiting", idle_for)
-            reason = "idle"
             break
     stop.set()
     for process in slots:
         process.join(timeout=10)
         if process.is_alive():
             process.kill()
-    if reason == "idle" and options.exit_command:
+    if status == 0 and options.exit_command:
         run_exit_command(options.exit_command)
-    return reason
+    return status
 
 
 def run_exit_command(command: str) -> None:

@@ -1,0 +1,178 @@
+"""Workers as EC2 instances, launched with boto3 and provisioned over SSH.
+
+Every instance carries the tags dw:cluster, dw:role=worker and dw:owner (the endpoint whose
+scaler launched it, whose share of the cap it uses); its volume carries them too. Instances
+are launched with InstanceInitiatedShutdownBehavior=terminate, so a worker that powers off
+when idle is gone for good, with IMDSv2 required, and with no instance profile: workers
+hold no AWS credentials. A provisioned instance gets the tag dw:ready.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from cron.providers import Node, ProviderError
+from cron.provision import HostKeyPins, SshTarget, WorkerInstall, provision_worker, wait_for_ssh
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+# Not worth retrying: the account or request is wrong, not the moment.
+_FATAL_LAUNCH_ERRORS = {"InstanceLimitExceeded", "VcpuLimitExceeded", "InvalidParameterValue",
+                        "InvalidParameterCombination", "UnauthorizedOperation", "InvalidAMIID.NotFound",
+                        "InvalidKeyPair.NotFound", "InvalidGroup.NotFound", "IdempotentParameterMismatch"}
+
+
+@dataclass(frozen=True)
+class Ec2Settings:
+    cluster: str
+    region: str
+    key_name: str
+    key_path: Path
+    security_group_id: str
+    subnet_ids: tuple[str, ...] = ()
+    instance_type: str = "c7i.large"
+    ami: str = ""  # empty: the latest Amazon Linux 2023 from SSM's public parameter
+    ami_parameter: str = DEFAULT_AMI_PARAMETER
+    ssh_user: str = "ec2-user"
+    ssh_timeout: float = 300.0  # from launch until SSH answers
+    launch_attempts: int = 4
+    # Test-only: SSH addresses handed to new instances in turn instead of their private IP
+    # (the tests' "instances" are sshd processes in network namespaces). Each scaler gets its
+    # own part of the pool, so two launching at once never collide. Never set in production.
+    test_addresses: tuple[str, ...] = ()
+
+
+def client_token(intent: str, subnet_id: str) -> str:
+    """Same launch decision and subnet, same token: EC2 then starts no second set of instances."""
+    return hashlib.sha256(f"{intent}/{subnet_id}".encode()).hexdigest()[:64]
+
+
+class Ec2Provider:
+    def __init__(self, settings: Ec2Settings, install: WorkerInstall, pins: HostKeyPins, owner: str) -> None:
+        self.settings = settings
+        self.install = install
+        self.pins = pins
+        self.owner = owner
+        config = Config(region_name=settings.region, retries={"max_attempts": 6, "mode": "standard"},
+                        connect_timeout=10, read_timeout=30)
+        self.ec2 = boto3.client("ec2", config=config)
+        self.ssm = boto3.client("ssm", config=config)
+
+    def _cluster_filter(self) -> list[dict]:
+        return [{"Name": "tag:dw:cluster", "Values": [self.settings.cluster]},
+                {"Name": "tag:dw:role", "Values": ["worker"]}]
+
+    def list(self) -> list[Node]:
+        nodes = []
+        try:
+            pages = self.ec2.get_paginator("describe_instances").paginate(
+                Filters=[*self._cluster_filter(), {"Name": "instance-state-name", "Values": ["pending", "running"]}])
+            for page in pages:
+                for reservation in page["Reservations"]:
+                    nodes += [self._node(instance) for instance in reservation["Instances"]]
+        except (BotoCoreError, ClientError) as exc:
+            raise ProviderError(f"listing instances failed: {exc}") from exc
+        return nodes
+
+    def _node(self, instance: dict) -> Node:
+        tags = {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}
+        address = tags.get("dw:test-address") or instance.get("PrivateIpAddress")
+        return Node(instance["InstanceId"], tags.get("dw:owner", "?"), instance["LaunchTime"].timestamp(),
+                    ready="dw:ready" in tags, address=address)
+
+    def _image(self) -> str:
+        if self.settings.ami:
+            return self.settings.ami
+        try:
+            return self.ssm.get_parameter(Name=self.settings.ami_parameter)["Parameter"]["Value"]
+        except (BotoCoreError, ClientError) as exc:
+            raise ProviderError(f"looking up the AMI in SSM ({self.settings.ami_parameter}) failed: {exc}") from exc
+
+    def launch(self, count: int, owner: str, intent: str) -> list[Node]:
+        image = self._image()
+        tags = [{"Key": "dw:cluster", "Value": self.settings.cluster}, {"Key": "dw:role", "Value": "worker"},
+                {"Key": "dw:owner", "Value": owner}, {"Key": "dw:intent", "Value": intent},
+                {"Key": "Name", "Value": f"{self.settings.cluster}-worker"}]
+        subnets = self.settings.subnet_ids or ("",)
+        error: Exception | None = None
+        for attempt in range(self.settings.launch_attempts):
+            subnet = subnets[attempt % len(subnets)]  # a capacity shortage is often per zone: try the next
+            request = {
+                "ImageId": image, "InstanceType": self.settings.instance_type, "MinCount": count, "MaxCount": count,
+                "KeyName": self.settings.key_name, "SecurityGroupIds": [self.settings.security_group_id],
+                "InstanceInitiatedShutdownBehavior": "terminate",
+                "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 1},
+                "TagSpecifications": [{"ResourceType": "instance", "Tags": tags},
+                                      {"ResourceType": "volume", "Tags": tags}],
+                "ClientToken": client_token(intent, subnet),
+            }
+            if subnet:
+                request["SubnetId"] = subnet
+            try:
+                instances = self.ec2.run_instances(**request)["Instances"]
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                error = exc
+                if code in _FATAL_LAUNCH_ERRORS:
+                    break
+                wait = min(30.0, 2.0 * 2**attempt)
+                log.warning("launch attempt %d failed (%s); retrying in %.0fs", attempt + 1, code, wait)
+                time.sleep(wait)
+                continue
+            except BotoCoreError as exc:
+                error = exc
+                break
+            nodes = [self._node(instance) for instance in instances]
+            log.info("launched %s", ", ".join(node.node_id for node in nodes))
+            return self._assign_test_addresses(nodes, owner)
+        raise ProviderError(f"launching {count} instance(s) failed: {error}")
+
+    def _assign_test_addresses(self, nodes: list[Node], owner: str) -> list[Node]:
+        if not self.settings.test_addresses:
+            return nodes
+        taken = {node.address for node in self.list()}
+        free = [address for address in self.settings.test_addresses if address not in taken]
+        assigned = []
+        for node, address in zip(nodes, free, strict=False):
+            self.ec2.create_tags(Resources=[node.node_id], Tags=[{"Key": "dw:test-address", "Value": address}])
+            assigned.append(replace(node, address=address))
+        return assigned + nodes[len(assigned):]
+
+    def provision(self, node: Node) -> Node:
+        if not node.address:
+            raise ProviderError(f"{node.node_id} has no address to reach it at")
+        remaining = max(10.0, self.settings.ssh_timeout - (time.time() - node.launched_at))
+        waited = wait_for_ssh(node.address, timeout=remaining)
+        target = SshTarget(node.node_id, node.address, self.settings.ssh_user, self.settings.key_path)
+        took = provision_worker(target, self.pins, replace(self.install, worker_id=node.node_id))
+        ready_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        try:
+            self.ec2.create_tags(Resources=[node.node_id], Tags=[{"Key": "dw:ready", "Value": ready_at}])
+        except (BotoCoreError, ClientError) as exc:
+            raise ProviderError(f"tagging {node.node_id} ready failed: {exc}") from exc
+        log.info("provisioned %s at %s: SSH answered after %.1fs, worker running %.2fs later",
+                 node.node_id, node.address, waited, took)
+        return replace(node, ready=True)
+
+    def terminate(self, nodes: Sequence[Node], reason: str) -> None:
+        ids = [node.node_id for node in nodes]
+        if not ids:
+            return
+        log.info("terminating %s: %s", ", ".join(ids), reason)
+        try:
+            for start in range(0, len(ids), 100):
+                self.ec2.terminate_instances(InstanceIds=ids[start:start + 100])
+        except (BotoCoreError, ClientError) as exc:
+            raise ProviderError(f"terminating {', '.join(ids)} failed: {exc}") from exc
+        self.pins.forget(ids)

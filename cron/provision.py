@@ -1,0 +1,308 @@
+"""Installing and starting a worker on a host over SSH, with paramiko.
+
+The worker is standard-library Python, so provisioning is: copy its files over SFTP, write
+its settings and the shared secret (mode 0600), start it as a service, and confirm that it
+runs. Nothing is installed from the network, and the worker gets no AWS credentials.
+
+Host keys are pinned per machine (instance id or host name), not per address: EC2 reuses
+private addresses, and a new instance on an old address must not be mistaken for -- or
+rejected as -- the old one. The first contact records the key; later contacts must match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from cron.providers import ProviderError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REMOTE_DIR_NAME = "dynamic-workload"
+SERVICE_NAME = "dw-worker"
+
+
+class ProvisionError(ProviderError):
+    pass
+
+
+class HostKeyPins:
+    """Host keys by machine id, in a JSON file: recorded on first contact, checked afterwards."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def _load(self) -> dict[str, str]:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+
+    def check(self, machine_id: str, address: str, key: paramiko.PKey) -> None:
+        offered = f"{key.get_name()} {key.get_base64()}"
+        with self._lock:
+            pins = self._load()
+            pinned = pins.get(machine_id)
+            if pinned is None:
+                pins[machine_id] = offered
+                self._save(pins)
+            elif pinned != offered:
+                raise ProvisionError(
+                    f"host key of {machine_id} at {address} differs from the one recorded on first contact "
+                    f"({self.path}): refusing to connect (a different machine, or a man in the middle)")
+
+    def forget(self, machine_ids: list[str]) -> None:
+        with self._lock:
+            pins = self._load()
+            if any(pins.pop(machine_id, None) for machine_id in machine_ids):
+                self._save(pins)
+
+    def _save(self, pins: dict[str, str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False) as file:
+            json.dump(pins, file, indent=1, sort_keys=True)
+        os.replace(file.name, self.path)
+
+
+class _PinnedHostKeyPolicy(paramiko.MissingHostKeyPolicy):
+    # No host keys are loaded into the client, so paramiko asks this policy on every connect.
+    def __init__(self, pins: HostKeyPins, machine_id: str) -> None:
+        self._pins = pins
+        self._machine_id = machine_id
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        self._pins.check(self._machine_id, hostname, key)
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    machine_id: str  # what the host key is pinned to
+    address: str
+    user: str
+    key_path: Path
+    port: int = 22
+
+
+@dataclass(frozen=True)
+class WorkerInstall:
+    """What a provisioned worker runs with."""
+
+    endpoints: tuple[str, ...]
+    secret: str
+    worker_id: str
+    idle_timeout: float
+    processes: int = 0  # 0: one per core
+    # "systemd": a hardened unit whose idle exit powers the machine off (EC2: terminates it).
+    # "process": a detached process, for hosts without systemd; its idle exit runs exit_command.
+    service: str = "systemd"
+    exit_command: str = ""
+    python: str = "python3"
+
+
+def wait_for_ssh(address: str, port: int = 22, timeout: float = 300.0) -> float:
+    """Seconds until the SSH port accepts connections; ProvisionError after `timeout`."""
+    started = time.monotonic()
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=3):
+                return time.monotonic() - started
+        except OSError as exc:
+            if time.monotonic() - started > timeout:
+                raise ProvisionError(f"SSH on {address}:{port} did not answer within {timeout:.0f}s: {exc}") from exc
+            time.sleep(1)
+
+
+@contextmanager
+def ssh_session(target: SshTarget, pins: HostKeyPins, timeout: float = 15.0) -> Iterator[paramiko.SSHClient]:
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(_PinnedHostKeyPolicy(pins, target.machine_id))
+    try:
+        client.connect(target.address, target.port, username=target.user, key_filename=str(target.key_path),
+                       timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+                       look_for_keys=False, allow_agent=False)
+    except ProvisionError:
+        client.close()
+        raise
+    except (OSError, paramiko.SSHException) as exc:
+        client.close()
+        raise ProvisionError(f"SSH to {target.user}@{target.address} ({target.machine_id}) failed: {exc}") from exc
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def run(client: paramiko.SSHClient, command: str, timeout: float = 120.0) -> str:
+    """Run a shell command on the host; its stdout, or ProvisionError with its stderr."""
+    try:
+        _, stdout, stderr = client.exec_command(command, timeout=timeout)
+        status = stdout.channel.recv_exit_status()
+        out, err = stdout.read().decode(errors="replace"), stderr.read().decode(errors="replace")
+    except (OSError, paramiko.SSHException) as exc:
+        raise ProvisionError(f"remote command failed to run: {exc}") from exc
+    if status != 0:
+        raise ProvisionError(f"remote command exited with {status}: {err.strip()[-2000:] or out.strip()[-2000:]}")
+    return out
+
+
+def upload_text(sftp: paramiko.SFTPClient, path: str, text: str, mode: int = 0o644) -> None:
+    with sftp.open(path, "w") as file:
+        file.chmod(mode)  # before any content: a secret is never readable by others, even briefly
+        file.write(text)
+
+
+def remote_base(sftp: paramiko.SFTPClient) -> str:
+    """Where our files go on the host: a folder in the login's home (its SFTP start folder)."""
+    return f"{sftp.normalize('.').rstrip('/')}/{REMOTE_DIR_NAME}"
+
+
+def _mkdirs(sftp: paramiko.SFTPClient, path: str) -> None:
+    partial = ""
+    for part in path.strip("/").split("/"):
+        partial += "/" + part
+        try:
+            sftp.stat(partial)
+        except FileNotFoundError:
+            sftp.mkdir(partial)
+
+
+def worker_settings(install: WorkerInstall, secret_path: str = "") -> str:
+    settings = {
+        "DW_ENDPOINTS": ",".join(install.endpoints),
+        "DW_WORKER_ID": install.worker_id,
+        "DW_IDLE_TIMEOUT": str(install.idle_timeout),
+        "DW_EXIT_COMMAND": install.exit_command,
+    }
+    if secret_path:  # systemd hands the secret over as a credential instead
+        settings["DW_SECRET_FILE"] = secret_path
+    if install.processes:
+        settings["DW_PROCESSES"] = str(install.processes)
+    return "".join(f"{name}={shlex.quote(value)}\n" for name, value in settings.items())
+
+
+def systemd_unit(install_dir: str, python: str) -> str:
+    return f"""[Unit]
+Description=dynamic-workload worker
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+WorkingDirectory={install_dir}
+EnvironmentFile={install_dir}/worker.env
+# The secret reaches the service through systemd's credentials, readable by it alone.
+LoadCredential=secret:{install_dir}/secret
+Environment=DW_SECRET_FILE=%d/secret
+ExecStart=/usr/bin/env {python} -m worker
+DynamicUser=yes
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+Restart=on-failure
+RestartSec=2
+# 143 is a stop by SIGTERM: a clean stop, not a failure to restart from.
+SuccessExitStatus=143
+# Only an idle exit (status 0) powers the machine off; on EC2 that terminates the instance
+# (it is launched with InstanceInitiatedShutdownBehavior=terminate).
+ExecStopPost=+/bin/sh -c 'if [ "$EXIT_STATUS" = 0 ]; then /bin/systemctl poweroff; fi'
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def provision_worker(target: SshTarget, pins: HostKeyPins, install: WorkerInstall) -> float:
+    """Install and start the worker; returns the seconds it took once SSH answered."""
+    started = time.monotonic()
+    with ssh_session(target, pins) as client:
+        sftp = client.open_sftp()
+        base = remote_base(sftp)
+        _mkdirs(sftp, f"{base}/worker")
+        for source in sorted((REPO_ROOT / "worker").glob("*.py")):
+            sftp.put(str(source), f"{base}/worker/{source.name}")
+        upload_text(sftp, f"{base}/secret", install.secret + "\n", mode=0o600)
+        if install.service == "systemd":
+            install_dir = f"/opt/{REMOTE_DIR_NAME}"
+            upload_text(sftp, f"{base}/worker.env", worker_settings(install))
+            upload_text(sftp, f"{base}/{SERVICE_NAME}.service", systemd_unit(install_dir, install.python))
+            sftp.close()
+            run(client, _systemd_start_script(base, install_dir))
+        elif install.service == "process":
+            upload_text(sftp, f"{base}/worker.env", worker_settings(install, f"{base}/secret"))
+            sftp.close()
+            run(client, _process_start_script(base, install.python))
+        else:
+            raise ProvisionError(f"unknown service manager {install.service!r}")
+    return time.monotonic() - started
+
+
+def _systemd_start_script(base: str, install_dir: str) -> str:
+    return f"""set -e
+sudo rm -rf {install_dir}.new
+sudo cp -r {shlex.quote(base)} {install_dir}.new
+sudo chown -R root:root {install_dir}.new
+sudo rm -rf {install_dir} && sudo mv {install_dir}.new {install_dir}
+sudo install -m 0644 {install_dir}/{SERVICE_NAME}.service /etc/systemd/system/{SERVICE_NAME}.service
+sudo systemctl daemon-reload
+sudo systemctl enable --now {SERVICE_NAME}.service
+sudo systemctl restart {SERVICE_NAME}.service
+sleep 0.5
+systemctl is-active {SERVICE_NAME}.service
+"""
+
+
+def _process_start_script(base: str, python: str) -> str:
+    quoted = shlex.quote(base)
+    return f"""set -e
+cd {quoted}
+if [ -f worker.pid ] && kill -0 "$(cat worker.pid)" 2>/dev/null; then kill "$(cat worker.pid)"; sleep 1; fi
+if [ -f worker.log ]; then mv -f worker.log worker.log.1; fi
+set -a; . ./worker.env; set +a
+setsid nohup {shlex.quote(python)} -m worker >> worker.log 2>&1 < /dev/null &
+echo $! > worker.pid
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+    grep -q "slots on" worker.log 2>/dev/null && break
+    sleep 0.1
+done
+kill -0 "$(cat worker.pid)"
+grep -q "slots on" worker.log
+"""
+
+
+def worker_running(target: SshTarget, pins: HostKeyPins, service: str) -> bool:
+    """Whether the host's worker service runs now (for hosts the scaler does not launch itself)."""
+    with ssh_session(target, pins, timeout=5) as client:
+        if service == "systemd":
+            command = f"systemctl is-active --quiet {SERVICE_NAME}.service"
+        else:
+            command = f'cd {shlex.quote(_base_of(client))} 2>/dev/null && kill -0 "$(cat worker.pid)" 2>/dev/null'
+        _, stdout, _ = client.exec_command(command, timeout=10)
+        return stdout.channel.recv_exit_status() == 0
+
+
+def stop_worker(target: SshTarget, pins: HostKeyPins, service: str) -> None:
+    with ssh_session(target, pins, timeout=5) as client:
+        if service == "systemd":
+            run(client, f"sudo systemctl disable --now {SERVICE_NAME}.service")
+        else:
+            run(client, f'cd {shlex.quote(_base_of(client))} 2>/dev/null || exit 0; '
+                        f'if [ -f worker.pid ]; then kill "$(cat worker.pid)" 2>/dev/null; rm -f worker.pid; fi; true')
+
+
+def _base_of(client: paramiko.SSHClient) -> str:
+    sftp = client.open_sftp()
+    try:
+        return remote_base(sftp)
+    finally:
+        sftp.close()
