@@ -2,6 +2,9 @@
 # Run dynamic-workload.
 #   ./deploy.sh local [options]   both endpoints, the scalers and their workers on this machine,
 #                                 in the foreground; Ctrl-C or SIGTERM stops all of it.
+#   ./deploy.sh aws [options]     two endpoint instances on EC2, provisioned over SSH from this
+#                                 checkout, each with its scaler's crontab entry (after ./setup.sh aws).
+#   ./deploy.sh aws --destroy     terminate every instance of the cluster, remove what setup created.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -9,6 +12,7 @@ usage() {
     cat <<'EOF'
 usage: ./deploy.sh local [--max-workers N] [--idle-timeout S] [--scale-after S]
                          [--port-a P] [--port-b P] [--every S]
+       ./deploy.sh aws [--destroy] [options: ./deploy.sh aws --help]
 
   --max-workers N   most workers at once, across both endpoints' scalers (default 2)
   --idle-timeout S  a worker exits after S seconds without work (default 30)
@@ -120,6 +124,11 @@ EOF
 
 case "${1:-}" in
     local) shift; deploy_local "$@" ;;
+    aws)
+        shift
+        ./setup.sh local
+        exec .venv/bin/python -m cron.aws_deploy "$@"
+        ;;
     -h|--help|"") usage; [ -n "${1:-}" ] || exit 2 ;;
     *) echo "deploy.sh: unknown target ${1}" >&2; usage >&2; exit 2 ;;
 esac

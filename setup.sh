@@ -2,6 +2,9 @@
 # One-time preparation, safe to re-run.
 #   ./setup.sh          local: .venv with the pinned dependencies (what ./deploy.sh local needs)
 #   ./setup.sh dev      the same plus the test tools (what ./tests/run.sh needs)
+#   ./setup.sh aws      the local venv, then the one-time AWS preparation: key pair, security
+#                       group, IAM role and instance profile for the endpoints (see
+#                       `./setup.sh aws --help`); re-running it changes only what is missing
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -31,8 +34,13 @@ ensure_venv() {
 case "${1:-local}" in
     local) ensure_venv requirements.txt ;;
     dev) ensure_venv requirements-dev.txt ;;
+    aws)
+        shift
+        ensure_venv requirements.txt
+        exec .venv/bin/python -m cron.aws_setup "$@"
+        ;;
     *)
-        echo "usage: ./setup.sh [local|dev]" >&2
+        echo "usage: ./setup.sh [local|dev|aws [options]]" >&2
         exit 2
         ;;
 esac

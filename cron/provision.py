@@ -167,7 +167,7 @@ def remote_base(sftp: paramiko.SFTPClient) -> str:
     return f"{sftp.normalize('.').rstrip('/')}/{REMOTE_DIR_NAME}"
 
 
-def _mkdirs(sftp: paramiko.SFTPClient, path: str) -> None:
+def mkdirs(sftp: paramiko.SFTPClient, path: str) -> None:
     partial = ""
     for part in path.strip("/").split("/"):
         partial += "/" + part
@@ -228,7 +228,7 @@ def provision_worker(target: SshTarget, pins: HostKeyPins, install: WorkerInstal
     with ssh_session(target, pins) as client:
         sftp = client.open_sftp()
         base = remote_base(sftp)
-        _mkdirs(sftp, f"{base}/worker")
+        mkdirs(sftp, f"{base}/worker")
         for source in sorted((REPO_ROOT / "worker").glob("*.py")):
             sftp.put(str(source), f"{base}/worker/{source.name}")
         upload_text(sftp, f"{base}/secret", install.secret + "\n", mode=0o600)
@@ -306,3 +306,126 @@ def _base_of(client: paramiko.SSHClient) -> str:
         return remote_base(sftp)
     finally:
         sftp.close()
+
+
+# -- endpoints ---------------------------------------------------------------------------
+
+ENDPOINT_SERVICE = "dw-endpoint"
+CRON_MARK = "# dynamic-workload scaler"
+# What an endpoint host needs of this checkout: the code, the data model, the pinned requirements.
+ENDPOINT_CODE = ("endpoint", "worker", "cron", "schema.sql", "requirements.txt")
+
+
+@dataclass(frozen=True)
+class EndpointInstall:
+    settings: dict[str, str]  # the environment of the endpoint and of its scaler (DW_*, AWS_REGION, ...)
+    secret: str
+    worker_key: Path  # the private key the scaler uses to provision workers
+    aws_state: dict  # ./setup.sh aws's record, for the scaler's ec2 provider
+    wheelhouse: Path  # wheels of requirements.txt for the host's Python: nothing is fetched there
+    service: str = "systemd"  # or "process" for hosts without systemd
+    cron: str = "crontab"  # or "file": write the entry to <base>/crontab, for hosts without cron
+    python: str = "python3"
+
+
+def remote_python(target: SshTarget, pins: HostKeyPins, python: str = "python3") -> tuple[str, str]:
+    """(major.minor, machine) of the host's Python: which wheels it needs."""
+    with ssh_session(target, pins) as client:
+        out = run(client, f"{shlex.quote(python)} -c 'import platform, sys; "
+                          f"print(\"%d.%d\" % sys.version_info[:2], platform.machine())'")
+    version, machine = out.split()
+    return version, machine
+
+
+def provision_endpoint(target: SshTarget, pins: HostKeyPins, install: EndpointInstall) -> str:
+    """Install the endpoint and its scaler's crontab entry; returns the install folder."""
+    with ssh_session(target, pins) as client:
+        sftp = client.open_sftp()
+        base = remote_base(sftp)
+        for folder in ("", "/var/log", "/wheels"):
+            mkdirs(sftp, base + folder)
+        _upload_code(sftp, base)
+        present = set(sftp.listdir(f"{base}/wheels"))
+        for wheel in sorted(install.wheelhouse.glob("*.whl")):
+            if wheel.name not in present:
+                sftp.put(str(wheel), f"{base}/wheels/{wheel.name}")
+        upload_text(sftp, f"{base}/secret", install.secret + "\n", mode=0o600)
+        upload_text(sftp, f"{base}/worker-key.pem", install.worker_key.read_text(), mode=0o600)
+        settings = {**install.settings, "DW_SECRET_FILE": f"{base}/secret", "DW_SSH_KEY": f"{base}/worker-key.pem",
+                    "DW_AWS_STATE": f"{base}/aws-state.json", "DW_STATE_DIR": f"{base}/var"}
+        aws_state = {**install.aws_state, "key_path": f"{base}/worker-key.pem"}
+        upload_text(sftp, f"{base}/aws-state.json", json.dumps(aws_state, indent=1), mode=0o600)
+        upload_text(sftp, f"{base}/dw.env",
+                    "".join(f"{name}={shlex.quote(value)}\n" for name, value in sorted(settings.items())), mode=0o600)
+        if install.service == "systemd":
+            upload_text(sftp, f"{base}/{ENDPOINT_SERVICE}.service", _endpoint_unit(base, target.user))
+        sftp.close()
+        run(client, _endpoint_setup_script(base, install), timeout=600)
+    return base
+
+
+def _upload_code(sftp: paramiko.SFTPClient, base: str) -> None:
+    for name in ENDPOINT_CODE:
+        source = REPO_ROOT / name
+        if source.is_file():
+            sftp.put(str(source), f"{base}/{name}")
+            continue
+        for path in sorted(source.rglob("*.py")):
+            relative = path.relative_to(REPO_ROOT).as_posix()
+            mkdirs(sftp, f"{base}/{Path(relative).parent.as_posix()}")
+            sftp.put(str(path), f"{base}/{relative}")
+
+
+def _endpoint_unit(base: str, user: str) -> str:
+    return f"""[Unit]
+Description=dynamic-workload endpoint
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+User={user}
+WorkingDirectory={base}
+EnvironmentFile={base}/dw.env
+ExecStart={base}/.venv/bin/python -m endpoint
+Restart=always
+RestartSec=2
+NoNewPrivileges=yes
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _endpoint_setup_script(base: str, install: EndpointInstall) -> str:
+    quoted = shlex.quote(base)
+    cron_line = (f"* * * * * cd {quoted} && set -a && . ./dw.env && set +a && "
+                 f".venv/bin/python -m cron.scale >> var/log/scaler.log 2>&1 {CRON_MARK}")
+    if install.service == "systemd":
+        start = f"""sudo install -m 0644 {ENDPOINT_SERVICE}.service /etc/systemd/system/{ENDPOINT_SERVICE}.service
+sudo systemctl daemon-reload
+sudo systemctl enable {ENDPOINT_SERVICE}.service
+sudo systemctl restart {ENDPOINT_SERVICE}.service"""
+    else:
+        start = """if [ -f endpoint.pid ]; then kill -TERM -- "-$(cat endpoint.pid)" 2>/dev/null || true; sleep 2; fi
+set -a; . ./dw.env; set +a
+setsid nohup .venv/bin/python -m endpoint >> var/log/endpoint.log 2>&1 < /dev/null &
+echo $! > endpoint.pid"""
+    if install.cron == "crontab":
+        schedule = f"""command -v crontab > /dev/null || sudo dnf install -y -q cronie \\
+    || sudo apt-get install -y -qq cron
+sudo systemctl enable --now crond 2> /dev/null || sudo systemctl enable --now cron
+(crontab -l 2> /dev/null | grep -v {shlex.quote(CRON_MARK)}; echo {shlex.quote(cron_line)}) | crontab -"""
+    else:
+        schedule = f"echo {shlex.quote(cron_line)} > crontab"
+    return f"""set -e
+cd {quoted}
+if [ ! -x .venv/bin/python ]; then {shlex.quote(install.python)} -m venv .venv; fi
+wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat .venv/.installed 2> /dev/null)" != "$wanted" ]; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-index --find-links wheels \
+        -r requirements.txt
+    echo "$wanted" > .venv/.installed
+fi
+{start}
+{schedule}
+"""

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -58,16 +59,66 @@ def client_token(intent: str, subnet_id: str) -> str:
     return hashlib.sha256(f"{intent}/{subnet_id}".encode()).hexdigest()[:64]
 
 
+def run_instances(ec2: Any, settings: Ec2Settings, *, image: str, instance_type: str, count: int,
+                  tags: dict[str, str], intent: str, shutdown_behavior: str,
+                  instance_profile_arn: str = "") -> list[dict]:
+    """RunInstances for this cluster, retried with backoff on capacity errors (trying each
+    subnet in turn) and throttling, with a client token derived from `intent`."""
+    tag_list = [{"Key": key, "Value": value} for key, value in tags.items()]
+    subnets = settings.subnet_ids or ("",)
+    error: Exception | None = None
+    for attempt in range(settings.launch_attempts):
+        subnet = subnets[attempt % len(subnets)]  # a capacity shortage is often per zone: try the next
+        request: dict[str, Any] = {
+            "ImageId": image, "InstanceType": instance_type, "MinCount": count, "MaxCount": count,
+            "KeyName": settings.key_name, "SecurityGroupIds": [settings.security_group_id],
+            "InstanceInitiatedShutdownBehavior": shutdown_behavior,
+            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 1},
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": tag_list},
+                                  {"ResourceType": "volume", "Tags": tag_list}],
+            "ClientToken": client_token(intent, subnet),
+        }
+        if subnet:
+            request["SubnetId"] = subnet
+        if instance_profile_arn:
+            request["IamInstanceProfile"] = {"Arn": instance_profile_arn}
+        try:
+            return ec2.run_instances(**request)["Instances"]
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            error = exc
+            if code in _FATAL_LAUNCH_ERRORS or attempt + 1 == settings.launch_attempts:
+                break
+            wait = min(30.0, 2.0 * 2**attempt)
+            log.warning("launch attempt %d failed (%s); retrying in %.0fs", attempt + 1, code, wait)
+            time.sleep(wait)
+        except BotoCoreError as exc:
+            error = exc
+            break
+    raise ProviderError(f"launching {count} instance(s) failed: {error}")
+
+
+def latest_ami(ssm: Any, parameter: str) -> str:
+    try:
+        return ssm.get_parameter(Name=parameter)["Parameter"]["Value"]
+    except (BotoCoreError, ClientError) as exc:
+        raise ProviderError(f"looking up the AMI in SSM ({parameter}) failed: {exc}") from exc
+
+
+def ec2_client(region: str) -> Any:
+    config = Config(region_name=region, retries={"max_attempts": 6, "mode": "standard"},
+                    connect_timeout=10, read_timeout=30)
+    return boto3.client("ec2", config=config)
+
+
 class Ec2Provider:
     def __init__(self, settings: Ec2Settings, install: WorkerInstall, pins: HostKeyPins, owner: str) -> None:
         self.settings = settings
         self.install = install
         self.pins = pins
         self.owner = owner
-        config = Config(region_name=settings.region, retries={"max_attempts": 6, "mode": "standard"},
-                        connect_timeout=10, read_timeout=30)
-        self.ec2 = boto3.client("ec2", config=config)
-        self.ssm = boto3.client("ssm", config=config)
+        self.ec2 = ec2_client(settings.region)
+        self.ssm = boto3.client("ssm", region_name=settings.region)
 
     def _cluster_filter(self) -> list[dict]:
         return [{"Name": "tag:dw:cluster", "Values": [self.settings.cluster]},
@@ -92,51 +143,17 @@ class Ec2Provider:
                     ready="dw:ready" in tags, address=address)
 
     def _image(self) -> str:
-        if self.settings.ami:
-            return self.settings.ami
-        try:
-            return self.ssm.get_parameter(Name=self.settings.ami_parameter)["Parameter"]["Value"]
-        except (BotoCoreError, ClientError) as exc:
-            raise ProviderError(f"looking up the AMI in SSM ({self.settings.ami_parameter}) failed: {exc}") from exc
+        return self.settings.ami or latest_ami(self.ssm, self.settings.ami_parameter)
 
     def launch(self, count: int, owner: str, intent: str) -> list[Node]:
-        image = self._image()
-        tags = [{"Key": "dw:cluster", "Value": self.settings.cluster}, {"Key": "dw:role", "Value": "worker"},
-                {"Key": "dw:owner", "Value": owner}, {"Key": "dw:intent", "Value": intent},
-                {"Key": "Name", "Value": f"{self.settings.cluster}-worker"}]
-        subnets = self.settings.subnet_ids or ("",)
-        error: Exception | None = None
-        for attempt in range(self.settings.launch_attempts):
-            subnet = subnets[attempt % len(subnets)]  # a capacity shortage is often per zone: try the next
-            request = {
-                "ImageId": image, "InstanceType": self.settings.instance_type, "MinCount": count, "MaxCount": count,
-                "KeyName": self.settings.key_name, "SecurityGroupIds": [self.settings.security_group_id],
-                "InstanceInitiatedShutdownBehavior": "terminate",
-                "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 1},
-                "TagSpecifications": [{"ResourceType": "instance", "Tags": tags},
-                                      {"ResourceType": "volume", "Tags": tags}],
-                "ClientToken": client_token(intent, subnet),
-            }
-            if subnet:
-                request["SubnetId"] = subnet
-            try:
-                instances = self.ec2.run_instances(**request)["Instances"]
-            except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                error = exc
-                if code in _FATAL_LAUNCH_ERRORS:
-                    break
-                wait = min(30.0, 2.0 * 2**attempt)
-                log.warning("launch attempt %d failed (%s); retrying in %.0fs", attempt + 1, code, wait)
-                time.sleep(wait)
-                continue
-            except BotoCoreError as exc:
-                error = exc
-                break
-            nodes = [self._node(instance) for instance in instances]
-            log.info("launched %s", ", ".join(node.node_id for node in nodes))
-            return self._assign_test_addresses(nodes, owner)
-        raise ProviderError(f"launching {count} instance(s) failed: {error}")
+        tags = {"dw:cluster": self.settings.cluster, "dw:role": "worker", "dw:owner": owner, "dw:intent": intent,
+                "Name": f"{self.settings.cluster}-worker"}
+        instances = run_instances(self.ec2, self.settings, image=self._image(), count=count, tags=tags,
+                                  instance_type=self.settings.instance_type, intent=intent,
+                                  shutdown_behavior="terminate")
+        nodes = [self._node(instance) for instance in instances]
+        log.info("launched %s", ", ".join(node.node_id for node in nodes))
+        return self._assign_test_addresses(nodes, owner)
 
     def _assign_test_addresses(self, nodes: list[Node], owner: str) -> list[Node]:
         if not self.settings.test_addresses:
