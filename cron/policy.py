@@ -2,7 +2,9 @@
 
 Queue-driven scaling the way AWS recommends it ("backlog per instance"): the workers needed
 are the ones that drain the whole backlog within a target time, given how long jobs take
-and how many jobs a worker runs at once. Workers still booting count as capacity.
+and how many jobs a worker runs at once -- on top of the workers already kept busy by the
+stream of jobs completing now (by Little's law, completions per second x job duration slots
+are busy with it). Workers still booting count as capacity.
 
 The cluster-wide maximum is split between the endpoints' scalers: each may own at most its
 share, so the sum can never exceed the maximum, even when both scalers run in the same
@@ -29,8 +31,9 @@ class EndpointLoad:
 
     pending: int
     oldest_pending_age_s: float
-    recent_jobs: int = 0
+    recent_jobs: int = 0  # jobs completed in the last recent_window_s
     recent_job_duration_s: float | None = None
+    recent_window_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -77,12 +80,23 @@ def job_duration(endpoints: tuple[EndpointLoad, ...], default: float) -> float:
     return sum(count * duration for count, duration in measured) / jobs
 
 
-def workers_needed(backlog: int, duration_s: float, policy: Policy) -> int:
-    """Workers that finish `backlog` jobs of `duration_s` within the target time."""
+def throughput(endpoints: tuple[EndpointLoad, ...]) -> float:
+    """Jobs completed per second lately, across endpoints."""
+    return sum(e.recent_jobs / e.recent_window_s for e in endpoints if e.recent_window_s > 0)
+
+
+def workers_needed(backlog: int, duration_s: float, policy: Policy, completions_per_s: float = 0.0) -> int:
+    """Workers that keep serving the current stream and also finish `backlog` jobs of
+    `duration_s` within the target time."""
     if backlog <= 0:
         return 0
-    jobs_per_worker = max(1.0, policy.slots_per_worker * policy.target_drain_s / max(duration_s, 1e-6))
-    return min(policy.max_workers, math.ceil(backlog / jobs_per_worker))
+    duration_s = max(duration_s, 1e-6)
+    stream_slots = completions_per_s * duration_s
+    # A job runs on one slot: the backlog can use at most one slot per job, however short the target.
+    drain_slots = min(float(backlog), backlog * duration_s / policy.target_drain_s)
+    # Less a hair, so that an exact whole number of workers is not rounded up by float error.
+    workers = math.ceil((stream_slots + drain_slots) / policy.slots_per_worker - 1e-9)
+    return min(policy.max_workers, max(1, workers))
 
 
 def decide(view: ClusterView, policy: Policy) -> Decision:
@@ -94,11 +108,13 @@ def decide(view: ClusterView, policy: Policy) -> Decision:
         return Decision(0, 0, f"oldest item has waited {oldest:.0f}s, under the {policy.scale_after_s:.0f}s threshold")
 
     duration = job_duration(view.endpoints, policy.default_job_duration_s)
-    needed = workers_needed(backlog, duration, policy)
+    rate = throughput(view.endpoints)
+    needed = workers_needed(backlog, duration, policy, rate)
     current = view.workers_ready + view.workers_booting
     missing = needed - current
+    stream = f" beside {rate:.3g} jobs/s completing" if rate else ""
     sizing = (f"{backlog} pending x {duration:.3g}s needs {needed} worker(s) to drain in "
-              f"{policy.target_drain_s:.0f}s; {view.workers_ready} ready, {view.workers_booting} booting")
+              f"{policy.target_drain_s:.0f}s{stream}; {view.workers_ready} ready, {view.workers_booting} booting")
     if missing <= 0:
         return Decision(0, needed, f"{sizing}: enough")
 

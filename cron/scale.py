@@ -189,7 +189,8 @@ def fetch_stats(url: str, timeout: float = 3.0) -> dict | None:
 def load_of(stats: dict) -> EndpointLoad:
     return EndpointLoad(pending=stats["pending"], oldest_pending_age_s=stats["oldest_pending_age_s"],
                         recent_jobs=stats.get("recent_jobs", 0),
-                        recent_job_duration_s=stats.get("recent_job_duration_s"))
+                        recent_job_duration_s=stats.get("recent_job_duration_s"),
+                        recent_window_s=stats.get("recent_window_s", 600.0))
 
 
 class Scaler:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 STATES = ("pending", "running", "completed", "failed")
+RECENT_WINDOW_S = 600.0  # "recent" jobs in /stats: completed within the last ten minutes
 NODE_ID_PATTERN = re.compile(r"[a-z0-9]{1,16}")
 WORK_ID_PATTERN = re.compile(r"([a-z0-9]{1,16})-[0-9a-f]{16}")
 
@@ -88,7 +89,7 @@ def read_stats(conn: sqlite3.Connection, node_id: str, worker_seen_window: float
         ).fetchone()
         recent_jobs, recent_duration = conn.execute(
             "SELECT count(*), avg(duration_s) FROM work_items WHERE state = 'completed' AND completed_at > ?",
-            (now - 600,),
+            (now - RECENT_WINDOW_S,),
         ).fetchone()
         workers = conn.execute(
             "SELECT worker_id, last_seen_at, jobs_completed FROM workers WHERE last_seen_at > ? ORDER BY worker_id",
@@ -107,6 +108,7 @@ def read_stats(conn: sqlite3.Connection, node_id: str, worker_seen_window: float
         "undelivered": undelivered,
         "oldest_pending_age_s": round(now - oldest, 3) if oldest is not None else 0.0,
         "recent_jobs": recent_jobs,
+        "recent_window_s": RECENT_WINDOW_S,
         "recent_job_duration_s": round(recent_duration, 6) if recent_duration is not None else None,
         "workers": [
             {"id": worker_id, "last_seen_s_ago": round(now - seen, 3), "jobs_completed": jobs}

@@ -1,0 +1,436 @@
+"""Simulate the scaling policy (cron/policy.py) on bursty job traces and compare it with a naive baseline.
+
+A benchmark, not a test: it prints figures. Simulated time (an event queue, no sleeping), deterministic
+for a given seed.
+    usage: .venv/bin/python bench/policy_sim.py [--seed N]      (about 2 s)
+
+The model
+---------
+* Jobs arrive by a trace (three shapes, below), each with its own compute duration. Arrivals alternate
+  between the two endpoints, so each endpoint holds half of them.
+* Workers: at most MAX_WORKERS alive, SLOTS_PER_WORKER jobs at once each. A launched worker boots for
+  BOOT_S (EC2 boot) before it takes jobs; then every free slot takes the oldest pending job of either
+  endpoint (one FIFO over both queues; claim latency is ignored). A worker exits once none of its slots
+  has had a job for IDLE_TIMEOUT_S (the timer starts when it is ready, as in worker/runner.py).
+  Billing: max(MIN_BILLING_S, exit - launch) per worker.
+* Two scalers (endpoint 0 and 1) run every TICK_S, in the same second, on the same snapshot of the
+  cluster; both see both endpoints' queues. A worker is "own" to the scaler that launched it.
+  Endpoint figures are what GET /stats reports: pending, age of the oldest pending item, and the jobs
+  completed in the last STATS_WINDOW_S with their mean duration (recent_jobs / recent_job_duration_s).
+* Ours: cron.policy.decide() with OUR_POLICY (below), endpoint_index 0 and 1.
+* Baseline: each scaler, independently, launches one worker per tick when the oldest item of its own
+  endpoint has waited SCALE_AFTER_S or more, while fewer than MAX_WORKERS workers are alive (the same
+  global cap, enforced exactly, even between the two scalers of one tick). Same threshold, boot time,
+  idle timeout, cap and billing as ours.
+
+Latency of a job = completion - arrival. The project's goal: p95 latency at least 3x lower than the
+baseline's, at no more billed worker-seconds. After the main table the script prints, for context, the
+same ratios for a policy that fills the whole cap as soon as the threshold is passed (about the best p95
+any policy waiting for the same threshold can get), for a suggested change to the policy (see
+`suggested`), and for other values of target_drain_s.
+
+Findings (seed 1; seeds 2-3 tell the same story): the goal is NOT met. Ours gets 1.1-1.3x lower p95 than
+the baseline on each trace (1.33x over all jobs) for 0.88-1.00x its worker-seconds. Why:
+* The floor is shared: on a cold cluster nothing starts before the first tick at which the oldest item
+  has waited 30 s (30-90 s after it arrived) plus the 30 s boot, whichever policy decides. Even filling
+  the whole cap at that tick, at any cost, gives only 1.1-1.3x here. With a cap of 8 the baseline (+2
+  workers a tick) reaches the cap within 4 ticks, so its handicap is bounded, while big bursts are
+  cap-bound for every policy (1500 jobs x 4 s on 16 slots: 375 s).
+* The policy sizes for the stream being served as well as for the backlog (completions per second x job
+  duration slots are busy with the stream); before it did, it let the queue grow to target_drain_s of
+  work under steady load and was worse than the baseline on the diurnal trace (0.84x; now 1.11x).
+* `suggested` (no 30 s wait when the backlog needs more workers than exist) gets 1.39x over all jobs
+  (1.46x on the heavy-tailed mix) but bills 4 % more than the baseline: not within the cost limit either.
+Getting to 3x would take changes outside decide(): a scaler that looks more often than the once-a-minute
+cron tick, a shorter boot (a warm pool, a baked image), or spare capacity kept ahead of demand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+import random
+import sys
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cron.policy import (  # noqa: E402
+    ClusterView,
+    EndpointLoad,
+    Policy,
+    decide,
+    job_duration,
+    split_cap,
+    workers_needed,
+)
+
+# --- the cluster -----------------------------------------------------------------------------------------------
+MAX_WORKERS = 8
+SLOTS_PER_WORKER = 2
+BOOT_S = 30.0  # launch -> ready (EC2 boot + worker start)
+IDLE_TIMEOUT_S = 60.0  # the worker's --idle-timeout default
+MIN_BILLING_S = 60.0  # EC2 per-second billing, 60 s minimum
+TICK_S = 60.0  # cron runs each scaler once a minute
+STATS_WINDOW_S = 600.0  # recent_jobs / recent_job_duration_s cover the last 10 minutes (endpoint/store.py)
+
+# --- the policy parameters (the scaler's command-line defaults unless said otherwise) -----------------------------
+SCALE_AFTER_S = 30.0  # --scale-after default; the baseline uses the same threshold
+OUR_POLICY = Policy(
+    scale_after_s=SCALE_AFTER_S,
+    # Not the --target-drain default of 120 s: under sustained load the backlog-per-worker sizing lets the queue
+    # hold about target_drain_s of work before it adds a worker, so that is roughly the wait it accepts (p95 of
+    # 113 s on the diurnal trace with 120 s). At 30 s, the launch threshold, ours bills at most 0.1 % more than
+    # the baseline on any trace (seeds 1-3); at 20 s up to 6 % more. The table at the end shows the trade-off.
+    target_drain_s=30.0,
+    max_workers=MAX_WORKERS,
+    endpoint_index=0,  # replaced per scaler
+    max_launch_per_tick=4,  # a scaler's whole share (8 / 2) in one tick
+    slots_per_worker=SLOTS_PER_WORKER,  # must match the workers (the CLI default 1 is for 1-core workers)
+    default_job_duration_s=1.0,  # --default-job-duration default, used when no job finished in the last 10 min
+)
+
+
+# --- traces ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    arrival: float
+    duration: float
+
+
+def isolated_bursts(rng: random.Random) -> list[Job]:
+    """Bursts of 20..1500 jobs (2-6 s each) arriving within 10 s, 30-60 min apart: a cold cluster every time."""
+    jobs: list[Job] = []
+    t = 300.0
+    for _ in range(14):
+        size = rng.choice([20, 60, 150, 300, 600, 1000, 1500])
+        jobs += [Job(t + rng.uniform(0, 10), rng.uniform(2.0, 6.0)) for _ in range(size)]
+        t += rng.uniform(1800, 3600)
+    return jobs
+
+
+def diurnal(rng: random.Random) -> list[Job]:
+    """Poisson arrivals whose rate follows a compressed day (2 h period) over 8 h: a sine wave clipped at 0,
+    so about half of each 'day' is quiet; peak 2.5 jobs/s of 3-5 s jobs (about 5 busy workers)."""
+    jobs: list[Job] = []
+    peak, period, t = 2.5, 7200.0, 0.0
+    while True:
+        t += rng.expovariate(peak)  # thinning: candidate arrivals at the peak rate
+        if t > 8 * 3600:
+            return jobs
+        rate = peak * max(0.0, math.sin(2 * math.pi * t / period))
+        if rng.random() < rate / peak:
+            jobs.append(Job(t, rng.uniform(3.0, 5.0)))
+
+
+def heavy_tailed(rng: random.Random) -> list[Job]:
+    """Bursts at Poisson times (mean 15 min apart) with Pareto sizes (alpha 1.2, 10..3000 jobs, spread over
+    up to a minute), lognormal job durations (median 3 s, capped at 60 s), on top of a trickle of single
+    jobs (one every 4 min on average) for 8 h."""
+    jobs: list[Job] = []
+    horizon = 8 * 3600.0
+
+    def duration() -> float:
+        return min(60.0, rng.lognormvariate(math.log(3.0), 0.8))
+
+    t = 0.0
+    while (t := t + rng.expovariate(1 / 900)) < horizon:
+        size = min(3000, int(10 * rng.paretovariate(1.2)))
+        spread = rng.uniform(0, 60)
+        jobs += [Job(t + rng.uniform(0, spread), duration()) for _ in range(size)]
+    t = 0.0
+    while (t := t + rng.expovariate(1 / 240)) < horizon:
+        jobs.append(Job(t, duration()))
+    return jobs
+
+
+TRACES: dict[str, Callable[[random.Random], list[Job]]] = {
+    "isolated bursts": isolated_bursts,
+    "diurnal on/off": diurnal,
+    "heavy-tailed mix": heavy_tailed,
+}
+
+
+# --- the cluster simulation --------------------------------------------------------------------------------------
+@dataclass
+class Worker:
+    id: int
+    owner: int  # the scaler (endpoint index) that launched it
+    launched_at: float
+    running: int = 0
+    last_work: float = 0.0  # ready time, then every job start and end
+    exited_at: float | None = None
+
+    @property
+    def ready_at(self) -> float:
+        return self.launched_at + BOOT_S
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the scalers see at a tick."""
+
+    now: float
+    loads: tuple[EndpointLoad, EndpointLoad]
+    ready: int
+    booting: int
+    owned: tuple[int, int]  # alive workers launched by scaler 0, by scaler 1
+
+
+Scalers = Callable[[Snapshot], tuple[int, int]]  # launches by scaler 0 and by scaler 1
+
+
+def ours(policy: Policy) -> Scalers:
+    """cron.policy.decide() for each scaler, both seeing both endpoints (peer reachable)."""
+    policies = (replace(policy, endpoint_index=0), replace(policy, endpoint_index=1))
+
+    def scalers(snap: Snapshot) -> tuple[int, int]:
+        launches = []
+        for i in (0, 1):
+            view = ClusterView(endpoints=(snap.loads[i], snap.loads[1 - i]), peer_reachable=True,
+                               workers_ready=snap.ready, workers_booting=snap.booting,
+                               own_workers=snap.owned[i], peer_workers=snap.owned[1 - i])
+            launches.append(decide(view, policies[i]).launch)
+        return launches[0], launches[1]
+
+    return scalers
+
+
+def baseline(threshold_s: float = SCALE_AFTER_S, max_workers: int = MAX_WORKERS) -> Scalers:
+    """+1 worker per scaler per tick while the oldest item of its own endpoint has waited threshold_s; booting
+    workers are not considered; at most max_workers alive (scaler 0's launch of the tick counted for scaler 1)."""
+    def scalers(snap: Snapshot) -> tuple[int, int]:
+        alive = snap.ready + snap.booting
+        launches = [0, 0]
+        for i in (0, 1):
+            load = snap.loads[i]
+            if load.pending and load.oldest_pending_age_s >= threshold_s and alive < max_workers:
+                launches[i] = 1
+                alive += 1
+        return launches[0], launches[1]
+
+    return scalers
+
+
+def full_cap(policy: Policy) -> Scalers:
+    """For context, not a proposal: each scaler fills its whole share of the cap at the first tick at which the
+    oldest item has waited scale_after_s, whatever the backlog. No policy that waits for the same threshold
+    gets work started sooner, so its p95 is about the best reachable here (at any cost)."""
+
+    def scalers(snap: Snapshot) -> tuple[int, int]:
+        due = any(load.pending and load.oldest_pending_age_s >= policy.scale_after_s for load in snap.loads)
+        shares = [split_cap(policy.max_workers, i) - snap.owned[i] if due else 0 for i in (0, 1)]
+        return max(0, shares[0]), max(0, shares[1])
+
+    return scalers
+
+
+def suggested(policy: Policy) -> Scalers:
+    """A what-if for a change to cron/policy.py (not what it does today), built around decide(): when the
+    backlog alone needs more workers than there are, launch without waiting for scale_after_s (waiting is
+    only worth it when there are workers that will take the work anyway)."""
+    policies = (replace(policy, endpoint_index=0), replace(policy, endpoint_index=1))
+
+    def scalers(snap: Snapshot) -> tuple[int, int]:
+        launches = []
+        for i in (0, 1):
+            endpoints = (snap.loads[i], snap.loads[1 - i])
+            duration = job_duration(endpoints, policy.default_job_duration_s)
+            backlog = sum(load.pending for load in endpoints)
+            early = workers_needed(backlog, duration, policy) > snap.ready + snap.booting
+            view = ClusterView(endpoints=endpoints, peer_reachable=True, workers_ready=snap.ready,
+                               workers_booting=snap.booting, own_workers=snap.owned[i], peer_workers=snap.owned[1 - i])
+            launches.append(decide(view, replace(policies[i], scale_after_s=0.0) if early else policies[i]).launch)
+        return launches[0], launches[1]
+
+    return scalers
+
+
+@dataclass
+class Result:
+    latencies: list[float] = field(default_factory=list)
+    worker_seconds: float = 0.0
+    launches: int = 0
+
+
+# Event kinds, in the order they are handled within one instant.
+DONE, READY, ARRIVAL, IDLE, TICK = range(5)
+
+
+def simulate(jobs: list[Job], scalers: Scalers) -> Result:
+    jobs = sorted(jobs, key=lambda job: job.arrival)
+    events: list[tuple[float, int, int, int]] = []  # (time, kind, sequence, job or worker index)
+    sequence = 0
+
+    def schedule(time: float, kind: int, index: int) -> None:
+        nonlocal sequence
+        heapq.heappush(events, (time, kind, sequence, index))
+        sequence += 1
+
+    for index, job in enumerate(jobs):
+        schedule(job.arrival, ARRIVAL, index)
+    schedule(0.0, TICK, 0)
+    queues: tuple[deque[int], deque[int]] = (deque(), deque())  # pending job indexes per endpoint
+    recent: tuple[deque[tuple[float, float]], deque[tuple[float, float]]] = (deque(), deque())  # (end, duration)
+    workers: list[Worker] = []
+    alive: list[Worker] = []  # in launch order: free slots of older workers are used first
+    worker_of: dict[int, Worker] = {}  # running job -> its worker
+    result = Result()
+    unfinished = len(jobs)
+
+    def dispatch(now: float) -> None:
+        for worker in alive:
+            while worker.running < SLOTS_PER_WORKER and worker.ready_at <= now and (queues[0] or queues[1]):
+                if not queues[1] or (queues[0] and jobs[queues[0][0]].arrival <= jobs[queues[1][0]].arrival):
+                    index = queues[0].popleft()
+                else:
+                    index = queues[1].popleft()
+                worker.running += 1
+                worker.last_work = now
+                worker_of[index] = worker
+                schedule(now + jobs[index].duration, DONE, index)
+
+    while events:
+        now, kind, _, index = heapq.heappop(events)
+        if kind == ARRIVAL:
+            queues[index % 2].append(index)
+        elif kind == DONE:
+            job, worker = jobs[index], worker_of.pop(index)
+            worker.running -= 1
+            worker.last_work = now
+            result.latencies.append(now - job.arrival)
+            recent[index % 2].append((now, job.duration))
+            unfinished -= 1
+            if not worker.running:
+                schedule(now + IDLE_TIMEOUT_S, IDLE, worker.id)
+        elif kind == READY:
+            workers[index].last_work = now
+            schedule(now + IDLE_TIMEOUT_S, IDLE, index)
+        elif kind == IDLE:
+            worker = workers[index]
+            if worker.exited_at is None and not worker.running and now - worker.last_work >= IDLE_TIMEOUT_S - 1e-9:
+                worker.exited_at = now
+                alive.remove(worker)
+                result.worker_seconds += max(MIN_BILLING_S, now - worker.launched_at)
+        elif kind == TICK:
+            for window in recent:
+                while window and window[0][0] < now - STATS_WINDOW_S:
+                    window.popleft()
+            loads = tuple(
+                EndpointLoad(pending=len(queue), oldest_pending_age_s=now - jobs[queue[0]].arrival if queue else 0.0,
+                             recent_jobs=len(window),
+                             recent_job_duration_s=sum(d for _, d in window) / len(window) if window else None)
+                for queue, window in zip(queues, recent, strict=True))
+            ready = sum(worker.ready_at <= now for worker in alive)
+            owned = (sum(worker.owner == 0 for worker in alive), sum(worker.owner == 1 for worker in alive))
+            snap = Snapshot(now, (loads[0], loads[1]), ready, len(alive) - ready, owned)
+            for owner, count in enumerate(scalers(snap)):
+                for _ in range(count):
+                    worker = Worker(len(workers), owner, launched_at=now)
+                    workers.append(worker)
+                    alive.append(worker)
+                    schedule(worker.ready_at, READY, worker.id)
+                    result.launches += 1
+            if len(alive) > MAX_WORKERS:
+                raise AssertionError(f"{len(alive)} workers alive at {now:.0f}s, over the cap of {MAX_WORKERS}")
+            if unfinished or alive:
+                schedule(now + TICK_S, TICK, 0)
+        dispatch(now)
+    assert unfinished == 0 and not alive
+    return result
+
+
+# --- figures -----------------------------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    ours: Result
+    base: Result
+
+    @property
+    def p95_ratio(self) -> float:
+        return percentile(self.base.latencies, 0.95) / percentile(self.ours.latencies, 0.95)
+
+    @property
+    def cost_ratio(self) -> float:
+        return self.ours.worker_seconds / self.base.worker_seconds
+
+    @property
+    def met(self) -> bool:
+        return self.p95_ratio >= 3.0 and self.cost_ratio <= 1.0
+
+
+def row(label: str, jobs: int | str, name: str, result: Result) -> str:
+    return (f"{label:<18}{jobs!s:>7}  {name:<9}{percentile(result.latencies, 0.5):>8.1f}"
+            f"{percentile(result.latencies, 0.95):>8.1f}{max(result.latencies):>8.1f}"
+            f"{result.worker_seconds:>11.0f}{result.launches:>9}")
+
+
+def verdict(comparison: Comparison) -> str:
+    return (f"{'':<27}p95 baseline/ours {comparison.p95_ratio:4.2f}x, worker-s ours/baseline "
+            f"{comparison.cost_ratio:5.3f} -> goal (>= 3x, <= 1.00) {'MET' if comparison.met else 'NOT met'}")
+
+
+def compare(traces: dict[str, list[Job]], scalers: Scalers, base: dict[str, Result]) -> dict[str, Comparison]:
+    return {name: Comparison(simulate(jobs, scalers), base[name]) for name, jobs in traces.items()}
+
+
+def merged(results: list[Result]) -> Result:
+    return Result([latency for result in results for latency in result.latencies],
+                  sum(result.worker_seconds for result in results), sum(result.launches for result in results))
+
+
+def total(comparisons: dict[str, Comparison]) -> Comparison:
+    return Comparison(merged([c.ours for c in comparisons.values()]), merged([c.base for c in comparisons.values()]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    traces = {name: make(random.Random(f"{args.seed}:{name}")) for name, make in TRACES.items()}
+    print(f"seed {args.seed}; cap {MAX_WORKERS} workers x {SLOTS_PER_WORKER} slots, boot {BOOT_S:.0f}s, "
+          f"idle timeout {IDLE_TIMEOUT_S:.0f}s, {MIN_BILLING_S:.0f}s minimum billing, ticks every {TICK_S:.0f}s")
+    print(f"ours: scale_after {OUR_POLICY.scale_after_s:.0f}s, target_drain {OUR_POLICY.target_drain_s:.0f}s, "
+          f"max_launch_per_tick {OUR_POLICY.max_launch_per_tick}, default job duration "
+          f"{OUR_POLICY.default_job_duration_s:g}s")
+    print(f"baseline: +1 worker per scaler per tick while its oldest item has waited >= {SCALE_AFTER_S:.0f}s, "
+          f"global cap {MAX_WORKERS}")
+    print()
+    print(f"{'trace':<18}{'jobs':>7}  {'policy':<9}{'p50 s':>8}{'p95 s':>8}{'max s':>8}{'worker-s':>11}{'launches':>9}")
+    base = {name: simulate(jobs, baseline()) for name, jobs in traces.items()}
+    comparisons = compare(traces, ours(OUR_POLICY), base)
+    for name, comparison in comparisons.items():
+        print(row(name, len(traces[name]), "ours", comparison.ours))
+        print(row("", "", "baseline", comparison.base))
+        print(verdict(comparison))
+    overall = total(comparisons)
+    print(row("all traces", sum(map(len, traces.values())), "ours", overall.ours))
+    print(row("", "", "baseline", overall.base))
+    print(verdict(overall))
+
+    print()
+    print("context: p95 baseline/other, worker-s other/baseline (same traces, same baseline)")
+    print(f"{'':<58}" + "".join(f"{name:>18}" for name in [*traces, "all traces"]))
+    others: list[tuple[str, Scalers]] = [
+        ("full cap at the first tick past the threshold", full_cap(OUR_POLICY)),
+        ("suggested: no 30 s wait when short of capacity", suggested(OUR_POLICY)),
+    ]
+    others += [(f"ours with target_drain_s {target:g}s", ours(replace(OUR_POLICY, target_drain_s=target)))
+               for target in (10.0, 20.0, 30.0, 60.0, 120.0)]
+    for label, scalers in others:
+        comparisons = compare(traces, scalers, base)
+        figures = [*comparisons.values(), total(comparisons)]
+        print(f"  {label:<56}" + "".join(f"{f'{c.p95_ratio:.2f}x / {c.cost_ratio:.3f}':>18}" for c in figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""Unit tests of the pure scaling policy (cron/policy.py): no I/O, no processes, no mocks."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide, job_duration, split_cap, workers_needed
+
+
+def load(pending: int, age: float = 100.0, recent_jobs: int = 0, duration: float | None = None,
+         window: float = 1e12) -> EndpointLoad:
+    """By default the recent jobs are spread over an immense window: their durations count, but
+    the stream they make is negligible, so the tests below see the backlog sizing alone."""
+    return EndpointLoad(pending=pending, oldest_pending_age_s=age, recent_jobs=recent_jobs,
+                        recent_job_duration_s=duration, recent_window_s=window)
+
+
+def view(*endpoints: EndpointLoad, peer_reachable: bool = True, ready: int = 0, booting: int = 0,
+         own: int = 0, peer: int = 0) -> ClusterView:
+    return ClusterView(endpoints=tuple(endpoints), peer_reachable=peer_reachable, workers_ready=ready,
+                       workers_booting=booting, own_workers=own, peer_workers=peer)
+
+
+# With these, one worker drains 2 slots x 100 s / 1 s = 200 jobs within the target.
+POLICY = Policy(scale_after_s=30.0, target_drain_s=100.0, max_workers=8, endpoint_index=0,
+                max_launch_per_tick=8, slots_per_worker=2, default_job_duration_s=1.0)
+
+
+def policy(**changes: object) -> Policy:
+    fields = {**POLICY.__dict__, **changes}
+    return Policy(**fields)  # type: ignore[arg-type]
+
+
+# --- threshold -------------------------------------------------------------------------------------------------
+
+
+def test_no_launch_before_the_oldest_item_has_waited_the_threshold_even_with_a_big_backlog() -> None:
+    decision = decide(view(load(10_000, age=29.0), load(10_000, age=5.0)), POLICY)
+    assert decision == Decision(0, 0, decision.reason)
+    assert "waited 29s, under the 30s threshold" in decision.reason
+
+
+def test_launches_once_the_oldest_item_has_waited_longer_than_the_threshold() -> None:
+    decision = decide(view(load(1_000, age=30.5), load(0, age=0.0)), POLICY)
+    assert decision.launch > 0
+    assert decision.needed == 5  # 1000 jobs x 1 s / (2 slots x 100 s)
+    assert "launching" in decision.reason
+
+
+def test_an_item_that_has_waited_exactly_the_threshold_triggers_a_launch() -> None:
+    assert decide(view(load(10, age=30.0)), POLICY).launch == 1
+
+
+def test_no_launch_with_an_empty_queue() -> None:
+    for endpoints in [(load(0, age=0.0),), (load(0, age=0.0), load(0, age=0.0)), (load(0, age=9_999.0),)]:
+        decision = decide(view(*endpoints), POLICY)
+        assert decision == Decision(0, 0, "no pending work")
+
+
+def test_the_oldest_age_is_taken_across_both_endpoints() -> None:
+    # Only the peer's item is old enough: that is enough, in either order of the endpoints.
+    assert decide(view(load(3, age=5.0), load(2, age=45.0)), POLICY).launch == 1
+    assert decide(view(load(2, age=45.0), load(3, age=5.0)), POLICY).launch == 1
+
+
+def test_the_age_reported_by_an_endpoint_with_nothing_pending_is_ignored() -> None:
+    for endpoints in [(load(0, age=500.0), load(400, age=10.0)), (load(400, age=10.0), load(0, age=500.0))]:
+        decision = decide(view(*endpoints), POLICY)
+        assert decision.launch == 0
+        assert "waited 10s" in decision.reason
+
+
+# --- backlog sizing --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("backlog", "duration", "slots", "target", "expected"),
+    [
+        (1, 1.0, 2, 100.0, 1),
+        (200, 1.0, 2, 100.0, 1),  # exactly one worker's worth
+        (201, 1.0, 2, 100.0, 2),
+        (1_000, 1.0, 2, 100.0, 5),
+        (50, 8.0, 2, 100.0, 2),  # 400 slot-seconds / 200 per worker
+        (51, 8.0, 2, 100.0, 3),
+        (30, 4.0, 4, 60.0, 1),  # 120 slot-seconds / 240 per worker
+        (90, 4.0, 4, 60.0, 2),  # 360 / 240
+        (7, 30.0, 1, 60.0, 4),  # 210 / 60
+    ],
+)
+def test_workers_needed_drain_the_backlog_within_the_target(backlog: int, duration: float, slots: int,
+                                                            target: float, expected: int) -> None:
+    p = policy(slots_per_worker=slots, target_drain_s=target, max_workers=100)
+    assert expected == math.ceil(backlog * duration / (slots * target))
+    assert workers_needed(backlog, duration, p) == expected
+    measured = decide(view(load(backlog, recent_jobs=10, duration=duration)), p)
+    assert measured.needed == expected
+    assert f"{backlog} pending x {duration:.3g}s needs {expected} worker(s)" in measured.reason
+
+
+def test_workers_needed_is_clamped_to_max_workers() -> None:
+    assert workers_needed(1_000_000, 5.0, policy(max_workers=8)) == 8
+    assert decide(view(load(1_000_000)), policy(max_workers=3)).needed == 3
+    assert workers_needed(0, 5.0, POLICY) == 0
+
+
+def test_job_duration_is_the_mean_weighted_by_recent_jobs() -> None:
+    endpoints = (load(0, recent_jobs=30, duration=2.0), load(0, recent_jobs=10, duration=6.0))
+    assert job_duration(endpoints, default=1.0) == pytest.approx(3.0)  # (30 x 2 + 10 x 6) / 40
+    assert job_duration(endpoints[::-1], default=1.0) == pytest.approx(3.0)
+    # 3.0 s x 201 jobs = 603 slot-seconds: 4 workers at 200 each; the unweighted mean (4.0 s) would give 5.
+    decision = decide(view(load(100, recent_jobs=30, duration=2.0), load(101, recent_jobs=10, duration=6.0)), POLICY)
+    assert decision.needed == 4
+
+
+def test_job_duration_ignores_endpoints_that_measured_nothing() -> None:
+    endpoints = (load(0, recent_jobs=0, duration=50.0), load(0, recent_jobs=5, duration=None),
+                 load(0, recent_jobs=4, duration=3.0))
+    assert job_duration(endpoints, default=1.0) == pytest.approx(3.0)
+
+
+def test_job_duration_falls_back_to_the_default_when_nothing_was_measured() -> None:
+    assert job_duration((), default=7.0) == 7.0
+    assert job_duration((load(5), load(3, recent_jobs=0, duration=None)), default=7.0) == 7.0
+    # 100 jobs x the default 4 s = 400 slot-seconds: 2 workers.
+    assert decide(view(load(60), load(40)), policy(default_job_duration_s=4.0)).needed == 2
+    assert decide(view(load(60), load(40)), policy(default_job_duration_s=1.0)).needed == 1
+
+
+def test_a_larger_backlog_or_longer_jobs_need_more_workers() -> None:
+    p = policy(max_workers=1_000)
+    by_backlog = [workers_needed(backlog, 2.0, p) for backlog in range(0, 5_000, 37)]
+    assert by_backlog == sorted(by_backlog)
+    assert by_backlog[-1] > by_backlog[1] > 0
+    by_duration = [workers_needed(500, duration / 10, p) for duration in range(1, 1_000, 7)]
+    assert by_duration == sorted(by_duration)
+    assert by_duration[-1] > by_duration[0]
+    assert decide(view(load(2_000)), POLICY).needed > decide(view(load(200)), POLICY).needed
+    assert (decide(view(load(200, recent_jobs=9, duration=5.0)), POLICY).needed
+            > decide(view(load(200, recent_jobs=9, duration=1.0)), POLICY).needed)
+
+
+def test_an_exact_multiple_of_the_per_worker_capacity_is_not_rounded_up() -> None:
+    p = policy(slots_per_worker=1, target_drain_s=60.0, max_workers=100)
+    assert workers_needed(60, 13.0, p) == 13
+
+
+def test_long_jobs_never_need_more_workers_than_can_run_the_backlog_at_once() -> None:
+    p = policy(slots_per_worker=2, target_drain_s=120.0, max_workers=100)
+    # 10 jobs of 300 s: 5 workers run them all at once; more workers cannot finish any sooner.
+    assert workers_needed(10, 300.0, p) == 5
+
+
+# --- booting capacity ------------------------------------------------------------------------------------------
+
+
+def test_booting_workers_count_as_capacity() -> None:
+    backlog = load(600)  # 600 jobs x 1 s needs 3 workers
+    for ready, booting in [(3, 0), (2, 1), (0, 3), (1, 5)]:
+        decision = decide(view(backlog, ready=ready, booting=booting, own=ready + booting), POLICY)
+        assert decision.needed == 3
+        assert decision.launch == 0
+        assert decision.reason.endswith(": enough")
+        assert f"{ready} ready, {booting} booting" in decision.reason
+    # Booting workers count exactly like ready ones (peer unreachable: this scaler launches all that is missing).
+    assert decide(view(backlog, ready=1, booting=0, own=1, peer_reachable=False), POLICY).launch == 2
+    assert decide(view(backlog, ready=0, booting=1, own=1, peer_reachable=False), POLICY).launch == 2
+
+
+# --- the cap ---------------------------------------------------------------------------------------------------
+
+
+def test_the_shares_add_up_to_the_cap() -> None:
+    for max_workers in range(21):
+        first, second = split_cap(max_workers, 0), split_cap(max_workers, 1)
+        assert first + second == max_workers
+        assert first - second in (0, 1)  # endpoint 0 takes the odd one
+
+
+def test_a_scaler_never_launches_past_its_own_share() -> None:
+    big = load(100_000)
+    for index, share in [(0, 4), (1, 3)]:
+        p = policy(max_workers=7, endpoint_index=index)
+        for own in range(share + 3):
+            for reachable in (True, False):
+                decision = decide(view(big, peer_reachable=reachable, ready=own, own=own), p)
+                assert decision.launch == max(0, share - own)
+        full = decide(view(big, ready=share, own=share), p)
+        assert "this scaler's share of the cap" in full.reason
+
+
+def _random_case(rng: random.Random) -> tuple[Policy, ClusterView, ClusterView]:
+    """A policy for endpoint 0 and the views of the same cluster from endpoint 0 and endpoint 1."""
+    max_workers = rng.randint(0, 12)
+    p = Policy(scale_after_s=rng.choice([0.0, 10.0, 30.0, 60.0]), target_drain_s=rng.choice([10.0, 60.0, 120.0, 600.0]),
+               max_workers=max_workers, endpoint_index=0, max_launch_per_tick=rng.randint(1, 12),
+               slots_per_worker=rng.randint(1, 4), default_job_duration_s=rng.choice([0.5, 1.0, 5.0]))
+    loads = []
+    for _ in range(2):
+        pending = rng.choice([0, rng.randint(1, 10), rng.randint(1, 5_000)])
+        measured = rng.randint(0, 100)
+        loads.append(load(pending, age=rng.uniform(0, 120), recent_jobs=measured,
+                          duration=rng.choice([None, rng.uniform(0.01, 60.0)])))
+    own = [rng.randint(0, split_cap(max_workers, index)) for index in (0, 1)]
+    booting = rng.randint(0, own[0] + own[1])
+    reachable = rng.random() < 0.7
+    views = []
+    for index in (0, 1):
+        mine, theirs = loads[index], loads[1 - index]
+        views.append(ClusterView(
+            endpoints=(mine, theirs) if reachable else (mine,), peer_reachable=reachable,
+            workers_ready=own[0] + own[1] - booting, workers_booting=booting,
+            own_workers=own[index], peer_workers=own[1 - index]))
+    return p, views[0], views[1]
+
+
+def test_both_scalers_deciding_on_the_same_cluster_never_exceed_the_cap() -> None:
+    rng = random.Random(20240611)
+    launched_some = 0
+    for _ in range(5_000):
+        p0, view0, view1 = _random_case(rng)
+        p1 = policy(**{**p0.__dict__, "endpoint_index": 1})
+        d0, d1 = decide(view0, p0), decide(view1, p1)
+        for decision, v, p in [(d0, view0, p0), (d1, view1, p1)]:
+            assert 0 <= decision.launch <= p.max_launch_per_tick
+            assert v.own_workers + decision.launch <= split_cap(p.max_workers, p.endpoint_index)
+            assert 0 <= decision.needed <= p.max_workers
+        assert view0.own_workers + view0.peer_workers + d0.launch + d1.launch <= p0.max_workers
+        if view0.peer_reachable:
+            # On one shared view the two never launch more than is missing between them.
+            missing = max(0, d0.needed - view0.workers_ready - view0.workers_booting)
+            assert d0.needed == d1.needed
+            assert d0.launch + d1.launch <= missing
+            if p0.max_launch_per_tick >= p0.max_workers:
+                # ... and, unless the per-tick limit bites, exactly what is missing, as far as the shares allow.
+                headroom = p0.max_workers - view0.own_workers - view0.peer_workers
+                assert d0.launch + d1.launch == min(missing, headroom)
+        launched_some += d0.launch + d1.launch > 0
+    assert launched_some > 500  # the random views do exercise launches
+
+
+# --- split between the scalers ---------------------------------------------------------------------------------
+
+
+def test_with_the_peer_reachable_what_is_missing_is_split_like_the_cap() -> None:
+    p = policy(max_workers=10)
+    for pending, missing in [(1_000, 5), (200, 1), (400, 2), (2_000, 10)]:
+        both = (load(pending // 2), load(pending - pending // 2))
+        d0 = decide(view(*both), policy(max_workers=10, endpoint_index=0))
+        d1 = decide(view(*both[::-1]), policy(max_workers=10, endpoint_index=1))
+        assert d0.needed == d1.needed == missing
+        assert (d0.launch, d1.launch) == (split_cap(missing, 0), split_cap(missing, 1))
+    assert decide(view(load(1_000)), p).launch == 3  # endpoint 0 takes the odd one of 5
+    assert decide(view(load(1_000)), policy(max_workers=10, endpoint_index=1)).launch == 2
+
+
+def test_when_the_peer_share_is_full_this_scaler_takes_the_peer_part_within_its_own_share() -> None:
+    # max 8: shares 4 + 4. The peer has its 4; 1600 jobs need all 8, so 4 are missing.
+    d = decide(view(load(800), load(800), ready=4, own=0, peer=4), POLICY)
+    assert (d.needed, d.launch) == (8, 4)
+    # 4 missing, the peer's share has room for just 1 more: this scaler takes its half (2) and the 1 the peer
+    # has no room for.
+    d = decide(view(load(1_600), ready=4, own=1, peer=3), POLICY)
+    assert (d.needed, d.launch) == (8, 3)
+    # The same, but this scaler's own share has room for only 2.
+    d = decide(view(load(1_600), ready=5, own=2, peer=3), POLICY)
+    assert (d.needed, d.launch) == (8, 2)
+    # Endpoint 1 takes over for a full endpoint 0 just the same.
+    d = decide(view(load(800), load(800), ready=4, own=0, peer=4), policy(endpoint_index=1))
+    assert (d.needed, d.launch) == (8, 4)
+    # A 9-worker need, the peer's share (5) full: still no more than this scaler's share of 4.
+    d = decide(view(load(5_000), ready=5, own=0, peer=5), policy(max_workers=9, endpoint_index=1))
+    assert (d.needed, d.launch) == (9, 4)
+
+
+def test_with_the_peer_unreachable_a_scaler_launches_all_that_is_missing_within_its_share() -> None:
+    for index in (0, 1):
+        d = decide(view(load(600), peer_reachable=False), policy(endpoint_index=index))
+        assert (d.needed, d.launch) == (3, 3)
+        d = decide(view(load(100_000), peer_reachable=False, ready=1, own=1), policy(endpoint_index=index))
+        assert (d.needed, d.launch) == (8, 3)  # share 4, one already own
+        # The peer's workers count as capacity but not against this scaler's share.
+        d = decide(view(load(1_000), peer_reachable=False, ready=3, own=0, peer=3), policy(endpoint_index=index))
+        assert (d.needed, d.launch) == (5, 2)
+
+
+# --- launches per tick -----------------------------------------------------------------------------------------
+
+
+def test_never_more_than_max_launch_per_tick() -> None:
+    for limit in range(1, 9):
+        for reachable in (True, False):
+            d = decide(view(load(100_000), peer_reachable=reachable), policy(max_workers=16, max_launch_per_tick=limit))
+            assert d.needed == 16
+            assert d.launch == min(limit, 8)
+
+
+# --- hysteresis ------------------------------------------------------------------------------------------------
+
+
+def test_the_policy_never_shrinks_the_fleet() -> None:
+    # Far more workers than the backlog needs: no negative launch, just none.
+    for pending, age in [(0, 0.0), (1, 500.0), (1, 1.0), (300, 300.0)]:
+        d = decide(view(load(pending, age=age), ready=8, own=4, peer=4), POLICY)
+        assert d.launch == 0
+    rng = random.Random(7)
+    for _ in range(2_000):
+        p0, view0, view1 = _random_case(rng)
+        assert decide(view0, p0).launch >= 0
+        assert decide(view1, policy(**{**p0.__dict__, "endpoint_index": 1})).launch >= 0
+
+
+def test_a_backlog_current_workers_drain_within_the_target_causes_no_launch() -> None:
+    # 2 workers x 2 slots x 100 s / 2.5 s = 160 jobs within the target.
+    for pending in (1, 80, 159, 160):
+        d = decide(view(load(pending, age=300.0, recent_jobs=50, duration=2.5), ready=2, own=2), POLICY)
+        assert d.launch == 0
+        assert d.reason.endswith(": enough")
+    assert decide(view(load(161, age=300.0, recent_jobs=50, duration=2.5), ready=2, own=2), POLICY).launch == 1
+
+
+# --- the stream already being served ----------------------------------------------------------------------------
+
+
+def test_workers_busy_with_the_current_stream_are_not_counted_as_free_for_the_backlog() -> None:
+    # 600 jobs of 2 s completed in the last 600 s: 1 job/s x 2 s keeps 2 slots (one worker) busy.
+    stream = load(200, age=300.0, recent_jobs=600, duration=2.0, window=600.0)
+    # The backlog alone needs 200 x 2 s / (2 slots x 100 s) = 2 workers; with the stream, 3.
+    assert workers_needed(200, 2.0, POLICY) == 2
+    assert workers_needed(200, 2.0, POLICY, completions_per_s=1.0) == 3
+    decision = decide(view(stream, ready=2, own=2), POLICY)
+    assert decision.needed == 3
+    assert decision.launch == 1
+    assert "beside 1 jobs/s completing" in decision.reason
+
+
+def test_the_stream_counts_across_both_endpoints() -> None:
+    a = load(100, age=300.0, recent_jobs=300, duration=2.0, window=600.0)
+    b = load(100, age=300.0, recent_jobs=900, duration=2.0, window=600.0)
+    # 2 jobs/s x 2 s = 4 slots for the stream, 200 x 2 s / 100 s = 4 slots for the backlog: 4 workers.
+    assert decide(view(a, b), POLICY).needed == 4
+
+
+def test_a_stream_without_a_backlog_launches_nothing() -> None:
+    assert decide(view(load(0, age=0.0, recent_jobs=6000, duration=2.0, window=600.0)), POLICY).launch == 0
+
+
+def test_needed_never_exceeds_the_cap_not_even_a_zero_cap() -> None:
+    assert decide(view(load(1000, age=300.0)), policy(max_workers=0)).needed == 0
+    assert decide(view(load(1000, age=300.0)), policy(max_workers=0)).launch == 0
