@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="vCPUs of the worker instance type [DW_SLOTS_PER_WORKER]")
     add("--max-workers", default=env("DW_MAX_WORKERS", "4"), help="cluster-wide cap [DW_MAX_WORKERS]")
     add("--scale-after", default=env("DW_SCALE_AFTER", "30"), help="[DW_SCALE_AFTER]")
-    add("--target-drain", default=env("DW_TARGET_DRAIN", "120"), help="[DW_TARGET_DRAIN]")
+    add("--target-drain", default=env("DW_TARGET_DRAIN", "30"), help="[DW_TARGET_DRAIN]")
     add("--idle-timeout", default=env("DW_IDLE_TIMEOUT", "60"), help="[DW_IDLE_TIMEOUT]")
     add("--ami", default=env("DW_AMI", ""), help="image for all instances; default latest Amazon Linux 2023 [DW_AMI]")
     add("--ssh-user", default=env("DW_SSH_USER", "ec2-user"), help="[DW_SSH_USER]")
@@ -130,14 +130,20 @@ def endpoint_instances(args: argparse.Namespace, ec2: Any, setup: dict) -> dict[
                 "Name": f"{args.cluster}-endpoint-{node}"}
         if pool:
             tags["dw:test-address"] = pool[NODES.index(node)]
-        try:
-            # An endpoint that shuts down stops (keeping its disk and queue); workers terminate.
-            (instance,) = run_instances(ec2, settings, image=image, instance_type=args.endpoint_instance_type,
-                                        count=1, tags=tags, shutdown_behavior="stop",
-                                        intent=f"{args.cluster}-endpoint-{node}-{setup['created_at']}",
-                                        instance_profile_arn=setup["endpoint_instance_profile_arn"])
-        except ProviderError as exc:
-            fail(f"launching endpoint {node}: {exc}")
+        for attempt in range(7):
+            try:
+                # An endpoint that shuts down stops (keeping its disk and queue); workers terminate.
+                (instance,) = run_instances(ec2, settings, image=image, instance_type=args.endpoint_instance_type,
+                                            count=1, tags=tags, shutdown_behavior="stop",
+                                            intent=f"{args.cluster}-endpoint-{node}-{setup['created_at']}",
+                                            instance_profile_arn=setup["endpoint_instance_profile_arn"])
+                break
+            except ProviderError as exc:
+                # EC2 learns of a new instance profile some seconds after IAM made it.
+                if "iaminstanceprofile" not in str(exc).lower().replace(" ", "") or attempt == 6:
+                    fail(f"launching endpoint {node}: {exc}")
+                step("the new instance profile is not visible to EC2 yet; retrying in 10 s")
+                time.sleep(10)
         running[node] = instance
     return running
 

@@ -49,7 +49,7 @@ class ClusterView:
 @dataclass(frozen=True)
 class Policy:
     scale_after_s: float = 30.0  # launch only once the oldest item has waited this long
-    target_drain_s: float = 120.0  # size the fleet to drain the backlog within this time
+    target_drain_s: float = 30.0  # size the fleet to drain the backlog within this time
     max_workers: int = 4  # cluster-wide, across both scalers
     endpoint_index: int = 0  # 0 or 1: which share of max_workers is this scaler's
     max_launch_per_tick: int = 4

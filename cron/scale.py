@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cluster-wide maximum, across both endpoints' scalers [DW_MAX_WORKERS]")
     add("--scale-after", type=float, default=env("DW_SCALE_AFTER", "30"),
         help="launch once the oldest pending item has waited this many seconds [DW_SCALE_AFTER]")
-    add("--target-drain", type=float, default=env("DW_TARGET_DRAIN", "120"),
+    add("--target-drain", type=float, default=env("DW_TARGET_DRAIN", "30"),
         help="size the fleet to drain the backlog within this many seconds [DW_TARGET_DRAIN]")
     add("--max-launch-per-tick", type=int, default=env("DW_MAX_LAUNCH_PER_TICK", "4"), help="[DW_MAX_LAUNCH_PER_TICK]")
     add("--slots-per-worker", type=int, default=env("DW_SLOTS_PER_WORKER", "1"),
