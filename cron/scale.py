@@ -234,15 +234,22 @@ class Scaler:
         finally:
             conn.close()
 
-    def _workers_heard_from(self, peer_stats: dict | None) -> set[str] | None:
-        """Workers either endpoint heard from recently; None if neither endpoint answered."""
+    def _workers_heard_from(self, peer_stats: dict | None) -> dict[str, float] | None:
+        """Seconds since either endpoint last heard from each worker it lists; None if neither
+        endpoint answered (then nobody's silence can be judged)."""
         answers = [stats for stats in (fetch_stats(self.args.url), peer_stats) if stats is not None]
         if not answers:
             return None
-        return {worker["id"] for stats in answers for worker in stats["workers"]}
+        heard: dict[str, float] = {}
+        for stats in answers:
+            for worker in stats["workers"]:
+                ago = worker["last_seen_s_ago"]
+                heard[worker["id"]] = min(ago, heard.get(worker["id"], ago))
+        return heard
 
-    def reconcile(self, nodes: list[Node], heard_from: set[str] | None) -> list[Node]:
+    def reconcile(self, nodes: list[Node], heard_from: dict[str, float] | None) -> list[Node]:
         now = time.time()
+        silence = self.args.silence_deadline
         doomed: list[tuple[Node, str]] = []
         unprovisioned: list[Node] = []
         kept: list[Node] = []
@@ -252,9 +259,9 @@ class Scaler:
                 doomed.append((node, f"not ready {age:.0f}s after launch"))
             elif not node.ready and node.owner == self.args.node_id:
                 unprovisioned.append(node)  # launched by an earlier run of ours that did not finish
-            elif (node.ready and heard_from is not None and node.node_id not in heard_from
-                  and age > self.args.silence_deadline):
-                doomed.append((node, f"neither endpoint heard from it for {self.args.silence_deadline:.0f}s"))
+            elif (node.ready and heard_from is not None and age > silence
+                  and heard_from.get(node.node_id, float("inf")) > silence):
+                doomed.append((node, f"neither endpoint heard from it for over {silence:.0f}s"))
             else:
                 kept.append(node)
         for node, reason in doomed:

@@ -428,9 +428,11 @@ _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({})) 
 
 
 class MotoServer:
-    """moto's server on 127.0.0.1:<free port>, in a process group of its own."""
+    """moto's server on 127.0.0.1:<free port> (or on `host`, e.g. a HostNetwork's gateway, so that
+    processes inside the fake hosts reach it too), in a process group of its own."""
 
-    def __init__(self, directory: str | Path, timeout: float = 30.0) -> None:
+    def __init__(self, directory: str | Path, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.log_path = Path(directory) / "moto-server.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -438,7 +440,7 @@ class MotoServer:
             self.port = _free_port()
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(
-                    [PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                    [PYTHON, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
                     env={**os.environ, **self._server_env()}, stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT, start_new_session=True)
             try:
@@ -458,7 +460,7 @@ class MotoServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def _answers(self) -> bool:
         if self.process is None or self.process.poll() is not None:

@@ -1,0 +1,144 @@
+"""End to end on "EC2": moto serves the EC2 API, every instance is a real sshd in a network
+namespace of its own, and everything after the API call is real -- SSH, SFTP, the offline
+venv install, the endpoint service, the scaler's crontab entry, the workers, the results.
+
+setup.sh aws -> deploy.sh aws (two endpoints provisioned over SSH) -> a burst of jobs -> both
+scalers run (as their crontab entry would) and launch and provision workers over SSH -> all
+results equal the reference -> idle workers run their exit action (a harmless stand-in for
+the poweroff) -> the scalers see them gone and terminate them -> deploy.sh aws --destroy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from cloudhosts import FakeHost, HostNetwork, MotoServer, public_key_from_private, require_root
+from conftest import REPO, reference, wait_for
+
+CLUSTER = "e2e"
+AMI = "ami-12c6146b"  # one of moto's images
+
+
+def live_instances(ec2, role: str) -> list[dict]:
+    pages = ec2.get_paginator("describe_instances").paginate(Filters=[
+        {"Name": "tag:dw:cluster", "Values": [CLUSTER]}, {"Name": "tag:dw:role", "Values": [role]},
+        {"Name": "instance-state-name", "Values": ["pending", "running"]}])
+    return [instance for page in pages for reservation in page["Reservations"] for instance in reservation["Instances"]]
+
+
+def run_script(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    completed = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert completed.returncode == 0, f"{args} failed:\n{completed.stdout}\n{completed.stderr}"
+    return completed
+
+
+def run_scaler(host: FakeHost) -> subprocess.Popen[str]:
+    """What cron does every minute on an endpoint host: run the line of the crontab entry."""
+    line = (host.root_dir / "dynamic-workload" / "crontab").read_text().strip()
+    command = line.split(None, 5)[5].split(" # ")[0]  # drop the schedule and the marker comment
+    return host.run(["sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
+    require_root()
+    with HostNetwork(tmp_path / "hosts") as network:
+        moto = MotoServer(tmp_path, host=network.gateway)
+        try:
+            endpoints = [network.add_host(f"endpoint-{node}") for node in "ab"]
+            workers = [network.add_host(f"worker-{index}") for index in range(4)]
+            env = {
+                **os.environ, **moto.env(),
+                "DW_AWS_DIR": str(tmp_path / "aws"), "DW_AWS_STATE": str(tmp_path / "aws" / f"{CLUSTER}.json"),
+                "DW_CLUSTER": CLUSTER, "DW_AMI": AMI, "DW_SSH_USER": "root", "DW_REMOTE_PYTHON": "/usr/bin/python3",
+                # hosts without systemd or cron: services run as detached processes, the crontab
+                # entry is written to a file and run by this test
+                "DW_SERVICE_MANAGER": "process", "DW_CRON_INSTALL": "file",
+                "DW_MAX_WORKERS": "2", "DW_SLOTS_PER_WORKER": "1", "DW_SCALE_AFTER": "0", "DW_IDLE_TIMEOUT": "4",
+                "DW_SILENCE_DEADLINE": "3", "DW_READY_DEADLINE": "60",
+                "DW_WORKER_EXIT_COMMAND": "touch idle-exit-ran",  # the harmless stand-in for a poweroff
+                # test-only settings: the fake instances' addresses, and moto for the hosts' scalers
+                "DW_TEST_ENDPOINT_ADDRESSES": ",".join(host.address for host in endpoints),
+                "DW_TEST_SSH_ADDRESSES": ",".join(host.address for host in workers),
+                "DW_TEST_AWS_ENV": "AWS_ENDPOINT_URL,AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY,AWS_EC2_METADATA_DISABLED",
+            }
+            env.pop("DW_SECRET", None)
+
+            # setup, twice: the second run changes nothing
+            setup = ["./setup.sh", "aws", "--cluster", CLUSTER, "--allowed-cidr", f"{network.gateway}/32"]
+            run_script(setup, env)
+            run_script(setup, env)
+            state = json.loads((tmp_path / "aws" / f"{CLUSTER}.json").read_text())
+            key_path = Path(state["key_path"])
+            assert key_path.stat().st_mode & 0o077 == 0
+            for host in endpoints + workers:  # the instances accept the cluster's key pair, as EC2 arranges
+                host.start_sshd(public_key_from_private(key_path))
+
+            deployed = run_script(["./deploy.sh", "aws"], env)
+            urls = [f"http://{host.address}:5000" for host in endpoints]
+            assert all(url in deployed.stdout for url in urls), deployed.stdout
+            ec2 = moto.client("ec2")
+            assert len(live_instances(ec2, "endpoint")) == 2
+            for url in urls:
+                assert requests.get(f"{url}/stats", timeout=10).json()["pending"] == 0
+            secret_file = endpoints[0].root_dir / "dynamic-workload" / "secret"
+            assert secret_file.stat().st_mode & 0o077 == 0
+
+            # a burst of jobs at both endpoints
+            expected = {}
+            for index in range(12):
+                payload = f"burst {index}".encode()
+                response = requests.put(f"{urls[index % 2]}/enqueue", params={"iterations": 20_000}, data=payload,
+                                        timeout=10)
+                expected[response.json()["id"]] = reference(payload, 20_000)
+
+            # both scalers run at once, as their crontab entries would
+            runs = [run_scaler(host) for host in endpoints]
+            outputs = [run.communicate(timeout=180)[0] for run in runs]
+            assert all(run.returncode == 0 for run in runs), outputs
+            launched = live_instances(ec2, "worker")
+            assert 1 <= len(launched) <= 2, outputs
+            assert all(any(tag["Key"] == "dw:ready" for tag in instance["Tags"]) for instance in launched), outputs
+
+            results: dict[str, str] = {}
+            deadline = time.monotonic() + 120
+            while len(results) < len(expected):
+                assert time.monotonic() < deadline, f"{len(results)} of {len(expected)} results"
+                for url in urls:
+                    for item in requests.post(f"{url}/pullCompleted", params={"top": 5}, timeout=10).json():
+                        assert item["id"] not in results
+                        results[item["id"]] = item["result"]
+                time.sleep(0.2)
+            assert results == expected
+
+            # idle workers run their exit action; the next scaler runs see them gone
+            launched_hosts = [host for host in workers
+                              if (host.root_dir / "dynamic-workload" / "worker.env").exists()]
+            assert len(launched_hosts) == len(launched)
+            wait_for(lambda: all((host.root_dir / "dynamic-workload" / "idle-exit-ran").exists()
+                                 for host in launched_hosts), timeout=60, what="the idle workers' exit action")
+            time.sleep(4)  # past the silence deadline
+
+            def workers_terminated() -> bool:
+                for run in [run_scaler(host) for host in endpoints]:
+                    run.communicate(timeout=120)
+                return not live_instances(ec2, "worker")
+
+            wait_for(workers_terminated, timeout=60, what="the scalers to terminate the idle workers")
+
+            # destroy leaves nothing of the cluster
+            run_script(["./deploy.sh", "aws", "--destroy"], env)
+            remaining = ec2.describe_instances(Filters=[{"Name": "tag:dw:cluster", "Values": [CLUSTER]},
+                                                        {"Name": "instance-state-name",
+                                                         "Values": ["pending", "running", "stopping", "stopped"]}])
+            assert remaining["Reservations"] == []
+            assert not (tmp_path / "aws" / f"{CLUSTER}.json").exists()
+        finally:
+            moto.stop()
