@@ -262,11 +262,19 @@ systemctl is-active {SERVICE_NAME}.service
 """
 
 
+# Process mode keeps the worker's pid in worker.pid; before trusting it, check that the pid
+# still is that worker and not a process that got the number after the worker exited.
+_IS_WORKER = """is_worker() {
+    [ -f worker.pid ] && tr '\\0' ' ' < "/proc/$(cat worker.pid)/cmdline" 2>/dev/null | grep -q -- "-m worker"
+}"""
+
+
 def _process_start_script(base: str, python: str) -> str:
     quoted = shlex.quote(base)
     return f"""set -e
 cd {quoted}
-if [ -f worker.pid ] && kill -0 "$(cat worker.pid)" 2>/dev/null; then kill "$(cat worker.pid)"; sleep 1; fi
+{_IS_WORKER}
+if is_worker; then kill "$(cat worker.pid)"; sleep 1; fi
 if [ -f worker.log ]; then mv -f worker.log worker.log.1; fi
 set -a; . ./worker.env; set +a
 setsid nohup {shlex.quote(python)} -m worker >> worker.log 2>&1 < /dev/null &
@@ -286,7 +294,7 @@ def worker_running(target: SshTarget, pins: HostKeyPins, service: str) -> bool:
         if service == "systemd":
             command = f"systemctl is-active --quiet {SERVICE_NAME}.service"
         else:
-            command = f'cd {shlex.quote(_base_of(client))} 2>/dev/null && kill -0 "$(cat worker.pid)" 2>/dev/null'
+            command = f"cd {shlex.quote(_base_of(client))} 2>/dev/null || exit 1\n{_IS_WORKER}\nis_worker"
         _, stdout, _ = client.exec_command(command, timeout=10)
         return stdout.channel.recv_exit_status() == 0
 
@@ -296,8 +304,8 @@ def stop_worker(target: SshTarget, pins: HostKeyPins, service: str) -> None:
         if service == "systemd":
             run(client, f"sudo systemctl disable --now {SERVICE_NAME}.service")
         else:
-            run(client, f'cd {shlex.quote(_base_of(client))} 2>/dev/null || exit 0; '
-                        f'if [ -f worker.pid ]; then kill "$(cat worker.pid)" 2>/dev/null; rm -f worker.pid; fi; true')
+            run(client, f"cd {shlex.quote(_base_of(client))} 2>/dev/null || exit 0\n{_IS_WORKER}\n"
+                        'if is_worker; then kill "$(cat worker.pid)"; fi; rm -f worker.pid')
 
 
 def _base_of(client: paramiko.SSHClient) -> str:

@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -199,7 +200,7 @@ class Scaler:
         self.provider = provider
         self.policy = make_policy(args)
         self.breaker = Breaker(args.breaker_threshold, args.breaker_cooldown)
-        self.state = StateStore(args.db, args.node_id)
+        self.state = StateStore(args.db, args.node_id, self.breaker)
 
     def run_once(self) -> Decision:
         args = self.args
@@ -275,7 +276,10 @@ class Scaler:
         return kept
 
     def launch(self, count: int) -> None:
-        intent = f"{self.args.cluster}-{self.args.node_id}-{int(time.time() // 60)}"
+        # One intent per launch decision: EC2 turns it into the ClientToken, so a request retried
+        # after a timeout returns the instances it already started instead of starting more. A run
+        # killed midway needs no token: its instances carry our tags, and the next run counts them.
+        intent = f"{self.args.cluster}-{self.args.node_id}-{secrets.token_hex(6)}"
         try:
             nodes = self.provider.launch(count, self.args.node_id, intent)
         except ProviderError as exc:

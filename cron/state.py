@@ -36,9 +36,10 @@ class Breaker:
 
 
 class StateStore:
-    def __init__(self, db_path: str | Path, node_id: str) -> None:
+    def __init__(self, db_path: str | Path, node_id: str, breaker: Breaker | None = None) -> None:
         self.db_path = db_path
         self.node_id = node_id
+        self.breaker = breaker or Breaker()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.db_path, timeout=10, isolation_level=None)
@@ -58,8 +59,9 @@ class StateStore:
         self._update("last_run_at = ?, last_decision = ?, breaker_open = ?", time.time(), decision, int(breaker_open))
 
     def record_failure(self, error: str) -> None:
-        self._update("consecutive_failures = consecutive_failures + 1, last_failure_at = ?, last_error = ?",
-                     time.time(), error[:500])
+        # The failure that reaches the threshold opens the breaker now, not at the next run.
+        self._update("consecutive_failures = consecutive_failures + 1, last_failure_at = ?, last_error = ?, "
+                     "breaker_open = (consecutive_failures + 1 >= ?)", time.time(), error[:500], self.breaker.threshold)
 
     def record_success(self) -> None:
         self._update("consecutive_failures = 0, breaker_open = 0")

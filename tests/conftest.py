@@ -35,9 +35,9 @@ def reference(data: bytes, iterations: int) -> str:
     return out.hex()
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -128,13 +128,14 @@ class Service:
 
 class Endpoint:
     def __init__(self, services: Services, node_id: str, directory: Path, port: int, peer_url: str = "",
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), host: str = "127.0.0.1") -> None:
         self.node_id = node_id
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.host = host  # listen address, e.g. a HostNetwork gateway that fake hosts reach
+        self.url = f"http://{host}:{port}"
         self.db = directory / f"{node_id}.sqlite3"
-        args = [PYTHON, "-m", "endpoint", "--node-id", node_id, "--port", str(port), "--db", str(self.db),
-                "--log-level", "WARNING", *extra_args]
+        args = [PYTHON, "-m", "endpoint", "--node-id", node_id, "--host", host, "--port", str(port),
+                "--db", str(self.db), "--log-level", "WARNING", *extra_args]
         if peer_url:
             args += ["--peer", peer_url]
         self.service = services.start(f"endpoint-{node_id}", args)
@@ -188,8 +189,8 @@ class Services:
         return service
 
     def endpoint(self, node_id: str, port: int | None = None, peer_url: str = "",
-                 extra_args: tuple[str, ...] = ()) -> Endpoint:
-        return Endpoint(self, node_id, self.directory, port or free_port(), peer_url, extra_args)
+                 extra_args: tuple[str, ...] = (), host: str = "127.0.0.1") -> Endpoint:
+        return Endpoint(self, node_id, self.directory, port or free_port(host), peer_url, extra_args, host)
 
     def endpoint_pair(self, extra_args: tuple[str, ...] = ()) -> tuple[Endpoint, Endpoint]:
         port_a, port_b = free_port(), free_port()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from cloudhosts import FakeHost, HostNetwork, MotoServer, public_key_from_private, require_root
+
 from conftest import REPO, reference, wait_for
 
 CLUSTER = "e2e"

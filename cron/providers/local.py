@@ -50,7 +50,10 @@ class LocalProvider:
     def list(self) -> list[Node]:
         nodes = []
         for record_path in sorted(self.state_dir.glob("*.json")):
-            record = json.loads(record_path.read_text())
+            try:
+                record = json.loads(record_path.read_text())
+            except (OSError, ValueError):
+                continue  # gone meanwhile, or not ours to judge
             if self._alive(record):
                 nodes.append(Node(record["id"], record["owner"], record["launched_at"], ready=True))
             else:
@@ -78,7 +81,10 @@ class LocalProvider:
                     raise ProviderError(f"could not start a local worker: {exc}") from exc
             record = {"id": worker_id, "owner": owner, "pid": process.pid,
                       "start_ticks": _start_ticks(process.pid), "launched_at": time.time(), "intent": intent}
-            (self.state_dir / f"{worker_id}.json").write_text(json.dumps(record))
+            # Written aside and renamed into place: the other scaler may list this folder meanwhile.
+            temporary = self.state_dir / f".{worker_id}.tmp"
+            temporary.write_text(json.dumps(record))
+            os.replace(temporary, self.state_dir / f"{worker_id}.json")
             log.info("started local worker %s (pid %d)", worker_id, process.pid)
             nodes.append(Node(worker_id, owner, record["launched_at"], ready=True))
         return nodes
