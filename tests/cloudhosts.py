@@ -30,11 +30,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from conftest import wait_for
 
 PYTHON = sys.executable
 SSHD = "/usr/sbin/sshd"
@@ -50,17 +52,6 @@ cd "$HOME" || exit 1
 if [ -z "$SSH_ORIGINAL_COMMAND" ]; then exec "${SHELL:-/bin/sh}" -l; fi
 exec "${SHELL:-/bin/sh}" -c "$SSH_ORIGINAL_COMMAND"
 """
-
-
-def _wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -236,7 +227,7 @@ class FakeHost:
                 raise AssertionError(f"sshd on {self} exited with {self.sshd.returncode}:\n{self.log()}")
             return tcp_open(self.address, 22, timeout=0.5)
 
-        _wait_for(listening, timeout, f"sshd on {self} to listen")
+        wait_for(listening, timeout, f"sshd on {self} to listen")
 
     def stop_sshd(self) -> None:
         """Stops the listening sshd and every SSH session it started (they run in sessions of their own)."""
@@ -444,7 +435,7 @@ class MotoServer:
                     env={**os.environ, **self._server_env()}, stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                _wait_for(self._answers, timeout, "moto server to answer")
+                wait_for(self._answers, timeout, "moto server to answer")
                 return
             except RuntimeError:  # it exited: try another port
                 self.stop()

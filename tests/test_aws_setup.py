@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,8 +19,9 @@ from typing import Any
 import boto3
 import pytest
 from botocore.exceptions import ClientError
+from cloudhosts import MotoServer
 
-from conftest import REPO, free_port
+from conftest import REPO
 from cron import aws_setup
 
 PYTHON = sys.executable
@@ -39,53 +38,13 @@ LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # --- moto's server, one per module, reset before every test ------------------------------------
 
 
-def _answers(url: str) -> bool:
-    try:
-        with LOCAL.open(f"{url}/moto-api/", timeout=2) as response:
-            return response.status < 500
-    except urllib.error.HTTPError as error:
-        return error.code < 500
-    except OSError:
-        return False
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stops the server's process group (start_new_session made the server its leader)."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        if process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
-def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log_path = tmp_path_factory.mktemp("moto") / "moto-server.log"
-    for _attempt in range(3):  # the free port may be taken between choosing and binding it
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                       env={**os.environ, **CREDENTIALS}, stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while process.poll() is None and time.monotonic() < deadline and not _answers(url):
-            time.sleep(0.1)
-        if process.poll() is None and _answers(url):
-            break
-        _stop(process)
-    else:
-        pytest.fail(f"moto server did not start:\n{log_path.read_text()}")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
     try:
-        yield url
+        yield server
     finally:
-        _stop(process)
+        server.stop()
 
 
 class Aws:
@@ -164,10 +123,9 @@ class Aws:
 
 
 @pytest.fixture
-def aws(moto_url: str, tmp_path: Path) -> Aws:
-    with LOCAL.open(urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST"), timeout=10):
-        pass
-    return Aws(moto_url, tmp_path)
+def aws(moto: MotoServer, tmp_path: Path) -> Aws:
+    moto.reset()
+    return Aws(moto.url, tmp_path)
 
 
 def ingress(group: dict) -> set[tuple[str, int, int, str]]:
