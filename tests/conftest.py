@@ -192,10 +192,10 @@ class Services:
                  extra_args: tuple[str, ...] = (), host: str = "127.0.0.1") -> Endpoint:
         return Endpoint(self, node_id, self.directory, port or free_port(host), peer_url, extra_args, host)
 
-    def endpoint_pair(self, extra_args: tuple[str, ...] = ()) -> tuple[Endpoint, Endpoint]:
-        port_a, port_b = free_port(), free_port()
-        a = self.endpoint("a", port_a, f"http://127.0.0.1:{port_b}", extra_args)
-        b = self.endpoint("b", port_b, f"http://127.0.0.1:{port_a}", extra_args)
+    def endpoint_pair(self, extra_args: tuple[str, ...] = (), host: str = "127.0.0.1") -> tuple[Endpoint, Endpoint]:
+        port_a, port_b = free_port(host), free_port(host)
+        a = self.endpoint("a", port_a, f"http://{host}:{port_b}", extra_args, host)
+        b = self.endpoint("b", port_b, f"http://{host}:{port_a}", extra_args, host)
         return a, b
 
     def worker(self, endpoints: list[Endpoint], *, worker_id: str = "", processes: int = 1,
