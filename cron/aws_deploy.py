@@ -32,7 +32,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from cron.providers import ProviderError
 from cron.providers.ec2 import DEFAULT_AMI_PARAMETER, Ec2Settings, ec2_client, latest_ami, run_instances
-from cron.provision import EndpointInstall, HostKeyPins, SshTarget, provision_endpoint, remote_python, wait_for_ssh
+from cron.provision import (
+    EndpointInstall,
+    HostKeyPins,
+    SshTarget,
+    ensure_remote_python,
+    provision_endpoint,
+    wait_for_ssh,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NODES = ("a", "b")
@@ -64,7 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how services run on the hosts; process: for hosts without systemd [DW_SERVICE_MANAGER]")
     add("--cron-install", default=env("DW_CRON_INSTALL", "crontab"), choices=["crontab", "file"],
         help="crontab, or file: only write the entry to <install>/crontab (hosts without cron) [DW_CRON_INSTALL]")
-    add("--remote-python", default=env("DW_REMOTE_PYTHON", "python3"), help="[DW_REMOTE_PYTHON]")
+    add("--endpoint-python", default=env("DW_ENDPOINT_PYTHON", "python3.11"),
+        help="Python (>= 3.10) for the endpoints' venv; installed on the host if missing [DW_ENDPOINT_PYTHON]")
+    add("--remote-python", default=env("DW_REMOTE_PYTHON", "python3"),
+        help="Python that runs the (standard-library) workers, 3.9 or newer [DW_REMOTE_PYTHON]")
     add("--ready-timeout", type=float, default=env("DW_READY_TIMEOUT", "600"),
         help="seconds to wait for SSH and then for /stats [DW_READY_TIMEOUT]")
     args = parser.parse_args(argv)
@@ -115,8 +125,21 @@ def test_addresses(name: str) -> list[str]:
 
 
 def endpoint_instances(args: argparse.Namespace, ec2: Any, setup: dict) -> dict[str, dict]:
-    running = {tags_of(instance).get("dw:node"): instance
-               for instance in cluster_instances(ec2, args.cluster, "endpoint", ["pending", "running"])}
+    """The endpoint instances: started if stopped (their disk holds the queue), launched if missing."""
+    found: dict[str, list[dict]] = {}
+    for instance in cluster_instances(ec2, args.cluster, "endpoint", ["pending", "running", "stopping", "stopped"]):
+        found.setdefault(tags_of(instance).get("dw:node", "?"), []).append(instance)
+    for node, instances in found.items():
+        if len(instances) > 1:
+            ids = ", ".join(instance["InstanceId"] for instance in instances)
+            fail(f"more than one instance is endpoint {node} ({ids}): terminate the extra one(s) first")
+    running = {node: instances[0] for node, instances in found.items() if node in NODES}
+    stopped = [node for node, instance in running.items() if instance["State"]["Name"] in ("stopping", "stopped")]
+    if stopped:
+        ids = [running[node]["InstanceId"] for node in stopped]
+        step(f"starting stopped endpoint instance(s) {', '.join(ids)}")
+        ec2.get_waiter("instance_stopped").wait(InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 60})
+        ec2.start_instances(InstanceIds=ids)
     missing = [node for node in NODES if node not in running]
     if not missing:
         step("endpoint instances already running: " + ", ".join(running[node]["InstanceId"] for node in NODES))
@@ -135,7 +158,9 @@ def endpoint_instances(args: argparse.Namespace, ec2: Any, setup: dict) -> dict[
                 # An endpoint that shuts down stops (keeping its disk and queue); workers terminate.
                 (instance,) = run_instances(ec2, settings, image=image, instance_type=args.endpoint_instance_type,
                                             count=1, tags=tags, shutdown_behavior="stop",
-                                            intent=f"{args.cluster}-endpoint-{node}-{setup['created_at']}",
+                                            # this deploy run's decision; a re-run finds the
+                                            # instance by its tags instead of relaunching it
+                                            intent=f"{args.cluster}-endpoint-{node}-{secrets.token_hex(6)}",
                                             instance_profile_arn=setup["endpoint_instance_profile_arn"])
                 break
             except ProviderError as exc:
@@ -250,11 +275,11 @@ def deploy(args: argparse.Namespace) -> None:
     def provision(node: str) -> str:
         step(f"endpoint {node}: waiting for SSH on {public[node]}")
         wait_for_ssh(public[node], timeout=args.ready_timeout)
-        version, machine = remote_python(targets[node], pins, args.remote_python)
+        version, machine = ensure_remote_python(targets[node], pins, args.endpoint_python)
         install = EndpointInstall(settings=endpoint_settings(args, node, private, setup), secret=secret,
                                   worker_key=Path(setup["key_path"]), aws_state=setup,
                                   wheelhouse=wheelhouse_for(args, version, machine), service=args.service,
-                                  cron=args.cron_install, python=args.remote_python)
+                                  cron=args.cron_install, python=args.endpoint_python)
         step(f"endpoint {node}: uploading code and wheels, installing, starting the service and the scaler")
         return provision_endpoint(targets[node], pins, install)
 
@@ -283,21 +308,31 @@ Tear it all down:  ./deploy.sh aws --destroy
 """, flush=True)
 
 
+def terminate_all(ec2: Any, cluster: str, role: str | None) -> list[str]:
+    """Terminate the cluster's instances (of one role, or all) and wait until they are gone."""
+    ids = [instance["InstanceId"] for instance in cluster_instances(ec2, cluster, role)]
+    what = f"{role} instance(s)" if role else "instance(s)"
+    if not ids:
+        step(f"no {what} of cluster {cluster} left")
+        return []
+    step(f"terminating {len(ids)} {what} of cluster {cluster}: {', '.join(ids)}")
+    for start in range(0, len(ids), 100):
+        ec2.terminate_instances(InstanceIds=ids[start:start + 100])
+    ec2.get_waiter("instance_terminated").wait(InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 120})
+    return ids
+
+
 def destroy(args: argparse.Namespace) -> None:
     region = args.region
     if Path(args.state_file).exists():
         region = json.loads(Path(args.state_file).read_text()).get("region", region)
     ec2 = ec2_client(region)
     try:
-        instances = cluster_instances(ec2, args.cluster)
-        ids = [instance["InstanceId"] for instance in instances if instance["State"]["Name"] != "terminated"]
-        if ids:
-            step(f"terminating {len(ids)} instance(s) of cluster {args.cluster}: {', '.join(ids)}")
-            for start in range(0, len(ids), 100):
-                ec2.terminate_instances(InstanceIds=ids[start:start + 100])
-            ec2.get_waiter("instance_terminated").wait(InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 120})
-        else:
-            step(f"no instance of cluster {args.cluster} is left")
+        # The endpoints first: their scalers' cron jobs could otherwise launch workers behind us.
+        terminate_all(ec2, args.cluster, "endpoint")
+        for _ in range(3):  # then the workers, until a listing finds none
+            if not terminate_all(ec2, args.cluster, None):
+                break
     except (BotoCoreError, ClientError) as exc:
         fail(f"terminating the cluster's instances: {exc}")
     for name in (f"{args.cluster}-secret", f"{args.cluster}-known_hosts.json"):

@@ -53,7 +53,7 @@ class Policy:
     max_workers: int = 4  # cluster-wide, across both scalers
     endpoint_index: int = 0  # 0 or 1: which share of max_workers is this scaler's
     max_launch_per_tick: int = 4
-    slots_per_worker: int = 2  # jobs a worker runs at once (its cores)
+    slots_per_worker: int = 1  # jobs a worker runs at once: its cores (set it to the instance's vCPUs)
     default_job_duration_s: float = 1.0  # until jobs have been measured
 
 

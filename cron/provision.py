@@ -11,6 +11,7 @@ rejected as -- the old one. The first contact records the key; later contacts mu
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
@@ -49,9 +50,20 @@ class HostKeyPins:
         except FileNotFoundError:
             return {}
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        # A thread lock for this process's threads, a file lock for other scalers sharing the file.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.path.with_suffix(".lock"), "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
     def check(self, machine_id: str, address: str, key: paramiko.PKey) -> None:
         offered = f"{key.get_name()} {key.get_base64()}"
-        with self._lock:
+        with self._locked():
             pins = self._load()
             pinned = pins.get(machine_id)
             if pinned is None:
@@ -63,7 +75,7 @@ class HostKeyPins:
                     f"({self.path}): refusing to connect (a different machine, or a man in the middle)")
 
     def forget(self, machine_ids: list[str]) -> None:
-        with self._lock:
+        with self._locked():
             pins = self._load()
             if any(pins.pop(machine_id, None) for machine_id in machine_ids):
                 self._save(pins)
@@ -108,6 +120,8 @@ class WorkerInstall:
     service: str = "systemd"
     exit_command: str = ""
     python: str = "python3"
+    # Only for machines that are ours to end (EC2 workers): with systemd, an idle exit powers off.
+    poweroff_on_idle: bool = False
 
 
 def wait_for_ssh(address: str, port: int = 22, timeout: float = 300.0) -> float:
@@ -139,17 +153,24 @@ def ssh_session(target: SshTarget, pins: HostKeyPins, timeout: float = 15.0) -> 
         raise ProvisionError(f"SSH to {target.user}@{target.address} ({target.machine_id}) failed: {exc}") from exc
     try:
         yield client
+    except (OSError, EOFError, paramiko.SSHException) as exc:  # SFTP and channel errors, mid-session
+        raise ProvisionError(f"SSH session with {target.address} ({target.machine_id}) failed: {exc}") from exc
     finally:
         client.close()
 
 
 def run(client: paramiko.SSHClient, command: str, timeout: float = 120.0) -> str:
-    """Run a shell command on the host; its stdout, or ProvisionError with its stderr."""
+    """Run a shell command on the host; its stdout, or ProvisionError with its stderr. A command
+    still running after `timeout` seconds is abandoned: a hung host must not hold up the scaler."""
     try:
         _, stdout, stderr = client.exec_command(command, timeout=timeout)
-        status = stdout.channel.recv_exit_status()
+        channel = stdout.channel
+        if not channel.status_event.wait(timeout):
+            channel.close()
+            raise ProvisionError(f"remote command still running after {timeout:.0f}s: abandoned")
         out, err = stdout.read().decode(errors="replace"), stderr.read().decode(errors="replace")
-    except (OSError, paramiko.SSHException) as exc:
+        status = channel.recv_exit_status()
+    except (OSError, EOFError, paramiko.SSHException) as exc:
         raise ProvisionError(f"remote command failed to run: {exc}") from exc
     if status != 0:
         raise ProvisionError(f"remote command exited with {status}: {err.strip()[-2000:] or out.strip()[-2000:]}")
@@ -191,7 +212,11 @@ def worker_settings(install: WorkerInstall, secret_path: str = "") -> str:
     return "".join(f"{name}={shlex.quote(value)}\n" for name, value in settings.items())
 
 
-def systemd_unit(install_dir: str, python: str) -> str:
+def systemd_unit(install_dir: str, python: str, poweroff_on_idle: bool) -> str:
+    poweroff = """# Only an idle exit (status 0) powers the machine off; on EC2 that terminates the instance
+# (it is launched with InstanceInitiatedShutdownBehavior=terminate).
+ExecStopPost=+/bin/sh -c 'if [ "$EXIT_STATUS" = 0 ]; then /bin/systemctl poweroff; fi'
+""" if poweroff_on_idle else ""
     return f"""[Unit]
 Description=dynamic-workload worker
 After=network-online.target
@@ -213,10 +238,7 @@ Restart=on-failure
 RestartSec=2
 # 143 is a stop by SIGTERM: a clean stop, not a failure to restart from.
 SuccessExitStatus=143
-# Only an idle exit (status 0) powers the machine off; on EC2 that terminates the instance
-# (it is launched with InstanceInitiatedShutdownBehavior=terminate).
-ExecStopPost=+/bin/sh -c 'if [ "$EXIT_STATUS" = 0 ]; then /bin/systemctl poweroff; fi'
-
+{poweroff}
 [Install]
 WantedBy=multi-user.target
 """
@@ -235,7 +257,8 @@ def provision_worker(target: SshTarget, pins: HostKeyPins, install: WorkerInstal
         if install.service == "systemd":
             install_dir = f"/opt/{REMOTE_DIR_NAME}"
             upload_text(sftp, f"{base}/worker.env", worker_settings(install))
-            upload_text(sftp, f"{base}/{SERVICE_NAME}.service", systemd_unit(install_dir, install.python))
+            upload_text(sftp, f"{base}/{SERVICE_NAME}.service",
+                        systemd_unit(install_dir, install.python, install.poweroff_on_idle))
             sftp.close()
             run(client, _systemd_start_script(base, install_dir))
         elif install.service == "process":
@@ -336,12 +359,19 @@ class EndpointInstall:
     python: str = "python3"
 
 
-def remote_python(target: SshTarget, pins: HostKeyPins, python: str = "python3") -> tuple[str, str]:
-    """(major.minor, machine) of the host's Python: which wheels it needs."""
+def ensure_remote_python(target: SshTarget, pins: HostKeyPins, python: str = "python3.11") -> tuple[str, str]:
+    """Install `python` on the host if it lacks it (Amazon Linux 2023's own python3 is 3.9, too
+    old for the endpoint's dependencies; the stdlib-only worker runs on it fine), and return
+    (major.minor, machine): which wheels the host needs."""
+    quoted = shlex.quote(python)
     with ssh_session(target, pins) as client:
-        out = run(client, f"{shlex.quote(python)} -c 'import platform, sys; "
-                          f"print(\"%d.%d\" % sys.version_info[:2], platform.machine())'")
-    version, machine = out.split()
+        out = run(client, f"""command -v {quoted} > /dev/null \\
+    || sudo dnf install -y -q {quoted} > /dev/null 2>&1 \\
+    || (sudo apt-get install -y -qq {quoted} {quoted}-venv > /dev/null 2>&1)
+{quoted} -c 'import platform, sys; print("%d.%d" % sys.version_info[:2], platform.machine())'""", timeout=600)
+    version, machine = out.split()[-2:]
+    if tuple(int(part) for part in version.split(".")) < (3, 10):
+        raise ProvisionError(f"{python} on {target.address} is Python {version}; the endpoint needs 3.10 or newer")
     return version, machine
 
 
@@ -397,7 +427,13 @@ EnvironmentFile={base}/dw.env
 ExecStart={base}/.venv/bin/python -m endpoint
 Restart=always
 RestartSec=2
+# The endpoint faces clients: it may write its data and nothing else -- not the code that
+# the scaler's cron job runs, not the rest of the system.
 NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=read-only
+ReadWritePaths={base}/var
+PrivateTmp=yes
 
 [Install]
 WantedBy=multi-user.target

@@ -178,9 +178,10 @@ def exclusive_run(lock_path: Path) -> Iterator[bool]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def fetch_stats(url: str, timeout: float = 3.0) -> dict | None:
+def fetch_stats(url: str, workers_within: float = 0, timeout: float = 3.0) -> dict | None:
+    query = f"?workers_within={max(1, int(workers_within))}" if workers_within else ""
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/stats", timeout=timeout) as response:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/stats{query}", timeout=timeout) as response:
             return json.loads(response.read())
     except (OSError, ValueError) as exc:
         log.warning("%s/stats unreachable: %s", url, exc)
@@ -205,7 +206,7 @@ class Scaler:
     def run_once(self) -> Decision:
         args = self.args
         own_stats = self._own_queue()
-        peer_stats = fetch_stats(args.peer) if args.peer else None
+        peer_stats = fetch_stats(args.peer, args.silence_deadline + 60) if args.peer else None
         nodes = self.reconcile(self.provider.list(), self._workers_heard_from(peer_stats))
         view = ClusterView(
             endpoints=(load_of(own_stats),) + ((load_of(peer_stats),) if peer_stats else ()),
@@ -236,10 +237,12 @@ class Scaler:
             conn.close()
 
     def _workers_heard_from(self, peer_stats: dict | None) -> dict[str, float] | None:
-        """Seconds since either endpoint last heard from each worker it lists; None if neither
-        endpoint answered (then nobody's silence can be judged)."""
-        answers = [stats for stats in (fetch_stats(self.args.url), peer_stats) if stats is not None]
-        if not answers:
+        """Seconds since either endpoint last heard from each worker, over a window longer than
+        the silence deadline; None unless every endpoint answered: a worker busy with a long job
+        talks to one endpoint only, and must not look silent because that one did not answer."""
+        own = fetch_stats(self.args.url, self.args.silence_deadline + 60)
+        answers = [own] + ([peer_stats] if self.args.peer else [])
+        if any(stats is None for stats in answers):
             return None
         heard: dict[str, float] = {}
         for stats in answers:
@@ -270,6 +273,7 @@ class Scaler:
                 self.provider.terminate([node], reason)
             except ProviderError as exc:
                 log.error("reconcile: %s", exc)
+                kept.append(node)  # still running as far as we know: it keeps counting against the cap
         if unprovisioned:
             log.info("resuming provisioning of %s", ", ".join(node.node_id for node in unprovisioned))
             kept += self.provision_all(unprovisioned)
@@ -293,13 +297,14 @@ class Scaler:
         def attempt(node: Node) -> Node | None:
             try:
                 ready = self.provider.provision(node)
-            except ProviderError as exc:
+            except Exception as exc:  # noqa: BLE001 -- any failure: terminate it, count it, go on
                 log.error("provisioning %s failed: %s", node.node_id, exc)
                 self.state.record_failure(f"provisioning {node.node_id}: {exc}")
                 try:
                     self.provider.terminate([node], "provisioning failed")
                 except ProviderError as terminate_error:
                     log.error("%s", terminate_error)
+                    return node  # not terminated: it still counts against the cap
                 return None
             self.state.record_success()
             return ready

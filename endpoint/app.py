@@ -70,6 +70,10 @@ def item_view(item: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number here")
+
+
 def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None) -> bottle.Bottle:
     app = JsonBottle()
 
@@ -110,7 +114,8 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         params = query_params(request.query_string)
         iterations = positive_int(params, "iterations", limits.max_iterations)
         environ = request.environ
-        body = read_body(environ["wsgi.input"], environ.get("CONTENT_LENGTH", ""), limits.max_payload_bytes)
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        body = read_body(environ["wsgi.input"], environ.get("CONTENT_LENGTH", ""), limits.max_payload_bytes, chunked)
         # Not request.content_type: Bottle lower-cases it, and multipart boundaries are case-sensitive.
         payload = payload_from(body, environ.get("CONTENT_TYPE", ""), params, limits.max_payload_bytes)
         return json_response({"id": store.enqueue(payload, iterations)})
@@ -144,13 +149,17 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
     @app.route("/stats", method="GET")
     @client_errors
     def stats() -> HTTPResponse:
-        return json_response(store.stats())
+        # The scaler asks for a longer list of workers than the default two minutes when its
+        # silence deadline is longer: a worker missing from the list must mean "silent that long".
+        params = query_params(request.query_string)
+        window = positive_int(params, "workers_within", 86_400) if "workers_within" in params else None
+        return json_response(store.stats(window))
 
     # -- worker API ----------------------------------------------------------------------
 
     def worker_request() -> dict[str, Any]:
         try:
-            fields = json.loads(request.body.read() or b"{}")
+            fields = json.loads(request.body.read() or b"{}", parse_constant=_reject_constant)
         except ValueError as exc:
             raise InputError(400, f"request body is not JSON: {exc}") from exc
         if not isinstance(fields, dict):
@@ -162,7 +171,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
 
     def attempt_of(fields: dict[str, Any]) -> int:
         attempt = fields.get("attempt")
-        if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+        if not isinstance(attempt, int) or isinstance(attempt, bool) or not 1 <= attempt < 2**31:
             raise InputError(400, "field 'attempt' must be a positive integer")
         return attempt
 
@@ -186,7 +195,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             },
         )
 
-    def known_item(work_id: str) -> None:
+    def require_known_item(work_id: str) -> None:
         if owner_of(work_id) != store.node_id or store.get(work_id) is None:
             raise InputError(404, f"no work item {work_id!r} at endpoint {store.node_id!r}")
 
@@ -197,7 +206,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         fields = worker_request()
         if store.renew(work_id, attempt_of(fields), fields["worker"]):
             return json_response({"lease_seconds": store.lease_seconds})
-        known_item(work_id)
+        require_known_item(work_id)
         return json_response({"error": "lease lost: the item was completed or leased to another attempt"}, 409)
 
     @app.route("/internal/work/<work_id>/release", method="POST")
@@ -207,7 +216,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         fields = worker_request()
         if store.release(work_id, attempt_of(fields), fields["worker"]):
             return json_response({"released": True})
-        known_item(work_id)
+        require_known_item(work_id)
         return json_response({"error": "lease lost: nothing to release"}, 409)
 
     @app.route("/internal/work/<work_id>/result", method="POST")
@@ -219,8 +228,9 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         if not isinstance(result, str) or not RESULT_PATTERN.fullmatch(result):
             raise InputError(400, "field 'result' must be 128 lowercase hex digits")
         duration = fields.get("duration_s")
-        if duration is not None and (not isinstance(duration, (int, float)) or duration < 0):
-            raise InputError(400, "field 'duration_s' must be a non-negative number")
+        if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
+                                     or not 0 <= duration < 1e7):
+            raise InputError(400, "field 'duration_s' must be a number of seconds, 0 or more")
         stored = store.complete(work_id, fields["worker"], result, duration)
         if stored is None:
             raise InputError(404, f"no work item {work_id!r} at endpoint {store.node_id!r}")

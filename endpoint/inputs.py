@@ -63,14 +63,21 @@ def positive_int(params: dict[str, str], name: str, maximum: int) -> int:
     return value
 
 
-def read_body(stream: BinaryIO, content_length_header: str, max_payload_bytes: int) -> bytes:
-    """The request body, refused with 413 before reading when its declared length is too large."""
+def read_body(stream: BinaryIO, content_length_header: str, max_payload_bytes: int, chunked: bool = False) -> bytes:
+    """The request body, refused with 413 before reading when its declared length is too large.
+
+    A chunked body has no declared length: it is read up to one byte past the limit."""
+    limit = max_payload_bytes + FORM_OVERHEAD_BYTES
     if not content_length_header.strip():
-        return b""
+        if not chunked:
+            return b""
+        body = stream.read(limit + 1)
+        if len(body) > limit:
+            raise InputError(413, f"request body is over the payload limit of {max_payload_bytes} bytes")
+        return body
     if not _DIGITS.fullmatch(content_length_header.strip()):
         raise InputError(400, f"malformed Content-Length {content_length_header[:40]!r}")
     content_length = int(content_length_header)
-    limit = max_payload_bytes + FORM_OVERHEAD_BYTES
     if content_length > limit:
         raise InputError(
             413,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import secrets
@@ -21,11 +22,21 @@ class PeerUnavailable(Exception):
     pass
 
 
+class _NotFound(Exception):
+    pass
+
+
 class Peer:
     """The other endpoint, reached over HTTP with the shared secret.
 
-    After a failed call the peer is skipped for `retry_after` seconds, so that a dead
-    peer costs one timeout per interval instead of one per client request.
+    After a failed call the peer is skipped for `retry_after` seconds, so that a dead peer
+    costs one timeout per interval instead of one per client request.
+
+    A take of the peer's results names itself with a token, and the peer marks its results
+    delivered under that token. If the answer never arrives, the results are the peer's
+    "delivered" but nobody has them: so the token is kept and replayed by the next pull, and
+    the peer answers a replay with the same results. Results of a replay that do not fit into
+    that pull's answer are carried over to the next one.
     """
 
     def __init__(self, base_url: str, secret: str, timeout: float = 3.0, retry_after: float = 5.0) -> None:
@@ -35,18 +46,43 @@ class Peer:
         self._retry_after = retry_after
         self._down_until = 0.0
         self._lock = threading.Lock()
+        self._unanswered: collections.deque[tuple[str, int]] = collections.deque()
+        self._carried: list[Delivered] = []
 
     def take_completed(self, limit: int) -> list[Delivered]:
-        """Up to `limit` results the peer marks delivered to us; [] if the peer is unreachable."""
-        query = urllib.parse.urlencode({"top": limit, "delivery": secrets.token_hex(16)})
-        try:
-            # The peer repeats a take with the same delivery id, so the retry of a call
-            # whose answer got lost returns the same results instead of dropping them.
-            items = self._call("POST", f"/internal/peer/take-completed?{query}", attempts=2)
-        except PeerUnavailable as exc:
-            log.warning("peer %s: pullCompleted fill-up skipped: %s", self.base_url, exc)
-            return []
-        return [Delivered(item["id"], item["result"], item["completed_at"]) for item in items]
+        """Up to `limit` results the peer marks delivered to us; fewer (maybe none) if it is unreachable.
+
+        Never raises: this endpoint's own results are already taken when this is called."""
+        with self._lock:
+            taken, self._carried = self._carried[:limit], self._carried[limit:]
+            if time.monotonic() < self._down_until:
+                return taken  # failed moments ago: its log line is written, retry after the pause
+            try:
+                while self._unanswered and len(taken) < limit:
+                    token, original_limit = self._unanswered[0]
+                    items = self._take(token, original_limit)
+                    self._unanswered.popleft()
+                    room = limit - len(taken)
+                    taken += items[:room]
+                    self._carried += items[room:]
+                if len(taken) < limit:
+                    token = secrets.token_hex(16)
+                    self._unanswered.append((token, limit - len(taken)))
+                    taken += self._take(token, limit - len(taken))
+                    self._unanswered.pop()
+            except PeerUnavailable as exc:  # _call marked it down, unless it already was
+                log.warning("peer %s: pullCompleted fill-up incomplete (%d take(s) to replay): %s",
+                            self.base_url, len(self._unanswered), exc)
+            except Exception as exc:  # noqa: BLE001 -- a malformed answer: answer with what we have
+                log.warning("peer %s: unusable answer to a take (%d to replay): %s",
+                            self.base_url, len(self._unanswered), exc)
+                self._mark_down()
+            return taken
+
+    def _take(self, token: str, limit: int) -> list[Delivered]:
+        query = urllib.parse.urlencode({"top": limit, "delivery": token})
+        items = self._call("POST", f"/internal/peer/take-completed?{query}")
+        return [Delivered(str(item["id"]), str(item["result"]), float(item["completed_at"])) for item in items]
 
     def get_work(self, work_id: str) -> dict[str, Any] | None:
         """The peer's view of one of its items; None if it does not know the id."""
@@ -55,21 +91,9 @@ class Peer:
         except _NotFound:
             return None
 
-    def _call(self, method: str, path: str, attempts: int = 1) -> Any:
-        with self._lock:
-            if time.monotonic() < self._down_until:
-                raise PeerUnavailable("peer marked down after a recent failure")
-        error = PeerUnavailable("no attempt made")
-        for _ in range(attempts):
-            try:
-                return self._request(method, path)
-            except PeerUnavailable as exc:
-                error = exc
-        with self._lock:
-            self._down_until = time.monotonic() + self._retry_after
-        raise error
-
-    def _request(self, method: str, path: str) -> Any:
+    def _call(self, method: str, path: str) -> Any:
+        if time.monotonic() < self._down_until:
+            raise PeerUnavailable("peer marked down after a recent failure")
         request = urllib.request.Request(
             self.base_url + path,
             method=method,
@@ -82,10 +106,11 @@ class Peer:
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 raise _NotFound() from exc
+            self._mark_down()
             raise PeerUnavailable(f"HTTP {exc.code} from peer") from exc
-        except (OSError, ValueError) as exc:
-            raise PeerUnavailable(str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 -- refused, timed out, cut short, or not JSON: all "unavailable"
+            self._mark_down()
+            raise PeerUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
-
-class _NotFound(Exception):
-    pass
+    def _mark_down(self) -> None:
+        self._down_until = time.monotonic() + self._retry_after

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -140,6 +141,10 @@ class _Writer:
     item simply becomes pending again and runs again -- may say durable=False; a batch made
     only of those commits without waiting for the disk, and the next durable commit syncs
     them along.
+
+    A caller that gives up waiting cancels its write, which is then skipped: a request that
+    was answered "unavailable" did not change the store after all. Only a write already in
+    the transaction being committed can still land; its caller is told the outcome is unknown.
     """
 
     def __init__(self, connect: Callable[[], sqlite3.Connection], synchronous: str, max_batch: int = 512) -> None:
@@ -147,18 +152,24 @@ class _Writer:
         self._synchronous = synchronous
         self._max_batch = max_batch
         self._closed = False
+        self._broken: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(connect,), name="sqlite-writer", daemon=True)
         self._thread.start()
 
     def run(self, op: WriteOp[T], timeout: float = 30.0, durable: bool = True) -> T:
-        if self._closed:
-            raise StoreUnavailable("store is closed")
+        if self._closed or self._broken:
+            raise StoreUnavailable(f"store is {'closed' if self._closed else f'broken: {self._broken}'}")
         future: Future[T] = Future()
         self._queue.put((op, future, durable))
         try:
             return future.result(timeout)
-        except TimeoutError as exc:
-            raise StoreUnavailable(f"write not committed within {timeout:.0f}s") from exc
+        except FutureTimeout:
+            if future.cancel():
+                raise StoreUnavailable(f"write not started within {timeout:.0f}s; nothing was stored") from None
+        try:  # it is in the transaction being committed: its outcome is near
+            return future.result(timeout)
+        except FutureTimeout:
+            raise StoreUnavailable(f"write not committed within {2 * timeout:.0f}s; outcome unknown") from None
 
     def close(self) -> None:
         self._closed = True
@@ -166,33 +177,50 @@ class _Writer:
         self._thread.join(timeout=30)
 
     def _run(self, connect: Callable[[], sqlite3.Connection]) -> None:
-        conn = connect()
+        try:
+            conn = connect()
+        except sqlite3.Error as exc:
+            log.exception("the writer cannot open the database")
+            self._broken = exc
+            return
         synchronous = self._synchronous
         try:
             while True:
-                item = self._queue.get()
-                if item is None:
-                    return
-                batch = [item]
-                stop = False
-                while len(batch) < self._max_batch:
+                batch, stop = self._next_batch()
+                # Writes whose callers gave up waiting are skipped, not applied behind their backs.
+                batch = [item for item in batch if item[1].set_running_or_notify_cancel()]
+                if batch:
                     try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                        break
-                    batch.append(item)
-                wanted = self._synchronous if any(durable for _, _, durable in batch) else "NORMAL"
-                if wanted != synchronous:
-                    conn.execute(f"PRAGMA synchronous = {wanted}")
-                    synchronous = wanted
-                self._commit(conn, batch)
+                        wanted = self._synchronous if any(durable for _, _, durable in batch) else "NORMAL"
+                        if wanted != synchronous:
+                            conn.execute(f"PRAGMA synchronous = {wanted}")
+                            synchronous = wanted
+                        self._commit(conn, batch)
+                    except Exception as exc:  # noqa: BLE001 -- the writer must outlive any one batch
+                        log.exception("writing a batch of %d failed", len(batch))
+                        for _, future, _ in batch:
+                            if not future.done():
+                                future.set_exception(StoreUnavailable(f"database write failed: {exc}"))
                 if stop:
                     return
         finally:
             conn.close()
+
+    def _next_batch(self) -> tuple[list[tuple[WriteOp[Any], Future[Any], bool]], bool]:
+        """The writes waiting now (at least one), and whether close() was asked for."""
+        item = self._queue.get()
+        if item is None:
+            return [], True
+        batch = [item]
+        while len(batch) < self._max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
 
     @staticmethod
     def _commit(conn: sqlite3.Connection, batch: list[tuple[WriteOp[Any], Future[Any], bool]]) -> None:
@@ -375,8 +403,8 @@ class Store:
             conn.row_factory = None
         return dict(row) if row else None
 
-    def stats(self) -> dict[str, Any]:
-        figures = read_stats(self._reader(), self.node_id, self.worker_seen_window)
+    def stats(self, worker_seen_window: float | None = None) -> dict[str, Any]:
+        figures = read_stats(self._reader(), self.node_id, worker_seen_window or self.worker_seen_window)
         with self._contacts_lock:
             contacts = dict(self._contacts)
         # Contacts not yet written by the maintenance thread count as seen too.
@@ -530,4 +558,4 @@ class Store:
                 [(worker_id, seen, seen) for worker_id, seen in contacts.items()],
             )
 
-        self._writer.run(op)
+        self._writer.run(op, durable=False)

@@ -58,6 +58,7 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
                 **os.environ, **moto.env(),
                 "DW_AWS_DIR": str(tmp_path / "aws"), "DW_AWS_STATE": str(tmp_path / "aws" / f"{CLUSTER}.json"),
                 "DW_CLUSTER": CLUSTER, "DW_AMI": AMI, "DW_SSH_USER": "root", "DW_REMOTE_PYTHON": "/usr/bin/python3",
+                "DW_ENDPOINT_PYTHON": "/usr/bin/python3",
                 # hosts without systemd or cron: services run as detached processes, the crontab
                 # entry is written to a file and run by this test
                 "DW_SERVICE_MANAGER": "process", "DW_CRON_INSTALL": "file",

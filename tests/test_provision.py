@@ -285,3 +285,15 @@ def test_unreachable_host_fails_with_provision_error(host_network: HostNetwork, 
     with pytest.raises(ProvisionError, match="did not answer"):
         wait_for_ssh(silent.address, timeout=1)
     assert time.monotonic() - started < 5
+
+
+def test_only_machines_that_are_ours_to_end_power_off_when_idle() -> None:
+    from cron.provision import systemd_unit
+
+    own_server = systemd_unit("/opt/dynamic-workload", "python3", poweroff_on_idle=False)
+    ec2_worker = systemd_unit("/opt/dynamic-workload", "python3", poweroff_on_idle=True)
+    assert "poweroff" not in own_server
+    assert "ExecStopPost=+/bin/sh -c 'if [ \"$EXIT_STATUS\" = 0 ]; then /bin/systemctl poweroff; fi'" in ec2_worker
+    for unit in (own_server, ec2_worker):
+        assert "LoadCredential=secret:/opt/dynamic-workload/secret" in unit  # the secret is never in the unit
+        assert "DynamicUser=yes" in unit and "SuccessExitStatus=143" in unit

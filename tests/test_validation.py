@@ -191,6 +191,11 @@ def test_internal_routes_refuse_missing_or_wrong_secret(endpoint: Endpoint, meth
     ("/internal/work/{id}/renew", b'{"worker": "w", "attempt": "1"}', 400, "attempt"),
     ("/internal/work/{id}/renew", b'{"worker": "w", "attempt": 0}', 400, "attempt"),
     ("/internal/work/{id}/renew", b'{"worker": "w", "attempt": 1}', 409, "lease"),
+    ("/internal/work/{id}/renew", b'{"worker": "w", "attempt": 18446744073709551616}', 400, "attempt"),
+    ("/internal/work/{id}/result", b'{"worker": "w", "result": "' + b"a" * 128 + b'", "duration_s": Infinity}', 400,
+     "json"),
+    ("/internal/work/{id}/result", b'{"worker": "w", "result": "' + b"a" * 128 + b'", "duration_s": 1e400}', 400,
+     "duration"),
 ])
 def test_bad_worker_requests(endpoint: Endpoint, path: str, body: bytes, status: int, mentions: str) -> None:
     work_id = endpoint.enqueue(b"pending item", 3)
@@ -215,3 +220,19 @@ def test_random_garbage_never_causes_a_server_error(endpoint: Endpoint) -> None:
         response = requests.request(rng.choice(["GET", "PUT", "POST"]), f"{endpoint.url}{rng.choice(paths)}?{query}",
                                     data=body, headers=headers, timeout=10)
         assert response.status_code < 500, (query, headers, response.text)
+
+
+def test_chunked_upload_is_read_and_limited(endpoint: Endpoint) -> None:
+    def chunks(total: int) -> Iterator[bytes]:
+        for _ in range(total // 100):
+            yield b"c" * 100
+
+    accepted = requests.put(f"{endpoint.url}/enqueue?iterations=1", data=chunks(500),
+                            headers={"Content-Type": "application/octet-stream"}, timeout=10)
+    assert accepted.status_code == 200, accepted.text
+    assert endpoint.work(accepted.json()["id"]).json()["payload_bytes"] == 500
+    before = snapshot(endpoint)
+    refused = requests.put(f"{endpoint.url}/enqueue?iterations=1", data=chunks(MAX_PAYLOAD + 100_000),
+                           headers={"Content-Type": "application/octet-stream"}, timeout=10)
+    assert_rejected(endpoint, refused, 413, "limit")
+    assert snapshot(endpoint) == before

@@ -77,3 +77,11 @@ def test_idle_worker_exits_and_runs_its_exit_action(services: Services, tmp_path
     assert marker.exists()
     assert endpoint.stats()["completed"] == 1
     assert time.monotonic() - started >= 1.5
+
+
+def test_worker_code_is_python_3_9_syntax() -> None:
+    """The worker runs on the machines' own python3: Amazon Linux 2023 ships 3.9."""
+    import ast
+
+    for source in sorted((Path(__file__).resolve().parent.parent / "worker").glob("*.py")):
+        ast.parse(source.read_text(), filename=str(source), feature_version=(3, 9))

@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="exit after this many seconds without work from any endpoint [DW_IDLE_TIMEOUT]")
     add("--poll-interval", type=float, default=env("DW_POLL_INTERVAL", "0.5"),
         help="pause between claim rounds while no endpoint has work [DW_POLL_INTERVAL]")
+    add("--submit-patience", type=float, default=env("DW_SUBMIT_PATIENCE", "3600"),
+        help="seconds a result is offered to a failing endpoint before it is given up [DW_SUBMIT_PATIENCE]")
     add("--exit-command", default=env("DW_EXIT_COMMAND", ""),
         help="command run after an idle exit, e.g. 'systemctl poweroff' on EC2 [DW_EXIT_COMMAND]")
     add("--log-level", default=env("DW_LOG_LEVEL", "INFO"), help="[DW_LOG_LEVEL]")
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         idle_timeout=args.idle_timeout,
         poll_interval=args.poll_interval,
         exit_command=args.exit_command,
+        submit_patience=args.submit_patience,
     )
     return run_worker(options)
 

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
+_CLOSED_BY_SERVER = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
 
 class EndpointDown(Exception):
     """The endpoint did not answer, or answered with a server error: try again later."""
@@ -98,7 +100,10 @@ class EndpointClient:
                 data = response.read()
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                if reused:  # the server may have closed an idle kept-alive connection: one fresh try
+                # A kept-alive connection the server had closed fails at once, before the request
+                # could do anything: one fresh try. A timeout is different -- the server may have
+                # acted (a claim leased) -- so it is not repeated here.
+                if reused and isinstance(exc, _CLOSED_BY_SERVER):
                     reused = False
                     continue
                 raise EndpointDown(f"{self.base_url}: {exc}") from exc

@@ -38,6 +38,10 @@ class WorkerOptions:
     poll_interval: float = 0.5
     exit_command: str = ""
     max_backoff: float = 30.0
+    # How long a finished result is offered to its endpoint before it is given up on; by then
+    # the endpoint has long re-leased the item, and a worker stuck on a dead endpoint would
+    # never go idle (and never stop costing money).
+    submit_patience: float = 3600.0
 
 
 class Backoff:
@@ -89,11 +93,11 @@ class _Slot:
                 continue
             client, job = claimed
             self.busy[self.index] = 1
-            self.last_work[self.index] = time.time()
+            self.last_work[self.index] = time.monotonic()
             try:
                 self.process(client, job)
             finally:
-                self.last_work[self.index] = time.time()
+                self.last_work[self.index] = time.monotonic()
                 self.busy[self.index] = 0
 
     def claim_next(self) -> tuple[EndpointClient, Job] | None:
@@ -157,12 +161,17 @@ class _Slot:
             log.info("slot %d: could not release %s (its lease will expire): %s", self.index, job.work_id, exc)
 
     def submit(self, client: EndpointClient, job: Job, result: str, duration: float) -> None:
-        """Post the result to the owning endpoint until it is accepted."""
+        """Post the result to the owning endpoint until it is accepted (or patience runs out)."""
         backoff = Backoff(first=0.2, cap=self.options.max_backoff)
+        give_up_at = time.monotonic() + self.options.submit_patience
         while True:
             try:
                 stored = client.submit(job, result, duration)
             except EndpointDown as exc:
+                if time.monotonic() > give_up_at:
+                    log.error("slot %d: giving up on the result for %s after %.0fs: %s (the endpoint will "
+                              "run the item again)", self.index, job.work_id, self.options.submit_patience, exc)
+                    return
                 if self.should_stop():
                     log.warning("slot %d: stopping with %s unsubmitted (its lease will expire): %s",
                                 self.index, job.work_id, exc)
@@ -197,7 +206,9 @@ def run_worker(options: WorkerOptions) -> int:
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     busy = context.Array("b", options.processes)
-    last_work = context.Array("d", [time.time()] * options.processes)
+    # Monotonic (system-wide on Linux, so comparable between processes): a clock step at boot
+    # must not end a worker early or keep it past its idle timeout.
+    last_work = context.Array("d", [time.monotonic()] * options.processes)
     log_level = logging.getLogger().getEffectiveLevel()
 
     def start_slot(index: int) -> multiprocessing.process.BaseProcess:
@@ -231,7 +242,7 @@ def run_worker(options: WorkerOptions) -> int:
                 log.error("slot %d exited with code %s; restarting it", index, process.exitcode)
                 busy[index] = 0
                 slots[index] = start_slot(index)
-        idle_for = time.time() - max(last_work[:])
+        idle_for = time.monotonic() - max(last_work[:])
         if not any(busy[:]) and idle_for >= options.idle_timeout:
             log.info("no work from any endpoint for %.0fs: exiting", idle_for)
             break

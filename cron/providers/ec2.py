@@ -28,6 +28,7 @@ from cron.provision import HostKeyPins, SshTarget, WorkerInstall, provision_work
 log = logging.getLogger(__name__)
 
 DEFAULT_AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+_CAPACITY_ERRORS = {"InsufficientInstanceCapacity", "InsufficientCapacity", "Unsupported"}
 # Not worth retrying: the account or request is wrong, not the moment.
 _FATAL_LAUNCH_ERRORS = {"InstanceLimitExceeded", "VcpuLimitExceeded", "InvalidParameterValue",
                         "InvalidParameterCombination", "UnauthorizedOperation", "InvalidAMIID.NotFound",
@@ -67,8 +68,9 @@ def run_instances(ec2: Any, settings: Ec2Settings, *, image: str, instance_type:
     tag_list = [{"Key": key, "Value": value} for key, value in tags.items()]
     subnets = settings.subnet_ids or ("",)
     error: Exception | None = None
+    subnet_index = 0
     for attempt in range(settings.launch_attempts):
-        subnet = subnets[attempt % len(subnets)]  # a capacity shortage is often per zone: try the next
+        subnet = subnets[subnet_index % len(subnets)]
         request: dict[str, Any] = {
             "ImageId": image, "InstanceType": instance_type, "MinCount": count, "MaxCount": count,
             "KeyName": settings.key_name, "SecurityGroupIds": [settings.security_group_id],
@@ -89,6 +91,11 @@ def run_instances(ec2: Any, settings: Ec2Settings, *, image: str, instance_type:
             error = exc
             if code in _FATAL_LAUNCH_ERRORS or attempt + 1 == settings.launch_attempts:
                 break
+            if code in _CAPACITY_ERRORS:
+                # A shortage is often per zone: the next subnet, a new request and so a new token.
+                # Any other error is retried as the same request, token included: if the first
+                # try did start instances, EC2 answers the retry with them instead of more.
+                subnet_index += 1
             wait = min(30.0, 2.0 * 2**attempt)
             log.warning("launch attempt %d failed (%s); retrying in %.0fs", attempt + 1, code, wait)
             time.sleep(wait)
@@ -172,7 +179,9 @@ class Ec2Provider:
         remaining = max(10.0, self.settings.ssh_timeout - (time.time() - node.launched_at))
         waited = wait_for_ssh(node.address, timeout=remaining)
         target = SshTarget(node.node_id, node.address, self.settings.ssh_user, self.settings.key_path)
-        took = provision_worker(target, self.pins, replace(self.install, worker_id=node.node_id))
+        # An EC2 worker is ours to end: its idle exit powers it off, which terminates it.
+        took = provision_worker(target, self.pins,
+                                replace(self.install, worker_id=node.node_id, poweroff_on_idle=True))
         ready_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
             self.ec2.create_tags(Resources=[node.node_id], Tags=[{"Key": "dw:ready", "Value": ready_at}])
