@@ -55,6 +55,9 @@ CREATE INDEX IF NOT EXISTS work_items_undelivered
     ON work_items (completed_at) WHERE state = 'completed' AND delivered_at IS NULL;
 CREATE INDEX IF NOT EXISTS work_items_delivery
     ON work_items (delivery_id) WHERE delivery_id IS NOT NULL;
+-- Retention: delivered results, oldest first, for pruning.
+CREATE INDEX IF NOT EXISTS work_items_delivered
+    ON work_items (delivered_at) WHERE delivered_at IS NOT NULL;
 -- Recent job durations, for the scaler's sizing.
 CREATE INDEX IF NOT EXISTS work_items_recently_completed
     ON work_items (completed_at) WHERE state = 'completed';

@@ -29,6 +29,7 @@ class Settings:
     lease_seconds: float
     max_attempts: int
     synchronous: str
+    retention_days: float
     log_level: str
 
     @property
@@ -53,6 +54,8 @@ OPTIONS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "synchronous": ("DW_SYNCHRONOUS", "FULL", str.upper,
                     "SQLite synchronous: FULL puts every acknowledged write on disk; NORMAL may lose the last "
                     "writes on power loss"),
+    "retention_days": ("DW_RETENTION_DAYS", "7", float,
+                       "delete results this many days after pullCompleted delivered them; 0 keeps them forever"),
     "log_level": ("DW_LOG_LEVEL", "INFO", str.upper, "DEBUG, INFO, WARNING or ERROR"),
 }
 
@@ -88,6 +91,8 @@ def _checked(settings: Settings) -> Settings:
             problems.append(f"{name} must be at least 1")
     if settings.lease_seconds <= 0:
         problems.append("lease_seconds must be positive")
+    if settings.retention_days < 0:
+        problems.append("retention_days must be 0 (keep forever) or more")
     if problems:
         raise SystemExit("endpoint: " + "; ".join(problems))
     return settings

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 STATES = ("pending", "running", "completed", "failed")
 RECENT_WINDOW_S = 600.0  # "recent" jobs in /stats: completed within the last ten minutes
+PRUNE_BATCH = 1000
 NODE_ID_PATTERN = re.compile(r"[a-z0-9]{1,16}")
 WORK_ID_PATTERN = re.compile(r"([a-z0-9]{1,16})-[0-9a-f]{16}")
 
@@ -268,6 +269,7 @@ class Store:
         busy_timeout_ms: int = 10_000,
         maintenance_interval: float = 1.0,
         worker_seen_window: float = 120.0,
+        retention_days: float = 7.0,
     ) -> None:
         if not NODE_ID_PATTERN.fullmatch(node_id):
             raise ValueError(f"node id {node_id!r} must be 1-16 lowercase letters or digits")
@@ -278,6 +280,7 @@ class Store:
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.worker_seen_window = worker_seen_window
+        self.retention_s = retention_days * 86_400
         self._synchronous = synchronous.upper()
         self._busy_timeout_ms = busy_timeout_ms
         self._readers = threading.local()
@@ -334,12 +337,37 @@ class Store:
 
     def _maintain(self, interval: float) -> None:
         # Leases expire and worker contacts are recorded even when no worker calls in.
+        next_prune = 0.0
         while not self._stopping.wait(interval):
             try:
                 self._writer.run(lambda conn: self._requeue_expired(conn, time.time()), durable=False)
                 self._flush_contacts()
+                if self.retention_s and time.monotonic() >= next_prune:
+                    pruned = self.prune_delivered()
+                    # A full batch means more are due: come back next round, not in a minute.
+                    next_prune = time.monotonic() + (0 if pruned == PRUNE_BATCH else 60)
             except Exception:  # noqa: BLE001 -- keep maintaining; the next round retries
                 log.exception("store maintenance failed")
+
+    def prune_delivered(self, now: float | None = None) -> int:
+        """Delete results delivered more than the retention period ago, a batch at a time (so
+        that enqueues never wait behind one big delete). Undelivered results and failed items
+        are never pruned."""
+        cutoff = (now or time.time()) - self.retention_s
+
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                """DELETE FROM work_items WHERE seq IN
+                   (SELECT seq FROM work_items WHERE delivered_at IS NOT NULL AND delivered_at < ?
+                    ORDER BY delivered_at LIMIT ?)""",
+                (cutoff, PRUNE_BATCH),
+            ).rowcount
+
+        # A lost prune is simply done again: no fsync needed.
+        pruned = self._writer.run(op, durable=False)
+        if pruned:
+            log.info("pruned %d results delivered over %.0f days ago", pruned, self.retention_s / 86_400)
+        return pruned
 
     # -- public API --------------------------------------------------------------------
 

@@ -24,7 +24,8 @@ def create_app() -> bottle.Bottle:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     secret = read_secret(settings.secret_file)
     store = Store(settings.db_path, settings.node_id, lease_seconds=settings.lease_seconds,
-                  max_attempts=settings.max_attempts, synchronous=settings.synchronous)
+                  max_attempts=settings.max_attempts, synchronous=settings.synchronous,
+                  retention_days=settings.retention_days)
     atexit.register(store.close)
     _exit_with_parent(store)
     peer = Peer(settings.peer, secret) if settings.peer else None

@@ -46,3 +46,28 @@ def test_an_enqueue_that_timed_out_leaves_no_item(tmp_path: Path) -> None:
         assert store.stats()["pending"] == 0
     finally:
         store.close()
+
+
+def test_only_results_delivered_longer_ago_than_the_retention_are_pruned(tmp_path: Path) -> None:
+    store = Store(tmp_path / "a.sqlite3", "a", maintenance_interval=3600, retention_days=7, max_attempts=1,
+                  lease_seconds=0.01)
+    try:
+        kept_back, pulled, failed = (store.enqueue(payload, 1) for payload in (b"k", b"p", b"f"))
+        for work_id in (kept_back, pulled):
+            claim = store.claim("w")
+            assert claim is not None and claim.work_id == work_id
+            assert store.complete(work_id, "w", "e" * 128, 0.1)
+        # pullCompleted hands out the newest result first: `pulled`; `kept_back` stays undelivered.
+        assert [item.work_id for item in store.take_completed(1, delivery_id="t" * 32)] == [pulled]
+        assert store.claim("w").work_id == failed  # and its lease expires on its only attempt
+        time.sleep(0.05)
+        store._writer.run(lambda conn: store._requeue_expired(conn, time.time()))
+
+        assert store.prune_delivered() == 0  # delivered just now: kept for 7 days
+        assert store.prune_delivered(now=time.time() + 8 * 86_400) == 1
+        assert store.get(pulled) is None
+        assert store.get(kept_back)["state"] == "completed"  # never delivered: never pruned
+        assert store.get(failed)["state"] == "failed"  # failed items stay for inspection
+        assert store.stats()["completed"] == 1
+    finally:
+        store.close()
