@@ -16,7 +16,8 @@ usage: ./deploy.sh local [--max-workers N] [--idle-timeout S] [--scale-after S]
 
   --max-workers N   most workers at once, across both endpoints' scalers (default 2)
   --idle-timeout S  a worker exits after S seconds without work (default 30)
-  --scale-after S   launch workers once the oldest pending item has waited S seconds (default 2)
+  --scale-after S   add workers once the oldest pending item has waited S seconds (default 2;
+                    with no worker running, work launches one at once)
   --port-a P        endpoint A's port on 127.0.0.1 (default 5000)
   --port-b P        endpoint B's port on 127.0.0.1 (default 5001)
   --every S         seconds between scaling decisions (default 2; cron uses 60 on EC2)
@@ -107,7 +108,7 @@ deploy_local() {
 dynamic-workload is running locally:
   endpoint A  $url_a   (data: $state/a.sqlite3, log: $state/log/endpoint-a.log)
   endpoint B  $url_b   (data: $state/b.sqlite3, log: $state/log/endpoint-b.log)
-  scalers     up to $max_workers worker(s), launched once work waits ${scale_after}s,
+  scalers     up to $max_workers worker(s), launched as work arrives (more once it waits ${scale_after}s),
               each exiting after ${idle_timeout}s idle (logs: $state/log/scaler-*.log, worker-*.log)
 
 Try it:

@@ -61,6 +61,9 @@ CREATE INDEX IF NOT EXISTS work_items_delivered
 -- Recent job durations, for the scaler's sizing.
 CREATE INDEX IF NOT EXISTS work_items_recently_completed
     ON work_items (completed_at) WHERE state = 'completed';
+-- Recent arrivals, for the scaler's sizing of the stream.
+CREATE INDEX IF NOT EXISTS work_items_created
+    ON work_items (created_at);
 
 -- Items per state, kept by triggers in the same transaction as the change, so the
 -- backlog and /stats cost one row read however many items the file holds.

@@ -2,9 +2,10 @@
 
 Queue-driven scaling the way AWS recommends it ("backlog per instance"): the workers needed
 are the ones that drain the whole backlog within a target time, given how long jobs take
-and how many jobs a worker runs at once -- on top of the workers already kept busy by the
-stream of jobs completing now (by Little's law, completions per second x job duration slots
-are busy with it). Workers still booting count as capacity.
+and how many jobs a worker runs at once -- on top of the workers the stream of arriving jobs
+keeps busy (by Little's law, arrivals per second x job duration slots; arrivals counted over
+the last minute, so a rising stream is seen before a queue builds up). Workers still booting
+count as capacity.
 
 The cluster-wide maximum is split between the endpoints' scalers: each may own at most its
 share, so the sum can never exceed the maximum, even when both scalers run in the same
@@ -14,9 +15,13 @@ same way as the cap -- endpoint 0 takes the odd one -- and a scaler also takes t
 when the peer's share is used up; when the peer is silent, it launches all that is missing.
 Either way no scaler goes past its own share.
 
-Hysteresis: nothing is launched until the oldest item has waited `scale_after_s`, and the
-policy never shrinks the fleet -- workers leave by themselves after `idle_timeout` without
-work, so a short lull does not tear down capacity that the next burst needs.
+Hysteresis: the backlog counts only once the oldest item has waited `scale_after_s` -- before
+that, workers that are there may well take it in a moment. Two cases do not wait: a cluster
+with no worker at all (nobody else will ever take the item, so waiting only adds latency,
+and the launch costs the same later), and arrivals that alone need more workers than there
+are (the queue is about to grow). The policy never shrinks the fleet -- workers leave by
+themselves after `idle_timeout` without work, so a short lull does not tear down capacity
+that the next burst needs.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ class EndpointLoad:
 
     pending: int
     oldest_pending_age_s: float
-    recent_jobs: int = 0  # jobs completed in the last recent_window_s
+    recent_jobs: int = 0  # jobs completed in the last recent_window_s: their mean duration sizes the fleet
     recent_job_duration_s: float | None = None
     recent_window_s: float = 600.0
+    recent_arrivals: int = 0  # items enqueued in the last arrival_window_s: the stream to keep up with
+    arrival_window_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -80,20 +87,20 @@ def job_duration(endpoints: tuple[EndpointLoad, ...], default: float) -> float:
     return sum(count * duration for count, duration in measured) / jobs
 
 
-def throughput(endpoints: tuple[EndpointLoad, ...]) -> float:
-    """Jobs completed per second lately, across endpoints."""
-    return sum(e.recent_jobs / e.recent_window_s for e in endpoints if e.recent_window_s > 0)
+def arrival_rate(endpoints: tuple[EndpointLoad, ...]) -> float:
+    """Jobs enqueued per second lately, across endpoints."""
+    return sum(e.recent_arrivals / e.arrival_window_s for e in endpoints if e.arrival_window_s > 0)
 
 
-def workers_needed(backlog: int, duration_s: float, policy: Policy, completions_per_s: float = 0.0) -> int:
-    """Workers that keep serving the current stream and also finish `backlog` jobs of
+def workers_needed(backlog: int, duration_s: float, policy: Policy, arrivals_per_s: float = 0.0) -> int:
+    """Workers that keep up with `arrivals_per_s` and also finish `backlog` jobs of
     `duration_s` within the target time."""
-    if backlog <= 0:
+    if backlog <= 0 and arrivals_per_s <= 0:
         return 0
     duration_s = max(duration_s, 1e-6)
-    stream_slots = completions_per_s * duration_s
+    stream_slots = arrivals_per_s * duration_s
     # A job runs on one slot: the backlog can use at most one slot per job, however short the target.
-    drain_slots = min(float(backlog), backlog * duration_s / policy.target_drain_s)
+    drain_slots = min(float(max(backlog, 0)), max(backlog, 0) * duration_s / policy.target_drain_s)
     # Less a hair, so that an exact whole number of workers is not rounded up by float error.
     workers = math.ceil((stream_slots + drain_slots) / policy.slots_per_worker - 1e-9)
     return min(policy.max_workers, max(1, workers))
@@ -102,19 +109,27 @@ def workers_needed(backlog: int, duration_s: float, policy: Policy, completions_
 def decide(view: ClusterView, policy: Policy) -> Decision:
     backlog = sum(e.pending for e in view.endpoints)
     oldest = max((e.oldest_pending_age_s for e in view.endpoints if e.pending), default=0.0)
-    if backlog == 0:
+    rate = arrival_rate(view.endpoints)
+    if backlog == 0 and rate == 0:
         return Decision(0, 0, "no pending work")
-    if oldest < policy.scale_after_s:
-        return Decision(0, 0, f"oldest item has waited {oldest:.0f}s, under the {policy.scale_after_s:.0f}s threshold")
 
     duration = job_duration(view.endpoints, policy.default_job_duration_s)
-    rate = throughput(view.endpoints)
-    needed = workers_needed(backlog, duration, policy, rate)
     current = view.workers_ready + view.workers_booting
+    stream = f"{rate:.3g} jobs/s arriving x {duration:.3g}s" if rate else ""
+    if backlog and (oldest >= policy.scale_after_s or current == 0):
+        needed = workers_needed(backlog, duration, policy, rate)
+        sizing = (f"{backlog} pending x {duration:.3g}s needs {needed} worker(s) to drain in "
+                  f"{policy.target_drain_s:.0f}s" + (f" beside {stream}" if stream else ""))
+    else:
+        needed = workers_needed(0, duration, policy, rate)
+        waited = (f"oldest item has waited {oldest:.0f}s, under the {policy.scale_after_s:.0f}s threshold"
+                  if backlog else "nothing pending")
+        if needed <= current:
+            enough = f"; {stream} needs {needed} worker(s), {current} there" if stream else ""
+            return Decision(0, needed, waited + enough)
+        sizing = f"{waited}, but {stream} needs {needed} worker(s)"
+    sizing += f"; {view.workers_ready} ready, {view.workers_booting} booting"
     missing = needed - current
-    stream = f" beside {rate:.3g} jobs/s completing" if rate else ""
-    sizing = (f"{backlog} pending x {duration:.3g}s needs {needed} worker(s) to drain in "
-              f"{policy.target_drain_s:.0f}s{stream}; {view.workers_ready} ready, {view.workers_booting} booting")
     if missing <= 0:
         return Decision(0, needed, f"{sizing}: enough")
 

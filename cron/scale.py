@@ -192,7 +192,9 @@ def load_of(stats: dict) -> EndpointLoad:
     return EndpointLoad(pending=stats["pending"], oldest_pending_age_s=stats["oldest_pending_age_s"],
                         recent_jobs=stats.get("recent_jobs", 0),
                         recent_job_duration_s=stats.get("recent_job_duration_s"),
-                        recent_window_s=stats.get("recent_window_s", 600.0))
+                        recent_window_s=stats.get("recent_window_s", 600.0),
+                        recent_arrivals=stats.get("recent_arrivals", 0),
+                        arrival_window_s=stats.get("arrival_window_s", 60.0))
 
 
 class Scaler:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 STATES = ("pending", "running", "completed", "failed")
 RECENT_WINDOW_S = 600.0  # "recent" jobs in /stats: completed within the last ten minutes
+ARRIVAL_WINDOW_S = 60.0  # "recent" arrivals in /stats: short, so that the scaler sees a rising stream early
 PRUNE_BATCH = 1000
 NODE_ID_PATTERN = re.compile(r"[a-z0-9]{1,16}")
 WORK_ID_PATTERN = re.compile(r"([a-z0-9]{1,16})-[0-9a-f]{16}")
@@ -93,6 +94,9 @@ def read_stats(conn: sqlite3.Connection, node_id: str, worker_seen_window: float
             "SELECT count(*), avg(duration_s) FROM work_items WHERE state = 'completed' AND completed_at > ?",
             (now - RECENT_WINDOW_S,),
         ).fetchone()
+        (recent_arrivals,) = conn.execute(
+            "SELECT count(*) FROM work_items WHERE created_at > ?", (now - ARRIVAL_WINDOW_S,)
+        ).fetchone()
         workers = conn.execute(
             "SELECT worker_id, last_seen_at, jobs_completed FROM workers WHERE last_seen_at > ? ORDER BY worker_id",
             (now - worker_seen_window,),
@@ -112,6 +116,8 @@ def read_stats(conn: sqlite3.Connection, node_id: str, worker_seen_window: float
         "recent_jobs": recent_jobs,
         "recent_window_s": RECENT_WINDOW_S,
         "recent_job_duration_s": round(recent_duration, 6) if recent_duration is not None else None,
+        "recent_arrivals": recent_arrivals,
+        "arrival_window_s": ARRIVAL_WINDOW_S,
         "workers": [
             {"id": worker_id, "last_seen_s_ago": round(now - seen, 3), "jobs_completed": jobs}
             for worker_id, seen, jobs in workers

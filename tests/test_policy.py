@@ -11,11 +11,10 @@ from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide, job
 
 
 def load(pending: int, age: float = 100.0, recent_jobs: int = 0, duration: float | None = None,
-         window: float = 1e12) -> EndpointLoad:
-    """By default the recent jobs are spread over an immense window: their durations count, but
-    the stream they make is negligible, so the tests below see the backlog sizing alone."""
+         arrivals: int = 0, arrival_window: float = 60.0) -> EndpointLoad:
+    """By default nothing arrived lately, so the tests see the backlog sizing alone."""
     return EndpointLoad(pending=pending, oldest_pending_age_s=age, recent_jobs=recent_jobs,
-                        recent_job_duration_s=duration, recent_window_s=window)
+                        recent_job_duration_s=duration, recent_arrivals=arrivals, arrival_window_s=arrival_window)
 
 
 def view(*endpoints: EndpointLoad, peer_reachable: bool = True, ready: int = 0, booting: int = 0,
@@ -38,9 +37,20 @@ def policy(**changes: object) -> Policy:
 
 
 def test_no_launch_before_the_oldest_item_has_waited_the_threshold_even_with_a_big_backlog() -> None:
-    decision = decide(view(load(10_000, age=29.0), load(10_000, age=5.0)), POLICY)
-    assert decision == Decision(0, 0, decision.reason)
-    assert "waited 29s, under the 30s threshold" in decision.reason
+    # A worker is there (ready or booting): it may well take the backlog in a moment.
+    for ready, booting in [(1, 0), (0, 1)]:
+        decision = decide(view(load(10_000, age=29.0), load(10_000, age=5.0), ready=ready, booting=booting, own=1),
+                          POLICY)
+        assert decision == Decision(0, 0, "oldest item has waited 29s, under the 30s threshold")
+
+
+def test_on_a_cluster_without_workers_pending_work_launches_at_once() -> None:
+    # Nobody else will take it: waiting for the threshold would only add latency, the launch costs the same.
+    for age in (0.0, 1.0, 29.0):
+        decision = decide(view(load(1_000, age=age)), POLICY)
+        assert (decision.needed, decision.launch) == (5, 3)  # 1000 x 1 s / (2 slots x 100 s); endpoint 0's 3 of 5
+        assert decision.reason.startswith("1000 pending x 1s needs 5 worker(s) to drain in 100s; 0 ready, 0 booting")
+    assert decide(view(load(1, age=0.0)), POLICY).launch == 1
 
 
 def test_launches_once_the_oldest_item_has_waited_longer_than_the_threshold() -> None:
@@ -61,14 +71,16 @@ def test_no_launch_with_an_empty_queue() -> None:
 
 
 def test_the_oldest_age_is_taken_across_both_endpoints() -> None:
-    # Only the peer's item is old enough: that is enough, in either order of the endpoints.
-    assert decide(view(load(3, age=5.0), load(2, age=45.0)), POLICY).launch == 1
-    assert decide(view(load(2, age=45.0), load(3, age=5.0)), POLICY).launch == 1
+    # Only the peer's item is old enough: that is enough, in either order of the endpoints. 500 jobs need
+    # 3 workers, 1 is there; endpoint 0 takes 1 of the 2 missing.
+    assert decide(view(load(300, age=5.0), load(200, age=45.0), ready=1, own=1), POLICY).launch == 1
+    assert decide(view(load(200, age=45.0), load(300, age=5.0), ready=1, own=1), POLICY).launch == 1
+    assert decide(view(load(200, age=25.0), load(300, age=5.0), ready=1, own=1), POLICY).launch == 0
 
 
 def test_the_age_reported_by_an_endpoint_with_nothing_pending_is_ignored() -> None:
     for endpoints in [(load(0, age=500.0), load(400, age=10.0)), (load(400, age=10.0), load(0, age=500.0))]:
-        decision = decide(view(*endpoints), POLICY)
+        decision = decide(view(*endpoints, ready=1, own=1), POLICY)
         assert decision.launch == 0
         assert "waited 10s" in decision.reason
 
@@ -202,7 +214,8 @@ def _random_case(rng: random.Random) -> tuple[Policy, ClusterView, ClusterView]:
         pending = rng.choice([0, rng.randint(1, 10), rng.randint(1, 5_000)])
         measured = rng.randint(0, 100)
         loads.append(load(pending, age=rng.uniform(0, 120), recent_jobs=measured,
-                          duration=rng.choice([None, rng.uniform(0.01, 60.0)])))
+                          duration=rng.choice([None, rng.uniform(0.01, 60.0)]),
+                          arrivals=rng.choice([0, rng.randint(1, 50), rng.randint(1, 5_000)])))
     own = [rng.randint(0, split_cap(max_workers, index)) for index in (0, 1)]
     booting = rng.randint(0, own[0] + own[1])
     reachable = rng.random() < 0.7
@@ -321,30 +334,53 @@ def test_a_backlog_current_workers_drain_within_the_target_causes_no_launch() ->
     assert decide(view(load(161, age=300.0, recent_jobs=50, duration=2.5), ready=2, own=2), POLICY).launch == 1
 
 
-# --- the stream already being served ----------------------------------------------------------------------------
+# --- the stream of arrivals ------------------------------------------------------------------------------------
 
 
-def test_workers_busy_with_the_current_stream_are_not_counted_as_free_for_the_backlog() -> None:
-    # 600 jobs of 2 s completed in the last 600 s: 1 job/s x 2 s keeps 2 slots (one worker) busy.
-    stream = load(200, age=300.0, recent_jobs=600, duration=2.0, window=600.0)
+def test_workers_busy_with_the_arriving_stream_are_not_counted_as_free_for_the_backlog() -> None:
+    # 60 jobs arrived in the last 60 s: 1 job/s x 2 s keeps 2 slots (one worker) busy.
+    stream = load(200, age=300.0, recent_jobs=600, duration=2.0, arrivals=60)
     # The backlog alone needs 200 x 2 s / (2 slots x 100 s) = 2 workers; with the stream, 3.
     assert workers_needed(200, 2.0, POLICY) == 2
-    assert workers_needed(200, 2.0, POLICY, completions_per_s=1.0) == 3
+    assert workers_needed(200, 2.0, POLICY, arrivals_per_s=1.0) == 3
     decision = decide(view(stream, ready=2, own=2), POLICY)
     assert decision.needed == 3
     assert decision.launch == 1
-    assert "beside 1 jobs/s completing" in decision.reason
+    assert "beside 1 jobs/s arriving x 2s" in decision.reason
 
 
 def test_the_stream_counts_across_both_endpoints() -> None:
-    a = load(100, age=300.0, recent_jobs=300, duration=2.0, window=600.0)
-    b = load(100, age=300.0, recent_jobs=900, duration=2.0, window=600.0)
+    a = load(100, age=300.0, recent_jobs=300, duration=2.0, arrivals=30)
+    b = load(100, age=300.0, recent_jobs=900, duration=2.0, arrivals=90, arrival_window=60.0)
     # 2 jobs/s x 2 s = 4 slots for the stream, 200 x 2 s / 100 s = 4 slots for the backlog: 4 workers.
-    assert decide(view(a, b), POLICY).needed == 4
+    assert decide(view(a, b, ready=1, own=1), POLICY).needed == 4
+    # Each endpoint's count is over its own window: 30 in 60 s and 90 in 90 s are 1.5 jobs/s, x 2 s = 3 slots.
+    one_slot = policy(slots_per_worker=1, default_job_duration_s=2.0)
+    arriving = (load(0, age=0.0, arrivals=30), load(0, age=0.0, arrivals=90, arrival_window=90.0))
+    assert decide(view(*arriving, ready=1, own=1), one_slot).needed == 3
 
 
-def test_a_stream_without_a_backlog_launches_nothing() -> None:
-    assert decide(view(load(0, age=0.0, recent_jobs=6000, duration=2.0, window=600.0)), POLICY).launch == 0
+def test_arrivals_that_outpace_the_fleet_launch_before_anything_has_waited() -> None:
+    # 300 jobs of 2 s arrived in the last minute: 5 jobs/s x 2 s = 10 slots = 5 workers; 2 are there.
+    for pending, age in [(0, 0.0), (40, 3.0)]:
+        busy = load(pending, age=age, recent_jobs=500, duration=2.0, arrivals=300)
+        decision = decide(view(busy, ready=2, own=1, peer=1, peer_reachable=False), POLICY)
+        assert (decision.needed, decision.launch) == (5, 3)
+        assert "5 jobs/s arriving x 2s needs 5 worker(s); 2 ready, 0 booting: launching 3" in decision.reason
+
+
+def test_arrivals_the_fleet_keeps_up_with_launch_nothing() -> None:
+    busy = load(3, age=2.0, recent_jobs=500, duration=2.0, arrivals=240)  # 4 jobs/s x 2 s: 8 slots, 4 workers
+    for ready, booting in [(4, 0), (2, 2), (6, 0)]:
+        decision = decide(view(busy, ready=ready, booting=booting, own=ready + booting), POLICY)
+        assert (decision.needed, decision.launch) == (4, 0)
+        assert decision.reason == ("oldest item has waited 2s, under the 30s threshold; "
+                                   f"4 jobs/s arriving x 2s needs 4 worker(s), {ready + booting} there")
+
+
+def test_completions_without_arrivals_or_backlog_launch_nothing() -> None:
+    decision = decide(view(load(0, age=0.0, recent_jobs=6000, duration=2.0)), POLICY)
+    assert decision == Decision(0, 0, "no pending work")
 
 
 def test_needed_never_exceeds_the_cap_not_even_a_zero_cap() -> None:

@@ -367,8 +367,8 @@ def test_run_killed_mid_launch_leaves_nothing_unreconciled(next_run: str, servic
     else:
         launched_at = instance["LaunchTime"].timestamp()
         wait_for(lambda: time.time() - launched_at > 2.5, 10, "the ready deadline to pass")
-        # --scale-after 3600: this run only reconciles, it launches no replacement.
-        second = scalers.run(a, addresses=[host.address], ready_deadline=2, scale_after=3600)
+        # --max-launch-per-tick 0: this run only reconciles, it launches no replacement.
+        second = scalers.run(a, addresses=[host.address], ready_deadline=2, max_launch_per_tick=0)
         assert "not ready" in second.log()
         assert state_of(cloud.ec2, instance_id) in GONE
         assert cluster_instances(cloud.ec2, LIVE) == []
@@ -487,7 +487,7 @@ def test_reconcile_terminates_a_ready_worker_no_endpoint_ever_heard_from(
     launched_at = instance["LaunchTime"].timestamp()
     wait_for(lambda: time.time() - launched_at > 3, 10, "the silence deadline to pass")
 
-    run = scalers.run(a, **options, scale_after=3600)  # reconcile only
+    run = scalers.run(a, **options, max_launch_per_tick=0)  # reconcile only: it launches nothing
     assert "neither endpoint heard from it" in run.log()
     assert state_of(cloud.ec2, instance["InstanceId"]) in GONE
     assert cluster_instances(cloud.ec2, LIVE) == []
@@ -511,7 +511,7 @@ def test_reconcile_terminates_a_ready_worker_silent_for_the_silence_deadline(
     # The endpoint still lists the worker (it lists those seen in the last 120 s), but it has
     # been silent for longer than the deadline.
     assert instance_id in [worker["id"] for worker in a.stats()["workers"]]
-    run = scalers.run(a, **options, scale_after=3600)  # reconcile only
+    run = scalers.run(a, **options, max_launch_per_tick=0)  # reconcile only: it launches nothing
     assert "neither endpoint heard from it" in run.log()
     assert state_of(cloud.ec2, instance_id) in GONE, run.log()
     assert cluster_instances(cloud.ec2, LIVE) == []

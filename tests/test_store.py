@@ -71,3 +71,26 @@ def test_only_results_delivered_longer_ago_than_the_retention_are_pruned(tmp_pat
         assert store.stats()["completed"] == 1
     finally:
         store.close()
+
+
+def test_stats_count_the_items_enqueued_in_the_last_minute_whatever_their_state(tmp_path: Path) -> None:
+    store = Store(tmp_path / "a.sqlite3", "a", maintenance_interval=3600)
+    try:
+        old, done, waiting = (store.enqueue(payload, 1) for payload in (b"o", b"d", b"w"))
+        claim = store.claim("w")
+        assert claim is not None and claim.work_id == old
+        assert store.claim("w").work_id == done
+        assert store.complete(done, "w", "e" * 128, 0.1)
+        stats = store.stats()
+        assert (stats["recent_arrivals"], stats["arrival_window_s"]) == (3, 60.0)
+        # Two minutes ago: out of the window, whatever its state (here running).
+        store._writer.run(lambda conn: conn.execute("UPDATE work_items SET created_at = created_at - 120 WHERE id = ?",
+                                                    (old,)))
+        assert store.stats()["recent_arrivals"] == 2
+        assert store.get(waiting)["state"] == "pending"
+        # Counted from an index, not by walking every item the file holds.
+        plan = store._reader().execute("EXPLAIN QUERY PLAN SELECT count(*) FROM work_items WHERE created_at > ?",
+                                       (0.0,)).fetchall()
+        assert "work_items_created" in str(plan)
+    finally:
+        store.close()
