@@ -14,8 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from endpoint.secret import worker_key
+
 REPO = Path(__file__).resolve().parent.parent
-SECRET = "bench-secret-0123456789abcdef"
+SECRET = "bench-secret-0123456789abcdef"  # the cluster secret of the throwaway endpoint
+WORKER_KEY = worker_key(SECRET)  # what its workers present
 
 
 def free_port() -> int:

@@ -26,7 +26,7 @@ import time
 import urllib.request
 from itertools import repeat
 
-from bench._endpoint import REPO, SECRET, cpu_seconds, group_pids, running_endpoint
+from bench._endpoint import REPO, WORKER_KEY, cpu_seconds, group_pids, running_endpoint
 
 
 def _bare_loop(seconds: float, results: multiprocessing.Queue) -> None:
@@ -63,7 +63,7 @@ def worker_rate_per_core(cores: int, seconds: float, bare_rate: float) -> tuple[
             urllib.request.urlopen(request).read()
         worker = subprocess.Popen(
             [sys.executable, "-m", "worker", "--endpoint", url, "--idle-timeout", "600", "--poll-interval", "0.05"],
-            cwd=REPO, env={**os.environ, "DW_SECRET": SECRET}, start_new_session=True,
+            cwd=REPO, env={**os.environ, "DW_SECRET": WORKER_KEY}, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             while json.load(urllib.request.urlopen(f"{url}/stats"))["running"] < cores:

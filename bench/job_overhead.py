@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.request
 
-from bench._endpoint import SECRET, running_endpoint
+from bench._endpoint import WORKER_KEY, running_endpoint
 from worker.client import EndpointClient
 
 
@@ -23,7 +23,7 @@ def main(jobs: int = 2000) -> None:
             request = urllib.request.Request(f"{url}/enqueue?iterations=1", data=b"x" * 64, method="PUT",
                                              headers={"Content-Type": "application/octet-stream"})
             urllib.request.urlopen(request).read()
-        client = EndpointClient(url, SECRET, "bench-worker")
+        client = EndpointClient(url, WORKER_KEY, "bench-worker")
         per_job, claims, submits = [], [], []
         started = time.perf_counter()
         for _ in range(jobs):

@@ -16,7 +16,7 @@ import time
 import urllib.request
 from urllib.parse import urlsplit
 
-from bench._endpoint import SECRET, group_pids, rss_kib, running_endpoint
+from bench._endpoint import WORKER_KEY, group_pids, rss_kib, running_endpoint
 
 
 def enqueue_many(url: str, count: int, clients: int = 8) -> float:
@@ -72,7 +72,7 @@ def main(items: int = 100_000) -> None:
         json.load(urllib.request.urlopen(f"{url}/stats"))
         stats_ms = (time.perf_counter() - started) * 1000
         request = urllib.request.Request(f"{url}/internal/claim", data=b'{"worker": "bench"}', method="POST",
-                                         headers={"Authorization": f"Bearer {SECRET}"})
+                                         headers={"Authorization": f"Bearer {WORKER_KEY}"})
         started = time.perf_counter()
         assert urllib.request.urlopen(request).status == 200
         claim_ms = (time.perf_counter() - started) * 1000

@@ -4,7 +4,7 @@
 2. launches endpoint instances a and b unless they already run (found by their tags), with
    the endpoints' instance profile -- the only AWS credentials in the cluster;
 3. provisions both over SSH in parallel: code from this checkout (no git clone), a venv
-   installed offline from wheels downloaded here for the host's Python, the shared secret,
+   installed offline from wheels downloaded here for the host's Python, the cluster secret,
    the endpoint service, and the crontab entry of the scaler;
 4. waits until both answer /stats, and prints their URLs and the curl commands to try.
 
@@ -99,7 +99,7 @@ def secret_for(args: argparse.Namespace) -> str:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "w") as file:
             file.write(secrets.token_hex(32) + "\n")
-        step(f"shared secret created in {path} (mode 0600)")
+        step(f"cluster secret created in {path} (mode 0600)")
     return path.read_text().strip()
 
 

@@ -1,7 +1,7 @@
 """Installing and starting a worker on a host over SSH, with paramiko.
 
 The worker is standard-library Python, so provisioning is: copy its files over SFTP, write
-its settings and the shared secret (mode 0600), start it as a service, and confirm that it
+its settings and the worker key (mode 0600), start it as a service, and confirm that it
 runs. Nothing is installed from the network, and the worker gets no AWS credentials.
 
 Host keys are pinned per machine (instance id or host name), not per address: EC2 reuses
@@ -111,7 +111,7 @@ class WorkerInstall:
     """What a provisioned worker runs with."""
 
     endpoints: tuple[str, ...]
-    secret: str
+    secret: str  # the worker key (endpoint/secret.py), never the cluster secret
     worker_id: str
     idle_timeout: float
     processes: int = 0  # 0: one per core

@@ -37,7 +37,7 @@ from cron.providers import Node, Provider, ProviderError
 from cron.providers.local import LocalProvider
 from cron.provision import HostKeyPins, WorkerInstall
 from cron.state import Breaker, StateStore
-from endpoint.secret import read_secret
+from endpoint.secret import read_secret, worker_key
 from endpoint.store import open_read_only, read_stats
 
 log = logging.getLogger("cron.scale")
@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="endpoint URL as workers reach it, once per endpoint [DW_ENDPOINTS, comma-separated]")
     add("--state-dir", default=env("DW_STATE_DIR", "var"), help="lock, host keys, local workers [DW_STATE_DIR]")
     add("--secret-file", default=env("DW_SECRET_FILE", ""),
-        help="the shared secret, handed to workers [DW_SECRET_FILE] (default <state-dir>/secret)")
+        help="the cluster secret; workers get the worker key derived from it [DW_SECRET_FILE] "
+             "(default <state-dir>/secret)")
     # policy
     add("--max-workers", type=int, default=env("DW_MAX_WORKERS", "4"),
         help="cluster-wide maximum, across both endpoints' scalers [DW_MAX_WORKERS]")
@@ -118,7 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def worker_install(args: argparse.Namespace) -> WorkerInstall:
-    return WorkerInstall(endpoints=tuple(args.endpoints), secret=read_secret(args.secret_file), worker_id="",
+    key = worker_key(read_secret(args.secret_file))
+    return WorkerInstall(endpoints=tuple(args.endpoints), secret=key, worker_id="",
                          idle_timeout=args.idle_timeout, processes=args.worker_processes,
                          service=args.worker_service, exit_command=args.worker_exit_command,
                          python=args.remote_python)
@@ -127,7 +129,7 @@ def worker_install(args: argparse.Namespace) -> WorkerInstall:
 def make_provider(args: argparse.Namespace) -> Provider:
     state_dir = Path(args.state_dir)
     if args.provider == "local":
-        return LocalProvider(state_dir / "workers", args.endpoints, Path(args.secret_file),
+        return LocalProvider(state_dir / "workers", args.endpoints, worker_key(read_secret(args.secret_file)),
                              processes_per_worker=args.slots_per_worker, idle_timeout=args.idle_timeout,
                              log_dir=state_dir / "log")
     pins = HostKeyPins(state_dir / "known_hosts.json")

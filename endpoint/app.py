@@ -1,8 +1,9 @@
 """The endpoint's HTTP API: Bottle routes, each a plain function.
 
 Public (clients, unauthenticated):   PUT /enqueue, POST /pullCompleted, GET /work/<id>, GET /stats
-Worker (shared secret):              POST /internal/claim, /internal/work/<id>/{renew,release,result}
-Peer (shared secret):                POST /internal/peer/take-completed, GET /internal/peer/work/<id>
+Worker (the worker key):             POST /internal/claim, /internal/work/<id>/{renew,release,result}
+Peer (the peer key):                 POST /internal/peer/take-completed, GET /internal/peer/work/<id>
+Both keys are derived from the cluster secret (endpoint/secret.py); neither opens the other's routes.
 
 Every error is JSON {"error": "..."} with a 4xx status for anything a client sent wrong.
 """
@@ -25,6 +26,7 @@ from bottle import HTTPError, HTTPResponse, request, response
 
 from endpoint.inputs import InputError, payload_from, positive_int, query_params, read_body
 from endpoint.peer import Peer, PeerUnavailable
+from endpoint.secret import peer_key, worker_key
 from endpoint.store import Delivered, Store, StoreUnavailable, owner_of
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ def _reject_constant(name: str) -> None:
 
 
 def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None) -> bottle.Bottle:
+    """`secret` is the cluster secret; callers present the key derived from it for their role."""
     app = JsonBottle()
 
     def client_errors(route: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,19 +95,24 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
 
         return wrapper
 
-    def internal(route: Callable[..., Any]) -> Callable[..., Any]:
-        """Worker and peer routes: only callers holding the shared secret."""
+    def requires(key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Internal routes: only callers presenting `key`."""
 
-        @functools.wraps(route)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            scheme, _, token = request.get_header("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not token:
-                return json_response({"error": "missing credentials: send Authorization: Bearer <secret>"}, 401)
-            if not hmac.compare_digest(token.encode(), secret.encode()):
-                return json_response({"error": "wrong credentials"}, 403)
-            return route(*args, **kwargs)
+        def decorator(route: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(route)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                scheme, _, token = request.get_header("Authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not token:
+                    return json_response({"error": "missing credentials: send Authorization: Bearer <key>"}, 401)
+                if not hmac.compare_digest(token.encode(), key.encode()):
+                    return json_response({"error": "wrong credentials for this route"}, 403)
+                return route(*args, **kwargs)
 
-        return wrapper
+            return wrapper
+
+        return decorator
+
+    worker_only, peer_only = requires(worker_key(secret)), requires(peer_key(secret))
 
     # -- public API ----------------------------------------------------------------------
 
@@ -176,7 +184,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         return attempt
 
     @app.route("/internal/claim", method="POST")
-    @internal
+    @worker_only
     @client_errors
     def claim() -> HTTPResponse:
         fields = worker_request()
@@ -200,7 +208,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             raise InputError(404, f"no work item {work_id!r} at endpoint {store.node_id!r}")
 
     @app.route("/internal/work/<work_id>/renew", method="POST")
-    @internal
+    @worker_only
     @client_errors
     def renew(work_id: str) -> HTTPResponse:
         fields = worker_request()
@@ -210,7 +218,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         return json_response({"error": "lease lost: the item was completed or leased to another attempt"}, 409)
 
     @app.route("/internal/work/<work_id>/release", method="POST")
-    @internal
+    @worker_only
     @client_errors
     def release(work_id: str) -> HTTPResponse:
         fields = worker_request()
@@ -220,7 +228,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         return json_response({"error": "lease lost: nothing to release"}, 409)
 
     @app.route("/internal/work/<work_id>/result", method="POST")
-    @internal
+    @worker_only
     @client_errors
     def submit_result(work_id: str) -> HTTPResponse:
         fields = worker_request()
@@ -239,7 +247,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
     # -- peer API ------------------------------------------------------------------------
 
     @app.route("/internal/peer/take-completed", method="POST")
-    @internal
+    @peer_only
     @client_errors
     def peer_take_completed() -> HTTPResponse:
         params = query_params(request.query_string)
@@ -253,7 +261,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         )
 
     @app.route("/internal/peer/work/<work_id>", method="GET")
-    @internal
+    @peer_only
     @client_errors
     def peer_work_status(work_id: str) -> HTTPResponse:
         item = store.get(work_id) if owner_of(work_id) == store.node_id else None

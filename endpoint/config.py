@@ -44,7 +44,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "node_id": ("DW_NODE_ID", "a", str, "this endpoint's id, the prefix of its work ids (a-z, 0-9)"),
     "peer": ("DW_PEER_URL", "", str, "base URL of the other endpoint, e.g. http://10.0.0.2:5000"),
     "db": ("DW_DB", "", str, "SQLite file (default var/<node-id>.sqlite3)"),
-    "secret_file": ("DW_SECRET_FILE", "", str, "file holding the shared secret (or put the secret in DW_SECRET)"),
+    "secret_file": ("DW_SECRET_FILE", "", str, "file holding the cluster secret (or put the secret in DW_SECRET)"),
     "threads": ("DW_THREADS", "16", int, "request threads"),
     "max_payload_bytes": ("DW_MAX_PAYLOAD_BYTES", str(4 * 1024 * 1024), int, "largest payload accepted"),
     "max_iterations": ("DW_MAX_ITERATIONS", "100000000", int, "largest iterations accepted"),

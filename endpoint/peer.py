@@ -27,7 +27,7 @@ class _NotFound(Exception):
 
 
 class Peer:
-    """The other endpoint, reached over HTTP with the shared secret.
+    """The other endpoint, reached over HTTP with the peer key.
 
     After a failed call the peer is skipped for `retry_after` seconds, so that a dead peer
     costs one timeout per interval instead of one per client request.
@@ -39,9 +39,9 @@ class Peer:
     that pull's answer are carried over to the next one.
     """
 
-    def __init__(self, base_url: str, secret: str, timeout: float = 3.0, retry_after: float = 5.0) -> None:
+    def __init__(self, base_url: str, key: str, timeout: float = 3.0, retry_after: float = 5.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self._secret = secret
+        self._key = key
         self._timeout = timeout
         self._retry_after = retry_after
         self._down_until = 0.0
@@ -98,7 +98,7 @@ class Peer:
             self.base_url + path,
             method=method,
             data=b"" if method == "POST" else None,
-            headers={"Authorization": f"Bearer {self._secret}"},
+            headers={"Authorization": f"Bearer {self._key}"},
         )
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:

@@ -13,7 +13,7 @@ import bottle
 from endpoint.app import Limits, make_app
 from endpoint.config import from_env
 from endpoint.peer import Peer
-from endpoint.secret import read_secret
+from endpoint.secret import peer_key, read_secret
 from endpoint.store import Store
 
 log = logging.getLogger("endpoint")
@@ -28,7 +28,7 @@ def create_app() -> bottle.Bottle:
                   retention_days=settings.retention_days)
     atexit.register(store.close)
     _exit_with_parent(store)
-    peer = Peer(settings.peer, secret) if settings.peer else None
+    peer = Peer(settings.peer, peer_key(secret)) if settings.peer else None
     limits = Limits(settings.max_payload_bytes, settings.max_iterations, settings.max_top)
     log.info("endpoint %s serving on http://%s:%d (db %s, peer %s)", settings.node_id, settings.host,
              settings.port, store.path, settings.peer or "none")

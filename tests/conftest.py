@@ -21,10 +21,15 @@ from typing import Any
 import pytest
 import requests
 
+from endpoint.secret import peer_key, worker_key
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-SECRET = "test-secret-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {SECRET}"}
+SECRET = "test-secret-0123456789abcdef"  # the cluster secret, which the endpoints hold
+WORKER_KEY = worker_key(SECRET)
+WORKER_AUTH = {"Authorization": f"Bearer {WORKER_KEY}"}
+WORKER_ENV = {"DW_SECRET": WORKER_KEY}  # what a worker process is started with
+PEER_AUTH = {"Authorization": f"Bearer {peer_key(SECRET)}"}
 
 
 def reference(data: bytes, iterations: int) -> str:
@@ -206,7 +211,7 @@ class Services:
             args += ["--worker-id", worker_id]
         for endpoint in endpoints:
             args += ["--endpoint", endpoint.url]
-        return self.start(f"worker-{worker_id or len(self.started)}", args)
+        return self.start(f"worker-{worker_id or len(self.started)}", args, WORKER_ENV)
 
     def stop_all(self) -> None:
         for service in reversed(self.started):

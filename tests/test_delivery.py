@@ -9,7 +9,7 @@ from pathlib import Path
 
 import requests
 
-from conftest import AUTH, Endpoint, Services, drain, pid_alive, reference, wait_for
+from conftest import WORKER_AUTH, Endpoint, Services, drain, pid_alive, reference, wait_for
 
 
 def test_enqueue_at_a_pull_at_b(services: Services, pair: tuple[Endpoint, Endpoint]) -> None:
@@ -33,10 +33,10 @@ def test_pull_fills_up_from_the_peer_most_recently_completed_first(pair: tuple[E
     a, b = pair
     ids = [a.enqueue(b"first", 1), b.enqueue(b"second", 1), a.enqueue(b"third", 1)]
     for endpoint, work_id in ((a, ids[0]), (b, ids[1]), (a, ids[2])):
-        claim = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "t"}, headers=AUTH, timeout=10)
+        claim = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "t"}, headers=WORKER_AUTH, timeout=10)
         assert claim.headers["X-Work-Id"] == work_id
         requests.post(f"{endpoint.url}/internal/work/{work_id}/result", json={"worker": "t", "result": "0" * 128},
-                      headers=AUTH, timeout=10).raise_for_status()
+                      headers=WORKER_AUTH, timeout=10).raise_for_status()
     # A has two, B's one fills up the third place; all in order of completion, newest first.
     assert [item["id"] for item in a.pull(3)] == [ids[2], ids[1], ids[0]]
     assert b.pull(5) == []
@@ -117,7 +117,8 @@ def test_lease_expiring_too_often_marks_the_item_failed(services: Services) -> N
     endpoint = services.endpoint("a", extra_args=("--lease-seconds", "0.5", "--max-attempts", "2"))
     work_id = endpoint.enqueue(b"unlucky", 10)
     for attempt in (1, 2):
-        claim = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "flaky"}, headers=AUTH, timeout=10)
+        claim = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "flaky"}, headers=WORKER_AUTH,
+                              timeout=10)
         assert claim.headers["X-Work-Id"] == work_id
         assert claim.headers["X-Attempt"] == str(attempt)
         wait_for(lambda: endpoint.work(work_id).json()["state"] != "running", timeout=10, what="the lease to expire")
@@ -126,14 +127,14 @@ def test_lease_expiring_too_often_marks_the_item_failed(services: Services) -> N
     assert status["attempts"] == 2
     assert "lease expired" in status["failed_reason"]
     assert endpoint.stats()["failed"] == 1
-    nothing = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "flaky"}, headers=AUTH, timeout=10)
+    nothing = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "flaky"}, headers=WORKER_AUTH, timeout=10)
     assert nothing.status_code == 204
 
 
 def test_result_submission_is_idempotent_and_the_first_result_wins(services: Services) -> None:
     endpoint = services.endpoint("a", extra_args=("--lease-seconds", "0.5"))
     work_id = endpoint.enqueue(b"twice", 1)
-    post = lambda path, body: requests.post(f"{endpoint.url}{path}", json=body, headers=AUTH, timeout=10)  # noqa: E731
+    post = lambda path, body: requests.post(f"{endpoint.url}{path}", json=body, headers=WORKER_AUTH, timeout=10)  # noqa: E731
     first = post("/internal/claim", {"worker": "slow"})
     wait_for(lambda: endpoint.work(work_id).json()["state"] == "pending", timeout=10, what="the lease to expire")
     second = post("/internal/claim", {"worker": "fast"})
@@ -155,7 +156,7 @@ def test_result_submission_is_idempotent_and_the_first_result_wins(services: Ser
 def test_released_item_is_claimable_again_without_using_an_attempt(services: Services) -> None:
     endpoint = services.endpoint("a")
     work_id = endpoint.enqueue(b"give back", 1)
-    post = lambda path, body: requests.post(f"{endpoint.url}{path}", json=body, headers=AUTH, timeout=10)  # noqa: E731
+    post = lambda path, body: requests.post(f"{endpoint.url}{path}", json=body, headers=WORKER_AUTH, timeout=10)  # noqa: E731
     assert post("/internal/claim", {"worker": "w1"}).headers["X-Attempt"] == "1"
     assert post(f"/internal/work/{work_id}/release", {"worker": "w1", "attempt": 1}).json() == {"released": True}
     again = post("/internal/claim", {"worker": "w2"})

@@ -12,15 +12,15 @@ from contextlib import contextmanager
 
 import requests
 
-from conftest import AUTH, Endpoint, Services, free_port, wait_for
+from conftest import WORKER_AUTH, Endpoint, Services, free_port, wait_for
 
 
 def complete(endpoint: Endpoint, payload: bytes) -> str:
     work_id = endpoint.enqueue(payload, 1)
-    claim = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "t"}, headers=AUTH, timeout=10)
+    claim = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "t"}, headers=WORKER_AUTH, timeout=10)
     assert claim.headers["X-Work-Id"] == work_id
     requests.post(f"{endpoint.url}/internal/work/{work_id}/result", json={"worker": "t", "result": "c" * 128},
-                  headers=AUTH, timeout=10).raise_for_status()
+                  headers=WORKER_AUTH, timeout=10).raise_for_status()
     return work_id
 
 

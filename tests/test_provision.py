@@ -21,7 +21,7 @@ from cloudhosts import (
     ssh_keypair,
 )
 
-from conftest import SECRET, Endpoint, Services, pid_alive, reference, wait_for
+from conftest import WORKER_KEY, Endpoint, Services, pid_alive, reference, wait_for
 from cron.provision import (
     REMOTE_DIR_NAME,
     HostKeyPins,
@@ -58,7 +58,7 @@ def endpoint(services: Services, host_network: HostNetwork) -> Endpoint:
 
 
 def install(endpoint: Endpoint, host: FakeHost, *, worker_id: str = "w1", idle_timeout: float = 300) -> WorkerInstall:
-    return WorkerInstall(endpoints=(endpoint.url,), secret=SECRET, worker_id=worker_id, idle_timeout=idle_timeout,
+    return WorkerInstall(endpoints=(endpoint.url,), secret=WORKER_KEY, worker_id=worker_id, idle_timeout=idle_timeout,
                          processes=1, service="process", exit_command=f"touch {exit_marker(host)}",
                          python=REMOTE_PYTHON)
 
@@ -145,12 +145,12 @@ def test_provisioned_worker_runs_serves_the_endpoint_and_keeps_the_secret_privat
     # command line or environment
     secret_file = remote_dir(host) / "secret"
     assert secret_file.stat().st_mode & 0o777 == 0o600
-    assert secret_file.read_text().strip() == SECRET
+    assert secret_file.read_text().strip() == WORKER_KEY
     settings = (remote_dir(host) / "worker.env").read_text()
-    assert SECRET not in settings
+    assert WORKER_KEY not in settings
     assert f"DW_SECRET_FILE={secret_file}" in settings
-    assert SECRET.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
-    assert SECRET.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+    assert WORKER_KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert WORKER_KEY.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
 
     # provisioning the same host again replaces the worker: one worker afterwards, a new one
     provision_timed("again", host, key, pins, install(endpoint, host))

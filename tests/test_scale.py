@@ -40,7 +40,7 @@ from cloudhosts import (
     write_private_key,
 )
 
-from conftest import PYTHON, SECRET, Endpoint, Service, Services, free_port, pid_alive, wait_for
+from conftest import PYTHON, SECRET, WORKER_KEY, Endpoint, Service, Services, free_port, pid_alive, wait_for
 from cron.provision import REMOTE_DIR_NAME, HostKeyPins, SshTarget, stop_worker
 
 CLUSTER = "dwtest"
@@ -299,7 +299,10 @@ def test_two_scalers_at_once_never_exceed_the_cap(services: Services, host_netwo
             tags = tags_of(instance)
             assert "dw:ready" in tags, logs
             assert tags["dw:test-address"] in pools[tags["dw:owner"]]
-            assert worker_pid_on(host_at(hosts, tags["dw:test-address"])) is not None
+            host = host_at(hosts, tags["dw:test-address"])
+            assert worker_pid_on(host) is not None
+            # The worker holds the worker key, never the cluster secret (which opens the peer routes).
+            assert (host.root_dir / REMOTE_DIR_NAME / "secret").read_text().strip() == WORKER_KEY != SECRET
         assert_nothing_unreconciled(cloud.ec2)
         return live
 
@@ -585,6 +588,13 @@ def test_two_local_scalers_at_once_never_exceed_the_cap(services: Services, loca
         assert all(alive(record) for record in records), logs
         owners = [record["owner"] for record in records]
         assert {owner: owners.count(owner) for owner in ("a", "b")} == {"a": 2, "b": 1}, logs
+        for record in records:  # local workers too hold the worker key only, in a private file
+            environ = Path(f"/proc/{record['pid']}/environ").read_bytes().split(b"\0")
+            key_file = local_state / "workers" / "worker-key"
+            assert f"DW_SECRET_FILE={key_file}".encode() in environ
+            assert SECRET.encode() not in b"\0".join(environ)
+            assert key_file.read_text().strip() == WORKER_KEY
+            assert key_file.stat().st_mode & 0o777 == 0o600
         return records
 
     first = both_at_once()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import socket
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from conftest import AUTH, Endpoint, Services
+from conftest import PEER_AUTH, SECRET, WORKER_AUTH, Endpoint, Services
 
 MAX_PAYLOAD = 1024
 MAX_ITERATIONS = 1000
@@ -128,9 +129,9 @@ def test_bad_pull_is_refused_and_delivers_nothing(services: Services, endpoint: 
 
 def complete_directly(endpoint: Endpoint, work_id: str) -> None:
     """Claim and complete through the worker API, as a worker would."""
-    claim = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "t"}, headers=AUTH, timeout=10)
+    claim = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "t"}, headers=WORKER_AUTH, timeout=10)
     assert claim.headers["X-Work-Id"] == work_id
-    done = requests.post(f"{endpoint.url}/internal/work/{work_id}/result", headers=AUTH, timeout=10,
+    done = requests.post(f"{endpoint.url}/internal/work/{work_id}/result", headers=WORKER_AUTH, timeout=10,
                          json={"worker": "t", "result": "ab" * 64})
     assert done.json() == {"stored": True}
 
@@ -178,6 +179,39 @@ def test_internal_routes_refuse_missing_or_wrong_secret(endpoint: Endpoint, meth
     assert snapshot(endpoint) == before
 
 
+WORKER_ROUTES = [route for route in INTERNAL_ROUTES if "/peer/" not in route[1]]
+PEER_ROUTES = [route for route in INTERNAL_ROUTES if "/peer/" in route[1]]
+
+
+@pytest.mark.parametrize(("method", "path", "headers"), [
+    *[(method, path, PEER_AUTH) for method, path in WORKER_ROUTES],  # the peer key is not a worker's
+    *[(method, path, WORKER_AUTH) for method, path in PEER_ROUTES],  # a worker cannot take the users' results
+    *[(method, path, {"Authorization": f"Bearer {SECRET}"}) for method, path in INTERNAL_ROUTES],  # nor the secret
+])
+def test_each_key_opens_its_own_routes_only(endpoint: Endpoint, method: str, path: str,
+                                            headers: dict[str, str]) -> None:
+    endpoint.enqueue(b"keep me pending", 3)
+    before = snapshot(endpoint)
+    response = requests.request(method, f"{endpoint.url}{path}", headers=headers, json={"worker": "w"}, timeout=10)
+    assert_rejected(endpoint, response, 403, "wrong credentials")
+    assert snapshot(endpoint) == before
+
+
+def test_the_right_keys_open_the_worker_and_peer_routes(endpoint: Endpoint) -> None:
+    work_id = endpoint.enqueue(b"x", 1)
+    claim = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "w"}, headers=WORKER_AUTH, timeout=10)
+    assert claim.status_code == 200 and claim.headers["X-Work-Id"] == work_id
+    result = hashlib.sha512(b"x").hexdigest()
+    done = requests.post(f"{endpoint.url}/internal/work/{work_id}/result", headers=WORKER_AUTH, timeout=10,
+                         json={"worker": "w", "result": result})
+    assert done.status_code == 200, done.text
+    peek = requests.get(f"{endpoint.url}/internal/peer/work/{work_id}", headers=PEER_AUTH, timeout=10)
+    assert peek.status_code == 200 and peek.json()["result"] == result
+    take = requests.post(f"{endpoint.url}/internal/peer/take-completed?top=5&delivery={'1' * 32}", headers=PEER_AUTH,
+                         timeout=10)
+    assert take.status_code == 200 and [item["id"] for item in take.json()] == [work_id]
+
+
 @pytest.mark.parametrize(("path", "body", "status", "mentions"), [
     ("/internal/claim", b"not json", 400, "json"),
     ("/internal/claim", b"[]", 400, "object"),
@@ -200,7 +234,7 @@ def test_internal_routes_refuse_missing_or_wrong_secret(endpoint: Endpoint, meth
 def test_bad_worker_requests(endpoint: Endpoint, path: str, body: bytes, status: int, mentions: str) -> None:
     work_id = endpoint.enqueue(b"pending item", 3)
     before = snapshot(endpoint)
-    response = requests.post(endpoint.url + path.format(id=work_id), data=body, headers=AUTH, timeout=10)
+    response = requests.post(endpoint.url + path.format(id=work_id), data=body, headers=WORKER_AUTH, timeout=10)
     assert_rejected(endpoint, response, status, mentions)
     assert snapshot(endpoint) == before
 
@@ -216,7 +250,7 @@ def test_random_garbage_never_causes_a_server_error(endpoint: Endpoint) -> None:
         body = os.urandom(rng.randrange(0, 300))
         headers = {"Content-Type": rng.choice(content_types)}
         if rng.random() < 0.3:
-            headers.update(AUTH)
+            headers.update(WORKER_AUTH)
         response = requests.request(rng.choice(["GET", "PUT", "POST"]), f"{endpoint.url}{rng.choice(paths)}?{query}",
                                     data=body, headers=headers, timeout=10)
         assert response.status_code < 500, (query, headers, response.text)

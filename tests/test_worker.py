@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, Endpoint, Services, drain, free_port, reference, wait_for
+from conftest import PYTHON, WORKER_ENV, Endpoint, Services, drain, free_port, reference, wait_for
 from worker.hashing import work
 
 
@@ -31,7 +31,8 @@ def test_work_stops_when_cancelled() -> None:
 
 def test_worker_runs_one_job_per_core_by_default(services: Services) -> None:
     endpoint = services.endpoint("a")
-    worker = services.start("worker", [PYTHON, "-m", "worker", "--endpoint", endpoint.url, "--poll-interval", "0.1"])
+    worker = services.start("worker", [PYTHON, "-m", "worker", "--endpoint", endpoint.url, "--poll-interval", "0.1"],
+                            WORKER_ENV)
     cores = os.cpu_count() or 1
     ids = [endpoint.enqueue(f"job {index}".encode(), 2_000_000) for index in range(cores)]
     wait_for(lambda: endpoint.stats()["running"] == cores, timeout=20, what=f"{cores} jobs running at once")
@@ -44,7 +45,7 @@ def test_worker_serves_both_endpoints_and_retries_one_that_was_down(services: Se
     b = services.endpoint("b", peer_url=f"http://127.0.0.1:{port_a}")
     down_url = f"http://127.0.0.1:{port_a}"
     worker = services.start("worker", [PYTHON, "-m", "worker", "--endpoint", down_url, "--endpoint", b.url,
-                                       "--processes", "1", "--poll-interval", "0.1"])
+                                       "--processes", "1", "--poll-interval", "0.1"], WORKER_ENV)
     b_items = {b.enqueue(f"b{index}".encode(), 100): reference(f"b{index}".encode(), 100) for index in range(5)}
     wait_for(lambda: b.stats()["completed"] == 5, timeout=30, what="B's items while A is down")
     assert "unavailable" in worker.log()

@@ -1,8 +1,9 @@
 """Run a worker: `python -m worker --endpoint http://A:5000 --endpoint http://B:5001`.
 
 Standard library only: provisioning a host means copying this folder and starting it.
-Every flag falls back to an environment variable (shown in --help); the shared secret
-comes from --secret-file or DW_SECRET, never from the command line.
+Every flag falls back to an environment variable (shown in --help); the worker key (which
+the scaler derives from the cluster secret, see endpoint/secret.py) comes from --secret-file
+or DW_SECRET, never from the command line.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from worker.runner import WorkerOptions, run_worker
 def read_secret(secret_file: str) -> str:
     secret = Path(secret_file).read_text().strip() if secret_file else os.environ.get("DW_SECRET", "").strip()
     if not secret:
-        raise SystemExit("no shared secret: pass --secret-file (or DW_SECRET_FILE) or set DW_SECRET")
+        raise SystemExit("no worker key: pass --secret-file (or DW_SECRET_FILE) or set DW_SECRET")
     return secret
 
 
@@ -30,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--endpoint", action="append", dest="endpoints",
         help="endpoint base URL; give it once per endpoint [DW_ENDPOINTS, comma-separated]")
-    add("--secret-file", default=env("DW_SECRET_FILE", ""), help="file holding the shared secret [DW_SECRET_FILE]")
+    add("--secret-file", default=env("DW_SECRET_FILE", ""), help="file holding the worker key [DW_SECRET_FILE]")
     add("--worker-id", default=env("DW_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
         help="name reported to the endpoints [DW_WORKER_ID] (default host-pid)")
     add("--processes", type=int, default=env("DW_PROCESSES", str(os.cpu_count() or 1)),

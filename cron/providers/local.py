@@ -37,15 +37,24 @@ def _start_ticks(pid: int) -> int | None:
 
 
 class LocalProvider:
-    def __init__(self, state_dir: Path, endpoints: Sequence[str], secret_file: Path, *,
+    def __init__(self, state_dir: Path, endpoints: Sequence[str], worker_key: str, *,
                  processes_per_worker: int = 1, idle_timeout: float = 60.0, log_dir: Path | None = None) -> None:
         self.state_dir = state_dir
         self.endpoints = list(endpoints)
-        self.secret_file = secret_file
         self.processes_per_worker = processes_per_worker
         self.idle_timeout = idle_timeout
         self.log_dir = log_dir or state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
+        self.key_file = state_dir / "worker-key"
+        self._write_key(worker_key)
+
+    def _write_key(self, key: str) -> None:
+        """The worker key, in a file of its own (0600 before it holds anything): workers never see the cluster
+        secret, and the key is never on a command line or in the environment of other processes."""
+        temporary = self.state_dir / f".worker-key.{os.getpid()}.tmp"
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+            file.write(key + "\n")
+        os.replace(temporary, self.key_file)
 
     def list(self) -> list[Node]:
         nodes = []
@@ -68,7 +77,7 @@ class LocalProvider:
                        "--processes", str(self.processes_per_worker), "--idle-timeout", str(self.idle_timeout)]
             for endpoint in self.endpoints:
                 command += ["--endpoint", endpoint]
-            env = {**os.environ, "DW_SECRET_FILE": str(self.secret_file)}
+            env = {**os.environ, "DW_SECRET_FILE": str(self.key_file)}
             env.pop("DW_SECRET", None)
             self.log_dir.mkdir(parents=True, exist_ok=True)
             with open(self.log_dir / f"worker-{worker_id}.log", "ab") as log_file:
