@@ -4,8 +4,8 @@ Queue-driven scaling the way AWS recommends it ("backlog per instance"): the wor
 are the ones that drain the whole backlog within a target time, given how long jobs take
 and how many jobs a worker runs at once -- on top of the workers the stream of arriving jobs
 keeps busy (by Little's law, arrivals per second x job duration slots; arrivals counted over
-the last minute, so a rising stream is seen before a queue builds up). Workers still booting
-count as capacity.
+the last minute, so a rising stream is seen before a queue builds up, and those still pending
+counted once, in the backlog). Workers still booting count as capacity.
 
 The cluster-wide maximum is split between the endpoints' scalers: each may own at most its
 share, so the sum can never exceed the maximum, even when both scalers run in the same
@@ -19,7 +19,8 @@ Hysteresis: the backlog counts only once the oldest item has waited `scale_after
 that, workers that are there may well take it in a moment. Two cases do not wait: a cluster
 with no worker at all (nobody else will ever take the item, so waiting only adds latency,
 and the launch costs the same later), and arrivals that alone need more workers than there
-are (the queue is about to grow). The policy never shrinks the fleet -- workers leave by
+are (the queue is about to grow). With nothing pending and no worker, nothing is launched,
+whatever arrived lately. The policy never shrinks the fleet -- workers leave by
 themselves after `idle_timeout` without work, so a short lull does not tear down capacity
 that the next burst needs.
 """
@@ -40,6 +41,7 @@ class EndpointLoad:
     recent_job_duration_s: float | None = None
     recent_window_s: float = 600.0
     recent_arrivals: int = 0  # items enqueued in the last arrival_window_s: the stream to keep up with
+    recent_arrivals_pending: int = 0  # of those, the ones still pending (they are in `pending` too)
     arrival_window_s: float = 60.0
 
 
@@ -87,9 +89,11 @@ def job_duration(endpoints: tuple[EndpointLoad, ...], default: float) -> float:
     return sum(count * duration for count, duration in measured) / jobs
 
 
-def arrival_rate(endpoints: tuple[EndpointLoad, ...]) -> float:
-    """Jobs enqueued per second lately, across endpoints."""
-    return sum(e.recent_arrivals / e.arrival_window_s for e in endpoints if e.arrival_window_s > 0)
+def arrival_rate(endpoints: tuple[EndpointLoad, ...], *, taken_only: bool = False) -> float:
+    """Jobs enqueued per second lately, across endpoints; with `taken_only`, only those a worker
+    has taken already -- the rest are in the backlog, and must not be counted twice."""
+    return sum((e.recent_arrivals - (e.recent_arrivals_pending if taken_only else 0)) / e.arrival_window_s
+               for e in endpoints if e.arrival_window_s > 0)
 
 
 def workers_needed(backlog: int, duration_s: float, policy: Policy, arrivals_per_s: float = 0.0) -> int:
@@ -109,25 +113,28 @@ def workers_needed(backlog: int, duration_s: float, policy: Policy, arrivals_per
 def decide(view: ClusterView, policy: Policy) -> Decision:
     backlog = sum(e.pending for e in view.endpoints)
     oldest = max((e.oldest_pending_age_s for e in view.endpoints if e.pending), default=0.0)
-    rate = arrival_rate(view.endpoints)
-    if backlog == 0 and rate == 0:
-        return Decision(0, 0, "no pending work")
+    current = view.workers_ready + view.workers_booting
+    if backlog == 0 and current == 0:
+        return Decision(0, 0, "no pending work")  # what arrived lately was done by workers since gone
 
     duration = job_duration(view.endpoints, policy.default_job_duration_s)
-    current = view.workers_ready + view.workers_booting
-    stream = f"{rate:.3g} jobs/s arriving x {duration:.3g}s" if rate else ""
     if backlog and (oldest >= policy.scale_after_s or current == 0):
+        # Recent arrivals still pending are part of the backlog: a burst is not also a stream.
+        rate = arrival_rate(view.endpoints, taken_only=True)
         needed = workers_needed(backlog, duration, policy, rate)
         sizing = (f"{backlog} pending x {duration:.3g}s needs {needed} worker(s) to drain in "
-                  f"{policy.target_drain_s:.0f}s" + (f" beside {stream}" if stream else ""))
+                  f"{policy.target_drain_s:.0f}s" + (f" beside {rate:.3g} jobs/s arriving" if rate > 0 else ""))
     else:
+        # The backlog does not count yet, but arrivals that alone need more workers than there are
+        # will build a queue: launch for them now rather than after the threshold.
+        rate = arrival_rate(view.endpoints)
         needed = workers_needed(0, duration, policy, rate)
         waited = (f"oldest item has waited {oldest:.0f}s, under the {policy.scale_after_s:.0f}s threshold"
                   if backlog else "nothing pending")
+        stream = f"{rate:.3g} jobs/s arriving x {duration:.3g}s needs {needed} worker(s)"
         if needed <= current:
-            enough = f"; {stream} needs {needed} worker(s), {current} there" if stream else ""
-            return Decision(0, needed, waited + enough)
-        sizing = f"{waited}, but {stream} needs {needed} worker(s)"
+            return Decision(0, needed, waited + (f"; {stream}, {current} there" if rate > 0 else ""))
+        sizing = f"{waited}, but {stream}"
     sizing += f"; {view.workers_ready} ready, {view.workers_booting} booting"
     missing = needed - current
     if missing <= 0:

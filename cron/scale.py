@@ -21,6 +21,7 @@ import argparse
 import fcntl
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -41,6 +42,15 @@ from endpoint.secret import read_secret, worker_key
 from endpoint.store import open_read_only, read_stats
 
 log = logging.getLogger("cron.scale")
+
+
+# The numeric settings' lower bounds: (minimum, whether the minimum itself is allowed).
+BOUNDS: dict[str, tuple[float, bool]] = {
+    "max_workers": (0, True), "scale_after": (0, True), "target_drain": (0, False), "max_launch_per_tick": (0, True),
+    "slots_per_worker": (1, True), "default_job_duration": (0, False), "ready_deadline": (0, False),
+    "silence_deadline": (0, False), "breaker_threshold": (1, True), "breaker_cooldown": (0, True),
+    "idle_timeout": (0, False), "worker_processes": (0, True), "every": (0, True),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,6 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--reset-breaker", action="store_true", help="close the circuit breaker, then exit")
     add("--log-level", default=env("DW_LOG_LEVEL", "INFO"), help="[DW_LOG_LEVEL]")
     args = parser.parse_args(argv)
+    for name, (minimum, inclusive) in BOUNDS.items():
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            parser.error(f"--{name.replace('_', '-')} must be {'at least' if inclusive else 'more than'} "
+                         f"{minimum:g}, not {value}")
     if not args.endpoints:
         args.endpoints = [url.strip() for url in env("DW_ENDPOINTS", "").split(",") if url.strip()]
     args.db = args.db or f"{args.state_dir}/{args.node_id}.sqlite3"
@@ -196,6 +211,7 @@ def load_of(stats: dict) -> EndpointLoad:
                         recent_job_duration_s=stats.get("recent_job_duration_s"),
                         recent_window_s=stats.get("recent_window_s", 600.0),
                         recent_arrivals=stats.get("recent_arrivals", 0),
+                        recent_arrivals_pending=stats.get("recent_arrivals_pending", 0),
                         arrival_window_s=stats.get("arrival_window_s", 60.0))
 
 

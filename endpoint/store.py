@@ -32,6 +32,10 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 STATES = ("pending", "running", "completed", "failed")
 RECENT_WINDOW_S = 600.0  # "recent" jobs in /stats: completed within the last ten minutes
 ARRIVAL_WINDOW_S = 60.0  # "recent" arrivals in /stats: short, so that the scaler sees a rising stream early
+# Items enqueued since a time (from the created_at index), and how many of them are still pending
+# (from the pending index).
+RECENT_ARRIVALS_SQL = "SELECT count(*) FROM work_items WHERE created_at > ?"
+RECENT_ARRIVALS_PENDING_SQL = "SELECT count(*) FROM work_items WHERE state = 'pending' AND created_at > ?"
 PRUNE_BATCH = 1000
 NODE_ID_PATTERN = re.compile(r"[a-z0-9]{1,16}")
 WORK_ID_PATTERN = re.compile(r"([a-z0-9]{1,16})-[0-9a-f]{16}")
@@ -94,9 +98,8 @@ def read_stats(conn: sqlite3.Connection, node_id: str, worker_seen_window: float
             "SELECT count(*), avg(duration_s) FROM work_items WHERE state = 'completed' AND completed_at > ?",
             (now - RECENT_WINDOW_S,),
         ).fetchone()
-        (recent_arrivals,) = conn.execute(
-            "SELECT count(*) FROM work_items WHERE created_at > ?", (now - ARRIVAL_WINDOW_S,)
-        ).fetchone()
+        (recent_arrivals,) = conn.execute(RECENT_ARRIVALS_SQL, (now - ARRIVAL_WINDOW_S,)).fetchone()
+        (recent_arrivals_pending,) = conn.execute(RECENT_ARRIVALS_PENDING_SQL, (now - ARRIVAL_WINDOW_S,)).fetchone()
         workers = conn.execute(
             "SELECT worker_id, last_seen_at, jobs_completed FROM workers WHERE last_seen_at > ? ORDER BY worker_id",
             (now - worker_seen_window,),
@@ -117,6 +120,7 @@ def read_stats(conn: sqlite3.Connection, node_id: str, worker_seen_window: float
         "recent_window_s": RECENT_WINDOW_S,
         "recent_job_duration_s": round(recent_duration, 6) if recent_duration is not None else None,
         "recent_arrivals": recent_arrivals,
+        "recent_arrivals_pending": recent_arrivals_pending,
         "arrival_window_s": ARRIVAL_WINDOW_S,
         "workers": [
             {"id": worker_id, "last_seen_s_ago": round(now - seen, 3), "jobs_completed": jobs}

@@ -1,20 +1,24 @@
-"""Unit tests of the pure scaling policy (cron/policy.py): no I/O, no processes, no mocks."""
+"""Unit tests of the pure scaling policy (cron/policy.py) and of the settings the scaler takes for it: no
+processes, no mocks."""
 
 from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
 from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide, job_duration, split_cap, workers_needed
+from cron.scale import parse_args
 
 
 def load(pending: int, age: float = 100.0, recent_jobs: int = 0, duration: float | None = None,
-         arrivals: int = 0, arrival_window: float = 60.0) -> EndpointLoad:
+         arrivals: int = 0, arrivals_pending: int = 0, arrival_window: float = 60.0) -> EndpointLoad:
     """By default nothing arrived lately, so the tests see the backlog sizing alone."""
     return EndpointLoad(pending=pending, oldest_pending_age_s=age, recent_jobs=recent_jobs,
-                        recent_job_duration_s=duration, recent_arrivals=arrivals, arrival_window_s=arrival_window)
+                        recent_job_duration_s=duration, recent_arrivals=arrivals,
+                        recent_arrivals_pending=arrivals_pending, arrival_window_s=arrival_window)
 
 
 def view(*endpoints: EndpointLoad, peer_reachable: bool = True, ready: int = 0, booting: int = 0,
@@ -338,15 +342,34 @@ def test_a_backlog_current_workers_drain_within_the_target_causes_no_launch() ->
 
 
 def test_workers_busy_with_the_arriving_stream_are_not_counted_as_free_for_the_backlog() -> None:
-    # 60 jobs arrived in the last 60 s: 1 job/s x 2 s keeps 2 slots (one worker) busy.
-    stream = load(200, age=300.0, recent_jobs=600, duration=2.0, arrivals=60)
+    # This endpoint holds an old backlog; at the peer, 60 jobs arrived in the last 60 s and were all taken:
+    # 1 job/s x 2 s keeps 2 slots (one worker) busy.
+    backlog = load(200, age=300.0, recent_jobs=600, duration=2.0)
+    stream = load(0, age=0.0, arrivals=60, arrivals_pending=0)
     # The backlog alone needs 200 x 2 s / (2 slots x 100 s) = 2 workers; with the stream, 3.
     assert workers_needed(200, 2.0, POLICY) == 2
     assert workers_needed(200, 2.0, POLICY, arrivals_per_s=1.0) == 3
-    decision = decide(view(stream, ready=2, own=2), POLICY)
+    decision = decide(view(backlog, stream, ready=2, own=1, peer=1), POLICY)
     assert decision.needed == 3
     assert decision.launch == 1
-    assert "beside 1 jobs/s arriving x 2s" in decision.reason
+    assert "200 pending x 2s needs 3 worker(s) to drain in 100s beside 1 jobs/s arriving;" in decision.reason
+
+
+def test_recent_arrivals_still_pending_count_once_in_the_backlog() -> None:
+    # A burst of 1000 jobs just arrived: it is a backlog (1000 x 1 s / 200 = 5 workers), not also a stream
+    # of 1000 per minute (which would add 1000 / 60 x 1 s / 2 slots = 9).
+    burst = load(1_000, age=2.0, arrivals=1_000, arrivals_pending=1_000)
+    assert decide(view(burst), POLICY).needed == 5  # an empty cluster: at once
+    assert decide(view(replace(burst, oldest_pending_age_s=40.0), ready=1, own=1), POLICY).needed == 5  # past it
+    # 300 of them were taken already: those are a stream of 5 jobs/s x 1 s = 5 slots, 3 more workers.
+    taken = load(700, age=40.0, arrivals=1_000, arrivals_pending=700)
+    assert decide(view(taken, ready=1, own=1), POLICY).needed == math.ceil((700 / 100 + 5) / 2)
+
+
+def test_arrivals_served_by_workers_since_gone_launch_nothing() -> None:
+    # The workers idled out after serving what arrived; nothing waits: nothing to launch for.
+    served = load(0, age=0.0, recent_jobs=50, duration=2.0, arrivals=50, arrivals_pending=0)
+    assert decide(view(served), POLICY) == Decision(0, 0, "no pending work")
 
 
 def test_the_stream_counts_across_both_endpoints() -> None:
@@ -386,3 +409,31 @@ def test_completions_without_arrivals_or_backlog_launch_nothing() -> None:
 def test_needed_never_exceeds_the_cap_not_even_a_zero_cap() -> None:
     assert decide(view(load(1000, age=300.0)), policy(max_workers=0)).needed == 0
     assert decide(view(load(1000, age=300.0)), policy(max_workers=0)).launch == 0
+
+
+# --- the scaler's settings ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "env", "message"), [
+    (["--target-drain", "0"], {}, "--target-drain must be more than 0, not 0.0"),
+    (["--slots-per-worker", "0"], {}, "--slots-per-worker must be at least 1, not 0"),
+    (["--max-workers", "-1"], {}, "--max-workers must be at least 0, not -1"),
+    (["--default-job-duration", "nan"], {}, "--default-job-duration must be more than 0, not nan"),
+    ([], {"DW_SCALE_AFTER": "-5"}, "--scale-after must be at least 0, not -5.0"),  # env fallbacks too
+    ([], {"DW_IDLE_TIMEOUT": "inf"}, "--idle-timeout must be more than 0, not inf"),
+])
+def test_the_scaler_refuses_settings_the_policy_cannot_use(argv: list[str], env: dict[str, str], message: str,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_scaler_accepts_the_boundaries() -> None:
+    args = parse_args(["--max-workers", "0", "--scale-after", "0", "--max-launch-per-tick", "0", "--slots-per-worker",
+                       "1", "--target-drain", "0.5"])
+    assert (args.max_workers, args.scale_after, args.max_launch_per_tick, args.target_drain) == (0, 0.0, 0, 0.5)

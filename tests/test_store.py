@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from endpoint.store import Store, StoreUnavailable
+from endpoint.store import RECENT_ARRIVALS_PENDING_SQL, RECENT_ARRIVALS_SQL, Store, StoreUnavailable
 
 
 def test_a_write_whose_caller_gave_up_is_skipped_not_applied_later(tmp_path: Path) -> None:
@@ -82,15 +82,18 @@ def test_stats_count_the_items_enqueued_in_the_last_minute_whatever_their_state(
         assert store.claim("w").work_id == done
         assert store.complete(done, "w", "e" * 128, 0.1)
         stats = store.stats()
-        assert (stats["recent_arrivals"], stats["arrival_window_s"]) == (3, 60.0)
-        # Two minutes ago: out of the window, whatever its state (here running).
-        store._writer.run(lambda conn: conn.execute("UPDATE work_items SET created_at = created_at - 120 WHERE id = ?",
-                                                    (old,)))
-        assert store.stats()["recent_arrivals"] == 2
-        assert store.get(waiting)["state"] == "pending"
-        # Counted from an index, not by walking every item the file holds.
-        plan = store._reader().execute("EXPLAIN QUERY PLAN SELECT count(*) FROM work_items WHERE created_at > ?",
-                                       (0.0,)).fetchall()
-        assert "work_items_created" in str(plan)
+        assert (stats["recent_arrivals"], stats["recent_arrivals_pending"], stats["arrival_window_s"]) == (3, 1, 60.0)
+        # Two minutes ago: out of the window, whatever its state.
+        for work_id in (old, waiting):
+            store._writer.run(lambda conn, work_id=work_id: conn.execute(
+                "UPDATE work_items SET created_at = created_at - 120 WHERE id = ?", (work_id,)))
+        stats = store.stats()
+        assert (stats["recent_arrivals"], stats["recent_arrivals_pending"]) == (1, 0)
+        assert (store.get(old)["state"], store.get(waiting)["state"]) == ("running", "pending")
+        # Counted from indexes, not by walking every item the file holds: read_stats' own queries.
+        for query, index in [(RECENT_ARRIVALS_SQL, "work_items_created"),
+                             (RECENT_ARRIVALS_PENDING_SQL, "work_items_pending")]:
+            plan = store._reader().execute(f"EXPLAIN QUERY PLAN {query}", (0.0,)).fetchall()
+            assert f"USING COVERING INDEX {index}" in str(plan) or f"USING INDEX {index}" in str(plan), plan
     finally:
         store.close()
