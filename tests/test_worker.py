@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -86,3 +89,38 @@ def test_worker_code_is_python_3_9_syntax() -> None:
 
     for source in sorted((Path(__file__).resolve().parent.parent / "worker").glob("*.py")):
         ast.parse(source.read_text(), filename=str(source), feature_version=(3, 9))
+
+
+def python_3_9() -> str | None:
+    """A Python 3.9 interpreter on this machine, if there is one (pyenv's, on this project's machines)."""
+    pyenv_root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    for candidate in [*sorted(glob.glob(f"{pyenv_root}/versions/3.9*/bin/python3.9")), shutil.which("python3.9")]:
+        # pyenv's shim is on PATH even where it has no 3.9 to run: only an interpreter that starts counts.
+        if candidate and subprocess.run([candidate, "-V"], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+def test_worker_runs_on_python_3_9(services: Services, tmp_path: Path) -> None:
+    """Not only its syntax: a worker under 3.9 serves both endpoints with exact results and exits when idle."""
+    interpreter = python_3_9()
+    if interpreter is None:
+        pytest.skip("no Python 3.9 interpreter on this machine (the syntax check above still ran)")
+    version = subprocess.run([interpreter, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    assert version == "(3, 9)"
+    a, b = services.endpoint_pair()
+    expected = {}
+    for index in range(6):
+        payload, iterations = f"py39 job {index}".encode(), 1 + 3_000 * index
+        endpoint = (a, b)[index % 2]
+        expected[endpoint.enqueue(payload, iterations)] = reference(payload, iterations)
+    marker = tmp_path / "idle-exit"
+    worker = services.start("worker-py39", [interpreter, "-m", "worker", "--endpoint", a.url, "--endpoint", b.url,
+                                            "--processes", "2", "--idle-timeout", "2", "--poll-interval", "0.1",
+                                            "--exit-command", f"touch {marker}"], WORKER_ENV)
+    results = drain([a, b], len(expected))
+    assert {item["id"]: item["result"] for item in results} == expected
+    wait_for(lambda: not worker.running(), timeout=30, what="the 3.9 worker to exit when idle")
+    assert worker.process is not None and worker.process.returncode == 0, worker.log()
+    assert marker.exists()
