@@ -142,7 +142,10 @@ def ssh_session(target: SshTarget, pins: HostKeyPins, timeout: float = 15.0) -> 
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(_PinnedHostKeyPolicy(pins, target.machine_id))
     try:
-        client.connect(target.address, target.port, username=target.user, key_filename=str(target.key_path),
+        # The key loaded by its own type: given a file name, paramiko tries every key type on a refused key
+        # and reports the last parse error ("encountered RSA key, expected OPENSSH key"), not the refusal.
+        key = paramiko.PKey.from_path(target.key_path)
+        client.connect(target.address, target.port, username=target.user, pkey=key,
                        timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
                        look_for_keys=False, allow_agent=False)
     except ProvisionError:

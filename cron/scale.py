@@ -38,7 +38,7 @@ from cron.providers import Node, Provider, ProviderError
 from cron.providers.local import LocalProvider
 from cron.provision import HostKeyPins, WorkerInstall
 from cron.state import Breaker, StateStore
-from endpoint.secret import read_secret, worker_key
+from endpoint.secret import peer_key, read_secret, worker_key
 from endpoint.store import open_read_only, read_stats
 
 log = logging.getLogger("cron.scale")
@@ -195,10 +195,12 @@ def exclusive_run(lock_path: Path) -> Iterator[bool]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def fetch_stats(url: str, workers_within: float = 0, timeout: float = 3.0) -> dict | None:
+def fetch_stats(url: str, key: str, workers_within: float = 0, timeout: float = 3.0) -> dict | None:
+    """An endpoint's /stats with the details (the workers it heard from) that the peer key opens."""
     query = f"?workers_within={max(1, int(workers_within))}" if workers_within else ""
+    request = urllib.request.Request(f"{url.rstrip('/')}/stats{query}", headers={"Authorization": f"Bearer {key}"})
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/stats{query}", timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
     except (OSError, ValueError) as exc:
         log.warning("%s/stats unreachable: %s", url, exc)
@@ -222,11 +224,12 @@ class Scaler:
         self.policy = make_policy(args)
         self.breaker = Breaker(args.breaker_threshold, args.breaker_cooldown)
         self.state = StateStore(args.db, args.node_id, self.breaker)
+        self.endpoint_key = peer_key(read_secret(args.secret_file))  # for the endpoints' /stats details
 
     def run_once(self) -> Decision:
         args = self.args
         own_stats = self._own_queue()
-        peer_stats = fetch_stats(args.peer, args.silence_deadline + 60) if args.peer else None
+        peer_stats = fetch_stats(args.peer, self.endpoint_key, args.silence_deadline + 60) if args.peer else None
         nodes = self.reconcile(self.provider.list(), self._workers_heard_from(peer_stats))
         view = ClusterView(
             endpoints=(load_of(own_stats),) + ((load_of(peer_stats),) if peer_stats else ()),
@@ -260,9 +263,9 @@ class Scaler:
         """Seconds since either endpoint last heard from each worker, over a window longer than
         the silence deadline; None unless every endpoint answered: a worker busy with a long job
         talks to one endpoint only, and must not look silent because that one did not answer."""
-        own = fetch_stats(self.args.url, self.args.silence_deadline + 60)
+        own = fetch_stats(self.args.url, self.endpoint_key, self.args.silence_deadline + 60)
         answers = [own] + ([peer_stats] if self.args.peer else [])
-        if any(stats is None for stats in answers):
+        if any(stats is None or "workers" not in stats for stats in answers):
             return None
         heard: dict[str, float] = {}
         for stats in answers:

@@ -95,14 +95,18 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
 
         return wrapper
 
+    def presented_key() -> str | None:
+        scheme, _, token = request.get_header("Authorization", "").partition(" ")
+        return token if scheme.lower() == "bearer" and token else None
+
     def requires(key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Internal routes: only callers presenting `key`."""
 
         def decorator(route: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(route)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                scheme, _, token = request.get_header("Authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not token:
+                token = presented_key()
+                if token is None:
                     return json_response({"error": "missing credentials: send Authorization: Bearer <key>"}, 401)
                 if not hmac.compare_digest(token.encode(), key.encode()):
                     return json_response({"error": "wrong credentials for this route"}, 403)
@@ -112,7 +116,8 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
 
         return decorator
 
-    worker_only, peer_only = requires(worker_key(secret)), requires(peer_key(secret))
+    endpoint_key = peer_key(secret)
+    worker_only, peer_only = requires(worker_key(secret)), requires(endpoint_key)
 
     # -- public API ----------------------------------------------------------------------
 
@@ -161,7 +166,18 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         # silence deadline is longer: a worker missing from the list must mean "silent that long".
         params = query_params(request.query_string)
         window = positive_int(params, "workers_within", 86_400) if "workers_within" in params else None
-        return json_response(store.stats(window))
+        token = presented_key()
+        if token is not None and not hmac.compare_digest(token.encode(), endpoint_key.encode()):
+            return json_response({"error": "wrong credentials: /stats details need the peer key"}, 403)
+        figures = store.stats(window)
+        figures["workers_heard_from"] = len(figures["workers"])
+        if token is None:
+            # The public view: counts, not names. Worker ids (instance ids) and the scaler's last
+            # error (addresses, SSH and EC2 messages) are for the endpoints and their scalers.
+            del figures["workers"]
+            if figures["scaler"]:
+                del figures["scaler"]["last_error"]
+        return json_response(figures)
 
     # -- worker API ----------------------------------------------------------------------
 

@@ -172,8 +172,9 @@ class Endpoint:
         assert response.status_code == 200, response.text
         return response.json()
 
-    def stats(self) -> dict[str, Any]:
-        response = requests.get(f"{self.url}/stats", timeout=10)
+    def stats(self, public: bool = False) -> dict[str, Any]:
+        """/stats with the details the peer key opens, or as anybody sees it."""
+        response = requests.get(f"{self.url}/stats", headers={} if public else PEER_AUTH, timeout=10)
         assert response.status_code == 200, response.text
         return response.json()
 

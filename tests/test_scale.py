@@ -457,6 +457,11 @@ def test_stats_show_the_breaker_open_as_soon_as_the_threshold_is_reached(
     scaler = a.stats()["scaler"]
     assert scaler["consecutive_failures"] == 1  # the threshold: the next run will launch nothing
     assert scaler["breaker_open"] is True
+    assert "Authentication failed" in scaler["last_error"]  # the refusal itself, not a key-parsing error
+    # Anybody sees that the breaker is open; the error (addresses, SSH messages) only the endpoints and scalers.
+    public = a.stats(public=True)["scaler"]
+    assert public == {key: value for key, value in scaler.items() if key != "last_error"} | {
+        "last_run_s_ago": public["last_run_s_ago"]}
 
 
 def test_separate_launch_decisions_get_separate_client_tokens(

@@ -183,6 +183,19 @@ WORKER_ROUTES = [route for route in INTERNAL_ROUTES if "/peer/" not in route[1]]
 PEER_ROUTES = [route for route in INTERNAL_ROUTES if "/peer/" in route[1]]
 
 
+def test_public_stats_give_counts_not_the_workers_names(endpoint: Endpoint) -> None:
+    claim = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "i-0abc"}, headers=WORKER_AUTH, timeout=10)
+    assert claim.status_code == 204  # nothing to do, but the endpoint has heard from the worker
+    public = endpoint.stats(public=True)
+    assert "workers" not in public and public["workers_heard_from"] == 1
+    full = endpoint.stats()
+    assert [worker["id"] for worker in full["workers"]] == ["i-0abc"] and full["workers_heard_from"] == 1
+    # A worker's key does not open the details (nor does anything but the peer key).
+    for headers in (WORKER_AUTH, {"Authorization": f"Bearer {SECRET}"}):
+        response = requests.get(f"{endpoint.url}/stats", headers=headers, timeout=10)
+        assert_rejected(endpoint, response, 403, "peer key")
+
+
 @pytest.mark.parametrize(("method", "path", "headers"), [
     *[(method, path, PEER_AUTH) for method, path in WORKER_ROUTES],  # the peer key is not a worker's
     *[(method, path, WORKER_AUTH) for method, path in PEER_ROUTES],  # a worker cannot take the users' results
