@@ -144,7 +144,11 @@ def ssh_session(target: SshTarget, pins: HostKeyPins, timeout: float = 15.0) -> 
     try:
         # The key loaded by its own type: given a file name, paramiko tries every key type on a refused key
         # and reports the last parse error ("encountered RSA key, expected OPENSSH key"), not the refusal.
-        key = paramiko.PKey.from_path(target.key_path)
+        try:
+            key = paramiko.PKey.from_path(target.key_path)
+        except (OSError, ValueError, TypeError, paramiko.SSHException, paramiko.UnknownKeyType) as exc:
+            # Missing, not a private key, a passphrase wanted, or a type paramiko does not know.
+            raise ProvisionError(f"cannot load the SSH key {target.key_path}: {exc!r}") from exc
         client.connect(target.address, target.port, username=target.user, pkey=key,
                        timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
                        look_for_keys=False, allow_agent=False)

@@ -144,7 +144,7 @@ def worker_install(args: argparse.Namespace) -> WorkerInstall:
 def make_provider(args: argparse.Namespace) -> Provider:
     state_dir = Path(args.state_dir)
     if args.provider == "local":
-        return LocalProvider(state_dir / "workers", args.endpoints, worker_key(read_secret(args.secret_file)),
+        return LocalProvider(state_dir / "workers", args.endpoints, lambda: worker_key(read_secret(args.secret_file)),
                              processes_per_worker=args.slots_per_worker, idle_timeout=args.idle_timeout,
                              log_dir=state_dir / "log")
     pins = HostKeyPins(state_dir / "known_hosts.json")
@@ -240,12 +240,13 @@ class Scaler:
             peer_workers=sum(node.owner != args.node_id for node in nodes),
         )
         decision = decide(view, self.policy)
-        allowance, breaker_status = self.breaker.allowance(self.state.load(), time.time())
+        state = self.state.load()
+        allowance, breaker_status = self.breaker.allowance(state, time.time())
         launch = decision.launch if allowance is None else min(decision.launch, allowance)
         summary = decision.reason
         if allowance is not None:
             summary += f" [circuit breaker {breaker_status}]"
-            log.warning("circuit breaker %s", breaker_status)
+            log.warning("circuit breaker %s; last error: %s", breaker_status, state.last_error)
         log.info("decision: %s", summary)
         self.state.record_run(summary, breaker_open=allowance == 0)
         if launch:

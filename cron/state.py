@@ -31,7 +31,8 @@ class Breaker:
         since = now - (state.last_failure_at or 0.0)
         if since >= self.cooldown_s:
             return 1, f"half-open: one trial launch after {state.consecutive_failures} consecutive failures"
-        return 0, (f"open after {state.consecutive_failures} consecutive failures (last: {state.last_error}); "
+        # Not the last error itself: this status is part of the decision that public /stats shows.
+        return 0, (f"open after {state.consecutive_failures} consecutive failures; "
                    f"next trial in {self.cooldown_s - since:.0f}s, or reset it with --reset-breaker")
 
 

@@ -119,6 +119,19 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
     endpoint_key = peer_key(secret)
     worker_only, peer_only = requires(worker_key(secret)), requires(endpoint_key)
 
+    def details_allowed() -> bool:
+        """Whether the caller presented the peer key (endpoints, their scalers), which opens the details of the
+        public answers: worker ids (instance ids, host names) and the scaler's last error. Any other key: 403."""
+        token = presented_key()
+        if token is None:
+            return False
+        if hmac.compare_digest(token.encode(), endpoint_key.encode()):
+            return True
+        raise InputError(403, "wrong credentials: the details need the peer key")
+
+    def public_item(view: dict[str, Any], detailed: bool) -> dict[str, Any]:
+        return view if detailed else {key: value for key, value in view.items() if key != "worker_id"}
+
     # -- public API ----------------------------------------------------------------------
 
     @app.route("/enqueue", method="PUT")
@@ -146,18 +159,19 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
     @app.route("/work/<work_id>", method="GET")
     @client_errors
     def work_status(work_id: str) -> HTTPResponse:
+        detailed = details_allowed()
         owner = owner_of(work_id)
         not_found = json_response({"error": f"no work item {work_id!r}"}, 404)
         if owner == store.node_id:
             item = store.get(work_id)
-            return json_response(item_view(item)) if item else not_found
+            return json_response(public_item(item_view(item), detailed)) if item else not_found
         if owner is None or peer is None:
             return not_found
         try:
             view = peer.get_work(work_id)
         except PeerUnavailable as exc:
             return json_response({"error": f"endpoint {owner!r}, which owns this item, is unreachable: {exc}"}, 503)
-        return json_response(view) if view else not_found
+        return json_response(public_item(view, detailed)) if view else not_found
 
     @app.route("/stats", method="GET")
     @client_errors
@@ -166,12 +180,10 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         # silence deadline is longer: a worker missing from the list must mean "silent that long".
         params = query_params(request.query_string)
         window = positive_int(params, "workers_within", 86_400) if "workers_within" in params else None
-        token = presented_key()
-        if token is not None and not hmac.compare_digest(token.encode(), endpoint_key.encode()):
-            return json_response({"error": "wrong credentials: /stats details need the peer key"}, 403)
+        detailed = details_allowed()
         figures = store.stats(window)
         figures["workers_heard_from"] = len(figures["workers"])
-        if token is None:
+        if not detailed:
             # The public view: counts, not names. Worker ids (instance ids) and the scaler's last
             # error (addresses, SSH and EC2 messages) are for the endpoints and their scalers.
             del figures["workers"]

@@ -178,8 +178,9 @@ class Endpoint:
         assert response.status_code == 200, response.text
         return response.json()
 
-    def work(self, work_id: str) -> requests.Response:
-        return requests.get(f"{self.url}/work/{work_id}", timeout=10)
+    def work(self, work_id: str, public: bool = False) -> requests.Response:
+        """GET /work/<id> with the details the peer key opens (the worker), or as anybody sees it."""
+        return requests.get(f"{self.url}/work/{work_id}", headers={} if public else PEER_AUTH, timeout=10)
 
 
 class Services:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paramiko
 import pytest
 from cloudhosts import (
     FakeHost,
@@ -29,6 +30,7 @@ from cron.provision import (
     SshTarget,
     WorkerInstall,
     provision_worker,
+    ssh_session,
     stop_worker,
     wait_for_ssh,
     worker_running,
@@ -297,3 +299,23 @@ def test_only_machines_that_are_ours_to_end_power_off_when_idle() -> None:
     for unit in (own_server, ec2_worker):
         assert "LoadCredential=secret:/opt/dynamic-workload/secret" in unit  # the secret is never in the unit
         assert "DynamicUser=yes" in unit and "SuccessExitStatus=143" in unit
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "empty", "public key", "garbage", "passphrase"])
+def test_an_unusable_ssh_key_is_a_provisioning_error_that_says_so(kind: str, tmp_path: Path) -> None:
+    """Not a crash of the scaler run: the providers handle ProvisionError (the ssh provider's list() included)."""
+    path = tmp_path / "key"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_text("")
+    elif kind == "public key":
+        path.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test\n")
+    elif kind == "garbage":
+        path.write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----\nnot base64 at all\n-----END OPENSSH PRIVATE KEY-----\n")
+    elif kind == "passphrase":
+        paramiko.RSAKey.generate(2048).write_private_key_file(str(path), password="a passphrase")
+    pins = HostKeyPins(tmp_path / "known_hosts.json")
+    with pytest.raises(ProvisionError, match="cannot load the SSH key"), \
+            ssh_session(SshTarget("m-1", "127.0.0.1", "root", path, port=9), pins):
+        pass

@@ -183,17 +183,26 @@ WORKER_ROUTES = [route for route in INTERNAL_ROUTES if "/peer/" not in route[1]]
 PEER_ROUTES = [route for route in INTERNAL_ROUTES if "/peer/" in route[1]]
 
 
-def test_public_stats_give_counts_not_the_workers_names(endpoint: Endpoint) -> None:
-    claim = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "i-0abc"}, headers=WORKER_AUTH, timeout=10)
-    assert claim.status_code == 204  # nothing to do, but the endpoint has heard from the worker
-    public = endpoint.stats(public=True)
-    assert "workers" not in public and public["workers_heard_from"] == 1
-    full = endpoint.stats()
+def test_public_answers_give_counts_not_the_workers_names(services: Services) -> None:
+    a, b = services.endpoint_pair()
+    work_id = b.enqueue(b"x", 1)
+    claim = requests.post(f"{b.url}/internal/claim", json={"worker": "i-0abc"}, headers=WORKER_AUTH, timeout=10)
+    assert claim.headers["X-Work-Id"] == work_id
+    wrong_keys = (WORKER_AUTH, {"Authorization": f"Bearer {SECRET}"})  # nothing but the peer key opens details
+    for endpoint in (b, a):  # the owner's answer, and the other endpoint's through the peer
+        public = endpoint.work(work_id, public=True).json()
+        assert public["state"] == "running" and "worker_id" not in public
+        assert endpoint.work(work_id).json()["worker_id"] == "i-0abc"
+        for headers in wrong_keys:
+            response = requests.get(f"{endpoint.url}/work/{work_id}", headers=headers, timeout=10)
+            assert_rejected(endpoint, response, 403, "peer key")
+    public_stats = b.stats(public=True)
+    assert "workers" not in public_stats and public_stats["workers_heard_from"] == 1
+    full = b.stats()
     assert [worker["id"] for worker in full["workers"]] == ["i-0abc"] and full["workers_heard_from"] == 1
-    # A worker's key does not open the details (nor does anything but the peer key).
-    for headers in (WORKER_AUTH, {"Authorization": f"Bearer {SECRET}"}):
-        response = requests.get(f"{endpoint.url}/stats", headers=headers, timeout=10)
-        assert_rejected(endpoint, response, 403, "peer key")
+    for headers in wrong_keys:
+        response = requests.get(f"{b.url}/stats", headers=headers, timeout=10)
+        assert_rejected(b, response, 403, "peer key")
 
 
 @pytest.mark.parametrize(("method", "path", "headers"), [

@@ -10,8 +10,9 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cron.providers import Node, ProviderError
@@ -37,8 +38,9 @@ def _start_ticks(pid: int) -> int | None:
 
 
 class LocalProvider:
-    def __init__(self, state_dir: Path, endpoints: Sequence[str], worker_key: str, *,
+    def __init__(self, state_dir: Path, endpoints: Sequence[str], worker_key: Callable[[], str], *,
                  processes_per_worker: int = 1, idle_timeout: float = 60.0, log_dir: Path | None = None) -> None:
+        """`worker_key` is asked for at the first launch only: listing and terminating need no secret."""
         self.state_dir = state_dir
         self.endpoints = list(endpoints)
         self.processes_per_worker = processes_per_worker
@@ -46,15 +48,24 @@ class LocalProvider:
         self.log_dir = log_dir or state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.key_file = state_dir / "worker-key"
-        self._write_key(worker_key)
+        self._worker_key = worker_key
+        self._key_written = False
 
-    def _write_key(self, key: str) -> None:
-        """The worker key, in a file of its own (0600 before it holds anything): workers never see the cluster
-        secret, and the key is never on a command line or in the environment of other processes."""
-        temporary = self.state_dir / f".worker-key.{os.getpid()}.tmp"
-        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
-            file.write(key + "\n")
-        os.replace(temporary, self.key_file)
+    def _write_key(self) -> None:
+        """The worker key, in a file of its own: workers get neither the cluster secret nor the key on a
+        command line or in their environment. (Local workers run as the same user as the endpoints, so
+        this keeps the roles apart, not the user: that takes the ssh or ec2 provider.)"""
+        if self._key_written:
+            return
+        descriptor, temporary = tempfile.mkstemp(dir=self.state_dir, prefix=".worker-key.")  # 0600, a new file
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(self._worker_key() + "\n")
+            os.replace(temporary, self.key_file)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)  # only left if writing or renaming failed
+        self._key_written = True
 
     def list(self) -> list[Node]:
         nodes = []
@@ -70,6 +81,7 @@ class LocalProvider:
         return nodes
 
     def launch(self, count: int, owner: str, intent: str) -> list[Node]:
+        self._write_key()
         nodes = []
         for _ in range(count):
             worker_id = f"local-{owner}-{secrets.token_hex(4)}"
