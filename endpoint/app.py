@@ -110,7 +110,10 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
                     return json_response({"error": "missing credentials: send Authorization: Bearer <key>"}, 401)
                 if not hmac.compare_digest(token.encode(), key.encode()):
                     return json_response({"error": "wrong credentials for this route"}, 403)
-                return route(*args, **kwargs)
+                answer = route(*args, **kwargs)
+                if isinstance(answer, HTTPResponse):  # so that the peer learns which ids are this node's
+                    answer.set_header("X-Node-Id", store.node_id)
+                return answer
 
             return wrapper
 
@@ -167,6 +170,8 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             return json_response(public_item(item_view(item), detailed)) if item else not_found
         if owner is None or peer is None:
             return not_found
+        if peer.node_id is not None and owner != peer.node_id:
+            return not_found  # neither this endpoint's id nor the peer's: no need to ask it
         try:
             view = peer.get_work(work_id)
         except PeerUnavailable as exc:

@@ -48,6 +48,7 @@ class Peer:
         self._lock = threading.Lock()
         self._unanswered: collections.deque[tuple[str, int]] = collections.deque()
         self._carried: list[Delivered] = []
+        self.node_id: str | None = None  # the peer's, from its answers: which ids are its own
 
     def take_completed(self, limit: int) -> list[Delivered]:
         """Up to `limit` results the peer marks delivered to us; fewer (maybe none) if it is unreachable.
@@ -102,9 +103,11 @@ class Peer:
         )
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                self.node_id = response.headers.get("X-Node-Id") or self.node_id
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
+                self.node_id = exc.headers.get("X-Node-Id") or self.node_id
                 raise _NotFound() from exc
             self._mark_down()
             raise PeerUnavailable(f"HTTP {exc.code} from peer") from exc

@@ -67,6 +67,7 @@ def test_peer_down_live_endpoint_keeps_working(services: Services, pair: tuple[E
     services.worker([a, b], processes=2)
     b_item = b.enqueue(b"owned by b", 10)
     wait_for(lambda: b.work(b_item).json()["state"] == "completed", what="B's item to complete")
+    assert a.work(b_item).json()["state"] == "completed"  # through the peer: A has heard from B
     b.service.kill()
 
     # A accepts work and its workers keep completing it with B gone.
@@ -83,6 +84,9 @@ def test_peer_down_live_endpoint_keeps_working(services: Services, pair: tuple[E
     unreachable = a.work(b_item)
     assert unreachable.status_code == 503
     assert "unreachable" in unreachable.json()["error"]
+    # An id that is neither A's nor B's is unknown, B down or not: A knows B's node id from its answers.
+    unknown = a.work("zz-0123456789abcdef")
+    assert unknown.status_code == 404, unknown.text
 
     # When B comes back, its result is still there, exactly once.
     b.restart()
