@@ -244,22 +244,19 @@ def launches_per_episode(jobs: list[Job], scalers: Scalers, cluster: Cluster = C
     return counts
 
 
-def front_loaded(counts: list[int], max_workers: int) -> Scalers:
+def front_loaded(remaining: list[int], max_workers: int) -> Scalers:
     """Not a policy -- it knows the future: at the first tick at which work waits on an empty cluster, it
-    launches all of `counts[episode]` workers at once, without waiting for a threshold. Each episode must
-    start on an empty cluster, and there must be exactly as many as counts (checked after the run)."""
-    remaining = iter(counts)
+    launches the next count of `remaining` (taking it off the list) at once, without waiting for a threshold.
+    Each episode must start on an empty cluster: the caller checks that the list is used up exactly."""
 
     def scalers(snap: Snapshot) -> tuple[int, int]:
         if snap.ready + snap.booting == 0 and any(load.pending for load in snap.loads):
-            workers = next(remaining, None)
-            if workers is None:
-                raise AssertionError(f"more episodes than the {len(counts)} counted")
-            workers = min(max_workers, workers)
+            if not remaining:
+                raise AssertionError("more episodes than counted")
+            workers = min(max_workers, remaining.pop(0))
             return split_cap(workers, 0), split_cap(workers, 1)
         return 0, 0
 
-    scalers.unused = remaining  # type: ignore[attr-defined]
     return scalers
 
 
@@ -433,8 +430,14 @@ def verdict(comparison: Comparison) -> str:
             f"{comparison.cost_ratio:5.3f} -> goal (>= 3x, <= 1.00) {'MET' if comparison.met else 'NOT met'}")
 
 
-def compare(traces: dict[str, list[Job]], scalers: Scalers, base: dict[str, Result]) -> dict[str, Comparison]:
-    return {name: Comparison(simulate(jobs, scalers), base[name]) for name, jobs in traces.items()}
+def compare(traces: dict[str, list[Job]], scalers: Scalers, base: dict[str, Result],
+            cluster: Cluster = CLUSTER) -> dict[str, Comparison]:
+    return {name: Comparison(simulate(jobs, scalers, cluster), base[name]) for name, jobs in traces.items()}
+
+
+def context_row(label: str, comparisons: dict[str, Comparison]) -> str:
+    figures = [*comparisons.values(), total(comparisons)]
+    return f"  {label:<56}" + "".join(f"{f'{c.p95_ratio:.2f}x / {c.cost_ratio:.3f}':>18}" for c in figures)
 
 
 def merged(results: list[Result]) -> Result:
@@ -481,9 +484,7 @@ def main() -> None:
     others += [(f"ours with target_drain_s {target:g}s", ours(replace(OUR_POLICY, target_drain_s=target)))
                for target in (10.0, 20.0, 30.0, 60.0, 120.0)]
     for label, scalers in others:
-        comparisons = compare(traces, scalers, base)
-        figures = [*comparisons.values(), total(comparisons)]
-        print(f"  {label:<56}" + "".join(f"{f'{c.p95_ratio:.2f}x / {c.cost_ratio:.3f}':>18}" for c in figures))
+        print(context_row(label, compare(traces, scalers, base)))
     for max_workers in (16, 32):  # the baseline given the same cap
         cluster = replace(CLUSTER, max_workers=max_workers)
         naive = baseline(max_workers=max_workers)
@@ -491,11 +492,8 @@ def main() -> None:
         for target in (30.0, 120.0):
             policy = replace(OUR_POLICY, max_workers=max_workers, max_launch_per_tick=max_workers // 2,
                              target_drain_s=target)
-            comparisons = {name: Comparison(simulate(jobs, ours(policy), cluster), base_at_cap[name])
-                           for name, jobs in traces.items()}
-            figures = [*comparisons.values(), total(comparisons)]
-            label = f"ours at a cap of {max_workers}, target_drain_s {target:g}s"
-            print(f"  {label:<56}" + "".join(f"{f'{c.p95_ratio:.2f}x / {c.cost_ratio:.3f}':>18}" for c in figures))
+            print(context_row(f"ours at a cap of {max_workers}, target_drain_s {target:g}s",
+                              compare(traces, ours(policy), base_at_cap, cluster)))
 
     print()
     print("what a policy could reach at the baseline's cost on the isolated bursts, each of which meets an empty")
@@ -513,10 +511,11 @@ def main() -> None:
         schedules = [counts, reallocated(counts, bursts_of(bursts), max_workers)]
         for tick_s in (60.0, 10.0):
             figures = []
+            faster = replace(cluster, tick_s=tick_s)
             for schedule in schedules:
-                scalers = front_loaded(schedule, max_workers)
-                bound = Comparison(simulate(bursts, scalers, replace(cluster, tick_s=tick_s)), reference)
-                assert next(scalers.unused, None) is None, "fewer episodes than counted"  # type: ignore[attr-defined]
+                remaining = list(schedule)
+                bound = Comparison(simulate(bursts, front_loaded(remaining, max_workers), faster), reference)
+                assert not remaining, "fewer episodes than counted"
                 figures.append(f"{bound.p95_ratio:.2f}x, {bound.cost_ratio:.3f}")
             print(f"  {max_workers:>4}{tick_s:>13.0f}s  {figures[0]:>36}  {figures[1]:>35}")
 

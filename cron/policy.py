@@ -99,12 +99,13 @@ def arrival_rate(endpoints: tuple[EndpointLoad, ...], *, taken_only: bool = Fals
 def workers_needed(backlog: int, duration_s: float, policy: Policy, arrivals_per_s: float = 0.0) -> int:
     """Workers that keep up with `arrivals_per_s` and also finish `backlog` jobs of
     `duration_s` within the target time."""
-    if backlog <= 0 and arrivals_per_s <= 0:
+    backlog = max(backlog, 0)
+    if backlog == 0 and arrivals_per_s <= 0:
         return 0
     duration_s = max(duration_s, 1e-6)
     stream_slots = arrivals_per_s * duration_s
     # A job runs on one slot: the backlog can use at most one slot per job, however short the target.
-    drain_slots = min(float(max(backlog, 0)), max(backlog, 0) * duration_s / policy.target_drain_s)
+    drain_slots = min(float(backlog), backlog * duration_s / policy.target_drain_s)
     # Less a hair, so that an exact whole number of workers is not rounded up by float error.
     workers = math.ceil((stream_slots + drain_slots) / policy.slots_per_worker - 1e-9)
     return min(policy.max_workers, max(1, workers))

@@ -95,9 +95,12 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
 
         return wrapper
 
-    def presented_key() -> str | None:
+    def presents(key: str) -> bool | None:
+        """None if the caller presented no key, else whether it presented `key`."""
         scheme, _, token = request.get_header("Authorization", "").partition(" ")
-        return token if scheme.lower() == "bearer" and token else None
+        if scheme.lower() != "bearer" or not token:
+            return None
+        return hmac.compare_digest(token.encode(), key.encode())
 
     def requires(key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Internal routes: only callers presenting `key`."""
@@ -105,10 +108,10 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         def decorator(route: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(route)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                token = presented_key()
-                if token is None:
+                holds = presents(key)
+                if holds is None:
                     return json_response({"error": "missing credentials: send Authorization: Bearer <key>"}, 401)
-                if not hmac.compare_digest(token.encode(), key.encode()):
+                if not holds:
                     return json_response({"error": "wrong credentials for this route"}, 403)
                 answer = route(*args, **kwargs)
                 if isinstance(answer, HTTPResponse):  # so that the peer learns which ids are this node's
@@ -125,12 +128,10 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
     def details_allowed() -> bool:
         """Whether the caller presented the peer key (endpoints, their scalers), which opens the details of the
         public answers: worker ids (instance ids, host names) and the scaler's last error. Any other key: 403."""
-        token = presented_key()
-        if token is None:
-            return False
-        if hmac.compare_digest(token.encode(), endpoint_key.encode()):
-            return True
-        raise InputError(403, "wrong credentials: the details need the peer key")
+        holds = presents(endpoint_key)
+        if holds is False:
+            raise InputError(403, "wrong credentials: the details need the peer key")
+        return bool(holds)
 
     def public_item(view: dict[str, Any], detailed: bool) -> dict[str, Any]:
         return view if detailed else {key: value for key, value in view.items() if key != "worker_id"}
