@@ -214,7 +214,7 @@ def load_of(stats: dict) -> EndpointLoad:
                         recent_window_s=stats.get("recent_window_s", 600.0),
                         recent_arrivals=stats.get("recent_arrivals", 0),
                         recent_arrivals_pending=stats.get("recent_arrivals_pending", 0),
-                        arrival_window_s=stats.get("arrival_window_s", 60.0))
+                        arrival_window_s=stats.get("arrival_window_s", 60.0), running=stats.get("running", 0))
 
 
 class Scaler:
