@@ -338,6 +338,7 @@ class Scaler:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # its lock, host keys, worker records and logs: owner-only
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s scaler: %(message)s")
     if args.reset_breaker:
