@@ -22,9 +22,10 @@ usage: ./deploy.sh local [--max-workers N] [--idle-timeout S] [--scale-after S]
   --port-b P        endpoint B's port on 127.0.0.1 (default 5001)
   --every S         seconds between scaling decisions (default 2; more than 0; cron uses 60 on EC2)
 
-Data, logs and the cluster secret go to $DW_STATE_DIR (default var/), owner-only (mode 0700).
-One ./deploy.sh local at a time per state directory; a second one on the same state refuses
-to start. If a service exits, the deployment reports it, stops all of it and exits with 1.
+Data, logs and the cluster secret go to $DW_STATE_DIR (default var/).
+That folder is made owner-only (0700), and so is all that the deployment writes. One
+./deploy.sh local at a time per state directory: a second one on the same state refuses
+to start. If a service exits, the deployment says so, stops all of it and exits with 1.
 EOF
 }
 
@@ -115,7 +116,7 @@ EOF
 
     # Each service runs in a process group of its own (setsid), so that it is stopped as a
     # whole (a server and its worker processes) and only by us, not also by the terminal's Ctrl-C.
-    names=() groups=()
+    names=() groups=() pause=""
     start() {  # name, command...
         local name=$1
         shift
@@ -144,6 +145,7 @@ EOF
         set +e
         trap - INT TERM HUP EXIT
         trap '' PIPE  # output gone (a closed terminal or pipe): the clean-up still runs to its end
+        [ -z "${pause:-}" ] || kill "$pause" 2> /dev/null
         echo
         echo "stopping..."
         # Scalers first (no more launches), then the workers while the endpoints still answer,
@@ -259,7 +261,8 @@ EOF
     while true; do
         exited "while running" && exit 1
         sleep 1 &
-        wait $! || true
+        pause=$!
+        wait $pause || true
     done
 }
 
