@@ -187,8 +187,18 @@ BAD_OPTIONS = [
 def test_bad_options_are_refused_with_the_usage_before_anything_starts(tmp_path: Path, args: list[str],
                                                                        message: str) -> None:
     state = tmp_path / "state"
-    completed = subprocess.run(["./deploy.sh", "local", *args], cwd=REPO, capture_output=True, timeout=30,
-                               env={**os.environ, "DW_STATE_DIR": str(state)})
+    # Free ports first (the options under test come after, and win): should a run start anyway, it takes
+    # no port another deployment may use.
+    command = ["./deploy.sh", "local", "--port-a", str(free_port()), "--port-b", str(free_port()), *args]
+    try:
+        completed = subprocess.run(command, cwd=REPO, capture_output=True, timeout=30, start_new_session=True,
+                                   env={**os.environ, "DW_STATE_DIR": str(state)})
+    finally:
+        started = processes_of(state)
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert started == []
     assert completed.returncode == 2, completed
     assert message in completed.stderr.decode()
     assert "usage: ./deploy.sh local" in completed.stderr.decode()
