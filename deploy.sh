@@ -75,7 +75,7 @@ deploy_local() {
 
     # Payloads, results, logs and keys: nobody but this user reads what the deployment writes.
     umask 077
-    # Globals, not locals: the clean-up may run after a fatal signal has unwound this function.
+    # Globals, not locals: when `set -e` ends the script in here, the EXIT trap runs without our locals.
     state=${DW_STATE_DIR:-var}
     local url_a="http://127.0.0.1:$port_a" url_b="http://127.0.0.1:$port_b"
     mkdir -p "$state/log"
