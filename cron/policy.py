@@ -20,7 +20,15 @@ that, workers that are there may well take it in a moment. Two cases do not wait
 with no worker at all (nobody else will ever take the item, so waiting only adds latency,
 and the launch costs the same later), and arrivals that alone need more workers than there
 are (the queue is about to grow). With nothing pending and no worker, nothing is launched,
-whatever arrived lately. The policy never shrinks the fleet -- workers leave by
+whatever arrived lately.
+
+Busy slots: the jobs running now hold their slots. When every slot is busy and the oldest item
+has still waited `scale_after_s`, the fleet is too small whatever the measured mean says -- the
+mean may come from earlier, shorter jobs (it took 0.1 ms while a 21 s job held the only slot) --
+so at least one worker more than there are is needed, within the cap. Workers still booting
+have free slots: while one boots, this does not add another.
+
+The policy never shrinks the fleet -- workers leave by
 themselves after `idle_timeout` without work, so a short lull does not tear down capacity
 that the next burst needs.
 """
@@ -43,6 +51,7 @@ class EndpointLoad:
     recent_arrivals: int = 0  # items enqueued in the last arrival_window_s: the stream to keep up with
     recent_arrivals_pending: int = 0  # of those, the ones still pending (they are in `pending` too)
     arrival_window_s: float = 60.0
+    running: int = 0  # items leased to a worker now: each holds one slot
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,18 @@ def workers_needed(backlog: int, duration_s: float, policy: Policy, arrivals_per
     return min(policy.max_workers, max(1, workers))
 
 
+def busy_floor(view: ClusterView, policy: Policy) -> tuple[int, str]:
+    """The workers needed because every slot is busy while the backlog has waited past the threshold
+    (the caller checks the wait): one more than there are, within the cap; 0 while a slot is free."""
+    current = view.workers_ready + view.workers_booting
+    running = sum(e.running for e in view.endpoints)
+    slots = current * policy.slots_per_worker
+    if current == 0 or running < slots:
+        return 0, ""
+    floor = min(policy.max_workers, current + 1)
+    return floor, f", but all {slots} slot(s) are busy ({running} running): {floor} needed"
+
+
 def decide(view: ClusterView, policy: Policy) -> Decision:
     backlog = sum(e.pending for e in view.endpoints)
     oldest = max((e.oldest_pending_age_s for e in view.endpoints if e.pending), default=0.0)
@@ -125,6 +146,9 @@ def decide(view: ClusterView, policy: Policy) -> Decision:
         needed = workers_needed(backlog, duration, policy, rate)
         sizing = (f"{backlog} pending x {duration:.3g}s needs {needed} worker(s) to drain in "
                   f"{policy.target_drain_s:.0f}s" + (f" beside {rate:.3g} jobs/s arriving" if rate > 0 else ""))
+        floor, busy = busy_floor(view, policy)
+        if floor > needed:
+            needed, sizing = floor, sizing + busy
     else:
         # The backlog does not count yet, but arrivals that alone need more workers than there are
         # will build a queue: launch for them now rather than after the threshold.

@@ -441,6 +441,8 @@ ProtectSystem=strict
 ProtectHome=read-only
 ReadWritePaths={base}/var
 PrivateTmp=yes
+# Its data and logs are the users' payloads and results: owner-only.
+UMask=0077
 
 [Install]
 WantedBy=multi-user.target

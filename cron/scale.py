@@ -214,7 +214,7 @@ def load_of(stats: dict) -> EndpointLoad:
                         recent_window_s=stats.get("recent_window_s", 600.0),
                         recent_arrivals=stats.get("recent_arrivals", 0),
                         recent_arrivals_pending=stats.get("recent_arrivals_pending", 0),
-                        arrival_window_s=stats.get("arrival_window_s", 60.0))
+                        arrival_window_s=stats.get("arrival_window_s", 60.0), running=stats.get("running", 0))
 
 
 class Scaler:
@@ -338,6 +338,7 @@ class Scaler:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # its lock, host keys, worker records and logs: owner-only
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s scaler: %(message)s")
     if args.reset_breaker:

@@ -18,6 +18,7 @@ from endpoint.secret import read_secret
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.umask(0o077)  # its database, WAL and logs hold the users' payloads and results: owner-only
     settings = parse_args(argv)
     read_secret(settings.secret_file)  # fail here, with a clear message, rather than in the server's worker
     os.environ.update(export(settings))

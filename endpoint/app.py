@@ -76,7 +76,8 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number here")
 
 
-def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None) -> bottle.Bottle:
+def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None,
+             instance_id: str = "") -> bottle.Bottle:
     """`secret` is the cluster secret; callers present the key derived from it for their role."""
     app = JsonBottle()
 
@@ -189,6 +190,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         detailed = details_allowed()
         figures = store.stats(window)
         figures["workers_heard_from"] = len(figures["workers"])
+        figures["instance_id"] = instance_id or None
         if not detailed:
             # The public view: counts, not names. Worker ids (instance ids) and the scaler's last
             # error (addresses, SSH and EC2 messages) are for the endpoints and their scalers.

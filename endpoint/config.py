@@ -31,6 +31,7 @@ class Settings:
     synchronous: str
     retention_days: float
     log_level: str
+    instance_id: str
 
     @property
     def db_path(self) -> str:
@@ -57,6 +58,9 @@ OPTIONS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "retention_days": ("DW_RETENTION_DAYS", "7", float,
                        "delete results this many days after pullCompleted delivered them; 0 keeps them forever"),
     "log_level": ("DW_LOG_LEVEL", "INFO", str.upper, "DEBUG, INFO, WARNING or ERROR"),
+    "instance_id": ("DW_INSTANCE_ID", "", str,
+                    "any id for this run, reported in GET /stats, so that whoever started it can tell it is "
+                    "this process that answers (./deploy.sh local passes a fresh random one)"),
 }
 
 

@@ -32,7 +32,7 @@ def create_app() -> bottle.Bottle:
     limits = Limits(settings.max_payload_bytes, settings.max_iterations, settings.max_top)
     log.info("endpoint %s serving on http://%s:%d (db %s, peer %s)", settings.node_id, settings.host,
              settings.port, store.path, settings.peer or "none")
-    return make_app(store, secret, limits, peer)
+    return make_app(store, secret, limits, peer, settings.instance_id)
 
 
 def _exit_with_parent(store: Store) -> None:

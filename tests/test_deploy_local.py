@@ -1,86 +1,391 @@
-"""`./deploy.sh local` runs the whole system and leaves nothing behind when stopped."""
+"""`./deploy.sh local` runs the whole system, checks what it is given, watches what it started, keeps one
+deployment per state directory, and leaves nothing behind when stopped."""
 
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import os
+import re
 import signal
+import socket
+import stat
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import REPO, free_port, group_members, pid_alive, reference, wait_for
+from conftest import REPO, free_port, reference, wait_for
+
+BANNER_END = "Ctrl-C stops everything"
 
 
-def processes_mentioning(*needles: str) -> list[str]:
+def processes_of(state: Path) -> list[int]:
+    """Processes whose command line or environment names the state directory: the deployment's endpoints,
+    scalers and workers (and their server and slot processes). The directory is the test's own, so this
+    finds only processes the test started."""
+    needle = str(state).encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            if needle in (entry / "cmdline").read_bytes() or needle in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
         except OSError:
             continue
-        if any(needle in cmdline for needle in needles) and pid_alive(int(entry.name)):
-            found.append(f"{entry.name}: {cmdline}")
     return found
 
 
+class Deployment:
+    """One `./deploy.sh local` run on its own state directory and ports (unless told otherwise)."""
+
+    def __init__(self, directory: Path, *args: str, state: Path | None = None, ports: tuple[int, int] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.state = state or directory / "state"
+        self.port_a, self.port_b = ports or (free_port(), free_port())
+        self.url_a, self.url_b = f"http://127.0.0.1:{self.port_a}", f"http://127.0.0.1:{self.port_b}"
+        self.log_path = directory / f"deploy-{time.monotonic_ns()}.log"
+        environment = {**os.environ, "DW_STATE_DIR": str(self.state), **(env or {})}
+        environment.pop("DW_SECRET", None)
+        with open(self.log_path, "wb") as log:
+            # A session of its own, like a terminal's: its process group is what Ctrl-C reaches.
+            self.process = subprocess.Popen(
+                ["./deploy.sh", "local", "--port-a", str(self.port_a), "--port-b", str(self.port_b), *args],
+                cwd=REPO, env=environment, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, umask=0o022)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_running(self, timeout: float = 120) -> None:
+        wait_for(lambda: BANNER_END in self.output() or self.process.poll() is not None, timeout,
+                 "deploy.sh to start")
+        assert self.process.poll() is None, self.output()
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self, stop_signal: int = signal.SIGINT) -> int:
+        if self.process.poll() is None:
+            if stop_signal == signal.SIGINT:
+                os.killpg(self.process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            else:
+                self.process.send_signal(stop_signal)  # to deploy.sh alone
+        return self.wait_exit()
+
+    def kill_everything(self) -> None:
+        """After a failed test: whatever this run left, by its session and by its state directory."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        for pid in processes_of(self.state):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
+
+    def stats(self, url: str) -> dict:
+        response = requests.get(f"{url}/stats", timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def enqueue(self, url: str, payload: bytes, iterations: int) -> str:
+        response = requests.put(f"{url}/enqueue", params={"iterations": iterations}, data={"data": payload},
+                                timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()["id"]
+
+    def work(self, work_id: str) -> dict:
+        response = requests.get(f"{self.url_a}/work/{work_id}", timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def pull_until(self, expected: int, timeout: float = 60) -> list[dict]:
+        pulled: list[dict] = []
+
+        def enough() -> bool:
+            pulled.extend(requests.post(f"{self.url_a}/pullCompleted?top=100", timeout=10).json())
+            return len(pulled) >= expected
+
+        wait_for(enough, timeout, f"{expected} result(s) from {self.url_a}")
+        return pulled
+
+
+@pytest.fixture
+def deployments(tmp_path: Path) -> Iterator[list[Deployment]]:
+    """Deployments a test starts; any still running (or leaving processes) at the end is killed, and fails it."""
+    started: list[Deployment] = []
+    yield started
+    for deployment in reversed(started):
+        if deployment.process.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                deployment.stop()
+    leftovers = []
+    for deployment in started:
+        if deployment.process.poll() is None or processes_of(deployment.state):
+            leftovers.append(f"{deployment.state}: {processes_of(deployment.state)}")
+            deployment.kill_everything()
+    assert leftovers == [], "processes left behind"
+
+
+def deploy(deployments: list[Deployment], directory: Path, *args: str, **kwargs: object) -> Deployment:
+    deployment = Deployment(directory, *args, **kwargs)  # type: ignore[arg-type]
+    deployments.append(deployment)
+    return deployment
+
+
+FAST = ("--scale-after", "0", "--idle-timeout", "5", "--every", "0.5", "--max-workers", "2")
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_deploy_local_serves_a_job_and_stops_everything(tmp_path: Path, stop_signal: int) -> None:
-    port_a, port_b = free_port(), free_port()
+def test_deploy_local_serves_a_job_and_stops_everything(tmp_path: Path, deployments: list[Deployment],
+                                                        stop_signal: int) -> None:
+    deployment = deploy(deployments, tmp_path, *FAST)
+    deployment.wait_running()
+    assert (f'curl -X PUT "http://127.0.0.1:{deployment.port_a}/enqueue?iterations=10" -d "data=Hello"'
+            in deployment.output())
+    work_id = deployment.enqueue(deployment.url_b, b"Hello", 10)
+    assert deployment.pull_until(1) == [{"id": work_id, "result": reference(b"Hello", 10)}]
+    assert (deployment.state / "secret").stat().st_mode & 0o077 == 0, "the secret file must be private"
+
+    assert deployment.stop(stop_signal) == (130 if stop_signal == signal.SIGINT else 143)
+    assert processes_of(deployment.state) == []
+    assert "stopped." in deployment.output()
+
+
+# --- options ----------------------------------------------------------------------------------------------------
+
+BAD_OPTIONS = [
+    (["--bogus"], "unknown option --bogus"),
+    (["--max-workers"], "--max-workers needs a value"),
+    (["--port-b", "6000", "--every"], "--every needs a value"),
+    (["--max-workers", "0"], "--max-workers must be a whole number from 1 to 999999, not '0'"),
+    (["--max-workers", "-1"], "--max-workers must be a whole number from 1 to 999999, not '-1'"),
+    (["--max-workers", "two"], "--max-workers must be a whole number from 1 to 999999, not 'two'"),
+    (["--max-workers", "1.5"], "--max-workers must be a whole number"),
+    (["--max-workers="], "--max-workers must be a whole number from 1 to 999999, not ''"),
+    (["--idle-timeout", "-5"], "--idle-timeout must be a number of seconds, more than 0, not '-5'"),
+    (["--idle-timeout", "0"], "--idle-timeout must be a number of seconds, more than 0, not '0'"),
+    (["--idle-timeout", "nan"], "--idle-timeout must be a number of seconds, more than 0, not 'nan'"),
+    (["--scale-after", "-3"], "--scale-after must be a number of seconds, 0 or more, not '-3'"),
+    (["--scale-after", "1e3"], "--scale-after must be a number of seconds, 0 or more, not '1e3'"),
+    (["--every", "0"], "--every must be a number of seconds, more than 0, not '0'"),
+    (["--every", "0.000"], "--every must be a number of seconds, more than 0, not '0.000'"),
+    (["--port-a", "0"], "--port-a must be a whole number from 1 to 65535, not '0'"),
+    (["--port-a", "65536"], "--port-a must be a whole number from 1 to 65535, not '65536'"),
+    (["--port-a", "6000", "--port-b", "6000"], "--port-a and --port-b must differ (both are 6000)"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_OPTIONS, ids=[" ".join(args) for args, _ in BAD_OPTIONS])
+def test_bad_options_are_refused_with_the_usage_before_anything_starts(tmp_path: Path, args: list[str],
+                                                                       message: str) -> None:
     state = tmp_path / "state"
-    env = {**os.environ, "DW_STATE_DIR": str(state)}
-    env.pop("DW_SECRET", None)
-    log = open(tmp_path / "deploy.log", "wb")  # noqa: SIM115 -- closed below
-    deploy = subprocess.Popen(
-        ["./deploy.sh", "local", "--port-a", str(port_a), "--port-b", str(port_b), "--scale-after", "0",
-         "--idle-timeout", "5", "--every", "0.5", "--max-workers", "2"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    worker_pids: set[int] = set()
+    # Free ports first (the options under test come after, and win): should a run start anyway, it takes
+    # no port another deployment may use.
+    command = ["./deploy.sh", "local", "--port-a", str(free_port()), "--port-b", str(free_port()), *args]
     try:
-        wait_for(lambda: b"Ctrl-C stops everything" in (tmp_path / "deploy.log").read_bytes() or deploy.poll(),
-                 timeout=120, what="deploy.sh to start")
-        assert deploy.poll() is None, (tmp_path / "deploy.log").read_text()
-        printed = (tmp_path / "deploy.log").read_text()
-        assert f'curl -X PUT "http://127.0.0.1:{port_a}/enqueue?iterations=10" -d "data=Hello"' in printed
-
-        work_id = requests.put(f"http://127.0.0.1:{port_b}/enqueue?iterations=10", data={"data": "Hello"},
-                               timeout=10).json()["id"]
-
-        def pulled() -> list:
-            for record in (state / "workers").glob("*.json"):
-                worker_pids.add(json.loads(record.read_text())["pid"])
-            return requests.post(f"http://127.0.0.1:{port_a}/pullCompleted?top=5", timeout=10).json()
-
-        assert wait_for(pulled, timeout=60, what="the job's result") == [
-            {"id": work_id, "result": reference(b"Hello", 10)}]
-        assert worker_pids, "the scaler should have started a worker for the job"
-        assert (state / "secret").stat().st_mode & 0o077 == 0, "the secret file must be private"
+        completed = subprocess.run(command, cwd=REPO, capture_output=True, timeout=30, start_new_session=True,
+                                   env={**os.environ, "DW_STATE_DIR": str(state)})
     finally:
-        if stop_signal == signal.SIGINT:
-            os.killpg(deploy.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        else:
-            deploy.send_signal(signal.SIGTERM)  # to deploy.sh alone
-        try:
-            deploy.wait(60)
-        finally:
-            log.close()
-            leftovers = processes_mentioning(str(state), f"127.0.0.1:{port_a}", f"--port {port_a}")
-            leftovers += [f"worker group {pid}" for pid in worker_pids if group_members(pid)]
-            if deploy.poll() is None or leftovers:  # clean up what the failed test left, then fail
-                os.killpg(deploy.pid, signal.SIGKILL)
-                for pid in worker_pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(pid, signal.SIGKILL)
-    assert leftovers == []
-    assert "stopped." in (tmp_path / "deploy.log").read_text()
+        started = processes_of(state)
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert started == []
+    assert completed.returncode == 2, completed
+    assert message in completed.stderr.decode()
+    assert "usage: ./deploy.sh local" in completed.stderr.decode()
+    assert not state.exists(), "nothing may be created, let alone started"
 
 
-def test_deploy_rejects_unknown_options() -> None:
-    completed = subprocess.run(["./deploy.sh", "local", "--bogus"], cwd=REPO, capture_output=True, timeout=30)
-    assert completed.returncode == 2
-    assert b"unknown option --bogus" in completed.stderr
+def test_help_names_the_state_directory_variable() -> None:
+    completed = subprocess.run(["./deploy.sh", "local", "--help"], cwd=REPO, capture_output=True, timeout=30)
+    assert completed.returncode == 0
+    assert b"go to $DW_STATE_DIR (default var/)" in completed.stdout
+
+
+def test_options_take_the_equals_form_and_fractional_seconds(tmp_path: Path, deployments: list[Deployment]) -> None:
+    # --scale-after 0.5 once broke the banner's arithmetic after everything had started.
+    deployment = deploy(deployments, tmp_path, "--max-workers=1", "--scale-after", "0.5", "--every", ".5",
+                        "--idle-timeout", "5")
+    deployment.wait_running()
+    assert "up to 1 worker(s)" in deployment.output() and "more once it waits 0.5s" in deployment.output()
+    work_id = deployment.enqueue(deployment.url_a, b"x", 3)
+    assert deployment.pull_until(1) == [{"id": work_id, "result": reference(b"x", 3)}]
+
+
+# --- watching what it started -----------------------------------------------------------------------------------
+
+
+def test_a_scaler_that_exits_at_start_up_stops_the_deployment(tmp_path: Path, deployments: list[Deployment]) -> None:
+    # The scalers read DW_* settings too; one they refuse makes them exit at once.
+    deployment = deploy(deployments, tmp_path, *FAST, env={"DW_TARGET_DRAIN": "0"})
+    status = deployment.wait_exit(60)
+    output = deployment.output()
+    assert status == 1, output
+    assert "is running locally" not in output
+    assert re.search(r"scaler-[ab] exited \(during start-up, status 2\)", output)  # both do; one is told
+    assert "--target-drain must be more than 0" in output  # the end of its log, shown
+    assert "stopped." in output
+    assert processes_of(deployment.state) == []
+
+
+def test_a_service_that_dies_later_is_reported_and_stops_the_deployment(tmp_path: Path,
+                                                                        deployments: list[Deployment]) -> None:
+    deployment = deploy(deployments, tmp_path, *FAST)
+    deployment.wait_running()
+    endpoint_b = [pid for pid in processes_of(deployment.state)
+                  if b"--node-id\0b\0" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.killpg(os.getpgid(endpoint_b[0]), signal.SIGKILL)  # endpoint b and its server process: a crash
+    status = deployment.wait_exit(60)
+    output = deployment.output()
+    assert status == 1, output
+    assert "endpoint-b exited (while running, status 137)" in output
+    assert processes_of(deployment.state) == []
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{deployment.url_a}/stats", timeout=5)
+
+
+def test_a_port_taken_by_something_else_is_refused_before_anything_starts(tmp_path: Path,
+                                                                          deployments: list[Deployment]) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        deployment = deploy(deployments, tmp_path, *FAST, ports=(free_port(), taken))
+        assert deployment.wait_exit(60) == 1
+    assert f"127.0.0.1:{taken} is in use already" in deployment.output()
+    assert not (deployment.state / "a.sqlite3").exists()
+
+
+# --- one deployment per state -----------------------------------------------------------------------------------
+
+
+def test_a_second_run_on_the_same_state_is_refused_and_leaves_the_first_serving(
+        tmp_path: Path, deployments: list[Deployment]) -> None:
+    first = deploy(deployments, tmp_path / "first", *FAST)
+    first.wait_running()
+    instance_a, instance_b = first.stats(first.url_a)["instance_id"], first.stats(first.url_b)["instance_id"]
+    assert instance_a and instance_a == instance_b
+    logs = {path.name: path.stat().st_size for path in (first.state / "log").glob("endpoint-*.log")}
+
+    for ports in [(first.port_a, first.port_b), (free_port(), free_port())]:  # the same ports, and others
+        started = time.monotonic()
+        second = deploy(deployments, tmp_path / "second", *FAST, state=first.state, ports=ports)
+        status = second.wait_exit(30)
+        took = time.monotonic() - started
+        output = second.output()
+        assert status == 1, output
+        assert took < 10, f"the refusal took {took:.1f}s"
+        assert f"another ./deploy.sh local runs on {first.state} (pid {first.process.pid}" in output
+        assert f"endpoints {first.url_a} and {first.url_b}" in output
+        assert f"kill -TERM {first.process.pid}" in output
+        assert "is running locally" not in output and "stopping" not in output
+        for port in ports:
+            if port not in (first.port_a, first.port_b):
+                with pytest.raises(requests.ConnectionError):
+                    requests.get(f"http://127.0.0.1:{port}/stats", timeout=5)
+
+    # The first is untouched: the same processes answer, nothing was started beside them, and it serves.
+    assert first.process.poll() is None
+    assert first.stats(first.url_a)["instance_id"] == instance_a
+    assert {path.name: path.stat().st_size for path in (first.state / "log").glob("endpoint-*.log")} == logs
+    work_id = first.enqueue(first.url_b, b"still here", 5)
+    assert first.pull_until(1) == [{"id": work_id, "result": reference(b"still here", 5)}]
+
+
+def test_two_deployments_on_different_states_and_ports_run_side_by_side(tmp_path: Path,
+                                                                      deployments: list[Deployment]) -> None:
+    one = deploy(deployments, tmp_path / "one", *FAST)
+    two = deploy(deployments, tmp_path / "two", *FAST)
+    one.wait_running()
+    two.wait_running()
+    ids = {deployment.stats(url)["instance_id"] for deployment in (one, two) for url in (deployment.url_a,
+                                                                                          deployment.url_b)}
+    assert len(ids) == 2 and None not in ids  # each deployment's endpoints report its own id
+
+    jobs = {one: [one.enqueue(one.url_a, b"one-%d" % n, 7) for n in range(3)],
+            two: [two.enqueue(two.url_b, b"two-%d" % n, 7) for n in range(3)]}
+    for deployment, prefix in [(one, b"one"), (two, b"two")]:
+        pulled = sorted(deployment.pull_until(3), key=lambda item: item["id"])
+        assert pulled == sorted(({"id": work_id, "result": reference(b"%s-%d" % (prefix, n), 7)}
+                                 for n, work_id in enumerate(jobs[deployment])), key=lambda item: item["id"])
+        assert deployment.stats(deployment.url_a)["completed"] + deployment.stats(deployment.url_b)["completed"] == 3
+
+    # Stopping one leaves the other serving.
+    assert two.stop() == 130
+    assert processes_of(two.state) == []
+    work_id = one.enqueue(one.url_b, b"after", 4)
+    assert one.pull_until(1) == [{"id": work_id, "result": reference(b"after", 4)}]
+
+
+# --- restarts ---------------------------------------------------------------------------------------------------
+
+
+def running_item(deployment: Deployment, work_id: str) -> dict | None:
+    item = deployment.work(work_id)
+    return item if item["state"] == "running" else None
+
+
+def test_restarts_during_a_long_job_do_not_use_up_its_attempts(tmp_path: Path, deployments: list[Deployment]) -> None:
+    # A short lease, so that a lease left behind by a stop expires (and would count) within the test;
+    # the job (10^8 iterations, about a minute) outlasts every run of the deployment.
+    env = {"DW_LEASE_SECONDS": "3"}
+    ports = (free_port(), free_port())
+    state = tmp_path / "state"
+    work_id = ""
+    for cycle in range(3):
+        deployment = deploy(deployments, tmp_path, *FAST, state=state, ports=ports, env=env)
+        deployment.wait_running()
+        if not work_id:
+            work_id = deployment.enqueue(deployment.url_a, b"long", 100_000_000)
+        item = wait_for(functools.partial(running_item, deployment, work_id), 60, f"the job to run (cycle {cycle})")
+        assert item["attempts"] == 1, f"cycle {cycle}: {item}"  # the stops before gave it back
+        time.sleep(1.5)  # computing, and renewing its lease
+        assert deployment.stop() == 130
+
+    deployment = deploy(deployments, tmp_path, *FAST, state=state, ports=ports, env=env)
+    deployment.wait_running()
+    time.sleep(3 * 3)  # past any lease a stop could have left behind
+    item = deployment.work(work_id)
+    assert item["state"] in ("pending", "running", "completed"), item
+    assert item["attempts"] <= 1, item
+    worker_logs = "".join(path.read_text(errors="replace") for path in (state / "log").glob("worker-*.log"))
+    assert "could not release" not in worker_logs
+
+
+# --- file modes -------------------------------------------------------------------------------------------------
+
+
+def test_everything_under_the_state_directory_is_owner_only(tmp_path: Path, deployments: list[Deployment]) -> None:
+    # Started with umask 022, as from an ordinary shell.
+    deployment = deploy(deployments, tmp_path, "--scale-after", "0", "--idle-timeout", "30", "--every", "0.5")
+    deployment.wait_running()
+    deployment.enqueue(deployment.url_a, b"private", 20)
+    deployment.enqueue(deployment.url_b, b"private", 20)
+    deployment.pull_until(2)
+    wait_for(lambda: list((deployment.state / "workers").glob("*.json")), 10, "a worker record")
+
+    def modes() -> dict[str, str]:
+        return {str(path.relative_to(deployment.state)): oct(stat.S_IMODE(path.lstat().st_mode))
+                for path in [deployment.state, *deployment.state.rglob("*")]}
+
+    while_running = modes()
+    for name in ("a.sqlite3", "a.sqlite3-wal", "b.sqlite3-shm", "log/endpoint-a.log", "log/scaler-b.log",
+                 "secret", "deploy.lock", "workers", "workers/worker-key"):
+        assert name in while_running, sorted(while_running)
+    assert any(name.startswith("log/worker-") for name in while_running)
+    assert any(name.startswith("workers/local-") for name in while_running)
+    open_to_others = {name: mode for name, mode in while_running.items() if int(mode, 8) & 0o077}
+    assert open_to_others == {}
+
+    deployment.stop()
+    open_to_others = {name: mode for name, mode in modes().items() if int(mode, 8) & 0o077}
+    assert open_to_others == {}

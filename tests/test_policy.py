@@ -10,15 +10,15 @@ from dataclasses import replace
 import pytest
 
 from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide, job_duration, split_cap, workers_needed
-from cron.scale import parse_args
+from cron.scale import load_of, parse_args
 
 
 def load(pending: int, age: float = 100.0, recent_jobs: int = 0, duration: float | None = None,
-         arrivals: int = 0, arrivals_pending: int = 0, arrival_window: float = 60.0) -> EndpointLoad:
-    """By default nothing arrived lately, so the tests see the backlog sizing alone."""
+         arrivals: int = 0, arrivals_pending: int = 0, arrival_window: float = 60.0, running: int = 0) -> EndpointLoad:
+    """By default nothing arrived lately and nothing runs, so the tests see the backlog sizing alone."""
     return EndpointLoad(pending=pending, oldest_pending_age_s=age, recent_jobs=recent_jobs,
                         recent_job_duration_s=duration, recent_arrivals=arrivals,
-                        recent_arrivals_pending=arrivals_pending, arrival_window_s=arrival_window)
+                        recent_arrivals_pending=arrivals_pending, arrival_window_s=arrival_window, running=running)
 
 
 def view(*endpoints: EndpointLoad, peer_reachable: bool = True, ready: int = 0, booting: int = 0,
@@ -219,7 +219,8 @@ def _random_case(rng: random.Random) -> tuple[Policy, ClusterView, ClusterView]:
         measured = rng.randint(0, 100)
         loads.append(load(pending, age=rng.uniform(0, 120), recent_jobs=measured,
                           duration=rng.choice([None, rng.uniform(0.01, 60.0)]),
-                          arrivals=rng.choice([0, rng.randint(1, 50), rng.randint(1, 5_000)])))
+                          arrivals=rng.choice([0, rng.randint(1, 50), rng.randint(1, 5_000)]),
+                          running=rng.choice([0, rng.randint(0, 8), rng.randint(0, 50)])))
     own = [rng.randint(0, split_cap(max_workers, index)) for index in (0, 1)]
     booting = rng.randint(0, own[0] + own[1])
     reachable = rng.random() < 0.7
@@ -411,6 +412,64 @@ def test_needed_never_exceeds_the_cap_not_even_a_zero_cap() -> None:
     assert decide(view(load(1000, age=300.0)), policy(max_workers=0)).launch == 0
 
 
+# --- busy slots ------------------------------------------------------------------------------------------------
+
+# The issue's reproduction: a cap of 2, one 1-slot worker busy with a long job, one item behind it for 21 s,
+# and a mean job time from earlier tiny jobs.
+BUSY = Policy(scale_after_s=2.0, target_drain_s=30.0, max_workers=2, slots_per_worker=1, max_launch_per_tick=4)
+TINY_JOBS = {"recent_jobs": 50, "duration": 0.000129}
+
+
+def test_when_every_slot_is_busy_and_an_item_has_waited_one_more_worker_is_launched_whatever_the_mean() -> None:
+    # Endpoint 0 launched the busy worker; the job and the waiting item are both at endpoint 0.
+    waiting = load(1, age=21.0, running=1, **TINY_JOBS)
+    idle_peer = load(0, age=0.0, **TINY_JOBS)
+    decision = decide(view(waiting, idle_peer, ready=1, own=1), BUSY)
+    assert (decision.needed, decision.launch) == (2, 0)  # endpoint 0's share (1) is in use ...
+    decision = decide(view(idle_peer, waiting, ready=1, own=0, peer=1), replace(BUSY, endpoint_index=1))
+    assert (decision.needed, decision.launch) == (2, 1)  # ... so endpoint 1 launches it
+    assert decision.reason == ("1 pending x 0.000129s needs 1 worker(s) to drain in 30s, but all 1 slot(s) are "
+                               "busy (1 running): 2 needed; 1 ready, 0 booting: launching 1")
+    # The peer unreachable, endpoint 1 sees its own queue alone: the same launch.
+    decision = decide(view(waiting, peer_reachable=False, ready=1, own=0), replace(BUSY, endpoint_index=1))
+    assert (decision.needed, decision.launch) == (2, 1)
+    # With the share free, endpoint 0 launches it itself.
+    decision = decide(view(waiting, idle_peer, ready=1, own=0, peer=1), BUSY)
+    assert (decision.needed, decision.launch) == (2, 1)
+
+
+def test_running_jobs_are_counted_across_both_endpoints() -> None:
+    # 2 workers x 2 slots: 3 jobs at the peer and 1 here hold all 4; the item here has waited.
+    p = policy(max_workers=4)
+    here, there = load(1, age=45.0, running=1), load(0, age=0.0, running=3)
+    assert decide(view(here, there, ready=2, own=1, peer=1), p).needed == 3
+    assert decide(view(there, here, ready=2, own=1, peer=1), p).needed == 3  # in either order
+    assert decide(view(here, load(0, age=0.0, running=2), ready=2, own=1, peer=1), p).needed == 1  # one is free
+
+
+def test_a_free_slot_a_booting_worker_or_a_short_wait_adds_no_worker_for_busy_slots() -> None:
+    p = policy(max_workers=8)
+    # 2 workers x 2 slots, 3 running: one slot is free, it takes the item.
+    assert decide(view(load(1, age=300.0, running=3), ready=2, own=2), p).launch == 0
+    # Every ready slot busy, but a worker is booting: its slots are on the way.
+    assert decide(view(load(1, age=300.0, running=4), ready=2, booting=1, own=3), p).launch == 0
+    # Every slot busy, but the item has not waited the threshold yet.
+    decision = decide(view(load(1, age=29.0, running=4), ready=2, own=2), p)
+    assert decision == Decision(0, 0, "oldest item has waited 29s, under the 30s threshold")
+    # Once it has: one more.
+    assert decide(view(load(1, age=30.0, running=4), ready=2, own=2), p).launch == 1
+
+
+def test_busy_slots_add_one_worker_per_decision_and_never_pass_the_cap() -> None:
+    # More jobs running than the fleet's slots (leases of workers since gone count too): still one more, not
+    # one per running job; the backlog sizing wins when it asks for more.
+    assert decide(view(load(1, age=300.0, running=40), ready=2, own=2), POLICY).needed == 3
+    assert decide(view(load(2_000, age=300.0, running=4), ready=2, own=2), POLICY).needed == 8
+    at_cap = decide(view(load(5, age=300.0, running=16), ready=8, own=4, peer=4), POLICY)
+    assert (at_cap.needed, at_cap.launch) == (8, 0)
+    assert at_cap.reason.endswith(": enough")
+
+
 # --- the scaler's settings ----------------------------------------------------------------------------------------
 
 
@@ -437,3 +496,10 @@ def test_the_scaler_accepts_the_boundaries() -> None:
     args = parse_args(["--max-workers", "0", "--scale-after", "0", "--max-launch-per-tick", "0", "--slots-per-worker",
                        "1", "--target-drain", "0.5"])
     assert (args.max_workers, args.scale_after, args.max_launch_per_tick, args.target_drain) == (0, 0.0, 0, 0.5)
+
+
+def test_the_scaler_feeds_the_running_count_of_stats_to_the_policy() -> None:
+    stats = {"pending": 1, "running": 3, "oldest_pending_age_s": 21.0, "recent_jobs": 50,
+             "recent_job_duration_s": 0.000129}
+    assert load_of(stats).running == 3
+    assert load_of({"pending": 0, "oldest_pending_age_s": 0.0}).running == 0  # an older peer without the field

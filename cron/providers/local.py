@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from cron.providers import Node, ProviderError
 
@@ -37,6 +38,12 @@ def _start_ticks(pid: int) -> int | None:
     return int(fields[19])
 
 
+def _private(path: Path, mode: int) -> BinaryIO:
+    """A file for writing, created owner-only whatever the umask: a worker's log holds its jobs' ids and
+    errors, a record its process id."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o600), "wb")
+
+
 class LocalProvider:
     def __init__(self, state_dir: Path, endpoints: Sequence[str], worker_key: Callable[[], str], *,
                  processes_per_worker: int = 1, idle_timeout: float = 60.0, log_dir: Path | None = None) -> None:
@@ -46,7 +53,7 @@ class LocalProvider:
         self.processes_per_worker = processes_per_worker
         self.idle_timeout = idle_timeout
         self.log_dir = log_dir or state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.key_file = state_dir / "worker-key"
         self._worker_key = worker_key
         self._key_written = False
@@ -91,8 +98,8 @@ class LocalProvider:
                 command += ["--endpoint", endpoint]
             env = {**os.environ, "DW_SECRET_FILE": str(self.key_file)}
             env.pop("DW_SECRET", None)
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.log_dir / f"worker-{worker_id}.log", "ab") as log_file:
+            self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with _private(self.log_dir / f"worker-{worker_id}.log", os.O_APPEND) as log_file:
                 try:
                     # Its own session: a worker outlives a one-shot scaler run, and is
                     # stopped as a whole process group.
@@ -104,7 +111,8 @@ class LocalProvider:
                       "start_ticks": _start_ticks(process.pid), "launched_at": time.time(), "intent": intent}
             # Written aside and renamed into place: the other scaler may list this folder meanwhile.
             temporary = self.state_dir / f".{worker_id}.tmp"
-            temporary.write_text(json.dumps(record))
+            with _private(temporary, os.O_TRUNC) as record_file:
+                record_file.write(json.dumps(record).encode())
             os.replace(temporary, self.state_dir / f"{worker_id}.json")
             log.info("started local worker %s (pid %d)", worker_id, process.pid)
             nodes.append(Node(worker_id, owner, record["launched_at"], ready=True))
