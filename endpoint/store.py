@@ -78,6 +78,7 @@ class Claim:
     attempt: int
     lease_seconds: float
     payload: bytes
+    lease_expires_at: float = 0.0  # as written: an undo gives back only this very lease, not a renewed one
 
 
 @dataclass(frozen=True)
@@ -493,7 +494,7 @@ class Store:
                     lease_expires_at = ?, lease_confirmed = 1, claim_token = ?
                 WHERE seq = (SELECT seq FROM work_items INDEXED BY work_items_pending WHERE state = 'pending'
                              ORDER BY created_at LIMIT 1)
-                RETURNING seq, id, iterations, attempts
+                RETURNING seq, id, iterations, attempts, lease_expires_at
                 """,
                 (worker_id, now, now + self.lease_seconds, claim_token),
             ).fetchall()
@@ -502,7 +503,8 @@ class Store:
         def undo(claim: Claim | None) -> WriteOp[Any] | None:
             if claim is None:
                 return None
-            return lambda conn: self._release(conn, claim.work_id, claim.attempt, worker_id)
+            # Not if the lease was renewed or handed out again meanwhile (the worker has it after all).
+            return lambda conn: self._release(conn, claim.work_id, claim.attempt, worker_id, claim.lease_expires_at)
 
         return self._writer.run(op, durable=False, undo=undo)
 
@@ -513,16 +515,16 @@ class Store:
             UPDATE work_items SET lease_expires_at = ?, lease_confirmed = 1
             WHERE seq = (SELECT seq FROM work_items INDEXED BY work_items_leased
                          WHERE state = 'running' AND claim_token = ? AND worker_id = ?)
-            RETURNING seq, id, iterations, attempts
+            RETURNING seq, id, iterations, attempts, lease_expires_at
             """,
             (now + self.lease_seconds, claim_token, worker_id),
         ).fetchall()
         return self._claim_of(conn, rows[0]) if rows else None
 
-    def _claim_of(self, conn: sqlite3.Connection, row: tuple[int, str, int, int]) -> Claim:
-        seq, work_id, iterations, attempt = row
+    def _claim_of(self, conn: sqlite3.Connection, row: tuple[int, str, int, int, float]) -> Claim:
+        seq, work_id, iterations, attempt, expires = row
         (payload,) = conn.execute("SELECT data FROM payloads WHERE seq = ?", (seq,)).fetchone()
-        return Claim(work_id, iterations, attempt, self.lease_seconds, payload)
+        return Claim(work_id, iterations, attempt, self.lease_seconds, payload, expires)
 
     def renew(self, work_id: str, attempt: int, worker_id: str) -> LeaseAnswer:
         """Extend a lease from now (the time of the write); otherwise say why the lease is not this worker's."""
@@ -587,13 +589,15 @@ class Store:
     # -- internals ---------------------------------------------------------------------
 
     @staticmethod
-    def _release(conn: sqlite3.Connection, work_id: str, attempt: int, worker_id: str) -> bool:
+    def _release(conn: sqlite3.Connection, work_id: str, attempt: int, worker_id: str,
+                 lease_expires_at: float | None = None) -> bool:
         return conn.execute(
             """
             UPDATE work_items SET state = 'pending', attempts = attempts - 1, lease_expires_at = NULL
             WHERE id = ? AND state = 'running' AND attempts = ? AND worker_id = ?
+                  AND (? IS NULL OR lease_expires_at = ?)
             """,
-            (work_id, attempt, worker_id),
+            (work_id, attempt, worker_id, lease_expires_at, lease_expires_at),
         ).rowcount == 1
 
     @staticmethod

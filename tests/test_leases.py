@@ -7,12 +7,11 @@ import http.client
 import http.server
 import signal
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from conftest import PYTHON, WORKER_ENV, Endpoint, Services, free_port, reference, wait_for
+from conftest import PYTHON, WORKER_ENV, Endpoint, Services, reference, serving, wait_for
 
 
 def row(endpoint: Endpoint, work_id: str) -> dict[str, object]:
@@ -55,6 +54,23 @@ def test_an_endpoint_restart_during_a_running_job_does_not_burn_the_attempt(serv
     assert status["attempts"] == 1
     assert status["result"] == reference(payload, iterations)
     assert worker.running()
+
+
+def test_restarts_that_outlast_the_worker_never_fail_the_item(services: Services) -> None:
+    """Three times: the endpoint stops, its worker dies while it is down (so nothing gives the job
+    back), the endpoint starts again. The lease nobody renewed since the downtime does not count."""
+    endpoint = services.endpoint("a", extra_args=("--lease-seconds", "1", "--max-attempts", "1"))
+    work_id = endpoint.enqueue(b"a long job, three restarts", 50_000_000)
+    for cycle in range(3):
+        worker = services.worker([endpoint], processes=1, worker_id=f"cycle-{cycle}")
+        wait_for(lambda: endpoint.work(work_id).json()["state"] == "running", what="the worker to claim it")
+        endpoint.service.stop()
+        worker.kill()
+        endpoint.restart()
+        wait_for(lambda: endpoint.work(work_id).json()["state"] != "running", timeout=15,
+                 what="the lease carried over the restart to expire")
+        status = endpoint.work(work_id).json()
+        assert (status["state"], status["attempts"]) == ("pending", 0), status
 
 
 def test_a_stopping_worker_gives_its_job_back_to_an_endpoint_that_is_restarting(services: Services) -> None:
@@ -105,15 +121,8 @@ def losing_first_claim_answer(target: Endpoint) -> Iterator[tuple[str, dict[str,
             self.end_headers()
             self.wfile.write(data)
 
-    port = free_port()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as url:
+        yield url, seen
 
 
 def test_a_claim_whose_answer_was_lost_is_handed_out_again_not_left_to_expire(services: Services) -> None:

@@ -108,6 +108,19 @@ def test_a_claim_whose_commit_overran_is_given_back_without_using_an_attempt(sto
     assert store.claim("w2").work_id == work_id
 
 
+def test_a_claim_that_overran_but_reached_its_worker_on_a_retry_is_not_given_back(store: Store) -> None:
+    work_id = store.enqueue(b"claimed twice by the same token", 3).work_id
+    heard, hold = committing_too_long(store, lambda: store.claim("w", claim_token="t-1"))
+    assert isinstance(heard, OutcomeUnknown)
+    retry = Background(lambda: store.claim("w", claim_token="t-1"))  # the worker repeats its claim at once
+    queued(store, 1)
+    hold.release()
+    assert retry.outcome().work_id == work_id
+    settle(store)
+    item = store.get(work_id)
+    assert (item["state"], item["attempts"], item["worker_id"]) == ("running", 1, "w")  # the undo left it alone
+
+
 def test_a_take_whose_commit_overran_is_undone_and_its_results_go_out_again(store: Store) -> None:
     work_id = store.enqueue(b"result", 1).work_id
     claim = store.claim("w")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socketserver
 import sqlite3
-import threading
 import time
 import wsgiref.simple_server
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import pytest
 import requests
 from writer_holds import Background, Hold, committing_too_long, settle, write_locked
 
-from conftest import SECRET, WORKER_AUTH, Endpoint, Services
+from conftest import SECRET, WORKER_AUTH, Endpoint, Services, serving
 from endpoint.app import Limits, make_app
 from endpoint.store import Store
 
@@ -131,12 +130,10 @@ def app_store(tmp_path: Path) -> Iterator[tuple[str, Store]]:
     store = Store(tmp_path / "a.sqlite3", "a", maintenance_interval=3600, write_wait_s=1.5)
     server = wsgiref.simple_server.make_server("127.0.0.1", 0, make_app(store, SECRET, Limits()),
                                                server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}", store
+        with serving(server) as url:
+            yield url, store
     finally:
-        server.shutdown()
         store.close()
 
 
