@@ -99,10 +99,6 @@ class Writer:
         self._thread.start()
         self._started.wait(30)
 
-    @property
-    def wait_s(self) -> float:
-        return self._wait_s
-
     def run(self, op: WriteOp[T], *, durable: bool = True, undo: Undo[T] | None = None,
             wait_s: float | None = None) -> T:
         """Apply `op` in the next transaction and return its value once that is committed.
@@ -120,8 +116,10 @@ class Writer:
             return write.future.result(wait)
         except (FutureTimeout, CancelledError):
             pass
-        if write.future.cancel() or write.future.cancelled():
+        if write.future.cancel() or write.future.cancelled():  # not started: the writer will skip it
             raise StoreUnavailable(f"the write did not start within {wait:g}s; nothing was stored") from None
+        if write.future.done():  # committed (or failed) a moment after the wait ran out
+            return write.future.result()
         if undo is not None:
             write.future.add_done_callback(lambda future: self._undo_if_stored(future, undo))
         raise OutcomeUnknown(f"the write did not commit within {wait:g}s; it may still be stored"
