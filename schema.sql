@@ -1,9 +1,11 @@
 -- dynamic-workload: the data model of one endpoint's SQLite file.
 --
--- This file is the one source of the data model. The endpoint applies it at every start
--- (every statement is idempotent), so a new file is created and an older one gains what
--- it lacks. user_version (last line) is bumped whenever a change needs more than that;
--- the endpoint refuses a file written by a newer schema than its own.
+-- This file is the one source of the data model. The endpoint applies it at every start, in
+-- one transaction (every statement is idempotent), so a new file is created and an older one
+-- gains what it lacks. user_version (last line) is bumped whenever a change needs more than
+-- that; the endpoint refuses a file written by a newer schema than its own. A file older than
+-- version 3 has its work_items table rebuilt from the definition below first (SQLite cannot add
+-- CHECK constraints to an existing table), in the same transaction (endpoint/store.py).
 --
 -- Times are unix seconds (REAL). Work item states, RQ-style, each explicit:
 --   pending   -> running    a worker claimed it under a lease
@@ -21,20 +23,34 @@ CREATE TABLE IF NOT EXISTS work_items (
     seq              INTEGER PRIMARY KEY,          -- local insertion order
     id               TEXT    NOT NULL UNIQUE,      -- public id "<node>-<16 hex>"; the prefix names the owner
     iterations       INTEGER NOT NULL CHECK (iterations >= 1),
-    payload_bytes    INTEGER NOT NULL,
+    payload_bytes    INTEGER NOT NULL CHECK (payload_bytes >= 0),
     state            TEXT    NOT NULL DEFAULT 'pending'
                      CHECK (state IN ('pending', 'running', 'completed', 'failed')),
-    attempts         INTEGER NOT NULL DEFAULT 0,   -- claims so far; also the lease's fencing token
+    attempts         INTEGER NOT NULL DEFAULT 0    -- claims that counted; also the lease's fencing token
+                     CHECK (attempts >= 0),
     worker_id        TEXT,                         -- holder of the current (or last) lease
     created_at       REAL    NOT NULL,
     claimed_at       REAL,
     lease_expires_at REAL,
+    -- 0: a lease carried over a restart of the endpoint that its worker has not renewed since;
+    -- if it expires so, the worker was not heard from after the downtime and it does not count.
+    lease_confirmed  INTEGER NOT NULL DEFAULT 1 CHECK (lease_confirmed IN (0, 1)),
+    claim_token      TEXT,                         -- the worker's name for its claim: a repeated claim gets this lease back
     completed_at     REAL,
     duration_s       REAL,                         -- compute time reported by the worker
     result           TEXT,                         -- 128 lowercase hex digits once completed
     delivered_at     REAL,                         -- when pullCompleted handed it out (once)
     delivery_id      TEXT,                         -- that pullCompleted call, so a retried take repeats itself
-    failed_reason    TEXT
+    failed_reason    TEXT,
+    -- The states' invariants, so that no bug can store what the states do not allow.
+    CHECK ((state = 'completed') = (result IS NOT NULL)),
+    CHECK (result IS NULL OR (length(result) = 128 AND result NOT GLOB '*[^0-9a-f]*')),
+    CHECK (state <> 'completed' OR completed_at IS NOT NULL),
+    CHECK (delivered_at IS NULL OR state = 'completed'),
+    CHECK ((delivered_at IS NULL) = (delivery_id IS NULL)),
+    CHECK ((state = 'running') = (lease_expires_at IS NOT NULL)),
+    CHECK (state <> 'running' OR (worker_id IS NOT NULL AND claimed_at IS NOT NULL AND attempts >= 1)),
+    CHECK (state <> 'failed' OR failed_reason IS NOT NULL)
 );
 
 -- Payloads live apart from item rows so that scans of work_items never walk large blobs.
@@ -50,7 +66,8 @@ CREATE INDEX IF NOT EXISTS work_items_pending
 -- Expired leases, found without scanning finished items.
 CREATE INDEX IF NOT EXISTS work_items_leased
     ON work_items (lease_expires_at) WHERE state = 'running';
--- pullCompleted: newest undelivered results first.
+-- pullCompleted: newest undelivered results first. Its queries name it (INDEXED BY): the planner
+-- would otherwise walk work_items_recently_completed, i.e. the whole delivered history.
 CREATE INDEX IF NOT EXISTS work_items_undelivered
     ON work_items (completed_at) WHERE state = 'completed' AND delivered_at IS NULL;
 CREATE INDEX IF NOT EXISTS work_items_delivery
@@ -58,7 +75,7 @@ CREATE INDEX IF NOT EXISTS work_items_delivery
 -- Retention: delivered results, oldest first, for pruning.
 CREATE INDEX IF NOT EXISTS work_items_delivered
     ON work_items (delivered_at) WHERE delivered_at IS NOT NULL;
--- Recent job durations, for the scaler's sizing.
+-- Recent job durations, for the scaler's sizing (a range of completed_at, never all of it).
 CREATE INDEX IF NOT EXISTS work_items_recently_completed
     ON work_items (completed_at) WHERE state = 'completed';
 -- Recent arrivals, for the scaler's sizing of the stream.
@@ -89,6 +106,18 @@ BEGIN
     UPDATE state_counts SET items = items - 1 WHERE state = OLD.state;
 END;
 
+-- Idempotency-Key of PUT /enqueue: a retried request with the same key gets the first one's id
+-- and makes no second item. Kept for a day after first use (endpoint/store.py: IDEMPOTENCY_TTL_S);
+-- independent of the item, whose row retention may delete first.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key         TEXT PRIMARY KEY,
+    work_id     TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,   -- sha256 of iterations and payload: the same key must mean the same request
+    created_at  REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_keys_created
+    ON idempotency_keys (created_at);
+
 -- Workers that contacted this endpoint (claim, lease renewal, result, or an empty poll).
 -- The scaler reads it to find instances that stopped contacting both endpoints.
 CREATE TABLE IF NOT EXISTS workers (
@@ -111,4 +140,4 @@ CREATE TABLE IF NOT EXISTS scaler (
     breaker_reset_at     REAL                         -- set by `python -m cron.scale --reset-breaker`
 );
 
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;

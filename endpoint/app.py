@@ -5,7 +5,9 @@ Worker (the worker key):             POST /internal/claim, /internal/work/<id>/{
 Peer (the peer key):                 POST /internal/peer/take-completed, GET /internal/peer/work/<id>
 Both keys are derived from the cluster secret (endpoint/secret.py); neither opens the other's routes.
 
-Every error is JSON {"error": "..."} with a 4xx status for anything a client sent wrong.
+Every error is JSON {"error": "..."} with a 4xx status for anything a client sent wrong. A write
+the store did not take is 503 with "outcome": "not_stored" (retry); one whose commit had not
+finished within the store's wait is 504 with "outcome": "unknown".
 """
 
 from __future__ import annotations
@@ -27,12 +29,28 @@ from bottle import HTTPError, HTTPResponse, request, response
 from endpoint.inputs import InputError, payload_from, positive_int, query_params, read_body
 from endpoint.peer import Peer, PeerUnavailable
 from endpoint.secret import peer_key, worker_key
-from endpoint.store import Delivered, Store, StoreUnavailable, owner_of
+from endpoint.store import (
+    Delivered,
+    IdempotencyKeyReused,
+    LeaseAnswer,
+    OutcomeUnknown,
+    Store,
+    StoreUnavailable,
+    owner_of,
+)
 
 log = logging.getLogger(__name__)
 
 RESULT_PATTERN = re.compile(r"[0-9a-f]{128}")
 WORKER_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+CLAIM_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Printable ASCII without space, quote, backslash or comma (two headers joined by a comma are refused).
+IDEMPOTENCY_KEY_PATTERN = re.compile(r'[!#-+\--\[\]-~]{1,255}')
+LEASE_LOST = {
+    LeaseAnswer.COMPLETED: "the item is completed",
+    LeaseAnswer.LEASED_ELSEWHERE: "the item is leased to another attempt",
+    LeaseAnswer.NOT_LEASED: "the lease expired and nobody holds the item now (a result is still accepted)",
+}
 _TIMESTAMP_FIELDS = ("created_at", "claimed_at", "lease_expires_at", "completed_at", "delivered_at")
 
 
@@ -76,6 +94,47 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number here")
 
 
+def idempotency_key(header: str | None) -> str | None:
+    """The Idempotency-Key request header, bare or as the IETF draft's quoted string."""
+    if header is None:
+        return None
+    key = header[1:-1] if len(header) >= 2 and header[0] == header[-1] == '"' else header
+    if not IDEMPOTENCY_KEY_PATTERN.fullmatch(key):
+        raise InputError(400, "header Idempotency-Key must be 1-255 printable ASCII characters without spaces, "
+                              "quotes, backslashes or commas, given once")
+    return key
+
+
+def claim_token_of(fields: dict[str, Any]) -> str | None:
+    token = fields.get("claim")
+    if token is not None and (not isinstance(token, str) or not CLAIM_TOKEN_PATTERN.fullmatch(token)):
+        raise InputError(400, "field 'claim' must be 1-64 characters of [A-Za-z0-9_-]")
+    return token
+
+
+def lease_response(node_id: str, work_id: str, answer: LeaseAnswer, done: dict[str, Any]) -> HTTPResponse:
+    """The one answer of renew, release and result: done, moved on (409 with a reason), or 404."""
+    if answer is LeaseAnswer.DONE:
+        return json_response(done)
+    if answer is LeaseAnswer.NO_SUCH_ITEM:
+        raise InputError(404, f"no work item {work_id!r} at endpoint {node_id!r}")
+    return json_response({"error": f"lease lost: {LEASE_LOST[answer]}", "reason": answer.value}, 409)
+
+
+def store_unavailable(exc: Exception) -> HTTPResponse:
+    """A write the store did not take (503, safe to retry) or could not confirm in time (504)."""
+    if isinstance(exc, OutcomeUnknown):
+        log.error("write outcome unknown: %s", exc)
+        return json_response({"error": "storage did not confirm the write in time: it may or may not have been "
+                                       "stored (retry with the same Idempotency-Key to be sure)",
+                              "outcome": "unknown"}, 504)
+    log.error("store unavailable: %s", exc)
+    answer = json_response({"error": "storage unavailable, nothing was stored; retry later", "outcome": "not_stored"},
+                           503)
+    answer.set_header("Retry-After", "1")
+    return answer
+
+
 def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None,
              instance_id: str = "") -> bottle.Bottle:
     """`secret` is the cluster secret; callers present the key derived from it for their role."""
@@ -90,9 +149,11 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
                 return route(*args, **kwargs)
             except InputError as exc:
                 return json_response({"error": exc.message}, exc.status)
-            except StoreUnavailable as exc:
-                log.error("store unavailable: %s", exc)
-                return json_response({"error": "storage unavailable, retry later"}, 503)
+            except (StoreUnavailable, OutcomeUnknown) as exc:
+                return store_unavailable(exc)
+            except IdempotencyKeyReused as exc:
+                return json_response({"error": f"Idempotency-Key was first used for another request (other payload "
+                                               f"or iterations), which made {exc}"}, 422)
 
         return wrapper
 
@@ -149,7 +210,11 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         body = read_body(environ["wsgi.input"], environ.get("CONTENT_LENGTH", ""), limits.max_payload_bytes, chunked)
         # Not request.content_type: Bottle lower-cases it, and multipart boundaries are case-sensitive.
         payload = payload_from(body, environ.get("CONTENT_TYPE", ""), params, limits.max_payload_bytes)
-        return json_response({"id": store.enqueue(payload, iterations)})
+        enqueued = store.enqueue(payload, iterations, idempotency_key(request.get_header("Idempotency-Key")))
+        answer = json_response({"id": enqueued.work_id})
+        if enqueued.replayed:
+            answer.set_header("Idempotent-Replayed", "true")
+        return answer
 
     @app.route("/pullCompleted", method="POST")
     @client_errors
@@ -219,12 +284,15 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             raise InputError(400, "field 'attempt' must be a positive integer")
         return attempt
 
+    def lease_answer(work_id: str, answer: LeaseAnswer, done: dict[str, Any]) -> HTTPResponse:
+        return lease_response(store.node_id, work_id, answer, done)
+
     @app.route("/internal/claim", method="POST")
     @worker_only
     @client_errors
     def claim() -> HTTPResponse:
         fields = worker_request()
-        claimed = store.claim(fields["worker"])
+        claimed = store.claim(fields["worker"], claim_token_of(fields))
         if claimed is None:
             return HTTPResponse(status=204)
         return HTTPResponse(
@@ -239,29 +307,20 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             },
         )
 
-    def require_known_item(work_id: str) -> None:
-        if owner_of(work_id) != store.node_id or store.get(work_id) is None:
-            raise InputError(404, f"no work item {work_id!r} at endpoint {store.node_id!r}")
-
     @app.route("/internal/work/<work_id>/renew", method="POST")
     @worker_only
     @client_errors
     def renew(work_id: str) -> HTTPResponse:
         fields = worker_request()
-        if store.renew(work_id, attempt_of(fields), fields["worker"]):
-            return json_response({"lease_seconds": store.lease_seconds})
-        require_known_item(work_id)
-        return json_response({"error": "lease lost: the item was completed or leased to another attempt"}, 409)
+        answer = store.renew(work_id, attempt_of(fields), fields["worker"])
+        return lease_answer(work_id, answer, {"lease_seconds": store.lease_seconds})
 
     @app.route("/internal/work/<work_id>/release", method="POST")
     @worker_only
     @client_errors
     def release(work_id: str) -> HTTPResponse:
         fields = worker_request()
-        if store.release(work_id, attempt_of(fields), fields["worker"]):
-            return json_response({"released": True})
-        require_known_item(work_id)
-        return json_response({"error": "lease lost: nothing to release"}, 409)
+        return lease_answer(work_id, store.release(work_id, attempt_of(fields), fields["worker"]), {"released": True})
 
     @app.route("/internal/work/<work_id>/result", method="POST")
     @worker_only
@@ -275,10 +334,10 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
                                      or not 0 <= duration < 1e7):
             raise InputError(400, "field 'duration_s' must be a number of seconds, 0 or more")
-        stored = store.complete(work_id, fields["worker"], result, duration)
-        if stored is None:
-            raise InputError(404, f"no work item {work_id!r} at endpoint {store.node_id!r}")
-        return json_response({"stored": stored})
+        answer = store.complete(work_id, fields["worker"], result, duration)
+        if answer is LeaseAnswer.COMPLETED:
+            return json_response({"stored": False})  # the first result stored wins; a repeat is no error
+        return lease_answer(work_id, answer, {"stored": True})
 
     # -- peer API ------------------------------------------------------------------------
 

@@ -2,29 +2,30 @@
 
 A small storage interface: the HTTP layer calls these methods and never writes SQL.
 
-Writes go through a single writer thread that folds every write waiting at that moment
-into one transaction (group commit). A caller gets its answer only after that transaction
-is committed -- with ``synchronous=FULL`` that means on disk -- yet one fsync acknowledges
-many writes, which is what lets a durable enqueue keep up with many concurrent clients.
-One writer also means no SQLITE_BUSY between our own threads. Reads use one connection
-per thread and run beside the writer (WAL).
+Writes go through the file's single writer (endpoint/writer.py: group commit, bounded
+waits, "not stored" told apart from "outcome unknown"). Reads use one connection per
+thread and run beside the writer (WAL).
 """
 
 from __future__ import annotations
 
+import enum
+import hashlib
 import logging
-import queue
 import re
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from endpoint.writer import DEFAULT_WAIT_S, OutcomeUnknown, StoreUnavailable, WriteOp, Writer
+
+__all__ = ["OutcomeUnknown", "StoreUnavailable", "Store", "Claim", "Delivered", "Enqueued", "LeaseAnswer",
+           "IdempotencyKeyReused", "owner_of"]
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +37,38 @@ ARRIVAL_WINDOW_S = 60.0  # "recent" arrivals in /stats: short, so that the scale
 # (from the pending index).
 RECENT_ARRIVALS_SQL = "SELECT count(*) FROM work_items WHERE created_at > ?"
 RECENT_ARRIVALS_PENDING_SQL = "SELECT count(*) FROM work_items WHERE state = 'pending' AND created_at > ?"
+# pullCompleted's take and the undelivered count, held to the index of undelivered results: left
+# to itself the planner walks work_items_recently_completed, every delivered result ever kept.
+UNDELIVERED_SQL = ("SELECT seq FROM work_items INDEXED BY work_items_undelivered "
+                   "WHERE state = 'completed' AND delivered_at IS NULL ORDER BY completed_at DESC LIMIT ?")
+UNDELIVERED_COUNT_SQL = ("SELECT count(*) FROM work_items INDEXED BY work_items_undelivered "
+                         "WHERE state = 'completed' AND delivered_at IS NULL")
 PRUNE_BATCH = 1000
+IDEMPOTENCY_TTL_S = 86_400.0  # an Idempotency-Key is remembered this long after its first use
+REBUILT_AT_VERSION = 3  # files older than this get work_items rebuilt (its CHECK constraints came then)
 NODE_ID_PATTERN = re.compile(r"[a-z0-9]{1,16}")
 WORK_ID_PATTERN = re.compile(r"([a-z0-9]{1,16})-[0-9a-f]{16}")
 
-T = TypeVar("T")
-WriteOp = Callable[[sqlite3.Connection], T]
 
 
-class StoreUnavailable(Exception):
-    """The write could not be committed (disk error, shutting down, or timed out)."""
+class IdempotencyKeyReused(Exception):
+    """An Idempotency-Key that was first used for a different request (payload or iterations)."""
+
+
+class LeaseAnswer(enum.Enum):
+    """What became of a worker's renew, release or result: done, moved on (why), or no such item."""
+
+    DONE = "done"
+    COMPLETED = "completed"  # the item has a result: a renew or release is moot, a result is not stored
+    LEASED_ELSEWHERE = "leased_elsewhere"  # another lease (attempt) holds it now
+    NOT_LEASED = "not_leased"  # nobody holds it: the lease expired (pending again, or failed)
+    NO_SUCH_ITEM = "no_such_item"
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    work_id: str
+    replayed: bool  # an earlier request with the same Idempotency-Key made it
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,7 @@ class Claim:
     attempt: int
     lease_seconds: float
     payload: bytes
+    lease_expires_at: float = 0.0  # as written: an undo gives back only this very lease, not a renewed one
 
 
 @dataclass(frozen=True)
@@ -91,9 +115,7 @@ def read_stats(conn: sqlite3.Connection, node_id: str, worker_seen_window: float
     try:
         counts = dict(conn.execute("SELECT state, items FROM state_counts").fetchall())
         (oldest,) = conn.execute("SELECT min(created_at) FROM work_items WHERE state = 'pending'").fetchone()
-        (undelivered,) = conn.execute(
-            "SELECT count(*) FROM work_items WHERE state = 'completed' AND delivered_at IS NULL"
-        ).fetchone()
+        (undelivered,) = conn.execute(UNDELIVERED_COUNT_SQL).fetchone()
         recent_jobs, recent_duration = conn.execute(
             "SELECT count(*), avg(duration_s) FROM work_items WHERE state = 'completed' AND completed_at > ?",
             (now - RECENT_WINDOW_S,),
@@ -144,125 +166,24 @@ def _scaler_view(row: tuple | None, now: float) -> dict[str, Any] | None:
     }
 
 
-class _Writer:
-    """Runs write operations on one connection, many per transaction.
+def request_fingerprint(payload: bytes, iterations: int) -> str:
+    """What an Idempotency-Key is bound to: the same key must come with the same request."""
+    return hashlib.sha256(b"%d\n" % iterations + payload).hexdigest()
 
-    A write is durable by default: its caller hears back after an fsync (with synchronous
-    FULL). Writes whose loss in a power cut is harmless -- a claim or a lease renewal: the
-    item simply becomes pending again and runs again -- may say durable=False; a batch made
-    only of those commits without waiting for the disk, and the next durable commit syncs
-    them along.
 
-    A caller that gives up waiting cancels its write, which is then skipped: a request that
-    was answered "unavailable" did not change the store after all. Only a write already in
-    the transaction being committed can still land; its caller is told the outcome is unknown.
-    """
-
-    def __init__(self, connect: Callable[[], sqlite3.Connection], synchronous: str, max_batch: int = 512) -> None:
-        self._queue: queue.SimpleQueue[tuple[WriteOp[Any], Future[Any], bool] | None] = queue.SimpleQueue()
-        self._synchronous = synchronous
-        self._max_batch = max_batch
-        self._closed = False
-        self._broken: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(connect,), name="sqlite-writer", daemon=True)
-        self._thread.start()
-
-    def run(self, op: WriteOp[T], timeout: float = 30.0, durable: bool = True) -> T:
-        if self._closed or self._broken:
-            raise StoreUnavailable(f"store is {'closed' if self._closed else f'broken: {self._broken}'}")
-        future: Future[T] = Future()
-        self._queue.put((op, future, durable))
-        try:
-            return future.result(timeout)
-        except FutureTimeout:
-            if future.cancel():
-                raise StoreUnavailable(f"write not started within {timeout:.0f}s; nothing was stored") from None
-        try:  # it is in the transaction being committed: its outcome is near
-            return future.result(timeout)
-        except FutureTimeout:
-            raise StoreUnavailable(f"write not committed within {2 * timeout:.0f}s; outcome unknown") from None
-
-    def close(self) -> None:
-        self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout=30)
-
-    def _run(self, connect: Callable[[], sqlite3.Connection]) -> None:
-        try:
-            conn = connect()
-        except sqlite3.Error as exc:
-            log.exception("the writer cannot open the database")
-            self._broken = exc
-            return
-        synchronous = self._synchronous
-        try:
-            while True:
-                batch, stop = self._next_batch()
-                # Writes whose callers gave up waiting are skipped, not applied behind their backs.
-                batch = [item for item in batch if item[1].set_running_or_notify_cancel()]
-                if batch:
-                    try:
-                        wanted = self._synchronous if any(durable for _, _, durable in batch) else "NORMAL"
-                        if wanted != synchronous:
-                            conn.execute(f"PRAGMA synchronous = {wanted}")
-                            synchronous = wanted
-                        self._commit(conn, batch)
-                    except Exception as exc:  # noqa: BLE001 -- the writer must outlive any one batch
-                        log.exception("writing a batch of %d failed", len(batch))
-                        for _, future, _ in batch:
-                            if not future.done():
-                                future.set_exception(StoreUnavailable(f"database write failed: {exc}"))
-                if stop:
-                    return
-        finally:
-            conn.close()
-
-    def _next_batch(self) -> tuple[list[tuple[WriteOp[Any], Future[Any], bool]], bool]:
-        """The writes waiting now (at least one), and whether close() was asked for."""
-        item = self._queue.get()
-        if item is None:
-            return [], True
-        batch = [item]
-        while len(batch) < self._max_batch:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
-
-    @staticmethod
-    def _commit(conn: sqlite3.Connection, batch: list[tuple[WriteOp[Any], Future[Any], bool]]) -> None:
-        # Each op runs inside its own savepoint so that one op's error undoes only that op.
-        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op, future, _ in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    value = op(conn)
-                except Exception as exc:  # noqa: BLE001 -- handed to the caller below
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    outcomes.append((future, None, exc))
-                else:
-                    conn.execute("RELEASE op")
-                    outcomes.append((future, value, None))
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            log.exception("transaction of %d writes failed; none of them is stored", len(batch))
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            for _, future, _ in batch:
-                future.set_exception(StoreUnavailable(f"database write failed: {exc}"))
-            return
-        for future, value, error in outcomes:
-            if error is None:
-                future.set_result(value)
-            else:
-                future.set_exception(error)
+def _work_items_rebuild_sql(schema_sql: str, old_columns: list[str]) -> str:
+    """Rebuild work_items from schema.sql's definition, keeping every row (SQLite cannot add CHECK
+    constraints to a table). Indexes and triggers are dropped with the old table; schema.sql,
+    applied right after in the same transaction, creates them again."""
+    match = re.search(r"CREATE TABLE IF NOT EXISTS work_items \((.*?)\n\);", schema_sql, re.DOTALL)
+    if match is None:
+        raise RuntimeError("schema.sql has no CREATE TABLE IF NOT EXISTS work_items (...);")
+    new_columns = re.findall(r"^    ([a-z_]+)\s+(?:INTEGER|TEXT|REAL)", match.group(1), re.MULTILINE)
+    kept = ", ".join(column for column in new_columns if column in old_columns)
+    return (f"CREATE TABLE work_items_rebuilt ({match.group(1)}\n);\n"
+            f"INSERT INTO work_items_rebuilt ({kept}) SELECT {kept} FROM work_items;\n"
+            "DROP TABLE work_items;\n"
+            "ALTER TABLE work_items_rebuilt RENAME TO work_items;\n")
 
 
 class Store:
@@ -280,6 +201,7 @@ class Store:
         maintenance_interval: float = 1.0,
         worker_seen_window: float = 120.0,
         retention_days: float = 7.0,
+        write_wait_s: float = DEFAULT_WAIT_S,
     ) -> None:
         if not NODE_ID_PATTERN.fullmatch(node_id):
             raise ValueError(f"node id {node_id!r} must be 1-16 lowercase letters or digits")
@@ -298,8 +220,9 @@ class Store:
         self._contacts_lock = threading.Lock()
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._set_aside_orphaned_wal()
         self._apply_schema()
-        self._writer = _Writer(self._connect, self._synchronous)
+        self._writer = Writer(self.path, self._connect, self._synchronous, write_wait_s)
         self._stopping = threading.Event()
         self._maintenance = threading.Thread(
             target=self._maintain, args=(maintenance_interval,), name="store-maintenance", daemon=True
@@ -308,22 +231,52 @@ class Store:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+    def _connect(self, create: bool = False) -> sqlite3.Connection:
+        # Only the schema's application may create the file: a connection made after the file was
+        # deleted must fail, not quietly start an empty database in its place.
+        target = self.path if create else f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=rw"
+        conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, uri=not create)
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
 
+    def _set_aside_orphaned_wal(self) -> None:
+        """A WAL file without its database (the file was deleted under a process that then died)
+        would be replayed into the new, empty file: move it out of the way."""
+        if self.path.exists():
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for suffix in ("-wal", "-shm"):
+            orphan = self.path.with_name(self.path.name + suffix)
+            if orphan.exists():
+                target = orphan.with_name(f"{orphan.name}.orphaned-{stamp}")
+                orphan.rename(target)
+                log.warning("%s has no database file beside it: moved it to %s", orphan, target)
+
     def _apply_schema(self) -> None:
         schema_sql = SCHEMA_PATH.read_text()
-        conn = self._connect()
+        conn = self._connect(create=True)
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             found = conn.execute("PRAGMA user_version").fetchone()[0]
             if found > schema_version(schema_sql):
                 raise RuntimeError(f"{self.path} has schema version {found}, newer than this code's")
-            conn.executescript(schema_sql)
+            old_columns = [row[1] for row in conn.execute("PRAGMA table_info(work_items)")]
+            rebuild = bool(old_columns) and found < REBUILT_AT_VERSION
+            # Dropping the old table must not cascade into payloads; checked again below.
+            conn.execute("PRAGMA foreign_keys = OFF")
+            script = _work_items_rebuild_sql(schema_sql, old_columns) if rebuild else ""
+            try:
+                conn.executescript(f"BEGIN IMMEDIATE;\n{script}{schema_sql}\n{self._grace_sql()}\nCOMMIT;")
+            except sqlite3.IntegrityError as exc:
+                raise RuntimeError(f"cannot bring {self.path} to schema version {schema_version(schema_sql)}: "
+                                   f"a row breaks the new constraints ({exc}); nothing was changed") from exc
+            if rebuild:
+                if conn.execute("PRAGMA foreign_key_check").fetchall():
+                    raise RuntimeError(f"{self.path}: payloads without their item after the rebuild")
+                log.warning("%s: work_items rebuilt for schema version %d (was %d)", self.path,
+                            schema_version(schema_sql), found)
             conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('node_id', ?)", (self.node_id,))
             (owner,) = conn.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
             if owner != self.node_id:
@@ -331,10 +284,19 @@ class Store:
         finally:
             conn.close()
 
+    def _grace_sql(self) -> str:
+        """Leases held when the endpoint starts: their workers could not renew while it was down. Each
+        gets a full lease from now to renew in, and if it expires unrenewed it does not count."""
+        return (f"UPDATE work_items SET lease_expires_at = max(lease_expires_at, {time.time() + self.lease_seconds!r}),"
+                " lease_confirmed = 0 WHERE state = 'running';")
+
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._readers, "conn", None)
         if conn is None:
-            conn = self._connect()
+            try:
+                conn = self._connect()
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"cannot open {self.path} to read it: {exc}") from exc
             conn.execute("PRAGMA query_only = ON")
             self._readers.conn = conn
         return conn
@@ -342,7 +304,10 @@ class Store:
     def close(self) -> None:
         self._stopping.set()
         self._maintenance.join(timeout=10)
-        self._flush_contacts()
+        try:
+            self._flush_contacts()
+        except (StoreUnavailable, OutcomeUnknown) as exc:
+            log.warning("worker contacts not recorded at close: %s", exc)
         self._writer.close()
 
     def _maintain(self, interval: float) -> None:
@@ -352,10 +317,10 @@ class Store:
             try:
                 self._writer.run(lambda conn: self._requeue_expired(conn, time.time()), durable=False)
                 self._flush_contacts()
-                if self.retention_s and time.monotonic() >= next_prune:
-                    pruned = self.prune_delivered()
+                if time.monotonic() >= next_prune:
+                    pruned = self.prune_idempotency_keys() + (self.prune_delivered() if self.retention_s else 0)
                     # A full batch means more are due: come back next round, not in a minute.
-                    next_prune = time.monotonic() + (0 if pruned == PRUNE_BATCH else 60)
+                    next_prune = time.monotonic() + (0 if pruned >= PRUNE_BATCH else 60)
             except Exception:  # noqa: BLE001 -- keep maintaining; the next round retries
                 log.exception("store maintenance failed")
 
@@ -379,27 +344,65 @@ class Store:
             log.info("pruned %d results delivered over %.0f days ago", pruned, self.retention_s / 86_400)
         return pruned
 
+    def prune_idempotency_keys(self, now: float | None = None) -> int:
+        cutoff = (now or time.time()) - IDEMPOTENCY_TTL_S
+
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                """DELETE FROM idempotency_keys WHERE key IN
+                   (SELECT key FROM idempotency_keys WHERE created_at < ? ORDER BY created_at LIMIT ?)""",
+                (cutoff, PRUNE_BATCH),
+            ).rowcount
+
+        return self._writer.run(op, durable=False)
+
     # -- public API --------------------------------------------------------------------
 
-    def enqueue(self, payload: bytes, iterations: int) -> str:
+    def enqueue(self, payload: bytes, iterations: int, idempotency_key: str | None = None) -> Enqueued:
+        """Store a new item. With an idempotency key seen in the last day for the same payload and
+        iterations, return that request's item instead (IdempotencyKeyReused if they differ)."""
         work_id = f"{self.node_id}-{secrets.token_hex(8)}"
-        created_at = time.time()
+        fingerprint = request_fingerprint(payload, iterations) if idempotency_key is not None else ""
 
-        def op(conn: sqlite3.Connection) -> None:
+        def op(conn: sqlite3.Connection) -> Enqueued:
+            now = time.time()
+            if idempotency_key is not None:
+                earlier = conn.execute(
+                    "SELECT work_id, fingerprint FROM idempotency_keys WHERE key = ? AND created_at >= ?",
+                    (idempotency_key, now - IDEMPOTENCY_TTL_S),
+                ).fetchone()
+                if earlier is not None:
+                    if earlier[1] != fingerprint:
+                        raise IdempotencyKeyReused(earlier[0])
+                    return Enqueued(earlier[0], replayed=True)
+                conn.execute(
+                    """INSERT OR REPLACE INTO idempotency_keys (key, work_id, fingerprint, created_at)
+                       VALUES (?, ?, ?, ?)""",
+                    (idempotency_key, work_id, fingerprint, now),
+                )
             seq = conn.execute(
                 "INSERT INTO work_items (id, iterations, payload_bytes, created_at) VALUES (?, ?, ?, ?)",
-                (work_id, iterations, len(payload), created_at),
+                (work_id, iterations, len(payload), now),
             ).lastrowid
             conn.execute("INSERT INTO payloads (seq, data) VALUES (?, ?)", (seq, payload))
+            return Enqueued(work_id, replayed=False)
 
-        self._writer.run(op)
-        return work_id
+        def undo(enqueued: Enqueued) -> WriteOp[Any] | None:
+            # With a key, the client's retry finds the item: keep it. Without one, a retry would make
+            # a second item, and a client that does not retry never learnt this one's id.
+            if idempotency_key is not None or enqueued.replayed:
+                return None
+            return lambda conn: conn.execute("DELETE FROM work_items WHERE id = ? AND state = 'pending'",
+                                             (enqueued.work_id,))
+
+        return self._writer.run(op, undo=undo)
 
     def take_completed(self, limit: int, delivery_id: str) -> list[Delivered]:
         """Mark up to `limit` undelivered results delivered and return them, newest first.
 
         Taking again with the same delivery_id returns what that take returned, so a caller
-        whose answer got lost can retry without losing or duplicating results.
+        whose answer got lost can retry without losing or duplicating results. A take whose
+        caller heard "outcome unknown" is undone when it commits: its results go out again.
         """
 
         def op(conn: sqlite3.Connection) -> list[tuple[str, str, float]]:
@@ -409,17 +412,21 @@ class Store:
             if earlier:
                 return earlier
             return conn.execute(
-                """
+                f"""
                 UPDATE work_items SET delivered_at = ?, delivery_id = ?
-                WHERE seq IN (SELECT seq FROM work_items
-                              WHERE state = 'completed' AND delivered_at IS NULL
-                              ORDER BY completed_at DESC LIMIT ?)
+                WHERE seq IN ({UNDELIVERED_SQL})
                 RETURNING id, result, completed_at
                 """,
                 (time.time(), delivery_id, limit),
             ).fetchall()
 
-        rows = self._writer.run(op)
+        def undo(rows: list[tuple[str, str, float]]) -> WriteOp[Any] | None:
+            if not rows:
+                return None
+            return lambda conn: conn.execute(
+                "UPDATE work_items SET delivered_at = NULL, delivery_id = NULL WHERE delivery_id = ?", (delivery_id,))
+
+        rows = self._writer.run(op, undo=undo)
         delivered = [Delivered(work_id, result, completed_at) for work_id, result, completed_at in rows]
         delivered.sort(key=lambda item: item.completed_at, reverse=True)
         return delivered
@@ -458,80 +465,101 @@ class Store:
 
     # -- worker API --------------------------------------------------------------------
 
-    def claim(self, worker_id: str) -> Claim | None:
-        """Lease the oldest pending item to `worker_id`, or None when there is none."""
-        now = time.time()
-        self._record_contact(worker_id, now)
+    def claim(self, worker_id: str, claim_token: str | None = None) -> Claim | None:
+        """Lease the oldest pending item to `worker_id`, or None when there is none.
+
+        A worker names each claim with a token and repeats it when it got no answer: if that
+        claim was made, the repeat gets the same lease back (with a fresh lease time) instead
+        of leaving it to expire. The lease runs from when the claim is written, not from when
+        the request arrived. A claim whose caller heard "outcome unknown" is given back when it
+        commits, without using an attempt.
+        """
+        self._record_contact(worker_id, time.time())
         conn = self._reader()
         # Most polls of an idle queue end here, without a trip through the writer.
-        if conn.execute("SELECT 1 FROM work_items WHERE state = 'pending' LIMIT 1").fetchone() is None:
+        if claim_token is None and conn.execute(
+                "SELECT 1 FROM work_items WHERE state = 'pending' LIMIT 1").fetchone() is None:
             return None
 
         def op(conn: sqlite3.Connection) -> Claim | None:
+            now = time.time()
+            earlier = self._claimed_before(conn, worker_id, claim_token, now) if claim_token else None
+            if earlier is not None:
+                return earlier
             self._requeue_expired(conn, now)
             rows = conn.execute(
                 """
                 UPDATE work_items
-                SET state = 'running', attempts = attempts + 1, worker_id = ?,
-                    claimed_at = ?, lease_expires_at = ?
-                WHERE seq = (SELECT seq FROM work_items WHERE state = 'pending'
+                SET state = 'running', attempts = attempts + 1, worker_id = ?, claimed_at = ?,
+                    lease_expires_at = ?, lease_confirmed = 1, claim_token = ?
+                WHERE seq = (SELECT seq FROM work_items INDEXED BY work_items_pending WHERE state = 'pending'
                              ORDER BY created_at LIMIT 1)
-                RETURNING seq, id, iterations, attempts
+                RETURNING seq, id, iterations, attempts, lease_expires_at
                 """,
-                (worker_id, now, now + self.lease_seconds),
+                (worker_id, now, now + self.lease_seconds, claim_token),
             ).fetchall()
-            if not rows:
+            return self._claim_of(conn, rows[0]) if rows else None
+
+        def undo(claim: Claim | None) -> WriteOp[Any] | None:
+            if claim is None:
                 return None
-            seq, work_id, iterations, attempt = rows[0]
-            (payload,) = conn.execute("SELECT data FROM payloads WHERE seq = ?", (seq,)).fetchone()
-            return Claim(work_id, iterations, attempt, self.lease_seconds, payload)
+            # Not if the lease was renewed or handed out again meanwhile (the worker has it after all).
+            return lambda conn: self._release(conn, claim.work_id, claim.attempt, worker_id, claim.lease_expires_at)
+
+        return self._writer.run(op, durable=False, undo=undo)
+
+    def _claimed_before(self, conn: sqlite3.Connection, worker_id: str, claim_token: str,
+                        now: float) -> Claim | None:
+        rows = conn.execute(
+            """
+            UPDATE work_items SET lease_expires_at = ?, lease_confirmed = 1
+            WHERE seq = (SELECT seq FROM work_items INDEXED BY work_items_leased
+                         WHERE state = 'running' AND claim_token = ? AND worker_id = ?)
+            RETURNING seq, id, iterations, attempts, lease_expires_at
+            """,
+            (now + self.lease_seconds, claim_token, worker_id),
+        ).fetchall()
+        return self._claim_of(conn, rows[0]) if rows else None
+
+    def _claim_of(self, conn: sqlite3.Connection, row: tuple[int, str, int, int, float]) -> Claim:
+        seq, work_id, iterations, attempt, expires = row
+        (payload,) = conn.execute("SELECT data FROM payloads WHERE seq = ?", (seq,)).fetchone()
+        return Claim(work_id, iterations, attempt, self.lease_seconds, payload, expires)
+
+    def renew(self, work_id: str, attempt: int, worker_id: str) -> LeaseAnswer:
+        """Extend a lease from now (the time of the write); otherwise say why the lease is not this worker's."""
+        self._record_contact(worker_id, time.time())
+
+        def op(conn: sqlite3.Connection) -> LeaseAnswer:
+            renewed = conn.execute(
+                """
+                UPDATE work_items SET lease_expires_at = ?, lease_confirmed = 1
+                WHERE id = ? AND state = 'running' AND attempts = ? AND worker_id = ?
+                """,
+                (time.time() + self.lease_seconds, work_id, attempt, worker_id),
+            ).rowcount
+            return LeaseAnswer.DONE if renewed else self._why_not_held(conn, work_id)
 
         return self._writer.run(op, durable=False)
 
-    def renew(self, work_id: str, attempt: int, worker_id: str) -> bool:
-        """Extend a lease; False if the lease is no longer this worker's."""
-        now = time.time()
-        self._record_contact(worker_id, now)
-
-        def op(conn: sqlite3.Connection) -> bool:
-            return (
-                conn.execute(
-                    """
-                    UPDATE work_items SET lease_expires_at = ?
-                    WHERE id = ? AND state = 'running' AND attempts = ? AND worker_id = ?
-                    """,
-                    (now + self.lease_seconds, work_id, attempt, worker_id),
-                ).rowcount
-                == 1
-            )
-
-        return self._writer.run(op, durable=False)
-
-    def release(self, work_id: str, attempt: int, worker_id: str) -> bool:
+    def release(self, work_id: str, attempt: int, worker_id: str) -> LeaseAnswer:
         """Give a leased item back at once (the worker is stopping); the attempt is not counted."""
         self._record_contact(worker_id, time.time())
 
-        def op(conn: sqlite3.Connection) -> bool:
-            return (
-                conn.execute(
-                    """
-                    UPDATE work_items
-                    SET state = 'pending', attempts = attempts - 1, lease_expires_at = NULL
-                    WHERE id = ? AND state = 'running' AND attempts = ? AND worker_id = ?
-                    """,
-                    (work_id, attempt, worker_id),
-                ).rowcount
-                == 1
-            )
+        def op(conn: sqlite3.Connection) -> LeaseAnswer:
+            if self._release(conn, work_id, attempt, worker_id):
+                return LeaseAnswer.DONE
+            return self._why_not_held(conn, work_id)
 
         return self._writer.run(op, durable=False)
 
-    def complete(self, work_id: str, worker_id: str, result: str, duration_s: float | None) -> bool | None:
-        """Store a result. True: stored; False: the item already had one (kept); None: no such item."""
-        now = time.time()
-        self._record_contact(worker_id, now)
+    def complete(self, work_id: str, worker_id: str, result: str, duration_s: float | None) -> LeaseAnswer:
+        """Store a result: DONE, COMPLETED if the item already had one (kept), or NO_SUCH_ITEM.
+        Whatever became of the lease: a late result still counts, the work is deterministic."""
+        self._record_contact(worker_id, time.time())
 
-        def op(conn: sqlite3.Connection) -> bool | None:
+        def op(conn: sqlite3.Connection) -> LeaseAnswer:
+            now = time.time()
             rows = conn.execute(
                 """
                 UPDATE work_items
@@ -542,33 +570,55 @@ class Store:
                 """,
                 (result, now, duration_s, worker_id, work_id),
             ).fetchall()
-            if rows:
-                conn.execute("DELETE FROM payloads WHERE seq = ?", (rows[0][0],))
-                conn.execute(
-                    """
-                    INSERT INTO workers (worker_id, first_seen_at, last_seen_at, jobs_completed)
-                    VALUES (?, ?, ?, 1)
-                    ON CONFLICT (worker_id) DO UPDATE
-                    SET last_seen_at = excluded.last_seen_at, jobs_completed = jobs_completed + 1
-                    """,
-                    (worker_id, now, now),
-                )
-                return True
-            exists = conn.execute("SELECT 1 FROM work_items WHERE id = ?", (work_id,)).fetchone()
-            return False if exists else None
+            if not rows:
+                return self._why_not_held(conn, work_id)
+            conn.execute("DELETE FROM payloads WHERE seq = ?", (rows[0][0],))
+            conn.execute(
+                """
+                INSERT INTO workers (worker_id, first_seen_at, last_seen_at, jobs_completed)
+                VALUES (?, ?, ?, 1)
+                ON CONFLICT (worker_id) DO UPDATE
+                SET last_seen_at = excluded.last_seen_at, jobs_completed = jobs_completed + 1
+                """,
+                (worker_id, now, now),
+            )
+            return LeaseAnswer.DONE
 
         return self._writer.run(op)
 
     # -- internals ---------------------------------------------------------------------
 
+    @staticmethod
+    def _release(conn: sqlite3.Connection, work_id: str, attempt: int, worker_id: str,
+                 lease_expires_at: float | None = None) -> bool:
+        return conn.execute(
+            """
+            UPDATE work_items SET state = 'pending', attempts = attempts - 1, lease_expires_at = NULL
+            WHERE id = ? AND state = 'running' AND attempts = ? AND worker_id = ?
+                  AND (? IS NULL OR lease_expires_at = ?)
+            """,
+            (work_id, attempt, worker_id, lease_expires_at, lease_expires_at),
+        ).rowcount == 1
+
+    @staticmethod
+    def _why_not_held(conn: sqlite3.Connection, work_id: str) -> LeaseAnswer:
+        row = conn.execute("SELECT state FROM work_items WHERE id = ?", (work_id,)).fetchone()
+        if row is None:
+            return LeaseAnswer.NO_SUCH_ITEM
+        return {"completed": LeaseAnswer.COMPLETED, "running": LeaseAnswer.LEASED_ELSEWHERE}.get(
+            row[0], LeaseAnswer.NOT_LEASED)
+
     def _requeue_expired(self, conn: sqlite3.Connection, now: float) -> None:
+        # A lease carried over a restart and never renewed since (lease_confirmed = 0) is given back
+        # without counting: its worker may have given up while the endpoint was down.
         conn.execute(
             """
             UPDATE work_items
-            SET state = CASE WHEN attempts >= :max_attempts THEN 'failed' ELSE 'pending' END,
-                failed_reason = CASE WHEN attempts >= :max_attempts
+            SET state = CASE WHEN lease_confirmed = 1 AND attempts >= :max_attempts THEN 'failed' ELSE 'pending' END,
+                failed_reason = CASE WHEN lease_confirmed = 1 AND attempts >= :max_attempts
                     THEN 'lease expired on each of ' || attempts || ' attempts' END,
-                lease_expires_at = NULL
+                attempts = attempts - (lease_confirmed = 0),
+                lease_expires_at = NULL, lease_confirmed = 1
             WHERE state = 'running' AND lease_expires_at < :now
             """,
             {"max_attempts": self.max_attempts, "now": now},

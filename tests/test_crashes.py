@@ -91,3 +91,27 @@ def test_peer_down_live_endpoint_keeps_working(services: Services, pair: tuple[E
     # When B comes back, its result is still there, exactly once.
     b.restart()
     assert drain([a, b], 1) == [{"id": b_item, "result": reference(b"owned by b", 10)}]
+
+
+def test_a_data_file_deleted_under_a_running_endpoint_refuses_writes_and_loses_nothing(services: Services) -> None:
+    endpoint = services.endpoint("a")
+    acknowledged = {endpoint.enqueue(f"item {index}".encode(), 3): f"item {index}".encode() for index in range(7)}
+    endpoint.db.unlink()  # rm var/a.sqlite3 under the running endpoint
+    refused = requests.put(f"{endpoint.url}/enqueue", params={"iterations": 3}, data=b"into a deleted file",
+                           headers={"Content-Type": "application/octet-stream"}, timeout=10)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["outcome"] == "not_stored"
+    wait_for(lambda: "was deleted while the endpoint ran; refusing writes" in endpoint.service.log(),
+             what="the endpoint to log why it refuses writes")
+    assert not endpoint.db.exists()  # no empty file made in its place
+    endpoint.service.kill()  # even without a clean stop
+
+    (rescued,) = endpoint.db.parent.glob("a.sqlite3.rescued-*")
+    with sqlite3.connect(rescued) as conn:
+        saved = dict(conn.execute("SELECT w.id, p.data FROM work_items w JOIN payloads p ON p.seq = w.seq"))
+    assert saved == acknowledged
+    # The deleted file's WAL, left by the killed process, is set aside, not replayed into a new file.
+    endpoint.restart()
+    assert endpoint.stats()["pending"] == 0
+    endpoint.enqueue(b"a fresh start", 1)
+    assert list(endpoint.db.parent.glob("a.sqlite3-wal.orphaned-*"))

@@ -143,6 +143,7 @@ def test_result_submission_is_idempotent_and_the_first_result_wins(services: Ser
     # The late worker's renewal is refused: its lease moved on.
     late_renewal = post(f"/internal/work/{work_id}/renew", {"worker": "slow", "attempt": 1})
     assert late_renewal.status_code == 409
+    assert late_renewal.json()["reason"] == "leased_elsewhere"  # so the slow worker stops computing
     assert first.headers["X-Attempt"] == "1"
 
     assert post(f"/internal/work/{work_id}/result", {"worker": "fast", "result": "1" * 128}).json() == {"stored": True}

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import http.client
 import json
+import secrets
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 _CLOSED_BY_SERVER = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+# Longer than the endpoint's wait for its store (5 s), which therefore always answers first: a
+# write it has not done by then it does not do afterwards (see endpoint/writer.py).
+HTTP_TIMEOUT_S = 10.0
+
+# What a renew, release or result can hear (the endpoint's 409 "reason"s, and "done"):
+LEASE_HELD = "done"
+MOVED_ON = ("completed", "leased_elsewhere")  # the job is no longer ours: stop computing it
+NOT_LEASED = "not_leased"  # the lease expired and nobody holds the item: a result still counts
 
 
 class EndpointDown(Exception):
@@ -31,7 +40,7 @@ class Job:
 class EndpointClient:
     """Not thread-safe: one per thread that talks to this endpoint."""
 
-    def __init__(self, base_url: str, secret: str, worker_id: str, timeout: float = 10.0) -> None:
+    def __init__(self, base_url: str, secret: str, worker_id: str, timeout: float = HTTP_TIMEOUT_S) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"endpoint URL must look like http://host:port, got {base_url!r}")
@@ -42,9 +51,15 @@ class EndpointClient:
         self._worker_id = worker_id
         self._auth = f"Bearer {secret}"
         self._conn: http.client.HTTPConnection | None = None
+        self._unanswered_claim: str | None = None
 
     def claim(self) -> Job | None:
-        status, headers, body = self._post("/internal/claim", {"worker": self._worker_id})
+        """The next job, or None. A claim that got no answer is repeated with the same token by the
+        next call, and the endpoint then hands back the lease that claim made, if it made one."""
+        token = self._unanswered_claim or secrets.token_hex(16)
+        self._unanswered_claim = token
+        status, headers, body = self._post("/internal/claim", {"worker": self._worker_id, "claim": token})
+        self._unanswered_claim = None
         if status == 204:
             return None
         if status != 200:
@@ -58,11 +73,11 @@ class EndpointClient:
             payload=body,
         )
 
-    def renew(self, job: Job) -> bool:
-        """False when the lease is no longer ours (the item was requeued or finished)."""
+    def renew(self, job: Job) -> str:
+        """LEASE_HELD, or why not: one of MOVED_ON, or NOT_LEASED."""
         return self._lease_call(job, "renew")
 
-    def release(self, job: Job) -> bool:
+    def release(self, job: Job) -> str:
         return self._lease_call(job, "release")
 
     def submit(self, job: Job, result: str, duration_s: float) -> bool:
@@ -78,14 +93,18 @@ class EndpointClient:
             self._conn.close()
             self._conn = None
 
-    def _lease_call(self, job: Job, action: str) -> bool:
+    def _lease_call(self, job: Job, action: str) -> str:
         fields = {"worker": self._worker_id, "attempt": job.attempt}
         status, _, body = self._post(f"/internal/work/{quote(job.work_id)}/{action}", fields)
         if status == 409:
-            return False
+            try:
+                reason = json.loads(body).get("reason")
+            except (ValueError, AttributeError):
+                reason = None
+            return reason if reason in (*MOVED_ON, NOT_LEASED) else "leased_elsewhere"
         if status != 200:
             raise Rejected(f"{action} {job.work_id}: HTTP {status}: {body[:200]!r}")
-        return True
+        return LEASE_HELD
 
     def _post(self, path: str, fields: dict[str, object]) -> tuple[int, http.client.HTTPMessage, bytes]:
         body = json.dumps(fields).encode()

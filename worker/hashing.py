@@ -14,7 +14,8 @@ CHECK_EVERY = 8192
 def work(data: bytes, iterations: int, cancelled: Callable[[], bool] | None = None) -> str | None:
     """sha512(data), then `iterations - 1` more times sha512 of the previous digest, as hex.
 
-    Returns None if `cancelled()` turned true before the end.
+    Returns None if `cancelled()` turned true before the end; once the last digest is computed
+    the result is returned whatever `cancelled()` says (a finished hash is never thrown away).
     """
     sha512 = hashlib.sha512  # a local name: one dictionary look-up less per iteration
     out = sha512(data).digest()
@@ -24,6 +25,6 @@ def work(data: bytes, iterations: int, cancelled: Callable[[], bool] | None = No
         for _ in repeat(None, step):
             out = sha512(out).digest()
         remaining -= step
-        if cancelled is not None and cancelled():
+        if remaining and cancelled is not None and cancelled():
             return None
     return out.hex()

@@ -22,10 +22,16 @@ from multiprocessing.sharedctypes import SynchronizedArray
 from multiprocessing.synchronize import Event
 from types import FrameType
 
-from worker.client import EndpointClient, EndpointDown, Job, Rejected
+from worker.client import HTTP_TIMEOUT_S, LEASE_HELD, MOVED_ON, EndpointClient, EndpointDown, Job, Rejected
 from worker.hashing import work
 
 log = logging.getLogger("worker")
+
+# A stopping slot keeps offering its job back (or its result) this long to an endpoint that
+# does not answer -- one being restarted, say -- so that the lease need not expire and count.
+GIVE_BACK_PATIENCE_S = 10.0
+# How long a stopping supervisor waits for its slots: a claim in flight, then giving the job back.
+SLOT_STOP_GRACE_S = HTTP_TIMEOUT_S + GIVE_BACK_PATIENCE_S + HTTP_TIMEOUT_S + 5.0
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,6 @@ class _Slot:
                 self.stop.wait(self.options.poll_interval * random.uniform(0.8, 1.2))
                 continue
             client, job = claimed
-            self.busy[self.index] = 1
             self.last_work[self.index] = time.monotonic()
             try:
                 self.process(client, job)
@@ -101,23 +106,27 @@ class _Slot:
                 self.busy[self.index] = 0
 
     def claim_next(self) -> tuple[EndpointClient, Job] | None:
-        """Ask the endpoints in turn, starting after the one that gave the last job."""
+        """Ask the endpoints in turn, starting after the one that gave the last job. The slot counts
+        as busy from the moment a claim starts: no idle exit may begin while a job may be on its way."""
         count = len(self.clients)
         for offset in range(count):
             position = (self.next_endpoint + offset) % count
             client, backoff = self.clients[position], self.backoffs[position]
             if not backoff.ready():
                 continue
+            self.busy[self.index] = 1
             try:
                 job = client.claim()
             except (EndpointDown, Rejected) as exc:
+                self.busy[self.index] = 0
                 log.warning("slot %d: %s unavailable, retry in %.1fs: %s",
                             self.index, client.base_url, backoff.failed(), exc)
                 continue
             backoff.succeeded()
             if job is not None:
                 self.next_endpoint = (position + 1) % count
-                return client, job
+                return client, job  # still busy: run() clears it when the job is done
+            self.busy[self.index] = 0
         return None
 
     def process(self, client: EndpointClient, job: Job) -> None:
@@ -139,26 +148,57 @@ class _Slot:
         self.submit(client, job, result, duration)
 
     def keep_lease(self, job: Job, lease_lost: threading.Event, done: threading.Event) -> None:
+        """Renew every third of the lease; after a failed renewal, again soon (with back-off, never
+        slower than a third of the lease), so that one lost answer does not cost the lease. Only a
+        job completed or leased to another attempt is abandoned: when the lease merely expired,
+        the result still counts, so the job goes on (and renewing stops)."""
         # Its own connection: the slot's is not thread-safe.
         client = EndpointClient(job.endpoint, self.options.secret, self.options.worker_id)
+        period = job.lease_seconds / 3
+        backoff = Backoff(first=min(0.5, period), cap=period)
+        wait = period
         try:
-            while not done.wait(job.lease_seconds / 3):
+            while not done.wait(wait):
                 try:
-                    if not client.renew(job):
-                        log.info("slot %d: lease on %s lost, abandoning it", self.index, job.work_id)
-                        lease_lost.set()
-                        return
+                    answer = client.renew(job)
                 except (EndpointDown, Rejected) as exc:
                     # Keep computing: the result is still accepted if the endpoint comes back.
-                    log.warning("slot %d: renewing %s failed: %s", self.index, job.work_id, exc)
+                    wait = backoff.failed()
+                    log.warning("slot %d: renewing %s failed, retry in %.1fs: %s", self.index, job.work_id, wait, exc)
+                    continue
+                backoff.succeeded()
+                wait = period
+                if answer == LEASE_HELD:
+                    continue
+                if answer in MOVED_ON:
+                    log.info("slot %d: %s is %s, abandoning it", self.index, job.work_id, answer.replace("_", " "))
+                    lease_lost.set()
+                else:
+                    log.info("slot %d: lease on %s expired; finishing it anyway, the result still counts",
+                             self.index, job.work_id)
+                return
         finally:
             client.close()
 
     def give_back(self, client: EndpointClient, job: Job) -> None:
-        try:
-            client.release(job)
-        except (EndpointDown, Rejected) as exc:
-            log.info("slot %d: could not release %s (its lease will expire): %s", self.index, job.work_id, exc)
+        """Release the job at once, trying for a little while if the endpoint does not answer (it may
+        be restarting): a lease left to expire would count as a failed attempt."""
+        backoff = Backoff(first=0.2, cap=2.0)
+        give_up_at = time.monotonic() + GIVE_BACK_PATIENCE_S
+        while True:
+            try:
+                client.release(job)
+                return
+            except Rejected as exc:
+                log.info("slot %d: could not release %s: %s", self.index, job.work_id, exc)
+                return
+            except EndpointDown as exc:
+                wait = backoff.failed()
+                if time.monotonic() + wait > give_up_at:
+                    log.info("slot %d: could not release %s (its lease will expire): %s",
+                             self.index, job.work_id, exc)
+                    return
+                time.sleep(wait)  # not stop.wait(): stop is already set
 
     def submit(self, client: EndpointClient, job: Job, result: str, duration: float) -> None:
         """Post the result to the owning endpoint until it is accepted (or patience runs out)."""
@@ -168,18 +208,19 @@ class _Slot:
             try:
                 stored = client.submit(job, result, duration)
             except EndpointDown as exc:
-                if time.monotonic() > give_up_at:
-                    log.error("slot %d: giving up on the result for %s after %.0fs: %s (the endpoint will "
-                              "run the item again)", self.index, job.work_id, self.options.submit_patience, exc)
-                    return
-                if self.should_stop():
-                    log.warning("slot %d: stopping with %s unsubmitted (its lease will expire): %s",
-                                self.index, job.work_id, exc)
-                    return
+                if self.should_stop():  # a stopping slot tries only briefly
+                    give_up_at = min(give_up_at, time.monotonic() + GIVE_BACK_PATIENCE_S)
                 wait = backoff.failed()
+                if time.monotonic() + wait > give_up_at:
+                    log.error("slot %d: giving up on the result for %s: %s (the endpoint will run the item again)",
+                              self.index, job.work_id, exc)
+                    return
                 log.warning("slot %d: result for %s not accepted, retry in %.1fs: %s",
                             self.index, job.work_id, wait, exc)
-                self.stop.wait(wait)
+                if self.should_stop():
+                    time.sleep(wait)
+                else:
+                    self.stop.wait(wait)
                 continue
             except Rejected as exc:
                 log.error("slot %d: result for %s refused: %s", self.index, job.work_id, exc)
@@ -247,9 +288,12 @@ def run_worker(options: WorkerOptions) -> int:
             log.info("no work from any endpoint for %.0fs: exiting", idle_for)
             break
     stop.set()
+    # Slots finish what they hold first: a claim in flight, then giving the job back.
+    deadline = time.monotonic() + SLOT_STOP_GRACE_S
     for process in slots:
-        process.join(timeout=10)
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
         if process.is_alive():
+            log.error("slot %s did not stop within %.0fs: killing it", process.name, SLOT_STOP_GRACE_S)
             process.kill()
     if status == 0 and options.exit_command:
         run_exit_command(options.exit_command)
