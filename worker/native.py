@@ -312,14 +312,14 @@ class Lanes(Generic[T]):
         return None if lane is None else self._remaining[lane]
 
     def cancel(self, job: T) -> bool:
-        """Drop `job` (the object submitted), whatever its progress; its lane is free at once.
-        False if it was not here (finished and handed back, or never submitted)."""
+        """Drop `job` (one equal to a job submitted), whatever its progress; its lane is free at
+        once. False if it was not here (finished and handed back, or never submitted)."""
         lane = self._lane_of(job)
         if lane is not None:
             self._release(lane)
             return True
         for index, (done_job, _) in enumerate(self._done):
-            if done_job is job:
+            if done_job == job:
                 del self._done[index]
                 return True
         return False
@@ -339,7 +339,7 @@ class Lanes(Generic[T]):
 
     def _lane_of(self, job: T) -> int | None:
         for lane, lane_job in enumerate(self._jobs):
-            if self._occupied[lane] and lane_job is job:
+            if self._occupied[lane] and lane_job == job:
                 return lane
         return None
 
