@@ -22,11 +22,14 @@ if [ -z "$extra" ] && [ -f "$target" ] && [ "$target" -nt "$source_file" ] && [ 
     exit 0
 fi
 flags="-O2 -std=gnu11 -Wall -Wextra -shared -fPIC -fvisibility=hidden"
-# GCC's late instruction scheduler costs the vector kernels 4 % (measured); other compilers
-# may not know the flag.
-if "$cc" -fno-schedule-insns2 -x c -c -o /dev/null /dev/null 2> /dev/null; then
-    flags="$flags -fno-schedule-insns2"
-fi
+# The vector kernels run faster in the order the source gives their instructions: measured
+# with GCC 12 on AMD Zen 4, its late scheduler cost 4 % and its reassociation of the rounds'
+# sums 3 %. Other compilers may not know the flags.
+for flag in -fno-schedule-insns2 -fno-tree-reassoc; do
+    if "$cc" "$flag" -x c -c -o /dev/null /dev/null 2> /dev/null; then
+        flags="$flags $flag"
+    fi
+done
 mkdir -p "$out_dir"
 # Built beside the target, then renamed over it: a worker that has the old library mapped
 # keeps running on it, and no one ever loads a half-written file.
