@@ -137,6 +137,7 @@ def test_a_cancelled_lane_stops_while_the_others_go_on(kernel: native.Kernel) ->
     for job, iterations in jobs.items():
         lanes.submit(job, job.encode(), iterations)
     assert lanes.step(10_000) == []
+    assert sorted(lanes.jobs()) == sorted(jobs)
     victim = "job 0"
     assert lanes.remaining(victim) == jobs[victim] - 1 - 10_000
     assert lanes.cancel(victim)
@@ -158,6 +159,7 @@ def test_a_job_of_one_iteration_needs_no_lane_and_can_be_cancelled(kernel: nativ
     lanes.submit("one", b"x", 1)
     lanes.submit("dropped", b"y", 1)
     assert lanes.free() == lanes.capacity and lanes.busy() == 2
+    assert lanes.jobs() == ["one", "dropped"]
     assert lanes.cancel("dropped")
     assert lanes.step() == [("one", hashlib.sha512(b"x").hexdigest())]
     assert lanes.busy() == 0

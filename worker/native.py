@@ -290,6 +290,10 @@ class Lanes(Generic[T]):
         """Jobs not yet handed back by step(), in lanes or finished already."""
         return self.capacity - len(self._free) + len(self._done)
 
+    def jobs(self) -> list[T]:
+        """The jobs not yet handed back (whose leases to keep)."""
+        return [job for lane, job in enumerate(self._jobs) if self._occupied[lane]] + [job for job, _ in self._done]
+
     def submit(self, job: T, data: bytes, iterations: int) -> None:
         """Start `job` in a free lane (ValueError if there is none): its first hash now."""
         if iterations < 1:
