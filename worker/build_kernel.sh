@@ -1,5 +1,5 @@
 #!/bin/sh
-# Builds the worker's native hashing kernel, sha512_lanes.so, from sha512_lanes.c.
+# Builds the worker's native hashing kernel, sha512_lanes.so, from sha512_lanes.c (and .h).
 #   worker/build_kernel.sh [DIR]     into DIR (default: worker/, where worker/native.py looks)
 # The compiler is $CC (default cc); extra flags come from $DW_KERNEL_CFLAGS (for example
 # -DDW_PORTABLE_ONLY: the scalar kernel alone, as on other architectures than x86-64).
@@ -17,7 +17,13 @@ if ! command -v "$cc" > /dev/null 2>&1; then
     echo "build_kernel: no C compiler ($cc): the worker will hash with its Python loop" >&2
     exit 2
 fi
-if [ -z "$extra" ] && [ -f "$target" ] && [ "$target" -nt "$source_file" ] && [ "$target" -nt "$0" ]; then
+up_to_date() {
+    [ -z "$extra" ] && [ -f "$target" ] || return 1
+    for input in "$source_file" "$here"/sha512_lanes*.h "$0"; do
+        [ "$target" -nt "$input" ] || return 1
+    done
+}
+if up_to_date; then
     echo "build_kernel: $target is up to date"
     exit 0
 fi

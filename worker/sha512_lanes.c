@@ -230,22 +230,7 @@ DEFINE_ITERATE(iterate_scalar)
 #define TARGET __attribute__((target("bmi2")))
 DEFINE_ITERATE(iterate_scalar_bmi2)
 #endif
-#undef TARGET
-#undef V
-#undef WIDTH
-#undef LOAD
-#undef STORE
-#undef SET1
-#undef CONST
-#undef ADD
-#undef BSIG0
-#undef BSIG1
-#undef SSIG0
-#undef SSIG1
-#undef CH
-#undef MAJ
-#undef XOR
-#undef AND
+#include "sha512_lanes_undef.h"
 
 #if DW_X86
 /* ---- AVX2: four lanes; no rotate instruction, so a rotation is two shifts ---- */
@@ -274,25 +259,7 @@ DEFINE_ITERATE(iterate_scalar_bmi2)
 /* (MAJ_FROM_XORS measured 2 % slower here: one more register live, of sixteen) */
 #define MAJ(a, b, c) _mm256_or_si256(_mm256_and_si256(a, b), _mm256_and_si256(c, _mm256_or_si256(a, b)))
 DEFINE_ITERATE(iterate_avx2)
-#undef TARGET
-#undef V
-#undef WIDTH
-#undef LOAD
-#undef STORE
-#undef SET1
-#undef CONST
-#undef ADD
-#undef XOR
-#undef SHR
-#undef SHL
-#undef ROR3
-#undef BSIG0
-#undef BSIG1
-#undef ROR8
-#undef SSIG0
-#undef SSIG1
-#undef CH
-#undef MAJ
+#include "sha512_lanes_undef.h"
 
 /* ---- AVX-512F: eight lanes; rotations and three-input logic are single instructions ---- */
 #define TARGET __attribute__((target("avx512f")))
@@ -314,23 +281,7 @@ DEFINE_ITERATE(iterate_avx2)
 #define SSIG0(x) XOR3(ROR(x, 1), ROR(x, 8), _mm512_srli_epi64(x, 7))
 #define SSIG1(x) XOR3(ROR(x, 19), ROR(x, 61), _mm512_srli_epi64(x, 6))
 DEFINE_ITERATE(iterate_avx512)
-#undef TARGET
-#undef V
-#undef WIDTH
-#undef LOAD
-#undef STORE
-#undef SET1
-#undef CONST
-#undef ADD
-#undef ROR
-#undef XOR
-#undef XOR3
-#undef CH
-#undef MAJ
-#undef BSIG0
-#undef BSIG1
-#undef SSIG0
-#undef SSIG1
+#include "sha512_lanes_undef.h"
 #endif
 
 /* ---- the kernels and the lane bookkeeping, shared by all of them ---- */
