@@ -41,6 +41,7 @@ mkdir -p "$out_dir"
 # keeps running on it, and no one ever loads a half-written file.
 partial=$(mktemp "$out_dir/.sha512_lanes.XXXXXX")
 trap 'rm -f "$partial"' EXIT
+trap 'rm -f "$partial"; exit 1' INT TERM HUP
 # shellcheck disable=SC2086  # the flags are words
 if ! "$cc" $flags $extra -o "$partial" "$source_file"; then
     echo "build_kernel: $cc failed: the worker will hash with its Python loop" >&2
