@@ -31,9 +31,15 @@ ensure_venv() {
     fi
 }
 
+# The worker's native hashing kernel; without it (no compiler, a failed build) workers hash
+# with their Python loop, so neither stops the setup.
+build_kernel() {
+    worker/build_kernel.sh || echo "setup: no native kernel built (see above); workers will hash with Python" >&2
+}
+
 case "${1:-local}" in
-    local) ensure_venv requirements.txt ;;
-    dev) ensure_venv requirements-dev.txt ;;
+    local) ensure_venv requirements.txt; build_kernel ;;
+    dev) ensure_venv requirements-dev.txt; build_kernel ;;
     aws)
         shift
         ensure_venv requirements.txt

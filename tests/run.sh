@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command. On a fresh machine it first installs what the tests need:
-# system packages with apt-get (curl, OpenSSH server, iproute2) and the pinned
+# system packages with apt-get (curl, OpenSSH server, iproute2, gcc) and the pinned
 # Python dependencies into .venv. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,7 @@ command -v curl > /dev/null || missing+=(curl)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 [ -x /usr/lib/openssh/sftp-server ] || missing+=(openssh-sftp-server)
 command -v ip > /dev/null || missing+=(iproute2)
+command -v cc > /dev/null || missing+=(gcc libc6-dev)  # the native kernel (worker/build_kernel.sh)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "tests/run.sh: these system packages are missing: ${missing[*]} (run as root to install them)" >&2
