@@ -408,7 +408,7 @@ def test_destroy_removes_what_setup_created_and_nothing_else(aws: Aws) -> None:
     assert other_state.exists() and (aws.aws_dir / "dw2-key.pem").exists()
 
     again = aws.run("--destroy").stdout
-    assert "already gone" in again
+    assert "none found" in again and "nothing found for cluster dw in region us-east-1" in again
 
 
 def test_destroy_without_state_file_goes_by_name_and_tag(aws: Aws) -> None:
