@@ -670,6 +670,27 @@ def ensure_role(iam: Any, settings: Settings) -> str:
         return role["Arn"]
 
 
+def role_region(iam: Any, settings: Settings) -> str:
+    """The region the cluster's IAM role serves, read from the policy setup wrote for it ("" if none).
+    IAM is global, EC2 is not: one cluster name has one region per account."""
+    with step(f"IAM role {settings.role_name}, inline policy {POLICY_NAME}"):
+        document = get_or_none(iam.get_role_policy, "PolicyDocument", RoleName=settings.role_name,
+                               PolicyName=POLICY_NAME)
+    for statement in as_document(document or {}).get("Statement", []):
+        resource = statement.get("Resource")
+        if statement.get("Sid") == "ManageClusterInstances" and isinstance(resource, str):
+            return resource.split(":")[3]
+    return ""
+
+
+def check_role_region(iam: Any, settings: Settings) -> None:
+    serving = role_region(iam, settings)
+    if serving and serving != settings.region:
+        raise UsageError(f"cluster {settings.cluster} already exists in {serving} (its IAM role {settings.role_name} "
+                         f"serves that region; IAM names are global): use another --cluster for a cluster in "
+                         f"{settings.region}, or --region {serving}")
+
+
 def worker_role_arn(iam: Any, settings: Settings) -> str:
     """The workers' role, if someone made one for the cluster (setup does not: workers hold no
     AWS credentials). Only then do the endpoints get iam:PassRole, and only for that role."""
@@ -744,6 +765,7 @@ def setup(args: argparse.Namespace) -> int:
     print(f"AWS setup of cluster {settings.cluster} in {region.name} (region from {region.source}; state file "
           f"{state_file})", flush=True)
     ec2, iam = make_clients(region.name)
+    check_role_region(iam, settings)
 
     def record(**values: Any) -> None:
         # Saved after every step, so a later failure still leaves a record of what exists.
@@ -910,13 +932,14 @@ def remove_key_pair(ec2: Any, cluster: str, name: str, pem: Path) -> list[str]:
         if existing and tag_value(existing.get("Tags")) != cluster:
             report(what, f"not tagged {TAG_CLUSTER}={cluster}: left alone, and so is {pem}")
             return []
-        if existing:
-            # By name: moto ignores KeyPairId here. The tag check above made sure it is ours.
-            ec2.delete_key_pair(KeyName=name)
-            report(what, f"deleted ({existing.get('KeyPairId', '?')})")
-            removed.append(what)
-        else:
-            report(what, "none found")
+        if not existing:
+            # The private key may be that of the key pair in another region: never deleted on a guess.
+            report(what, "none found" + (f"; private key {pem} kept" if pem.exists() else ""))
+            return []
+        # By name: moto ignores KeyPairId here. The tag check above made sure it is ours.
+        ec2.delete_key_pair(KeyName=name)
+        report(what, f"deleted ({existing.get('KeyPairId', '?')})")
+        removed.append(what)
     pem.with_name(pem.name + ".tmp").unlink(missing_ok=True)  # left by a run killed while saving the key
     if pem.exists():
         pem.unlink()
@@ -939,11 +962,7 @@ def remove_resources(ec2: Any, iam: Any, settings: Settings, state: dict,
     with step(f"security group {settings.group_name}"):
         group = find_security_group(ec2, settings.group_name, state.get("vpc_id"))
     refuse_while_instances_live(ec2, settings, group)
-    removed = []
-    if remove_instance_profile(iam, settings.cluster, settings.profile_name):
-        removed.append(f"IAM instance profile {settings.profile_name}")
-    if remove_role(iam, settings.cluster, settings.role_name):
-        removed.append(f"IAM role {settings.role_name}")
+    removed = remove_iam(iam, settings)
     if remove_security_group(ec2, settings.cluster, group, settings.group_name, sg_timeout):
         removed.append(f"security group {settings.group_name}")
     removed += remove_key_pair(ec2, settings.cluster, settings.key_name, private_key_path(settings, state))
@@ -951,6 +970,21 @@ def remove_resources(ec2: Any, iam: Any, settings: Settings, state: dict,
         settings.state_file.unlink()
         report("state file", f"{settings.state_file} deleted")
         removed.append(f"state file {settings.state_file}")
+    return removed
+
+
+def remove_iam(iam: Any, settings: Settings) -> list[str]:
+    """The role and profile, unless they serve the cluster in another region (IAM is global)."""
+    serving = role_region(iam, settings)
+    if serving and serving != settings.region:
+        report(f"IAM role and instance profile {settings.role_name}", f"serve cluster {settings.cluster} in "
+                                                                        f"{serving}, not {settings.region}: left alone")
+        return []
+    removed = []
+    if remove_instance_profile(iam, settings.cluster, settings.profile_name):
+        removed.append(f"IAM instance profile {settings.profile_name}")
+    if remove_role(iam, settings.cluster, settings.role_name):
+        removed.append(f"IAM role {settings.role_name}")
     return removed
 
 

@@ -139,7 +139,8 @@ def error_code(exc: Exception) -> str:
 def api_error_text(exc: Exception) -> str:
     if isinstance(exc, ResponseParserError):
         # Its text is the whole unparsable body (an HTML error page): the first line says enough.
-        return "the AWS API gave an answer that is not one (" + str(exc).strip().splitlines()[0][:300] + ")"
+        first_line = str(exc).strip().splitlines()[0][:300].rstrip(":")
+        return f"the AWS API (or something between it and here) gave an answer that is not an API answer ({first_line})"
     hint = ""
     if error_code(exc) in ACCESS_ERRORS:
         hint = " (the AWS credentials used here lack a permission this step needs, or are invalid)"
@@ -241,13 +242,18 @@ def left_running(cluster: str, region: str, remedy: str) -> str:
 def found_elsewhere(cluster: str, searched: str) -> dict[str, list[str]]:
     """The cluster's instances and key pair in the regions other than `searched`: a destroy that
     finds nothing where it looked says where the cluster is instead."""
+    session = boto3.session.Session()  # one session: the service model is loaded once, not per region
     try:
-        regions = [entry["RegionName"] for entry in ec2_client(searched).describe_regions()["Regions"]]
+        regions = [entry["RegionName"] for entry in
+                   session.client("ec2", region_name=searched, config=aws_config()).describe_regions()["Regions"]]
     except API_ERRORS:
         return {}
+    # Clients are made here, one after the other (a session is not thread-safe); they are used in threads.
+    clients = {region: session.client("ec2", region_name=region, config=aws_config(quick=True))
+               for region in regions if region != searched}
 
     def look(region: str) -> tuple[str, list[str]]:
-        ec2 = ec2_client(region, quick=True)
+        ec2 = clients[region]
         try:
             found = [describe(instance) for instance in cluster_instances(ec2, cluster, states=BILLED_STATES)]
             pairs = ec2.describe_key_pairs(Filters=[tag_filter("key-name", f"{cluster}-key"),
@@ -257,5 +263,4 @@ def found_elsewhere(cluster: str, searched: str) -> dict[str, list[str]]:
         return region, found + [f"key pair {pair['KeyName']}" for pair in pairs]
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = pool.map(look, [region for region in regions if region != searched])
-        return {region: found for region, found in results if found}
+        return {region: found for region, found in pool.map(look, clients) if found}
