@@ -399,13 +399,15 @@ def destroy(args: argparse.Namespace, state: dict, region: Region) -> int:
     return status
 
 
-def what_is_left(args: argparse.Namespace, region: Region | None) -> str:
-    remedy = f"`{destroy_command(args)}` {'again ' if args.destroy else ''}terminates them and removes the rest."
-    if region is None:
+def what_is_left(args: argparse.Namespace, region: Region | None, interrupted: bool = False) -> str:
+    """Which of the cluster's instances run and bill (asked of EC2), and how to remove them."""
+    if region is None:  # no region, so nothing was launched
         return ""
+    remedy = f"`{destroy_command(args)}` {'again ' if args.destroy else ''}terminates them and removes the rest."
     left = left_running(args.cluster, region.name, remedy)
     if not args.destroy:
-        left += "\nOr fix the cause and run the same command again: finished steps are kept."
+        fix = "" if interrupted else "fix the cause and "
+        left += f"\nOr {fix}run the same command again: finished steps are kept."
     return left
 
 
@@ -429,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         exit_now(1)  # a provisioning thread may still wait for its host: it is not waited for
         return 1
     except Interrupted as exc:
-        print(f"\nstopped by {exc.name}: the {what} did not finish. {what_is_left(args, region)}", file=sys.stderr,
-              flush=True)
+        print(f"\nstopped by {exc.name}: the {what} did not finish. {what_is_left(args, region, interrupted=True)}",
+              file=sys.stderr, flush=True)
         exit_now(exc.exit_status)
         return exc.exit_status
 
