@@ -828,15 +828,22 @@ def cluster_flag(cluster: str) -> str:
     return "" if cluster == CLUSTER_SETTING.default else f" --cluster {cluster}"
 
 
+def ours_to_remove(what: str, resource: dict | None, cluster: str, label: str = "") -> bool:
+    """Whether destroy may remove `resource`: it exists, and carries this cluster's tag."""
+    if resource is None:
+        report(what, "none found")
+        return False
+    if tag_value(resource.get("Tags")) != cluster:
+        report(what, f"{label}not tagged {TAG_CLUSTER}={cluster}: left alone")
+        return False
+    return True
+
+
 def remove_instance_profile(iam: Any, cluster: str, name: str) -> bool:
     what = f"IAM instance profile {name}"
     with step(what):
         profile = get_or_none(iam.get_instance_profile, "InstanceProfile", InstanceProfileName=name)
-        if profile is None:
-            report(what, "none found")
-            return False
-        if tag_value(profile.get("Tags")) != cluster:
-            report(what, f"not tagged {TAG_CLUSTER}={cluster}: left alone")
+        if not ours_to_remove(what, profile, cluster):
             return False
         for role in profile.get("Roles", []):
             ignore_missing(iam.remove_role_from_instance_profile, "NoSuchEntity",
@@ -862,11 +869,7 @@ def remove_role(iam: Any, cluster: str, name: str) -> bool:
     what = f"IAM role {name}"
     with step(what):
         role = get_or_none(iam.get_role, "Role", RoleName=name)
-        if role is None:
-            report(what, "none found")
-            return False
-        if tag_value(role.get("Tags")) != cluster:
-            report(what, f"not tagged {TAG_CLUSTER}={cluster}: left alone")
+        if not ours_to_remove(what, role, cluster):
             return False
         if ignore_missing(iam.delete_role_policy, "NoSuchEntity", RoleName=name, PolicyName=POLICY_NAME):
             report(what, f"inline policy {POLICY_NAME} deleted")
@@ -913,11 +916,7 @@ def delete_security_group(ec2: Any, what: str, group_id: str, timeout: float = S
 def remove_security_group(ec2: Any, cluster: str, group: dict | None, name: str,
                           timeout: float = SG_DELETE_TIMEOUT) -> bool:
     what = f"security group {name}"
-    if group is None:
-        report(what, "none found")
-        return False
-    if tag_value(group.get("Tags")) != cluster:
-        report(what, f"{group['GroupId']} is not tagged {TAG_CLUSTER}={cluster}: left alone")
+    if not ours_to_remove(what, group, cluster, f"{(group or {}).get('GroupId')} is "):
         return False
     with step(what):
         delete_security_group(ec2, what, group["GroupId"], timeout)
@@ -1036,9 +1035,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aws setup: {exc}", file=sys.stderr, flush=True)
         return 2
     except SetupError as exc:
-        again = "./setup.sh aws --destroy" if args.destroy else "./setup.sh aws"
-        print(f"aws setup failed: {exc}\nFix the cause and run {again} again: what is done is kept, "
-              f"the rest is completed.", file=sys.stderr, flush=True)
+        if args.destroy:
+            after = "Fix the cause and run ./setup.sh aws --destroy again: what is left is removed then."
+        else:
+            after = (f"Fix the cause and run ./setup.sh aws again: what is done is kept (recorded in "
+                     f"{args.state_file}), the rest is completed. Setup creates nothing billed by the hour; "
+                     f"`./setup.sh aws --destroy` removes what it made.")
+        print(f"aws setup failed: {exc}\n{after}", file=sys.stderr, flush=True)
         return 1
     except Interrupted as exc:
         print(interrupted_message(args, exc), file=sys.stderr, flush=True)

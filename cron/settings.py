@@ -35,27 +35,24 @@ def text(value: str) -> str:
 
 
 def whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise ValueError(f"must be a whole number, not {value!r}") from None
-        return in_range(number, minimum, True, maximum)
-
-    parse.metavar = "N"  # type: ignore[attr-defined]
-    return parse
+    return number_of(int, "a whole number", "N", minimum, True, maximum)
 
 
 def seconds(minimum: float = 0.0, inclusive: bool = False, maximum: float | None = None) -> Callable[[str], float]:
     """A finite number of seconds above `minimum` (or from it, with `inclusive`)."""
-    def parse(value: str) -> float:
+    return number_of(float, "a number of seconds", "S", minimum, inclusive, maximum)
+
+
+def number_of(convert: Callable[[str], Any], noun: str, metavar: str, minimum: float, inclusive: bool,
+              maximum: float | None) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
         try:
-            number = float(value)
+            number = convert(value)
         except ValueError:
-            raise ValueError(f"must be a number of seconds, not {value!r}") from None
+            raise ValueError(f"must be {noun}, not {value!r}") from None
         return in_range(number, minimum, inclusive, maximum)
 
-    parse.metavar = "S"  # type: ignore[attr-defined]
+    parse.metavar = metavar  # type: ignore[attr-defined]
     return parse
 
 

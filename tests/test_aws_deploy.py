@@ -54,6 +54,9 @@ class Aws:
             "AWS_SHARED_CREDENTIALS_FILE": str(self.directory / "no-aws-credentials"),
             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
             "DW_AWS_DIR": str(self.directory / "aws"), "DW_CLUSTER": CLUSTER, "DW_AMI": AMI,
+            # Should a deploy get as far as SSH where a test does not expect it, it meets a loopback
+            # address where nothing listens -- never the made-up public addresses of moto's instances.
+            "DW_TEST_ENDPOINT_ADDRESSES": "127.0.0.2,127.0.0.3",
         })
         env.update(extra)
         return {name: value for name, value in env.items() if value is not None}
