@@ -329,7 +329,6 @@ def provision_endpoints(args: argparse.Namespace, setup: dict, secret: str, inst
 
 
 def deploy(args: argparse.Namespace, setup: dict, region: Region) -> None:
-    check_setup(args, setup)
     step(f"deploying cluster {args.cluster} in {region.name} (region from {region.source})")
     secret = secret_for(args)
     instances = start_endpoints(args, ec2_client(region.name), setup)
@@ -418,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     region: Region | None = None
     try:
         state = read_state(args.state_file)
+        if not args.destroy:
+            check_setup(args, state)  # before the region: without setup's record, that is what to say
         region = aws_setup.cluster_region(args, state)
         if args.destroy:
             return destroy(args, state, region)

@@ -69,6 +69,7 @@ from cron.cluster import (
     TAG_ROLE,
     ClusterUsageError,
     Region,
+    SearchError,
     api_step,
     aws_config,
     check_state_cluster,
@@ -993,7 +994,10 @@ def destroy_summary(cluster: str, region: Region, removed: list[str], command: s
     searched = f"cluster {cluster} in region {region.name} (region from {region.source})"
     if removed:
         return 0, f"{searched}: removed {', '.join(removed)}; nothing of the cluster is left in {region.name}"
-    elsewhere = found_elsewhere(cluster, region.name)
+    try:
+        elsewhere = found_elsewhere(cluster, region.name)
+    except SearchError as exc:
+        return 1, f"nothing found for {searched}, but {exc}: pass --region if the cluster is in another one"
     if not elsewhere:
         return 0, f"nothing found for {searched}, nor in any other region: there was nothing to remove"
     where = "; ".join(f"{name}: {', '.join(found)}" for name, found in sorted(elsewhere.items()))

@@ -49,6 +49,10 @@ class ClusterUsageError(ValueError):
     """The command line, the environment or the state file is wrong; nothing was changed."""
 
 
+class SearchError(Exception):
+    """A search across regions could not be made."""
+
+
 def cluster_name(value: str) -> str:
     if not CLUSTER_NAME.fullmatch(value):
         raise ValueError(f"must be 1-40 letters, digits and dashes, starting with a letter or digit, not {value!r}")
@@ -241,13 +245,14 @@ def left_running(cluster: str, region: str, remedy: str) -> str:
 
 def found_elsewhere(cluster: str, searched: str) -> dict[str, list[str]]:
     """The cluster's instances and key pair in the regions other than `searched`: a destroy that
-    finds nothing where it looked says where the cluster is instead."""
+    finds nothing where it looked says where the cluster is instead. SearchError if the regions
+    cannot be listed: then nobody knows whether there is anything elsewhere."""
     session = boto3.session.Session()  # one session: the service model is loaded once, not per region
     try:
         regions = [entry["RegionName"] for entry in
                    session.client("ec2", region_name=searched, config=aws_config()).describe_regions()["Regions"]]
-    except API_ERRORS:
-        return {}
+    except API_ERRORS as exc:
+        raise SearchError(f"the other regions could not be searched: {api_error_text(exc)}") from exc
     # Clients are made here, one after the other (a session is not thread-safe); they are used in threads.
     clients = {region: session.client("ec2", region_name=region, config=aws_config(quick=True))
                for region in regions if region != searched}
