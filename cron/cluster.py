@@ -16,7 +16,6 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 
+from cron.interrupts import parallel
 from cron.settings import Setting
 
 TAG_CLUSTER = "dw:cluster"
@@ -267,5 +267,4 @@ def found_elsewhere(cluster: str, searched: str) -> dict[str, list[str]]:
             return region, []
         return region, found + [f"key pair {pair['KeyName']}" for pair in pairs]
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return {region: found for region, found in pool.map(look, clients) if found}
+    return {region: found for region, found in parallel(look, clients) if found}
