@@ -35,7 +35,14 @@ it acts, so a re-run creates only what is missing and completes an earlier run t
 `--destroy` removes, in dependency order, what setup created: instance profile, role (inline
 policy first), security group (retried while terminating instances still hold it), key pair
 and its local private key, and the state file. It touches only resources with this cluster's
-names that carry the tag dw:cluster=<cluster>; anything else is left alone and reported.
+names that carry the tag dw:cluster=<cluster>; anything else is left alone and reported. It
+refuses, deleting nothing, while any instance needs these (the cluster's, or any other using
+its key pair or security group): `./deploy.sh aws --destroy` terminates them first. A private
+key goes only with its key pair, and an IAM role serving the cluster in another region stays.
+It says which region it searched and what it removed; having found nothing, it looks for the
+cluster in the other regions.
+
+The cluster name, the region and the state file follow the rules of cron/cluster.py.
 """
 
 from __future__ import annotations

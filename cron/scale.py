@@ -6,13 +6,18 @@ one host never overlap. Each run:
 
 1. lists the cluster's workers (whoever launched them);
 2. reconciles: terminates workers that did not become ready within --ready-deadline, and
-   ready workers that neither endpoint has heard from for --silence-deadline; resumes the
-   provisioning of its own workers that a killed earlier run left unprovisioned;
+   ready workers that neither endpoint has heard from for --silence-deadline (while the peer
+   does not answer, see Scaler.verdict); resumes the provisioning of its own workers that a
+   killed earlier run left unprovisioned;
 3. reads this endpoint's queue from its SQLite file and the peer's from its /stats;
 4. asks the policy (cron/policy.py) how many workers to launch, limited by the circuit
    breaker, then launches and provisions them; a worker that fails provisioning is
    terminated at once;
 5. records the decision and the breaker in the endpoint's SQLite file, for GET /stats.
+
+Every setting is checked before the run does anything (SETTINGS; `./deploy.sh aws` takes the
+knobs in HOST_KNOBS from the same table). Ctrl-C or SIGTERM ends a run at once, and a failed
+run ends, with a log line that says which instances it leaves running and how to end them.
 """
 
 from __future__ import annotations
