@@ -608,7 +608,7 @@ def test_an_api_that_answers_500_is_reported_not_crashed_on(aws: Aws) -> None:
 
 def test_ctrl_c_stops_setup_at_once_and_says_what_exists(aws: Aws) -> None:
     with BrokenApi("hang") as api:
-        process = subprocess.Popen([PYTHON, "-m", "cron.aws_setup", "--allowed-cidr", CIDR], cwd=REPO,
+        process = subprocess.Popen(["./setup.sh", "aws", "--allowed-cidr", CIDR], cwd=REPO,
                                    env=aws.env(AWS_ENDPOINT_URL=api.url), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         wait_for(lambda: api.requests >= 1, 30, "setup's first API call")
