@@ -5,6 +5,8 @@
 #   ./setup.sh aws      the local venv, then the one-time AWS preparation: key pair, security
 #                       group, IAM role and instance profile for the endpoints (see
 #                       `./setup.sh aws --help`); re-running it changes only what is missing
+#   ./setup.sh aws --destroy   remove what it created; refused while the cluster has instances
+#                       (`./deploy.sh aws --destroy` terminates them first)
 set -euo pipefail
 cd "$(dirname "$0")"
 

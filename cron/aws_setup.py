@@ -35,7 +35,14 @@ it acts, so a re-run creates only what is missing and completes an earlier run t
 `--destroy` removes, in dependency order, what setup created: instance profile, role (inline
 policy first), security group (retried while terminating instances still hold it), key pair
 and its local private key, and the state file. It touches only resources with this cluster's
-names that carry the tag dw:cluster=<cluster>; anything else is left alone and reported.
+names that carry the tag dw:cluster=<cluster>; anything else is left alone and reported. It
+refuses, deleting nothing, while any instance needs these (the cluster's, or any other using
+its key pair or security group): `./deploy.sh aws --destroy` terminates them first. A private
+key goes only with its key pair, and an IAM role serving the cluster in another region stays.
+It says which region it searched and what it removed; having found nothing, it looks for the
+cluster in the other regions.
+
+The cluster name, the region and the state file follow the rules of cron/cluster.py.
 """
 
 from __future__ import annotations
@@ -44,30 +51,51 @@ import argparse
 import ipaddress
 import json
 import os
-import re
 import sys
 import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import boto3
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
-TAG_CLUSTER = "dw:cluster"
-TAG_ROLE = "dw:role"
+from cron.cluster import (
+    AWS_DIR_SETTING,
+    BILLED_STATES,
+    CLUSTER_SETTING,
+    REGION_SETTING,
+    STATE_FILE_SETTING,
+    TAG_CLUSTER,
+    TAG_ROLE,
+    ClusterUsageError,
+    Region,
+    SearchError,
+    api_step,
+    aws_config,
+    check_state_cluster,
+    cluster_instances,
+    describe,
+    describe_instances,
+    error_code,
+    found_elsewhere,
+    read_state,
+    resolve_region,
+    tag_filter,
+)
+from cron.interrupts import Interrupted, deferred_signals, exit_now, stop_on_signals
+from cron.settings import Setting, add_settings, check_settings, choice, text, whole
+
 POLICY_NAME = "dw-scaler"
 CHECKIP_URL = "https://checkip.amazonaws.com"
 SG_DELETE_TIMEOUT = 60.0  # seconds to wait for terminating instances to let go of the security group
-_ACCESS_ERRORS = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthFailure",
-                  "InvalidClientTokenId", "SignatureDoesNotMatch", "ExpiredToken"}
+DESTROY_COMMAND = "./deploy.sh aws --destroy"
 
 
 class SetupError(Exception):
@@ -87,8 +115,8 @@ class Settings:
     region: str
     aws_dir: Path
     state_file: Path
-    http_port: int
-    key_type: str
+    http_port: int = 5000
+    key_type: str = "ed25519"
 
     @property
     def key_name(self) -> str:
@@ -121,59 +149,80 @@ class Settings:
         return [{"Key": key, "Value": value} for key, value in tags.items()]
 
 
-def port_number(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
-    return port
+SETTINGS: dict[str, Setting] = {
+    "cluster": CLUSTER_SETTING,
+    "region": REGION_SETTING,
+    "allowed_cidr": Setting("DW_ALLOWED_CIDR", "", text,
+                            "who may reach the HTTP port and SSH, normally your public address as /32; default: "
+                            "discovered via checkip.amazonaws.com if DW_DISCOVER_IP=1, else the one an earlier run "
+                            "recorded"),
+    "http_port": Setting("DW_HTTP_PORT", "5000", whole(1, 65535), "the endpoints' HTTP port"),
+    "key_type": Setting("DW_KEY_TYPE", "ed25519", choice("ed25519", "rsa"), "type of a new key pair"),
+    "aws_dir": AWS_DIR_SETTING,
+    "state_file": STATE_FILE_SETTING,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    env = os.environ.get
     parser = argparse.ArgumentParser(
         prog="./setup.sh aws",
         description="One-time AWS preparation for dynamic-workload: key pair, security group, IAM role and "
                     "instance profile of the endpoints. Safe to re-run: only what is missing is created.")
-    add = parser.add_argument
-    add("--cluster", default=env("DW_CLUSTER", "dw"), help="name prefix and dw:cluster tag [DW_CLUSTER] (default dw)")
-    add("--region", default="",
-        help="AWS region; default: the state file's, else AWS_REGION / AWS_DEFAULT_REGION, else us-east-1")
-    add("--allowed-cidr", default=env("DW_ALLOWED_CIDR", ""),
-        help="who may reach the HTTP port and SSH, normally your public address as /32 [DW_ALLOWED_CIDR]; "
-             "default: discovered via checkip.amazonaws.com if DW_DISCOVER_IP=1, else the one an earlier run recorded")
-    add("--allow-anywhere", action="store_true", help="accept 0.0.0.0/0 (or ::/0) as --allowed-cidr")
-    add("--http-port", type=port_number, default=env("DW_HTTP_PORT", "5000"),
-        help="the endpoints' HTTP port [DW_HTTP_PORT] (default 5000)")
-    add("--key-type", choices=["ed25519", "rsa"], default=env("DW_KEY_TYPE", "ed25519"),
-        help="type of a new key pair [DW_KEY_TYPE] (default ed25519)")
-    add("--aws-dir", default=env("DW_AWS_DIR", "var/aws"),
-        help="where the private key and the state file go [DW_AWS_DIR] (default var/aws)")
-    add("--state-file", default=env("DW_AWS_STATE", ""),
-        help="the record of what was created [DW_AWS_STATE] (default <aws-dir>/<cluster>.json)")
-    add("--destroy", action="store_true", help="remove what setup created (terminate the instances first)")
+    add_settings(parser, SETTINGS)
+    parser.add_argument("--allow-anywhere", action="store_true",
+                        help="accept an --allowed-cidr that spans a large part of the internet (0.0.0.0/0, ::/0, "
+                             "anything wider than a /8, or an IPv6 /32)")
+    parser.add_argument("--destroy", action="store_true",
+                        help="remove what setup created; refused while the cluster has instances (`./deploy.sh aws "
+                             "--destroy` terminates them first)")
     args = parser.parse_args(argv)
-    # Names end up in EC2 and IAM names (IAM allows at most 64 characters, no spaces or slashes).
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,39}", args.cluster):
-        parser.error(f"--cluster {args.cluster!r}: use 1-40 letters, digits and dashes")
+    check_settings(parser, SETTINGS, args)
     args.state_file = args.state_file or f"{args.aws_dir}/{args.cluster}.json"
     return args
 
 
-def resolve_region(args: argparse.Namespace, state: dict) -> str:
-    """An existing cluster stays in its region: a different explicit --region is refused rather
-    than silently setting up a second copy and losing track of the first."""
-    recorded = state.get("region", "")
-    if args.region and recorded and args.region != recorded:
-        raise UsageError(f"the state file {args.state_file} records region {recorded}, not {args.region}: "
-                         f"destroy that cluster first, or use another --cluster / --state-file")
-    env = os.environ.get
-    return args.region or recorded or env("AWS_REGION") or env("AWS_DEFAULT_REGION") or "us-east-1"
+def settings_for(args: argparse.Namespace, region: str) -> Settings:
+    return Settings(cluster=args.cluster, region=region, aws_dir=Path(args.aws_dir), state_file=Path(args.state_file),
+                    http_port=getattr(args, "http_port", 5000), key_type=getattr(args, "key_type", "ed25519"))
+
+
+def cluster_region(args: argparse.Namespace, state: dict) -> Region:
+    """The one region rule (cron/cluster.py); a cluster stays in the region its state file records."""
+    check_state_cluster(state, args.cluster, args.state_file)
+    return resolve_region(args.region, state.get("region", ""), args.state_file)
 
 
 # --- the allowed CIDR --------------------------------------------------------------------------
+
+# Shorter prefixes span a large part of the internet: refused unless --allow-anywhere.
+BROADEST_PREFIX = {4: 8, 6: 32}
+# Ranges nobody on the internet connects from: a warning (a VPN or a machine in the VPC may).
+PRIVATE_RANGES = [ipaddress.ip_network(text) for text in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                                           "100.64.0.0/10", "fc00::/7")]
+DOCUMENTATION_RANGES = [ipaddress.ip_network(text) for text in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",
+                                                                 "2001:db8::/32")]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def unusable(network: Network) -> str:
+    """Why no connection to an EC2 instance can ever come from `network`, or ""."""
+    for kind, test in (("a loopback range", network.is_loopback), ("link-local", network.is_link_local),
+                       ("multicast", network.is_multicast), ("the unspecified address", network.is_unspecified),
+                       ("a reserved range", network.is_reserved and network.prefixlen > 0)):
+        if test:
+            return kind
+    return ""
+
+
+def cidr_warning(network: Network) -> str:
+    if any(network.subnet_of(private) for private in PRIVATE_RANGES if private.version == network.version):
+        return "is a private range: only a VPN or a machine inside the VPC connects from there"
+    if any(network.subnet_of(docs) for docs in DOCUMENTATION_RANGES if docs.version == network.version):
+        return "is a documentation example range: nobody connects from there"
+    if network.num_addresses > 65536:
+        return f"opens SSH and the unauthenticated HTTP API to {network.num_addresses:,} addresses"
+    return ""
 
 
 def parse_cidr(text: str, allow_anywhere: bool, source: str) -> str:
@@ -182,12 +231,20 @@ def parse_cidr(text: str, allow_anywhere: bool, source: str) -> str:
     except ValueError:
         raise UsageError(f"{source} {text!r} is not a valid CIDR (expected e.g. 203.0.113.7/32 or "
                          f"2001:db8::1/128)") from None
-    if network.prefixlen == 0 and not allow_anywhere:
+    if unusable(network):
+        raise UsageError(f"{source} {network} is {unusable(network)}: no connection to an EC2 instance comes from "
+                         f"there. Give your own public address, e.g. --allowed-cidr 198.51.100.7/32 (`curl "
+                         f"{CHECKIP_URL}` shows it)")
+    if network.prefixlen < BROADEST_PREFIX[network.version] and not allow_anywhere:
         raise UsageError(f"{source} {network} would open SSH and the endpoints' HTTP API (which has no "
-                         f"authentication) to the whole internet. Give your own address, e.g. "
-                         f"--allowed-cidr 203.0.113.7/32, or pass --allow-anywhere if that is really meant")
+                         f"authentication) to {network.num_addresses:,} addresses of the internet. Give your own "
+                         f"address, e.g. --allowed-cidr 198.51.100.7/32, or pass --allow-anywhere if that is "
+                         f"really meant")
     if str(network) != text.strip():
         print(f"allowed CIDR: {text.strip()} taken as {network}", flush=True)
+    if cidr_warning(network):
+        print(f"warning: allowed CIDR {network} {cidr_warning(network)}; your public address is what `curl "
+              f"{CHECKIP_URL}` shows", file=sys.stderr, flush=True)
     return str(network)
 
 
@@ -227,18 +284,6 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def load_state(path: Path) -> dict:
-    try:
-        state = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise SetupError(f"reading the state file {path}: {exc} (fix or remove it)") from exc
-    if not isinstance(state, dict):
-        raise SetupError(f"the state file {path} does not hold a JSON object (fix or remove it)")
-    return state
-
-
 def save_state(path: Path, state: dict) -> None:
     """Write-to-temp-then-rename: a reader sees the old or the new record, never half of one.
     mkstemp creates the file 0600; the record names the private key, which is nobody else's business."""
@@ -261,22 +306,9 @@ def report(what: str, outcome: str) -> None:
     print(f"{what}: {outcome}", flush=True)
 
 
-def error_code(exc: ClientError) -> str:
-    return exc.response.get("Error", {}).get("Code", "")
-
-
-@contextmanager
-def step(what: str) -> Iterator[None]:
+def step(what: str) -> AbstractContextManager[None]:
     """Turns an AWS error into a SetupError that names the step it happened in."""
-    try:
-        yield
-    except ClientError as exc:
-        hint = ""
-        if error_code(exc) in _ACCESS_ERRORS:
-            hint = " (the AWS credentials used here lack a permission this step needs, or are invalid)"
-        raise SetupError(f"{what}: {exc}{hint}") from exc
-    except BotoCoreError as exc:
-        raise SetupError(f"{what}: {exc}") from exc
+    return api_step(what, SetupError)
 
 
 def tag_value(tags: list[dict] | None, key: str = TAG_CLUSTER) -> str | None:
@@ -295,8 +327,7 @@ def require_ours(what: str, tags: list[dict] | None, cluster: str) -> None:
 def make_clients(region: str) -> tuple[Any, Any]:
     # AWS_ENDPOINT_URL (the tests' moto server) is honoured by botocore itself.
     session = boto3.session.Session(region_name=region)
-    config = Config(retries={"max_attempts": 6, "mode": "standard"}, connect_timeout=10, read_timeout=30)
-    return session.client("ec2", config=config), session.client("iam", config=config)
+    return session.client("ec2", config=aws_config()), session.client("iam", config=aws_config())
 
 
 # --- key pair -----------------------------------------------------------------------------------
@@ -353,16 +384,19 @@ def ensure_key_pair(ec2: Any, settings: Settings) -> dict:
     if pem.exists():
         raise SetupError(f"{pem} exists but EC2 has no {what}: it is the key of a key pair deleted since. Setup "
                          f"never overwrites a private key: move it away (e.g. `mv {pem} {pem}.old`) and run again")
-    with step(what):
-        created = ec2.create_key_pair(KeyName=name, KeyType=settings.key_type,
-                                      TagSpecifications=[{"ResourceType": "key-pair", "Tags": settings.tags(name)}])
-    try:
-        write_private_key(pem, created["KeyMaterial"])
-    except OSError as exc:
-        # Without its private key the key pair is useless and would block the next run: undo it.
-        with step(f"{what} (deleting it again after the private key could not be saved)"):
-            ec2.delete_key_pair(KeyName=name)
-        raise SetupError(f"saving the private key to {pem}: {exc}; the key pair was deleted again") from exc
+    # EC2 hands out the private key once: a Ctrl-C between the creation and the saving would leave a
+    # key pair nobody can use, which blocks the next run. So the signal waits until the key is saved.
+    with deferred_signals():
+        with step(what):
+            created = ec2.create_key_pair(KeyName=name, KeyType=settings.key_type, TagSpecifications=[
+                {"ResourceType": "key-pair", "Tags": settings.tags(name)}])
+        try:
+            write_private_key(pem, created["KeyMaterial"])
+        except OSError as exc:
+            # Without its private key the key pair is useless and would block the next run: undo it.
+            with step(f"{what} (deleting it again after the private key could not be saved)"):
+                ec2.delete_key_pair(KeyName=name)
+            raise SetupError(f"saving the private key to {pem}: {exc}; the key pair was deleted again") from exc
     report(what, f"created ({created.get('KeyPairId', '?')}), private key saved to {pem} (mode 0600)")
     return created
 
@@ -644,6 +678,27 @@ def ensure_role(iam: Any, settings: Settings) -> str:
         return role["Arn"]
 
 
+def role_region(iam: Any, settings: Settings) -> str:
+    """The region the cluster's IAM role serves, read from the policy setup wrote for it ("" if none).
+    IAM is global, EC2 is not: one cluster name has one region per account."""
+    with step(f"IAM role {settings.role_name}, inline policy {POLICY_NAME}"):
+        document = get_or_none(iam.get_role_policy, "PolicyDocument", RoleName=settings.role_name,
+                               PolicyName=POLICY_NAME)
+    for statement in as_document(document or {}).get("Statement", []):
+        resource = statement.get("Resource")
+        if statement.get("Sid") == "ManageClusterInstances" and isinstance(resource, str):
+            return resource.split(":")[3]
+    return ""
+
+
+def check_role_region(iam: Any, settings: Settings) -> None:
+    serving = role_region(iam, settings)
+    if serving and serving != settings.region:
+        raise UsageError(f"cluster {settings.cluster} already exists in {serving} (its IAM role {settings.role_name} "
+                         f"serves that region; IAM names are global): use another --cluster for a cluster in "
+                         f"{settings.region}, or --region {serving}")
+
+
 def worker_role_arn(iam: Any, settings: Settings) -> str:
     """The workers' role, if someone made one for the cluster (setup does not: workers hold no
     AWS credentials). Only then do the endpoints get iam:PassRole, and only for that role."""
@@ -709,17 +764,16 @@ def ensure_instance_profile(iam: Any, settings: Settings) -> str:
 # --- setup ----------------------------------------------------------------------------------------
 
 
-def setup(args: argparse.Namespace) -> None:
+def setup(args: argparse.Namespace) -> int:
     state_file = Path(args.state_file)
-    state = load_state(state_file)
-    if state.get("cluster", args.cluster) != args.cluster:
-        raise UsageError(f"the state file {state_file} belongs to cluster {state['cluster']}, not {args.cluster}")
-    region = resolve_region(args, state)
+    state = read_state(state_file)
+    region = cluster_region(args, state)
     cidr = resolve_allowed_cidr(args, state)  # before anything is created: a bad CIDR changes nothing
-    settings = Settings(cluster=args.cluster, region=region, aws_dir=Path(args.aws_dir), state_file=state_file,
-                        http_port=args.http_port, key_type=args.key_type)
-    print(f"AWS setup of cluster {settings.cluster} in {region} (state file {state_file})", flush=True)
-    ec2, iam = make_clients(region)
+    settings = settings_for(args, region.name)
+    print(f"AWS setup of cluster {settings.cluster} in {region.name} (region from {region.source}; state file "
+          f"{state_file})", flush=True)
+    ec2, iam = make_clients(region.name)
+    check_role_region(iam, settings)
 
     def record(**values: Any) -> None:
         # Saved after every step, so a later failure still leaves a record of what exists.
@@ -728,9 +782,9 @@ def setup(args: argparse.Namespace) -> None:
 
     key_pair = ensure_key_pair(ec2, settings)
     state.setdefault("created_at", utc_now())
-    record(cluster=settings.cluster, region=region, key_name=settings.key_name, key_path=str(settings.key_path),
-           key_pair_id=key_pair.get("KeyPairId", ""))
-    vpc_id, subnet_ids = default_vpc(ec2, region)
+    record(cluster=settings.cluster, region=region.name, key_name=settings.key_name,
+           key_path=str(settings.key_path), key_pair_id=key_pair.get("KeyPairId", ""))
+    vpc_id, subnet_ids = default_vpc(ec2, region.name)
     record(vpc_id=vpc_id, subnet_ids=subnet_ids)
     group_id = ensure_security_group(ec2, settings, vpc_id, cidr)
     record(security_group_id=group_id, allowed_cidr=cidr, http_port=settings.http_port)
@@ -739,67 +793,103 @@ def setup(args: argparse.Namespace) -> None:
     partition, account = role_arn.split(":")[1], role_arn.split(":")[4]
     passable = worker_role_arn(iam, settings)
     ensure_role_policy(iam, settings, endpoint_policy(
-        cluster=settings.cluster, region=region, partition=partition, account=account, vpc_id=vpc_id,
+        cluster=settings.cluster, region=region.name, partition=partition, account=account, vpc_id=vpc_id,
         security_group_id=group_id, key_name=settings.key_name, worker_role_arn=passable))
     profile_arn = ensure_instance_profile(iam, settings)
     record(endpoint_instance_profile=settings.profile_name, endpoint_instance_profile_arn=profile_arn)
     print(f"AWS setup of cluster {settings.cluster} complete: recorded in {state_file}. "
           f"Next: ./deploy.sh aws", flush=True)
+    return 0
 
 
 # --- destroy --------------------------------------------------------------------------------------
 
 
-def remove_instance_profile(iam: Any, cluster: str, name: str) -> None:
+def instances_in_the_way(ec2: Any, settings: Settings, group: dict | None) -> list[dict]:
+    """Instances that need what destroy deletes, billed while they exist: the cluster's (by tag), and
+    any other that uses its key pair or security group."""
+    states = tag_filter("instance-state-name", *BILLED_STATES)
+    found = {instance["InstanceId"]: instance for instance in cluster_instances(ec2, settings.cluster,
+                                                                                  states=BILLED_STATES)}
+    users = [[tag_filter("key-name", settings.key_name), states]]
+    if group:
+        users.append([tag_filter("instance.group-id", group["GroupId"]), states])
+    for filters in users:
+        found.update({instance["InstanceId"]: instance for instance in describe_instances(ec2, filters)})
+    return list(found.values())
+
+
+def refuse_while_instances_live(ec2: Any, settings: Settings, group: dict | None) -> None:
+    """Nothing is deleted while an instance lives: the key pair is the only way into it, and the
+    group and role are what it runs with."""
+    with step(f"looking for instances of cluster {settings.cluster} in {settings.region}"):
+        instances = instances_in_the_way(ec2, settings, group)
+    if instances:
+        raise SetupError(
+            f"cluster {settings.cluster} still has {len(instances)} instance(s) in {settings.region}, running and "
+            f"billing: {', '.join(describe(instance) for instance in instances)}. They need the key pair, security "
+            f"group and role that --destroy deletes, so nothing was deleted. `{DESTROY_COMMAND}"
+            f"{cluster_flag(settings.cluster)}` terminates them first and then removes the rest")
+
+
+def cluster_flag(cluster: str) -> str:
+    return "" if cluster == CLUSTER_SETTING.default else f" --cluster {cluster}"
+
+
+def ours_to_remove(what: str, resource: dict | None, cluster: str, label: str = "") -> bool:
+    """Whether destroy may remove `resource`: it exists, and carries this cluster's tag."""
+    if resource is None:
+        report(what, "none found")
+        return False
+    if tag_value(resource.get("Tags")) != cluster:
+        report(what, f"{label}not tagged {TAG_CLUSTER}={cluster}: left alone")
+        return False
+    return True
+
+
+def remove_instance_profile(iam: Any, cluster: str, name: str) -> bool:
     what = f"IAM instance profile {name}"
     with step(what):
         profile = get_or_none(iam.get_instance_profile, "InstanceProfile", InstanceProfileName=name)
-        if profile is None:
-            report(what, "already gone")
-            return
-        if tag_value(profile.get("Tags")) != cluster:
-            report(what, f"not tagged {TAG_CLUSTER}={cluster}: left alone")
-            return
+        if not ours_to_remove(what, profile, cluster):
+            return False
         for role in profile.get("Roles", []):
-            try:
-                iam.remove_role_from_instance_profile(InstanceProfileName=name, RoleName=role["RoleName"])
-            except ClientError as exc:
-                if error_code(exc) != "NoSuchEntity":
-                    raise
+            ignore_missing(iam.remove_role_from_instance_profile, "NoSuchEntity",
+                           InstanceProfileName=name, RoleName=role["RoleName"])
             report(what, f"role {role['RoleName']} removed from it")
-        try:
-            iam.delete_instance_profile(InstanceProfileName=name)
-        except ClientError as exc:
-            if error_code(exc) != "NoSuchEntity":
-                raise
+        ignore_missing(iam.delete_instance_profile, "NoSuchEntity", InstanceProfileName=name)
         report(what, "deleted")
+        return True
 
 
-def remove_role(iam: Any, cluster: str, name: str) -> None:
+def ignore_missing(call: Callable[..., Any], missing: str, **kwargs: Any) -> bool:
+    """The call; False if AWS says that what it acts on is not there (gone meanwhile)."""
+    try:
+        call(**kwargs)
+    except ClientError as exc:
+        if error_code(exc) != missing:
+            raise
+        return False
+    return True
+
+
+def remove_role(iam: Any, cluster: str, name: str) -> bool:
     what = f"IAM role {name}"
     with step(what):
         role = get_or_none(iam.get_role, "Role", RoleName=name)
-        if role is None:
-            report(what, "already gone")
-            return
-        if tag_value(role.get("Tags")) != cluster:
-            report(what, f"not tagged {TAG_CLUSTER}={cluster}: left alone")
-            return
-        try:
-            iam.delete_role_policy(RoleName=name, PolicyName=POLICY_NAME)
+        if not ours_to_remove(what, role, cluster):
+            return False
+        if ignore_missing(iam.delete_role_policy, "NoSuchEntity", RoleName=name, PolicyName=POLICY_NAME):
             report(what, f"inline policy {POLICY_NAME} deleted")
-        except ClientError as exc:
-            if error_code(exc) != "NoSuchEntity":
-                raise
         try:
-            iam.delete_role(RoleName=name)
+            ignore_missing(iam.delete_role, "NoSuchEntity", RoleName=name)
         except ClientError as exc:
             if error_code(exc) == "DeleteConflict":
                 raise SetupError(f"{what}: {exc} -- it holds policies or instance profiles setup did not add; "
                                  f"remove those and run --destroy again") from exc
-            if error_code(exc) != "NoSuchEntity":
-                raise
+            raise
         report(what, "deleted")
+        return True
 
 
 def delete_security_group(ec2: Any, what: str, group_id: str, timeout: float = SG_DELETE_TIMEOUT,
@@ -817,92 +907,157 @@ def delete_security_group(ec2: Any, what: str, group_id: str, timeout: float = S
         except ClientError as exc:
             code = error_code(exc)
             if code == "InvalidGroup.NotFound":
-                report(what, "already gone")
+                report(what, "gone meanwhile")
                 return
             if code != "DependencyViolation":
                 raise
             if clock() + delay > deadline:
                 raise SetupError(
                     f"{what} ({group_id}) is still in use after {timeout:.0f}s, by instances or network interfaces "
-                    f"of the cluster: terminate those first (`./deploy.sh aws --destroy` does), then run "
+                    f"of the cluster: terminate those first (`{DESTROY_COMMAND}` does), then run "
                     f"--destroy again") from exc
         report(what, f"still in use (instances shutting down?); retrying in {delay:.0f}s")
         sleep(delay)
         delay = min(delay * 2, 15.0)
 
 
-def remove_security_group(ec2: Any, cluster: str, name: str, vpc_id: str | None,
-                          timeout: float = SG_DELETE_TIMEOUT) -> None:
+def remove_security_group(ec2: Any, cluster: str, group: dict | None, name: str,
+                          timeout: float = SG_DELETE_TIMEOUT) -> bool:
     what = f"security group {name}"
+    if not ours_to_remove(what, group, cluster, f"{(group or {}).get('GroupId')} is "):
+        return False
     with step(what):
-        group = find_security_group(ec2, name, vpc_id)
-        if group is None:
-            report(what, "already gone")
-            return
-        if tag_value(group.get("Tags")) != cluster:
-            report(what, f"{group['GroupId']} is not tagged {TAG_CLUSTER}={cluster}: left alone")
-            return
         delete_security_group(ec2, what, group["GroupId"], timeout)
+    return True
 
 
-def remove_key_pair(ec2: Any, cluster: str, name: str, pem: Path) -> None:
+def remove_key_pair(ec2: Any, cluster: str, name: str, pem: Path) -> list[str]:
     what = f"key pair {name}"
+    removed = []
     with step(what):
         existing = find_key_pair(ec2, name)
         if existing and tag_value(existing.get("Tags")) != cluster:
             report(what, f"not tagged {TAG_CLUSTER}={cluster}: left alone, and so is {pem}")
-            return
-        if existing:
-            # By name: moto ignores KeyPairId here. The tag check above made sure it is ours.
-            ec2.delete_key_pair(KeyName=name)
-            report(what, f"deleted ({existing.get('KeyPairId', '?')})")
-        else:
-            report(what, "already gone")
+            return []
+        if not existing:
+            # The private key may be that of the key pair in another region: never deleted on a guess.
+            report(what, "none found" + (f"; private key {pem} kept" if pem.exists() else ""))
+            return []
+        # By name: moto ignores KeyPairId here. The tag check above made sure it is ours.
+        ec2.delete_key_pair(KeyName=name)
+        report(what, f"deleted ({existing.get('KeyPairId', '?')})")
+        removed.append(what)
     pem.with_name(pem.name + ".tmp").unlink(missing_ok=True)  # left by a run killed while saving the key
     if pem.exists():
         pem.unlink()
         report(what, f"private key {pem} deleted")
+        removed.append(f"private key {pem}")
+    return removed
 
 
-def destroy(args: argparse.Namespace, sg_timeout: float = SG_DELETE_TIMEOUT) -> None:
+def private_key_path(settings: Settings, state: dict) -> Path:
+    """The recorded place of the private key (setup may have run with another --aws-dir), but only a
+    file of the cluster's key name: a state file never makes destroy delete any other file."""
+    recorded = Path(state.get("key_path", "") or settings.key_path)
+    return recorded if recorded.name == settings.key_path.name else settings.key_path
+
+
+def remove_resources(ec2: Any, iam: Any, settings: Settings, state: dict,
+                     sg_timeout: float = SG_DELETE_TIMEOUT) -> list[str]:
+    """Everything setup made for the cluster, after a check that no instance needs it; returns what
+    was removed. The names are the cluster's fixed ones: nothing is deleted by a name from a file."""
+    with step(f"security group {settings.group_name}"):
+        group = find_security_group(ec2, settings.group_name, state.get("vpc_id"))
+    refuse_while_instances_live(ec2, settings, group)
+    removed = remove_iam(iam, settings)
+    if remove_security_group(ec2, settings.cluster, group, settings.group_name, sg_timeout):
+        removed.append(f"security group {settings.group_name}")
+    removed += remove_key_pair(ec2, settings.cluster, settings.key_name, private_key_path(settings, state))
+    if settings.state_file.exists():
+        settings.state_file.unlink()
+        report("state file", f"{settings.state_file} deleted")
+        removed.append(f"state file {settings.state_file}")
+    return removed
+
+
+def remove_iam(iam: Any, settings: Settings) -> list[str]:
+    """The role and profile, unless they serve the cluster in another region (IAM is global)."""
+    serving = role_region(iam, settings)
+    if serving and serving != settings.region:
+        report(f"IAM role and instance profile {settings.role_name}", f"serve cluster {settings.cluster} in "
+                                                                        f"{serving}, not {settings.region}: left alone")
+        return []
+    removed = []
+    if remove_instance_profile(iam, settings.cluster, settings.profile_name):
+        removed.append(f"IAM instance profile {settings.profile_name}")
+    if remove_role(iam, settings.cluster, settings.role_name):
+        removed.append(f"IAM role {settings.role_name}")
+    return removed
+
+
+def destroy_summary(cluster: str, region: Region, removed: list[str], command: str) -> tuple[int, str]:
+    """(exit status, the last word of a destroy): what it found where it looked; if nothing, where
+    else the cluster is, so that "nothing here" is never taken for "all gone"."""
+    searched = f"cluster {cluster} in region {region.name} (region from {region.source})"
+    if removed:
+        return 0, f"{searched}: removed {', '.join(removed)}; nothing of the cluster is left in {region.name}"
+    try:
+        elsewhere = found_elsewhere(cluster, region.name)
+    except SearchError as exc:
+        return 1, f"nothing found for {searched}, but {exc}: pass --region if the cluster is in another one"
+    if not elsewhere:
+        return 0, f"nothing found for {searched}, nor in any other region: there was nothing to remove"
+    where = "; ".join(f"{name}: {', '.join(found)}" for name, found in sorted(elsewhere.items()))
+    first = sorted(elsewhere)[0]
+    return 1, (f"nothing found for {searched}. But cluster {cluster} has, in other regions, {where}. Run "
+               f"`{command}{cluster_flag(cluster)} --region {first}` to remove it there")
+
+
+def destroy(args: argparse.Namespace, sg_timeout: float = SG_DELETE_TIMEOUT) -> int:
     state_file = Path(args.state_file)
-    state = load_state(state_file)
-    if state.get("cluster", args.cluster) != args.cluster:
-        raise UsageError(f"the state file {state_file} belongs to cluster {state['cluster']}, not {args.cluster}")
-    region = resolve_region(args, state)
-    settings = Settings(cluster=args.cluster, region=region, aws_dir=Path(args.aws_dir), state_file=state_file,
-                        http_port=args.http_port, key_type=args.key_type)
-    print(f"removing what AWS setup created for cluster {settings.cluster} in {region}"
-          f"{'' if state else f' (no state file {state_file}: looking resources up by name and tag)'}", flush=True)
-    ec2, iam = make_clients(region)
-    # The names are fixed per cluster; the record is preferred in case they ever change.
-    remove_instance_profile(iam, settings.cluster, state.get("endpoint_instance_profile", settings.profile_name))
-    remove_role(iam, settings.cluster, state.get("endpoint_role", settings.role_name))
-    remove_security_group(ec2, settings.cluster, settings.group_name, state.get("vpc_id"), sg_timeout)
-    remove_key_pair(ec2, settings.cluster, state.get("key_name", settings.key_name),
-                    Path(state.get("key_path", settings.key_path)))
-    if state_file.exists():
-        state_file.unlink()
-        report("state file", f"{state_file} deleted")
-    print(f"cluster {settings.cluster}: everything AWS setup created is gone", flush=True)
+    state = read_state(state_file)
+    region = cluster_region(args, state)
+    settings = settings_for(args, region.name)
+    record = f"state file {state_file}" if state else f"no state file {state_file}: looking up by name and tag"
+    print(f"removing what AWS setup created for cluster {settings.cluster} in region {region.name} (region from "
+          f"{region.source}; {record})", flush=True)
+    ec2, iam = make_clients(region.name)
+    removed = remove_resources(ec2, iam, settings, state, sg_timeout)
+    status, summary = destroy_summary(settings.cluster, region, removed, "./setup.sh aws --destroy")
+    print(summary, flush=True)
+    return status
+
+
+def interrupted_message(args: argparse.Namespace, exc: Interrupted) -> str:
+    if args.destroy:
+        return (f"stopped by {exc.name}: the destroy of cluster {args.cluster} is incomplete; what is left is "
+                f"removed by `./setup.sh aws --destroy` run again")
+    return (f"stopped by {exc.name}: the setup of cluster {args.cluster} is incomplete; what exists is recorded in "
+            f"{args.state_file}. Setup creates nothing billed by the hour (a key pair, a security group, an IAM role "
+            f"and profile): `./setup.sh aws` completes it, `./setup.sh aws --destroy` removes it")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_on_signals()
     try:
-        if args.destroy:
-            destroy(args)
-        else:
-            setup(args)
-    except UsageError as exc:
+        return destroy(args) if args.destroy else setup(args)
+    except (UsageError, ClusterUsageError) as exc:
         print(f"aws setup: {exc}", file=sys.stderr, flush=True)
         return 2
     except SetupError as exc:
-        again = "./setup.sh aws --destroy" if args.destroy else "./setup.sh aws"
-        print(f"aws setup failed: {exc}\nFix the cause and run {again} again: what is done is kept, "
-              f"the rest is completed.", file=sys.stderr, flush=True)
+        if args.destroy:
+            after = "Fix the cause and run ./setup.sh aws --destroy again: what is left is removed then."
+        else:
+            after = (f"Fix the cause and run ./setup.sh aws again: what is done is kept (recorded in "
+                     f"{args.state_file}), the rest is completed. Setup creates nothing billed by the hour; "
+                     f"`./setup.sh aws --destroy` removes what it made.")
+        print(f"aws setup failed: {exc}\n{after}", file=sys.stderr, flush=True)
         return 1
-    return 0
+    except Interrupted as exc:
+        print(interrupted_message(args, exc), file=sys.stderr, flush=True)
+        exit_now(exc.exit_status)
+        return exc.exit_status
 
 
 if __name__ == "__main__":

@@ -124,17 +124,22 @@ class WorkerInstall:
     poweroff_on_idle: bool = False
 
 
-def wait_for_ssh(address: str, port: int = 22, timeout: float = 300.0) -> float:
-    """Seconds until the SSH port accepts connections; ProvisionError after `timeout`."""
+def wait_for_ssh(address: str, port: int = 22, timeout: float = 300.0, what: str = "") -> float:
+    """Seconds until the SSH port accepts connections; ProvisionError once `timeout` is over (to
+    the second: no attempt runs past it). `what` says what the timeout is ("within 5s of ...")."""
     started = time.monotonic()
+    deadline = started + timeout
     while True:
+        remaining = deadline - time.monotonic()
         try:
-            with socket.create_connection((address, port), timeout=3):
+            with socket.create_connection((address, port), timeout=max(0.1, min(3.0, remaining))):
                 return time.monotonic() - started
         except OSError as exc:
-            if time.monotonic() - started > timeout:
-                raise ProvisionError(f"SSH on {address}:{port} did not answer within {timeout:.0f}s: {exc}") from exc
-            time.sleep(1)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProvisionError(f"SSH on {address}:{port} did not answer {what or f'within {timeout:.0f}s'}: "
+                                     f"{exc}") from exc
+            time.sleep(min(1.0, remaining))
 
 
 @contextmanager

@@ -6,13 +6,18 @@ one host never overlap. Each run:
 
 1. lists the cluster's workers (whoever launched them);
 2. reconciles: terminates workers that did not become ready within --ready-deadline, and
-   ready workers that neither endpoint has heard from for --silence-deadline; resumes the
-   provisioning of its own workers that a killed earlier run left unprovisioned;
+   ready workers that neither endpoint has heard from for --silence-deadline (while the peer
+   does not answer, see Scaler.verdict); resumes the provisioning of its own workers that a
+   killed earlier run left unprovisioned;
 3. reads this endpoint's queue from its SQLite file and the peer's from its /stats;
 4. asks the policy (cron/policy.py) how many workers to launch, limited by the circuit
    breaker, then launches and provisions them; a worker that fails provisioning is
    terminated at once;
 5. records the decision and the breaker in the endpoint's SQLite file, for GET /stats.
+
+Every setting is checked before the run does anything (SETTINGS; `./deploy.sh aws` takes the
+knobs in HOST_KNOBS from the same table). Ctrl-C or SIGTERM ends a run at once, and a failed
+run ends, with a log line that says which instances it leaves running and how to end them.
 """
 
 from __future__ import annotations
@@ -21,120 +26,146 @@ import argparse
 import fcntl
 import json
 import logging
-import math
 import os
 import secrets
-import signal
+import socket
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+from cron.cluster import (
+    API_ERRORS,
+    CLUSTER_SETTING,
+    REGION_SETTING,
+    ClusterUsageError,
+    check_state_cluster,
+    read_state,
+    resolve_region,
+)
+from cron.interrupts import Interrupted, exit_now, parallel, stop_on_signals
 from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide
 from cron.providers import Node, Provider, ProviderError
 from cron.providers.local import LocalProvider
 from cron.provision import HostKeyPins, WorkerInstall
+from cron.settings import Setting, add_settings, check_settings, choice, seconds, text, whole
 from cron.state import Breaker, StateStore
 from endpoint.secret import peer_key, read_secret, worker_key
 from endpoint.store import open_read_only, read_stats
 
 log = logging.getLogger("cron.scale")
 
+# An endpoint lists the workers it heard from within at most a day (GET /stats?workers_within=).
+LONGEST_DEADLINE = 86_400 - 120
 
-# The numeric settings' lower bounds: (minimum, whether the minimum itself is allowed).
-BOUNDS: dict[str, tuple[float, bool]] = {
-    "max_workers": (0, True), "scale_after": (0, True), "target_drain": (0, False), "max_launch_per_tick": (0, True),
-    "slots_per_worker": (1, True), "default_job_duration": (0, False), "ready_deadline": (0, False),
-    "silence_deadline": (0, False), "breaker_threshold": (1, True), "breaker_cooldown": (0, True),
-    "idle_timeout": (0, False), "worker_processes": (0, True), "every": (0, True),
+# name -> setting; `python -m cron.scale --help` shows them with their defaults.
+SETTINGS: dict[str, Setting] = {
+    # this endpoint and its peer
+    "node_id": Setting("DW_NODE_ID", "a", text, "this endpoint's id"),
+    "endpoint_index": Setting("DW_ENDPOINT_INDEX", "0", whole(0, 1),
+                              "which share of --max-workers (and of an ssh host list) is this scaler's: 0 or 1"),
+    "db": Setting("DW_DB", "", text, "this endpoint's SQLite file (default <state-dir>/<node-id>.sqlite3)"),
+    "url": Setting("DW_SELF_URL", "http://127.0.0.1:5000", text, "this endpoint's URL, for the workers it heard from"),
+    "peer": Setting("DW_PEER_URL", "", text, "the other endpoint's URL, for its /stats"),
+    "state_dir": Setting("DW_STATE_DIR", "var", text, "lock, host keys, local workers"),
+    "secret_file": Setting("DW_SECRET_FILE", "", text,
+                           "the cluster secret; workers get the worker key derived from it "
+                           "(default <state-dir>/secret)"),
+    # the policy
+    "max_workers": Setting("DW_MAX_WORKERS", "4", whole(0), "cluster-wide maximum, across both endpoints' scalers"),
+    "scale_after": Setting("DW_SCALE_AFTER", "30", seconds(0, inclusive=True),
+                           "seconds the oldest pending item waits before the backlog counts (not on an empty cluster)"),
+    "target_drain": Setting("DW_TARGET_DRAIN", "30", seconds(0), "seconds to drain the backlog in"),
+    "max_launch_per_tick": Setting("DW_MAX_LAUNCH_PER_TICK", "4", whole(0), "launches per run; 0: reconcile only"),
+    "slots_per_worker": Setting("DW_SLOTS_PER_WORKER", "1", whole(1), "jobs one worker runs at once (its vCPUs)"),
+    "default_job_duration": Setting("DW_DEFAULT_JOB_DURATION", "1", seconds(0),
+                                    "seconds a job is assumed to take until jobs were measured"),
+    # reconcile and the circuit breaker
+    "ready_deadline": Setting("DW_READY_DEADLINE", "300", seconds(0),
+                              "terminate a worker not ready this many seconds after launch"),
+    "silence_deadline": Setting("DW_SILENCE_DEADLINE", "180", seconds(0, maximum=LONGEST_DEADLINE),
+                                "terminate a ready worker neither endpoint heard from for this many seconds"),
+    "partition_deadline": Setting("DW_PARTITION_DEADLINE", "900", seconds(0, maximum=LONGEST_DEADLINE),
+                                  "while the peer does not answer: terminate a ready worker this endpoint did "
+                                  "not hear from for this many seconds, and whose host does not answer either"),
+    "breaker_threshold": Setting("DW_BREAKER_THRESHOLD", "3", whole(1),
+                                 "consecutive launch/provisioning failures that stop launching"),
+    "breaker_cooldown": Setting("DW_BREAKER_COOLDOWN", "600", seconds(0, inclusive=True),
+                                "seconds between trial launches while the breaker is open"),
+    # the workers
+    "provider": Setting("DW_PROVIDER", "local", choice("local", "ssh", "ec2"), "where workers run: local, ssh or ec2"),
+    "idle_timeout": Setting("DW_IDLE_TIMEOUT", "60", seconds(0), "seconds a worker waits for work before it exits"),
+    "worker_processes": Setting("DW_WORKER_PROCESSES", "0", whole(0),
+                                "jobs a worker runs at once; 0: one per core (local provider: --slots-per-worker)"),
+    "worker_service": Setting("DW_WORKER_SERVICE", "systemd", choice("systemd", "process"),
+                              "how ssh/ec2 workers run: a systemd unit, or a detached process (hosts without systemd)"),
+    "worker_exit_command": Setting("DW_WORKER_EXIT_COMMAND", "", text,
+                                   "with --worker-service process: run after an idle exit"),
+    "ssh_user": Setting("DW_SSH_USER", "ec2-user", text, "the login on the hosts reached over SSH"),
+    "ssh_key": Setting("DW_SSH_KEY", "", text, "ssh and ec2: private key for SSH to workers (ec2: default setup's)"),
+    "remote_python": Setting("DW_REMOTE_PYTHON", "python3", text, "the Python (3.9 or newer) that runs the workers"),
+    "ssh_hosts": Setting("DW_SSH_HOSTS", "", text, "ssh: comma-separated worker hosts"),
+    "cluster": CLUSTER_SETTING,
+    "region": REGION_SETTING,
+    "aws_state": Setting("DW_AWS_STATE", "", text, "ec2 (required there): the state file of ./setup.sh aws"),
+    "instance_type": Setting("DW_INSTANCE_TYPE", "c7i.large", text, "ec2: the workers' instance type"),
+    "ami": Setting("DW_AMI", "", text, "ec2: image id (default: the latest Amazon Linux 2023)"),
+    "test_ssh_addresses": Setting("DW_TEST_SSH_ADDRESSES", "", text,
+                                  "TEST ONLY: SSH addresses given to new instances instead of their IPs"),
+    "log_level": Setting("DW_LOG_LEVEL", "INFO", choice("DEBUG", "INFO", "WARNING", "ERROR", fold=str.upper),
+                         "DEBUG, INFO, WARNING or ERROR"),
+    "every": Setting("", "0", seconds(0, inclusive=True), "repeat every S seconds instead of running once (0: once)"),
 }
+# The knobs `./deploy.sh aws` takes with these very entries and hands to the endpoint hosts' scalers.
+HOST_KNOBS = ("max_workers", "scale_after", "target_drain", "max_launch_per_tick", "slots_per_worker",
+              "default_job_duration", "ready_deadline", "silence_deadline", "partition_deadline", "breaker_threshold",
+              "breaker_cooldown", "idle_timeout", "worker_processes", "worker_exit_command", "instance_type")
+
+
+class SettingsError(Exception):
+    """A file the settings name is missing or unusable; the scaler did nothing."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    env = os.environ.get
     parser = argparse.ArgumentParser(prog="python -m cron.scale", description=__doc__.splitlines()[0])
-    add = parser.add_argument
-    add("--node-id", default=env("DW_NODE_ID", "a"), help="this endpoint's id [DW_NODE_ID]")
-    add("--endpoint-index", type=int, default=env("DW_ENDPOINT_INDEX", "0"), choices=[0, 1],
-        help="which share of --max-workers (and of an ssh host list) is this scaler's [DW_ENDPOINT_INDEX]")
-    add("--db", default=env("DW_DB", ""),
-        help="this endpoint's SQLite file [DW_DB] (default <state-dir>/<node>.sqlite3)")
-    add("--url", default=env("DW_SELF_URL", "http://127.0.0.1:5000"),
-        help="this endpoint's URL, for the workers it has seen [DW_SELF_URL]")
-    add("--peer", default=env("DW_PEER_URL", ""), help="the other endpoint's URL, for its /stats [DW_PEER_URL]")
-    add("--endpoint", action="append", dest="endpoints",
-        help="endpoint URL as workers reach it, once per endpoint [DW_ENDPOINTS, comma-separated]")
-    add("--state-dir", default=env("DW_STATE_DIR", "var"), help="lock, host keys, local workers [DW_STATE_DIR]")
-    add("--secret-file", default=env("DW_SECRET_FILE", ""),
-        help="the cluster secret; workers get the worker key derived from it [DW_SECRET_FILE] "
-             "(default <state-dir>/secret)")
-    # policy
-    add("--max-workers", type=int, default=env("DW_MAX_WORKERS", "4"),
-        help="cluster-wide maximum, across both endpoints' scalers [DW_MAX_WORKERS]")
-    add("--scale-after", type=float, default=env("DW_SCALE_AFTER", "30"),
-        help="launch once the oldest pending item has waited this many seconds [DW_SCALE_AFTER]")
-    add("--target-drain", type=float, default=env("DW_TARGET_DRAIN", "30"),
-        help="size the fleet to drain the backlog within this many seconds [DW_TARGET_DRAIN]")
-    add("--max-launch-per-tick", type=int, default=env("DW_MAX_LAUNCH_PER_TICK", "4"), help="[DW_MAX_LAUNCH_PER_TICK]")
-    add("--slots-per-worker", type=int, default=env("DW_SLOTS_PER_WORKER", "1"),
-        help="jobs one worker runs at once, i.e. its cores [DW_SLOTS_PER_WORKER]")
-    add("--default-job-duration", type=float, default=env("DW_DEFAULT_JOB_DURATION", "1"),
-        help="assumed job duration until jobs have been measured, seconds [DW_DEFAULT_JOB_DURATION]")
-    # reconcile and breaker
-    add("--ready-deadline", type=float, default=env("DW_READY_DEADLINE", "300"),
-        help="terminate a worker not ready this many seconds after launch [DW_READY_DEADLINE]")
-    add("--silence-deadline", type=float, default=env("DW_SILENCE_DEADLINE", "180"),
-        help="terminate a ready worker neither endpoint has heard from for this long [DW_SILENCE_DEADLINE]")
-    add("--breaker-threshold", type=int, default=env("DW_BREAKER_THRESHOLD", "3"),
-        help="consecutive launch/provisioning failures that stop launching [DW_BREAKER_THRESHOLD]")
-    add("--breaker-cooldown", type=float, default=env("DW_BREAKER_COOLDOWN", "600"),
-        help="seconds between trial launches while the breaker is open [DW_BREAKER_COOLDOWN]")
-    # workers
-    add("--provider", default=env("DW_PROVIDER", "local"), choices=["local", "ssh", "ec2"], help="[DW_PROVIDER]")
-    add("--idle-timeout", type=float, default=env("DW_IDLE_TIMEOUT", "60"),
-        help="workers exit after this long without work [DW_IDLE_TIMEOUT]")
-    add("--worker-processes", type=int, default=env("DW_WORKER_PROCESSES", "0"),
-        help="jobs a worker runs at once; 0: one per core (local provider: --slots-per-worker) [DW_WORKER_PROCESSES]")
-    add("--worker-service", default=env("DW_WORKER_SERVICE", "systemd"), choices=["systemd", "process"],
-        help="how ssh/ec2 workers run: a systemd unit, or a detached process for hosts without systemd "
-             "[DW_WORKER_SERVICE]")
-    add("--worker-exit-command", default=env("DW_WORKER_EXIT_COMMAND", ""),
-        help="with --worker-service process: run after an idle exit [DW_WORKER_EXIT_COMMAND]")
-    add("--ssh-user", default=env("DW_SSH_USER", "ec2-user"), help="[DW_SSH_USER]")
-    add("--ssh-key", default=env("DW_SSH_KEY", ""), help="private key for SSH to workers [DW_SSH_KEY]")
-    add("--remote-python", default=env("DW_REMOTE_PYTHON", "python3"), help="[DW_REMOTE_PYTHON]")
-    add("--ssh-hosts", default=env("DW_SSH_HOSTS", ""), help="ssh provider: comma-separated hosts [DW_SSH_HOSTS]")
-    add("--cluster", default=env("DW_CLUSTER", "dw"), help="ec2: the cluster tag [DW_CLUSTER]")
-    add("--region", default=env("AWS_REGION", env("AWS_DEFAULT_REGION", "us-east-1")), help="[AWS_REGION]")
-    add("--aws-state", default=env("DW_AWS_STATE", ""),
-        help="ec2: state file of ./setup.sh aws (key pair, security group, subnets) [DW_AWS_STATE]")
-    add("--instance-type", default=env("DW_INSTANCE_TYPE", "c7i.large"), help="[DW_INSTANCE_TYPE]")
-    add("--ami", default=env("DW_AMI", ""), help="ec2: image id; default: latest Amazon Linux 2023 [DW_AMI]")
-    add("--test-ssh-addresses", default=env("DW_TEST_SSH_ADDRESSES", ""),
-        help="TEST ONLY: SSH addresses given to new instances instead of their IPs [DW_TEST_SSH_ADDRESSES]")
-    # modes
-    add("--every", type=float, default=0.0, help="repeat every S seconds instead of running once")
-    add("--terminate-all", action="store_true", help="terminate every worker of the cluster, then exit")
-    add("--reset-breaker", action="store_true", help="close the circuit breaker, then exit")
-    add("--log-level", default=env("DW_LOG_LEVEL", "INFO"), help="[DW_LOG_LEVEL]")
+    add_settings(parser, SETTINGS)
+    parser.add_argument("--endpoint", action="append", dest="endpoints", metavar="URL",
+                        help="an endpoint's URL as workers reach it, once per endpoint [DW_ENDPOINTS, comma-separated]")
+    parser.add_argument("--terminate-all", action="store_true", help="terminate every worker of the cluster, then exit")
+    parser.add_argument("--reset-breaker", action="store_true", help="close the circuit breaker, then exit")
     args = parser.parse_args(argv)
-    for name, (minimum, inclusive) in BOUNDS.items():
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
-            parser.error(f"--{name.replace('_', '-')} must be {'at least' if inclusive else 'more than'} "
-                         f"{minimum:g}, not {value}")
+    check_settings(parser, SETTINGS, args)
+    if args.partition_deadline < args.silence_deadline:
+        parser.error(f"--partition-deadline ({args.partition_deadline:g}) must be at least --silence-deadline "
+                     f"({args.silence_deadline:g})")
+    if args.provider == "ec2" and not args.aws_state:
+        parser.error("--provider ec2 needs --aws-state (DW_AWS_STATE): the state file of ./setup.sh aws")
     if not args.endpoints:
-        args.endpoints = [url.strip() for url in env("DW_ENDPOINTS", "").split(",") if url.strip()]
+        args.endpoints = [url.strip() for url in os.environ.get("DW_ENDPOINTS", "").split(",") if url.strip()]
     args.db = args.db or f"{args.state_dir}/{args.node_id}.sqlite3"
     args.secret_file = args.secret_file or f"{args.state_dir}/secret"
     return args
 
 
+def cluster_secret(args: argparse.Namespace) -> str:
+    try:
+        return read_secret(args.secret_file)
+    except OSError as exc:
+        raise SettingsError(f"cannot read the cluster secret from {args.secret_file} ({exc.strerror}): pass "
+                            f"--secret-file (DW_SECRET_FILE), the file ./deploy.sh created") from exc
+
+
+def check_database(args: argparse.Namespace) -> None:
+    if not Path(args.db).is_file():
+        raise SettingsError(f"no endpoint database at {args.db}: pass the endpoint's --db (DW_DB), or start the "
+                            f"endpoint first (it creates the file)")
+
+
 def worker_install(args: argparse.Namespace) -> WorkerInstall:
-    key = worker_key(read_secret(args.secret_file))
+    key = worker_key(cluster_secret(args))
     return WorkerInstall(endpoints=tuple(args.endpoints), secret=key, worker_id="",
                          idle_timeout=args.idle_timeout, processes=args.worker_processes,
                          service=args.worker_service, exit_command=args.worker_exit_command,
@@ -144,7 +175,7 @@ def worker_install(args: argparse.Namespace) -> WorkerInstall:
 def make_provider(args: argparse.Namespace) -> Provider:
     state_dir = Path(args.state_dir)
     if args.provider == "local":
-        return LocalProvider(state_dir / "workers", args.endpoints, lambda: worker_key(read_secret(args.secret_file)),
+        return LocalProvider(state_dir / "workers", args.endpoints, lambda: worker_key(cluster_secret(args)),
                              processes_per_worker=args.slots_per_worker, idle_timeout=args.idle_timeout,
                              log_dir=state_dir / "log")
     pins = HostKeyPins(state_dir / "known_hosts.json")
@@ -154,17 +185,31 @@ def make_provider(args: argparse.Namespace) -> Provider:
         hosts = [host.strip() for host in args.ssh_hosts.split(",") if host.strip()]
         return SshProvider(hosts, args.endpoint_index, args.node_id, args.ssh_user, Path(args.ssh_key),
                            worker_install(args), pins)
+    return ec2_provider(args, pins)
+
+
+def ec2_provider(args: argparse.Namespace, pins: HostKeyPins) -> Provider:
+    """Everything about the cluster comes from setup's state file, checked before any API call."""
     from cron.providers.ec2 import Ec2Provider, Ec2Settings
 
-    setup = json.loads(Path(args.aws_state).read_text()) if args.aws_state else {}
+    setup = read_state(args.aws_state)
+    if not setup:
+        raise SettingsError(f"no state file {args.aws_state}: pass --aws-state (DW_AWS_STATE), the file "
+                            f"./setup.sh aws wrote")
+    check_state_cluster(setup, args.cluster, args.aws_state)
+    missing = [key for key in ("key_name", "security_group_id") if not setup.get(key)]
+    if missing or not (args.ssh_key or setup.get("key_path")):
+        raise SettingsError(f"the state file {args.aws_state} lacks {', '.join(missing) or 'key_path'}: run "
+                            f"./setup.sh aws again")
+    region = resolve_region(args.region, setup.get("region", ""), args.aws_state)
     test_addresses = [address.strip() for address in args.test_ssh_addresses.split(",") if address.strip()]
     settings = Ec2Settings(
-        cluster=args.cluster, region=setup.get("region", args.region), key_name=setup.get("key_name", ""),
-        key_path=Path(args.ssh_key or setup.get("key_path", "")),
-        security_group_id=setup.get("security_group_id", ""), subnet_ids=tuple(setup.get("subnet_ids", ())),
-        instance_type=args.instance_type, ami=args.ami, ssh_user=args.ssh_user, ssh_timeout=args.ready_deadline,
+        cluster=args.cluster, region=region.name, key_name=setup["key_name"],
+        key_path=Path(args.ssh_key or setup["key_path"]), security_group_id=setup["security_group_id"],
+        subnet_ids=tuple(setup.get("subnet_ids", ())), instance_type=args.instance_type, ami=args.ami,
+        ssh_user=args.ssh_user, ssh_timeout=args.ready_deadline,
         test_addresses=tuple(test_addresses[args.endpoint_index::2]))
-    return Ec2Provider(settings, worker_install(args), pins, args.node_id)
+    return Ec2Provider(settings, lambda: worker_install(args), pins, args.node_id)
 
 
 def make_policy(args: argparse.Namespace) -> Policy:
@@ -217,6 +262,52 @@ def load_of(stats: dict) -> EndpointLoad:
                         arrival_window_s=stats.get("arrival_window_s", 60.0), running=stats.get("running", 0))
 
 
+def cluster_view(own_stats: dict, peer_stats: dict | None, fleet: Fleet, node_id: str) -> ClusterView:
+    """What the policy sees. A worker in doubt (see Scaler.verdict) is no capacity for this
+    endpoint's queue, but it runs and bills: it still counts against its scaler's share."""
+    nodes = fleet.nodes
+    return ClusterView(
+        endpoints=(load_of(own_stats),) + ((load_of(peer_stats),) if peer_stats else ()),
+        peer_reachable=peer_stats is not None,
+        workers_ready=sum(node.ready and node.node_id not in fleet.in_doubt for node in nodes),
+        workers_booting=sum(not node.ready for node in nodes),
+        own_workers=sum(node.owner == node_id for node in nodes),
+        peer_workers=sum(node.owner != node_id for node in nodes),
+    )
+
+
+@dataclass(frozen=True)
+class Hearing:
+    """Seconds since an endpoint last heard from each worker, from the endpoints that answered."""
+
+    seconds_since: dict[str, float]
+    from_both: bool  # False: the peer did not answer; this is this endpoint's view alone
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The cluster's workers after reconcile, and those of them in doubt (not counted as capacity)."""
+
+    nodes: list[Node]
+    in_doubt: frozenset[str] = frozenset()
+
+
+# What reconcile does with a worker.
+KEEP, PROVISION, TERMINATE, PROBE = "keep", "provision", "terminate", "probe"
+
+
+def host_answers(node: Node, timeout: float = 3.0) -> bool:
+    """Whether the worker's host accepts a connection on its SSH port from here. A local worker
+    (no address) runs on this machine."""
+    if not node.address:
+        return True
+    try:
+        with socket.create_connection((node.address, 22), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 class Scaler:
     def __init__(self, args: argparse.Namespace, provider: Provider) -> None:
         self.args = args
@@ -224,22 +315,21 @@ class Scaler:
         self.policy = make_policy(args)
         self.breaker = Breaker(args.breaker_threshold, args.breaker_cooldown)
         self.state = StateStore(args.db, args.node_id, self.breaker)
-        self.endpoint_key = peer_key(read_secret(args.secret_file))  # for the endpoints' /stats details
+        self.endpoint_key = peer_key(cluster_secret(args))  # for the endpoints' /stats details
+        # What this run knows runs, for the report when it is interrupted or fails.
+        self.known: list[Node] = []
+        self.unprovisioned: dict[str, Node] = {}
+        self.launch_under_way = False
 
     def run_once(self) -> Decision:
         args = self.args
         own_stats = self._own_queue()
-        peer_stats = fetch_stats(args.peer, self.endpoint_key, args.silence_deadline + 60) if args.peer else None
-        nodes = self.reconcile(self.provider.list(), self._workers_heard_from(peer_stats))
-        view = ClusterView(
-            endpoints=(load_of(own_stats),) + ((load_of(peer_stats),) if peer_stats else ()),
-            peer_reachable=peer_stats is not None,
-            workers_ready=sum(node.ready for node in nodes),
-            workers_booting=sum(not node.ready for node in nodes),
-            own_workers=sum(node.owner == args.node_id for node in nodes),
-            peer_workers=sum(node.owner != args.node_id for node in nodes),
-        )
-        decision = decide(view, self.policy)
+        window = args.partition_deadline + 60
+        peer_stats = fetch_stats(args.peer, self.endpoint_key, window) if args.peer else None
+        self.known = self.provider.list()
+        fleet = self.reconcile(self.known, self._hearing(peer_stats, window))
+        self.known = fleet.nodes
+        decision = decide(cluster_view(own_stats, peer_stats, fleet, args.node_id), self.policy)
         state = self.state.load()
         allowance, breaker_status = self.breaker.allowance(state, time.time())
         launch = decision.launch if allowance is None else min(decision.launch, allowance)
@@ -260,114 +350,209 @@ class Scaler:
         finally:
             conn.close()
 
-    def _workers_heard_from(self, peer_stats: dict | None) -> dict[str, float] | None:
-        """Seconds since either endpoint last heard from each worker, over a window longer than
-        the silence deadline; None unless every endpoint answered: a worker busy with a long job
-        talks to one endpoint only, and must not look silent because that one did not answer."""
-        own = fetch_stats(self.args.url, self.endpoint_key, self.args.silence_deadline + 60)
-        answers = [own] + ([peer_stats] if self.args.peer else [])
-        if any(stats is None or "workers" not in stats for stats in answers):
+    def _hearing(self, peer_stats: dict | None, window: float) -> Hearing | None:
+        """None unless this endpoint answered: without its view nothing is judged silent."""
+        own = fetch_stats(self.args.url, self.endpoint_key, window)
+        if own is None or "workers" not in own:
             return None
+        answers = [own] + ([peer_stats] if peer_stats and "workers" in peer_stats else [])
         heard: dict[str, float] = {}
         for stats in answers:
             for worker in stats["workers"]:
                 ago = worker["last_seen_s_ago"]
                 heard[worker["id"]] = min(ago, heard.get(worker["id"], ago))
-        return heard
+        return Hearing(heard, from_both=not self.args.peer or len(answers) == 2)
 
-    def reconcile(self, nodes: list[Node], heard_from: dict[str, float] | None) -> list[Node]:
+    def verdict(self, node: Node, now: float, hearing: Hearing | None) -> tuple[str, str]:
+        """What to do with one worker, and why.
+
+        A ready worker that no endpoint heard from for --silence-deadline is dead or hung. While the
+        peer does not answer, only this endpoint's view is there, and a live worker may be serving
+        the peer alone (cut off from this host, not from the peer). Its host is asked then: if it
+        answers here, so would its worker -- a worker that can reach this endpoint and says nothing
+        is dead or hung (PROBE, then terminate). If it does not answer either, it is dead or on the
+        peer's side of a partition: kept, but not counted as capacity for this endpoint's queue,
+        which it does not serve either way, and terminated after --partition-deadline.
+        """
+        args = self.args
+        age = now - node.launched_at
+        if not node.ready:
+            if age > args.ready_deadline:
+                return TERMINATE, f"not ready {age:.0f}s after launch"
+            return (PROVISION, "") if node.owner == args.node_id else (KEEP, "")
+        if hearing is None:
+            return KEEP, ""
+        silent = min(age, hearing.seconds_since.get(node.node_id, age))
+        if silent <= args.silence_deadline:
+            return KEEP, ""
+        if hearing.from_both:
+            return TERMINATE, f"neither endpoint heard from it for over {args.silence_deadline:.0f}s"
+        if silent > args.partition_deadline:
+            return TERMINATE, (f"this endpoint has not heard from it for over {args.partition_deadline:.0f}s "
+                               f"(--partition-deadline), nor its host from here, and the peer does not answer")
+        return PROBE, f"this endpoint has not heard from it for {silent:.0f}s and the peer does not answer"
+
+    def reconcile(self, nodes: list[Node], hearing: Hearing | None) -> Fleet:
         now = time.time()
-        silence = self.args.silence_deadline
-        doomed: list[tuple[Node, str]] = []
-        unprovisioned: list[Node] = []
-        kept: list[Node] = []
-        for node in nodes:
-            age = now - node.launched_at
-            if not node.ready and age > self.args.ready_deadline:
-                doomed.append((node, f"not ready {age:.0f}s after launch"))
-            elif not node.ready and node.owner == self.args.node_id:
-                unprovisioned.append(node)  # launched by an earlier run of ours that did not finish
-            elif (node.ready and heard_from is not None and age > silence
-                  and heard_from.get(node.node_id, float("inf")) > silence):
-                doomed.append((node, f"neither endpoint heard from it for over {silence:.0f}s"))
+        verdicts = {node.node_id: self.verdict(node, now, hearing) for node in nodes}
+        probed = [node for node in nodes if verdicts[node.node_id][0] == PROBE]
+        in_doubt = set()
+        for node, answers in zip(probed, parallel(host_answers, probed), strict=True):
+            reason = verdicts[node.node_id][1]
+            if answers:
+                verdicts[node.node_id] = TERMINATE, f"{reason}, although its host answers here: dead or hung"
             else:
-                kept.append(node)
-        for node, reason in doomed:
-            try:
-                self.provider.terminate([node], reason)
-            except ProviderError as exc:
-                log.error("reconcile: %s", exc)
+                in_doubt.add(node.node_id)
+                log.warning("%s: %s, nor its host from here; not counted as capacity, terminated after "
+                            "%.0fs (--partition-deadline) unless heard from", node.node_id, reason,
+                            self.args.partition_deadline)
+        kept = [node for node in nodes if verdicts[node.node_id][0] in (KEEP, PROBE)]
+        for node in nodes:
+            action, reason = verdicts[node.node_id]
+            if action == TERMINATE and not self._terminate(node, reason):
                 kept.append(node)  # still running as far as we know: it keeps counting against the cap
+        unprovisioned = [node for node in nodes if verdicts[node.node_id][0] == PROVISION]
         if unprovisioned:
             log.info("resuming provisioning of %s", ", ".join(node.node_id for node in unprovisioned))
             kept += self.provision_all(unprovisioned)
-        return kept
+        return Fleet(kept, frozenset(in_doubt))
+
+    def _terminate(self, node: Node, reason: str) -> bool:
+        try:
+            self.provider.terminate([node], reason)
+        except ProviderError as exc:
+            log.error("reconcile: %s", exc)
+            return False
+        return True
 
     def launch(self, count: int) -> None:
         # One intent per launch decision: EC2 turns it into the ClientToken, so a request retried
         # after a timeout returns the instances it already started instead of starting more. A run
         # killed midway needs no token: its instances carry our tags, and the next run counts them.
         intent = f"{self.args.cluster}-{self.args.node_id}-{secrets.token_hex(6)}"
+        self.launch_under_way = True
         try:
             nodes = self.provider.launch(count, self.args.node_id, intent)
         except ProviderError as exc:
             log.error("launch failed: %s", exc)
             self.state.record_failure(f"launch: {exc}")
             return
+        finally:
+            self.launch_under_way = False
+        self.known += nodes
         self.provision_all(nodes)
 
     def provision_all(self, nodes: list[Node]) -> list[Node]:
         """Provision in parallel; a node that fails is terminated and counts against the breaker."""
+        self.unprovisioned.update({node.node_id: node for node in nodes})
+
         def attempt(node: Node) -> Node | None:
             try:
                 ready = self.provider.provision(node)
             except Exception as exc:  # noqa: BLE001 -- any failure: terminate it, count it, go on
                 log.error("provisioning %s failed: %s", node.node_id, exc)
                 self.state.record_failure(f"provisioning {node.node_id}: {exc}")
-                try:
-                    self.provider.terminate([node], "provisioning failed")
-                except ProviderError as terminate_error:
-                    log.error("%s", terminate_error)
+                if not self._terminate(node, "provisioning failed"):
                     return node  # not terminated: it still counts against the cap
+                self._forget(node)
                 return None
             self.state.record_success()
+            self.unprovisioned.pop(node.node_id, None)
             return ready
 
-        with ThreadPoolExecutor(max_workers=min(8, len(nodes)) or 1) as pool:
-            return [node for node in pool.map(attempt, nodes) if node is not None]
+        return [node for node in parallel(attempt, nodes) if node is not None]
+
+    def _forget(self, node: Node) -> None:
+        self.unprovisioned.pop(node.node_id, None)
+        self.known = [known for known in self.known if known.node_id != node.node_id]
+
+    def left_running(self) -> str:
+        """What this scaler leaves running, for a run that is interrupted or fails."""
+        parts = []
+        if self.launch_under_way:
+            parts.append("a launch request was under way: what it started carries the cluster's tags, and the next "
+                         "run finds it")
+        if self.unprovisioned:
+            parts.append(f"launched by this run and not provisioned: {', '.join(sorted(self.unprovisioned))} (running "
+                         f"and billing; the next run provisions them, or terminates them "
+                         f"{self.args.ready_deadline:.0f}s after launch)")
+        ids = sorted({node.node_id for node in self.known})
+        parts.append(f"{len(ids)} worker(s) of the cluster known to run: {', '.join(ids) or 'none'}")
+        return "; ".join(parts) + (". `python -m cron.scale --terminate-all` with this run's settings terminates "
+                                   "every worker of the cluster")
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.umask(0o077)  # its lock, host keys, worker records and logs: owner-only
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s scaler: %(message)s")
+def run_loop(args: argparse.Namespace, scaler: Scaler) -> int:
+    lock_path = Path(args.state_dir) / f"scale-{args.node_id}.lock"
+    while True:
+        with exclusive_run(lock_path) as holding:
+            if not holding:
+                log.info("another scaling run holds %s; skipping this one", lock_path)
+            elif not run_guarded(scaler) and not args.every:
+                return 1
+        if not args.every:
+            return 0
+        time.sleep(args.every)
+
+
+def run_guarded(scaler: Scaler) -> bool:
+    """One run; a failure is logged with what keeps running, and must not end an --every loop."""
+    try:
+        scaler.run_once()
+    except (ProviderError, *API_ERRORS) as exc:
+        log.error("scaling run failed: %s. %s", exc, scaler.left_running())
+        return False
+    except Exception:  # noqa: BLE001 -- a bug: its traceback is what helps
+        log.exception("scaling run failed. %s", scaler.left_running())
+        return False
+    return True
+
+
+def terminate_all(provider: Provider) -> int:
+    nodes = provider.list()
+    provider.terminate(nodes, "terminate-all requested")
+    log.info("terminated %d worker(s)", len(nodes))
+    return 0
+
+
+def run(args: argparse.Namespace, scaler_ref: list[Scaler]) -> int:
     if args.reset_breaker:
+        check_database(args)
         StateStore(args.db, args.node_id).reset_breaker()
         log.info("circuit breaker reset")
         return 0
     provider = make_provider(args)
     if args.terminate_all:
-        nodes = provider.list()
-        provider.terminate(nodes, "terminate-all requested")
-        log.info("terminated %d worker(s)", len(nodes))
-        return 0
-    scaler = Scaler(args, provider)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    lock_path = Path(args.state_dir) / f"scale-{args.node_id}.lock"
-    while True:
-        with exclusive_run(lock_path) as holding:
-            if holding:
-                try:
-                    scaler.run_once()
-                except Exception:  # noqa: BLE001 -- one failed run must not end the --every loop
-                    log.exception("scaling run failed")
-                    if not args.every:
-                        return 1
-            else:
-                log.info("another scaling run holds %s; skipping this one", lock_path)
-        if not args.every:
-            return 0
-        time.sleep(args.every)
+        return terminate_all(provider)
+    check_database(args)
+    scaler_ref.append(Scaler(args, provider))
+    return run_loop(args, scaler_ref[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # its lock, host keys, worker records and logs: owner-only
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s scaler: %(message)s")
+    stop_on_signals()
+    scaler: list[Scaler] = []  # once there is one: what it knows runs, for the reports
+    try:
+        return run(args, scaler)
+    except (SettingsError, ClusterUsageError) as exc:
+        log.error("%s", exc)
+        return 2
+    except ProviderError as exc:  # listing or terminating for --terminate-all
+        log.error("%s", exc)
+        return 1
+    except Interrupted as exc:
+        if scaler:
+            left = scaler[0].left_running()
+        elif args.terminate_all:
+            left = "--terminate-all may not have terminated every worker: run it again"
+        else:
+            left = "this run launched nothing"
+        log.warning("stopped by %s: %s", exc.name, left)
+        exit_now(exc.exit_status)
+        return exc.exit_status
 
 
 if __name__ == "__main__":

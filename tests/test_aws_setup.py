@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,8 +22,9 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 from cloudhosts import MotoServer
+from fakeapi import BrokenApi
 
-from conftest import REPO
+from conftest import REPO, wait_for
 from cron import aws_setup
 
 PYTHON = sys.executable
@@ -59,11 +62,12 @@ class Aws:
         self.state_file = self.aws_dir / "dw.json"
         self.pem = self.aws_dir / "dw-key.pem"
 
-    def client(self, service: str) -> Any:
-        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="testing",
+    def client(self, service: str, region: str = "us-east-1") -> Any:
+        return boto3.client(service, endpoint_url=self.url, region_name=region, aws_access_key_id="testing",
                             aws_secret_access_key="testing")
 
-    def env(self, **extra: str) -> dict[str, str]:
+    def env(self, **extra: str | None) -> dict[str, str]:
+        """The run's environment; an `extra` of None removes that variable."""
         env = {name: value for name, value in os.environ.items() if not name.startswith(("AWS_", "DW_"))}
         env.update(CREDENTIALS)
         env.update({
@@ -76,9 +80,9 @@ class Aws:
             "DW_AWS_DIR": str(self.aws_dir), "DW_AWS_STATE": str(self.state_file),
         })
         env.update(extra)
-        return env
+        return {name: value for name, value in env.items() if value is not None}
 
-    def run(self, *args: str, expect: int | None = 0, **env: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, expect: int | None = 0, **env: str | None) -> subprocess.CompletedProcess[str]:
         completed = subprocess.run([PYTHON, "-m", "cron.aws_setup", *args], cwd=REPO, env=self.env(**env),
                                    capture_output=True, text=True, timeout=90)
         if expect is not None:
@@ -86,7 +90,7 @@ class Aws:
                                                     f"{completed.stdout}\n{completed.stderr}")
         return completed
 
-    def setup(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    def setup(self, *args: str, **env: str | None) -> subprocess.CompletedProcess[str]:
         return self.run("--allowed-cidr", CIDR, *args, **env)
 
     # what exists
@@ -408,7 +412,7 @@ def test_destroy_removes_what_setup_created_and_nothing_else(aws: Aws) -> None:
     assert other_state.exists() and (aws.aws_dir / "dw2-key.pem").exists()
 
     again = aws.run("--destroy").stdout
-    assert "already gone" in again
+    assert "none found" in again and "nothing found for cluster dw in region us-east-1" in again
 
 
 def test_destroy_without_state_file_goes_by_name_and_tag(aws: Aws) -> None:
@@ -457,3 +461,174 @@ def test_security_group_deletion_waits_for_terminating_instances() -> None:
         aws_setup.delete_security_group(FakeEc2(busy=1000), "security group dw-sg", "sg-1", timeout=60,
                                         sleep=sleep, clock=lambda: now[0])
     assert 45 <= sum(sleeps) <= 60
+
+
+# --- never what instances depend on, never another cluster, never the wrong region ----------------
+
+AMI = "ami-12c6146b"  # one of moto's images
+
+
+def launch(ec2: Any, count: int = 1, cluster: str = "dw", role: str = "worker", **request: Any) -> list[str]:
+    """Instances "of" a cluster, as its deploy and scalers tag them."""
+    tag_list = [{"Key": "dw:cluster", "Value": cluster}, {"Key": "dw:role", "Value": role}]
+    reservation = ec2.run_instances(ImageId=AMI, MinCount=count, MaxCount=count, **request,
+                                    TagSpecifications=[{"ResourceType": "instance", "Tags": tag_list}])
+    return [instance["InstanceId"] for instance in reservation["Instances"]]
+
+
+def live(ec2: Any, ids: list[str]) -> list[str]:
+    reservations = ec2.describe_instances(InstanceIds=ids)["Reservations"]
+    return [instance["InstanceId"] for reservation in reservations for instance in reservation["Instances"]
+            if instance["State"]["Name"] in ("pending", "running")]
+
+
+def everything_kept(aws: Aws) -> None:
+    assert [pair["KeyName"] for pair in aws.key_pairs()] == ["dw-key"]
+    assert len(aws.groups("dw-sg")) == 1
+    assert aws.roles() == ["dw-endpoint"] and len(aws.profiles()) == 1
+    assert aws.pem.exists() and aws.state_file.exists()
+
+
+def test_destroy_refuses_while_instances_need_what_it_deletes(aws: Aws) -> None:
+    aws.setup()
+    group_id = aws.state()["security_group_id"]
+    ours = launch(aws.ec2, 2, KeyName="dw-key", SecurityGroupIds=[group_id])
+    # not tagged for the cluster, but reached with its key pair: deleting the key would lock it out
+    by_key = launch(aws.ec2, 1, cluster="someone-else", KeyName="dw-key")
+
+    completed = aws.run("--destroy", expect=1)
+    for instance_id in ours + by_key:
+        assert instance_id in completed.stderr
+    assert "running and billing" in completed.stderr and "nothing was deleted" in completed.stderr
+    assert "./deploy.sh aws --destroy" in completed.stderr  # the command that terminates them
+    assert "gone" not in completed.stdout + completed.stderr
+    everything_kept(aws)
+    assert sorted(live(aws.ec2, ours + by_key)) == sorted(ours + by_key)  # and destroy terminated nothing
+
+    aws.ec2.terminate_instances(InstanceIds=ours + by_key)
+    done = aws.run("--destroy")
+    assert "removed IAM instance profile dw-endpoint, IAM role dw-endpoint, security group dw-sg" in done.stdout
+    aws.nothing_created()
+
+
+def test_destroy_of_a_cluster_that_never_was_says_nothing_was_found(aws: Aws) -> None:
+    completed = aws.run("--destroy", "--cluster", "never")
+    assert "nothing found for cluster never in region us-east-1 (region from AWS_DEFAULT_REGION)" in completed.stdout
+    assert "nor in any other region" in completed.stdout
+    assert "gone" not in completed.stdout and "removed" not in completed.stdout
+
+
+def test_setup_takes_the_region_of_the_aws_configuration(aws: Aws) -> None:
+    config = aws.directory / "aws-config"
+    config.write_text("[default]\nregion = eu-west-1\n")
+    in_config = {"AWS_CONFIG_FILE": str(config), "AWS_DEFAULT_REGION": None}
+    completed = aws.setup(**in_config)
+    assert f"in eu-west-1 (region from profile default in {config}" in completed.stdout
+    assert aws.state()["region"] == "eu-west-1"
+    europe = aws.client("ec2", "eu-west-1")
+    assert [pair["KeyName"] for pair in europe.describe_key_pairs()["KeyPairs"]] == ["dw-key"]
+    assert aws.key_pairs() == []  # nothing in us-east-1
+
+    # The cluster stays where its state file says: another --region is refused, and creates nothing.
+    refused = aws.setup("--region", "us-east-1", expect=2, **in_config)
+    assert "records region eu-west-1" in refused.stderr and "Traceback" not in refused.stderr
+    assert aws.key_pairs() == []
+    # Without the state file, the same cluster name in another region is refused too: IAM names are global.
+    aws.state_file.rename(aws.directory / "moved.json")
+    refused = aws.setup("--region", "us-east-1", expect=2)
+    assert "already exists in eu-west-1" in refused.stderr
+    assert aws.key_pairs() == [] and aws.groups() == []
+
+
+def test_destroy_in_the_wrong_region_touches_nothing_and_says_where_the_cluster_is(aws: Aws) -> None:
+    aws.setup("--region", "eu-west-1")
+    europe = aws.client("ec2", "eu-west-1")
+    instance_ids = launch(europe, 1, role="endpoint", KeyName="dw-key")
+    aws.state_file.unlink()  # lost: destroy goes by the configured region, us-east-1
+
+    completed = aws.run("--destroy", expect=1)
+    output = completed.stdout
+    assert "nothing found for cluster dw in region us-east-1 (region from AWS_DEFAULT_REGION)" in output
+    assert f"eu-west-1: {instance_ids[0]} (endpoint, running), key pair dw-key" in output
+    assert "./setup.sh aws --destroy --region eu-west-1" in output
+    assert "serve cluster dw in eu-west-1, not us-east-1: left alone" in output
+    assert "gone" not in output
+    assert aws.roles() == ["dw-endpoint"] and len(aws.profiles()) == 1  # IAM is global: still the cluster's
+    assert live(europe, instance_ids) == instance_ids
+    assert len(europe.describe_key_pairs()["KeyPairs"]) == 1
+
+    refused = aws.run("--destroy", "--region", "eu-west-1", expect=1)  # its instance still runs there
+    assert instance_ids[0] in refused.stderr
+
+
+@pytest.mark.parametrize("name", ["orp?", "*", "dw*", "a b", "-dw", "", "x" * 41, "dw/1"])
+def test_cluster_names_are_checked_before_anything(aws: Aws, name: str) -> None:
+    other = launch(aws.ec2, 1, cluster="orph")
+    for args in (["--allowed-cidr", CIDR, f"--cluster={name}"], ["--destroy", f"--cluster={name}"]):
+        completed = aws.run(*args, expect=2)
+        assert "--cluster must be 1-40 letters, digits and dashes" in completed.stderr
+        assert "Traceback" not in completed.stderr
+    completed = aws.run("--allowed-cidr", CIDR, expect=2, DW_CLUSTER=name)  # the environment fallback too
+    assert "(from DW_CLUSTER)" in completed.stderr or name == ""
+    aws.nothing_created()
+    assert live(aws.ec2, other) == other
+
+
+@pytest.mark.parametrize(("cidr", "refused", "message"), [
+    ("0.0.0.0/1", True, "2,147,483,648 addresses"),
+    ("2001:db8::/16", True, "--allow-anywhere"),
+    ("::1/128", True, "a loopback range"),
+    ("127.0.0.0/8", True, "a loopback range"),
+    ("169.254.0.0/16", True, "link-local"),
+    ("224.0.0.1/32", True, "multicast"),
+    ("0.0.0.0/32", True, "the unspecified address"),
+    ("10.0.0.0/8", False, "a private range"),
+    ("198.51.100.0/24", False, "a documentation example range"),
+    ("8.0.0.0/12", False, "1,048,576 addresses"),
+])
+def test_broad_or_useless_cidrs_are_refused_or_warned_about(aws: Aws, cidr: str, refused: bool,
+                                                             message: str) -> None:
+    completed = aws.run("--allowed-cidr", cidr, expect=2 if refused else 0)
+    assert message in completed.stderr
+    assert "Traceback" not in completed.stderr
+    if refused:
+        aws.nothing_created()
+    else:
+        assert "warning: allowed CIDR" in completed.stderr and aws.state()["allowed_cidr"] == cidr
+
+
+def test_an_api_that_answers_500_is_reported_not_crashed_on(aws: Aws) -> None:
+    with BrokenApi("500") as api:
+        completed = aws.setup(expect=1, AWS_ENDPOINT_URL=api.url, AWS_MAX_ATTEMPTS="2")
+    assert api.requests >= 1
+    assert "aws setup failed: " in completed.stderr
+    assert "gave an answer that is not an API answer (Unable to parse response" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_ctrl_c_stops_setup_at_once_and_says_what_exists(aws: Aws) -> None:
+    with BrokenApi("hang") as api:
+        process = subprocess.Popen(["./setup.sh", "aws", "--allowed-cidr", CIDR], cwd=REPO,
+                                   env=aws.env(AWS_ENDPOINT_URL=api.url), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: api.requests >= 1, 30, "setup's first API call")
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        try:
+            stdout, stderr = process.communicate(timeout=10)
+        finally:
+            process.kill()
+        stopped_after = time.monotonic() - started
+    assert process.returncode == 130, stderr
+    assert stopped_after < 5, f"exited {stopped_after:.1f}s after SIGINT"
+    assert "stopped by Ctrl-C: the setup of cluster dw is incomplete" in stderr
+    assert "./setup.sh aws --destroy` removes it" in stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+
+
+def test_help_shows_the_defaults() -> None:
+    completed = subprocess.run([PYTHON, "-m", "cron.aws_setup", "--help"], cwd=REPO, capture_output=True, text=True,
+                               timeout=30)
+    for shown in ("[DW_CLUSTER, default dw]", "[DW_HTTP_PORT, default 5000]", "[DW_KEY_TYPE, default ed25519]",
+                  "[DW_AWS_DIR, default var/aws]", "--destroy", "--allow-anywhere"):
+        assert shown in " ".join(completed.stdout.split()), completed.stdout

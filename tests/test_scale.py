@@ -39,6 +39,7 @@ from cloudhosts import (
     ssh_keypair,
     write_private_key,
 )
+from fakeapi import BrokenApi
 
 from conftest import PYTHON, SECRET, WORKER_KEY, Endpoint, Service, Services, free_port, pid_alive, wait_for
 from cron.provision import REMOTE_DIR_NAME, HostKeyPins, SshTarget, stop_worker
@@ -172,12 +173,13 @@ class Scalers:
         return self.directory / f"scaler-{node.node_id}"
 
     def command(self, node: Endpoint, *, index: int = 0, peer: Endpoint | None = None, addresses: Sequence[str] = (),
-                worker_endpoints: list[str] | None = None, **flags: object) -> list[str]:
+                worker_endpoints: list[str] | None = None, peer_url: str = "", **flags: object) -> list[str]:
+        """`peer_url`: the peer as this scaler reaches it, if not at `peer`'s own URL."""
         # Without fake hosts' addresses the scaler would SSH to moto's made-up instance addresses.
         assert addresses and all(address.startswith("10.231.") for address in addresses), addresses
         cloud = self.cloud
         args = [PYTHON, "-m", "cron.scale", "--node-id", node.node_id, "--endpoint-index", str(index),
-                "--db", str(node.db), "--url", node.url, "--peer", peer.url if peer else "",
+                "--db", str(node.db), "--url", node.url, "--peer", peer_url or (peer.url if peer else ""),
                 "--state-dir", str(self.state_dir(node)), "--secret-file", str(cloud.secret_file),
                 "--provider", "ec2", "--cluster", CLUSTER, "--aws-state", str(cloud.aws_state),
                 "--ssh-key", str(cloud.key), "--ssh-user", "root", "--remote-python", "/usr/bin/python3",
@@ -388,7 +390,7 @@ def wrong_key(tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize(("sshd", "error"), [("refuses the key", "SSH to root@"),
-                                             ("does not answer", "did not answer within 10s")],
+                                             ("does not answer", "of the launch (--ready-deadline)")],
                          ids=["sshd-refuses-the-key", "no-sshd"])
 def test_ssh_failure_terminates_the_instance_and_is_counted(sshd: str, error: str, services: Services,
                                                             host_network: HostNetwork, cloud: Cloud,
@@ -397,7 +399,7 @@ def test_ssh_failure_terminates_the_instance_and_is_counted(sshd: str, error: st
     enqueue_backlog(a, 3)
     (host,) = fake_hosts(host_network, 1, wrong_key if sshd == "refuses the key" else None, prefix="failing")
 
-    # A launching run waits for SSH at least 10 s, whatever the ready deadline (cron/providers/ec2.py).
+    # A launching run waits for SSH until the ready deadline, counted from the launch.
     run = scalers.run(a, addresses=[host.address], ready_deadline=2)
     (instance,) = cluster_instances(cloud.ec2)
     instance_id = instance["InstanceId"]
@@ -528,6 +530,173 @@ def test_reconcile_terminates_a_ready_worker_silent_for_the_silence_deadline(
     assert "neither endpoint heard from it" in run.log()
     assert state_of(cloud.ec2, instance_id) in GONE, run.log()
     assert cluster_instances(cloud.ec2, LIVE) == []
+
+
+def test_reconcile_with_the_peer_down_terminates_a_silent_worker_whose_host_answers(
+        services: Services, host_network: HostNetwork, cloud: Cloud, scalers: Scalers) -> None:
+    """The peer does not answer, so this endpoint's view is all there is: a worker it has not heard
+    from, on a host that answers here, can reach this endpoint and says nothing: dead or hung."""
+    a = services.endpoint("a", host=host_network.gateway)
+    enqueue_backlog(a, 3)
+    (host,) = fake_hosts(host_network, 1, cloud.public_key)
+    nothing = f"http://{host_network.gateway}:{free_port(host_network.gateway)}"  # nothing listens there
+    options = {"addresses": [host.address], "worker_endpoints": [nothing], "peer_url": nothing,
+               "silence_deadline": 1}
+
+    scalers.run(a, **options)
+    (instance,) = cluster_instances(cloud.ec2, LIVE)
+    assert "dw:ready" in tags_of(instance)
+    launched_at = instance["LaunchTime"].timestamp()
+    wait_for(lambda: time.time() - launched_at > 2, 10, "the silence deadline to pass")
+
+    run = scalers.run(a, **options, max_launch_per_tick=0)  # reconcile only
+    assert "although its host answers here: dead or hung" in run.log()
+    assert state_of(cloud.ec2, instance["InstanceId"]) in GONE
+    assert cluster_instances(cloud.ec2, LIVE) == []
+
+
+def test_reconcile_with_the_peer_down_keeps_a_worker_that_may_serve_the_peer_until_the_partition_deadline(
+        services: Services, host_network: HostNetwork, cloud: Cloud, scalers: Scalers) -> None:
+    """A worker that this scaler's endpoint never hears from, while the scaler cannot reach the peer,
+    may serve the peer alone (a partition that leaves this host on its own). If its host does not
+    answer here either, it is kept -- not counted as capacity for this endpoint's queue, which it does
+    not serve -- and terminated only after --partition-deadline."""
+    a, b = endpoint_pair_on(services, host_network.gateway)
+    enqueue_backlog(a, 3)
+    (host,) = fake_hosts(host_network, 1, cloud.public_key)
+    cut_off = f"http://{host_network.gateway}:{free_port(host_network.gateway)}"  # b, as a's scaler fails to see it
+    options = {"addresses": [host.address], "worker_endpoints": [b.url], "peer_url": cut_off, "silence_deadline": 1}
+
+    scalers.run(a, **options)
+    (instance,) = cluster_instances(cloud.ec2, LIVE)
+    instance_id = instance["InstanceId"]
+    enqueue_backlog(b, 2)
+    wait_for(lambda: instance_id in [worker["id"] for worker in b.stats()["workers"]], 20,
+             "the peer to hear from the worker")
+    host.stop_sshd()  # its host no longer answers here: dead, or on the peer's side of a partition
+    launched_at = instance["LaunchTime"].timestamp()
+    wait_for(lambda: time.time() - launched_at > 2, 10, "the silence deadline to pass")
+
+    run = scalers.run(a, **options, partition_deadline=300, max_launch_per_tick=0)
+    log = run.log()
+    assert f"{instance_id}: this endpoint has not heard from it for" in log
+    assert "nor its host from here; not counted as capacity, terminated after 300s" in log
+    assert "0 ready, 0 booting" in log  # not capacity for a's queue
+    assert state_of(cloud.ec2, instance_id) == "running"
+    assert worker_pid_on(host) is not None  # it kept serving the peer
+    assert instance_id in [worker["id"] for worker in b.stats()["workers"]]
+
+    wait_for(lambda: time.time() - launched_at > 3.5, 10, "a short partition deadline to pass")
+    run = scalers.run(a, **options, partition_deadline=3, max_launch_per_tick=0)
+    assert "(--partition-deadline), nor its host from here, and the peer does not answer" in run.log()
+    assert state_of(cloud.ec2, instance_id) in GONE
+
+
+def log_time(line: str) -> float:
+    """The time of a scaler log line ("2026-12-01 22:15:08,123 INFO scaler: ...")."""
+    stamp = " ".join(line.split()[:2])
+    return time.mktime(time.strptime(stamp.split(",")[0], "%Y-%m-%d %H:%M:%S")) + int(stamp.split(",")[1]) / 1000
+
+
+def test_the_ready_deadline_is_honoured_to_the_second(services: Services, host_network: HostNetwork,
+                                                      cloud: Cloud, scalers: Scalers) -> None:
+    a = services.endpoint("a", host=host_network.gateway)
+    enqueue_backlog(a, 3)
+    (host,) = fake_hosts(host_network, 1, authorized=None, prefix="never-boots")  # SSH never answers
+    run = scalers.run(a, addresses=[host.address], ready_deadline=5)
+    (instance,) = cluster_instances(cloud.ec2)
+    lines = run.log().splitlines()
+    failed = next(line for line in lines if f"provisioning {instance['InstanceId']} failed" in line)
+    assert "did not answer within 5s of the launch (--ready-deadline)" in failed
+    waited = log_time(failed) - instance["LaunchTime"].timestamp()
+    assert 4.5 <= waited < 8, f"gave up {waited:.1f}s after the launch, with --ready-deadline 5"
+    assert instance["State"]["Name"] in GONE
+
+
+# --- signals, settings, files and a broken API: clear words, no traceback ------------------------------
+
+@pytest.mark.parametrize(("signum", "name"), [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_a_signal_stops_a_scaler_run_at_once_and_names_what_it_launched(
+        signum: int, name: str, services: Services, host_network: HostNetwork, cloud: Cloud,
+        scalers: Scalers) -> None:
+    a = services.endpoint("a", host=host_network.gateway)
+    enqueue_backlog(a, 3)
+    (host,) = fake_hosts(host_network, 1, authorized=None, prefix="slow-boot")  # SSH does not answer yet
+    run = scalers.start(a, addresses=[host.address], ready_deadline=60)
+    (instance,) = wait_for(lambda: [i for i in cluster_instances(cloud.ec2, LIVE) if "dw:test-address" in tags_of(i)],
+                           30, "the scaler to launch an instance")
+    time.sleep(1)  # inside its wait for SSH, which would last 60 s
+    assert run.running()
+    run.signal_group(signum)
+    signalled = time.monotonic()
+    assert run.process is not None
+    status = run.process.wait(30)
+    stopped_after = time.monotonic() - signalled
+    log = run.log()
+    assert status == 128 + signum, log
+    assert stopped_after < 5, f"exited {stopped_after:.1f}s after the signal"
+    assert f"stopped by {name}: launched by this run and not provisioned: {instance['InstanceId']} (running and " \
+           f"billing; the next run provisions them, or terminates them 60s after launch)" in log
+    assert "`python -m cron.scale --terminate-all` with this run's settings terminates" in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+
+
+@pytest.fixture
+def plain_files(tmp_path: Path) -> dict[str, str]:
+    """A database file and a secret file that exist, and paths that do not."""
+    database = tmp_path / "a.sqlite3"
+    database.write_bytes(b"")
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    other_cluster = tmp_path / "other.json"
+    other_cluster.write_text(json.dumps({"cluster": "other", "region": "us-east-1", "key_name": "k",
+                                         "key_path": str(tmp_path / "k.pem"), "security_group_id": "sg-1"}))
+    return {"db": str(database), "secret": str(secret), "missing": str(tmp_path / "missing"),
+            "other": str(other_cluster)}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--secret-file", "{missing}"], "cannot read the cluster secret from {missing} (No such file or directory)"),
+    (["--db", "{missing}"], "no endpoint database at {missing}"),
+    (["--log-level", "chatty"], "--log-level must be one of DEBUG, INFO, WARNING, ERROR, not 'chatty'"),
+    (["--provider", "ec2"], "--provider ec2 needs --aws-state (DW_AWS_STATE)"),
+    (["--provider", "ec2", "--aws-state", "{missing}"], "no state file {missing}"),
+    (["--provider", "ec2", "--aws-state", "{other}"], "belongs to cluster other, not dw"),
+    (["--provider", "ec2", "--aws-state", "{other}", "--cluster", "other", "--region", "eu-west-1"],
+     "records region us-east-1"),
+    (["--provider", "ec2", "--aws-state", "{other}", "--cluster=*"], "--cluster must be 1-40 letters"),
+    (["--every", "-1", "--max-workers", "x"], "--max-workers must be a whole number, not 'x'; --every must be at least "
+                                              "0, not -1.0"),
+])
+def test_bad_settings_and_missing_files_are_named_before_any_api_call(
+        args: list[str], message: str, plain_files: dict[str, str], tmp_path: Path) -> None:
+    with BrokenApi("500") as api:
+        defaults = ["--db", plain_files["db"], "--secret-file", plain_files["secret"], "--state-dir", str(tmp_path)]
+        command = [PYTHON, "-m", "cron.scale", *defaults, *(arg.format(**plain_files) for arg in args)]
+        env = {**os.environ, "AWS_ENDPOINT_URL": api.url, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    assert message.format(**plain_files) in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert api.requests == 0
+
+
+def test_an_api_answering_500_fails_the_run_with_words_not_a_traceback(
+        services: Services, cloud: Cloud, tmp_path: Path) -> None:
+    a = services.endpoint("a")
+    with BrokenApi("500") as api:
+        scaler = Scalers(services, Cloud(**{**vars(cloud), "env": {**cloud.env, "AWS_ENDPOINT_URL": api.url,
+                                                                    "AWS_MAX_ATTEMPTS": "1"}}), tmp_path)
+        run = scaler.start(a, addresses=["10.231.0.99"])  # never reached: listing fails first
+        assert run.process is not None
+        status = run.process.wait(60)
+    log = run.log()
+    assert status == 1, log
+    assert "scaling run failed: listing instances failed: the AWS API (or something between it and here) gave an " \
+           "answer that is not an API answer" in log
+    assert "0 worker(s) of the cluster known to run" in log
+    assert "Traceback" not in log
 
 
 # --- the local provider -------------------------------------------------------------------------------

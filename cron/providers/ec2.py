@@ -12,16 +12,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import boto3
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
+from cron.cluster import API_ERRORS, api_error_text, aws_config, cluster_instances, ec2_client, error_code
 from cron.providers import Node, ProviderError
 from cron.provision import HostKeyPins, SshTarget, WorkerInstall, provision_worker, wait_for_ssh
 
@@ -87,7 +87,7 @@ def run_instances(ec2: Any, settings: Ec2Settings, *, image: str, instance_type:
         try:
             return ec2.run_instances(**request)["Instances"]
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
+            code = error_code(exc)
             error = exc
             if code in _FATAL_LAUNCH_ERRORS or attempt + 1 == settings.launch_attempts:
                 break
@@ -99,49 +99,40 @@ def run_instances(ec2: Any, settings: Ec2Settings, *, image: str, instance_type:
             wait = min(30.0, 2.0 * 2**attempt)
             log.warning("launch attempt %d failed (%s); retrying in %.0fs", attempt + 1, code, wait)
             time.sleep(wait)
-        except BotoCoreError as exc:
+        except API_ERRORS as exc:  # not worth retrying here: botocore has retried what it can
             error = exc
             break
-    raise ProviderError(f"launching {count} instance(s) failed: {error}")
+    raise ProviderError(f"launching {count} instance(s) failed: {api_error_text(error) if error else '?'}")
 
 
 def latest_ami(ssm: Any, parameter: str) -> str:
     try:
         return ssm.get_parameter(Name=parameter)["Parameter"]["Value"]
-    except (BotoCoreError, ClientError) as exc:
-        raise ProviderError(f"looking up the AMI in SSM ({parameter}) failed: {exc}") from exc
+    except API_ERRORS as exc:
+        raise ProviderError(f"looking up the AMI in SSM ({parameter}) failed: {api_error_text(exc)}") from exc
 
 
-def ec2_client(region: str) -> Any:
-    config = Config(region_name=region, retries={"max_attempts": 6, "mode": "standard"},
-                    connect_timeout=10, read_timeout=30)
-    return boto3.client("ec2", config=config)
+def ssm_client(region: str) -> Any:
+    return boto3.session.Session(region_name=region).client("ssm", config=aws_config())
 
 
 class Ec2Provider:
-    def __init__(self, settings: Ec2Settings, install: WorkerInstall, pins: HostKeyPins, owner: str) -> None:
+    def __init__(self, settings: Ec2Settings, install: Callable[[], WorkerInstall], pins: HostKeyPins,
+                 owner: str) -> None:
+        """`install` is asked for at the first provisioning only: listing and terminating need no secret."""
         self.settings = settings
-        self.install = install
+        self._install = install
         self.pins = pins
         self.owner = owner
         self.ec2 = ec2_client(settings.region)
-        self.ssm = boto3.client("ssm", region_name=settings.region)
-
-    def _cluster_filter(self) -> list[dict]:
-        return [{"Name": "tag:dw:cluster", "Values": [self.settings.cluster]},
-                {"Name": "tag:dw:role", "Values": ["worker"]}]
+        self.ssm = ssm_client(settings.region)
 
     def list(self) -> list[Node]:
-        nodes = []
         try:
-            pages = self.ec2.get_paginator("describe_instances").paginate(
-                Filters=[*self._cluster_filter(), {"Name": "instance-state-name", "Values": ["pending", "running"]}])
-            for page in pages:
-                for reservation in page["Reservations"]:
-                    nodes += [self._node(instance) for instance in reservation["Instances"]]
-        except (BotoCoreError, ClientError) as exc:
-            raise ProviderError(f"listing instances failed: {exc}") from exc
-        return nodes
+            instances = cluster_instances(self.ec2, self.settings.cluster, "worker", ("pending", "running"))
+        except API_ERRORS as exc:
+            raise ProviderError(f"listing instances failed: {api_error_text(exc)}") from exc
+        return [self._node(instance) for instance in instances]
 
     def _node(self, instance: dict) -> Node:
         tags = {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}
@@ -169,24 +160,25 @@ class Ec2Provider:
         free = [address for address in self.settings.test_addresses if address not in taken]
         assigned = []
         for node, address in zip(nodes, free, strict=False):
-            self.ec2.create_tags(Resources=[node.node_id], Tags=[{"Key": "dw:test-address", "Value": address}])
+            self._tag(node, "dw:test-address", address)
             assigned.append(replace(node, address=address))
         return assigned + nodes[len(assigned):]
 
     def provision(self, node: Node) -> Node:
         if not node.address:
             raise ProviderError(f"{node.node_id} has no address to reach it at")
-        remaining = max(10.0, self.settings.ssh_timeout - (time.time() - node.launched_at))
-        waited = wait_for_ssh(node.address, timeout=remaining)
+        # The ready deadline counts from the launch, to the second.
+        deadline = self.settings.ssh_timeout
+        remaining = deadline - (time.time() - node.launched_at)
+        if remaining <= 0:
+            raise ProviderError(f"{node.node_id} is not ready within {deadline:.0f}s of the launch (--ready-deadline)")
+        waited = wait_for_ssh(node.address, timeout=remaining,
+                              what=f"within {deadline:.0f}s of the launch (--ready-deadline)")
         target = SshTarget(node.node_id, node.address, self.settings.ssh_user, self.settings.key_path)
         # An EC2 worker is ours to end: its idle exit powers it off, which terminates it.
         took = provision_worker(target, self.pins,
-                                replace(self.install, worker_id=node.node_id, poweroff_on_idle=True))
-        ready_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        try:
-            self.ec2.create_tags(Resources=[node.node_id], Tags=[{"Key": "dw:ready", "Value": ready_at}])
-        except (BotoCoreError, ClientError) as exc:
-            raise ProviderError(f"tagging {node.node_id} ready failed: {exc}") from exc
+                                replace(self._install(), worker_id=node.node_id, poweroff_on_idle=True))
+        self._tag(node, "dw:ready", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         log.info("provisioned %s at %s: SSH answered after %.1fs, worker running %.2fs later",
                  node.node_id, node.address, waited, took)
         return replace(node, ready=True)
@@ -199,6 +191,12 @@ class Ec2Provider:
         try:
             for start in range(0, len(ids), 100):
                 self.ec2.terminate_instances(InstanceIds=ids[start:start + 100])
-        except (BotoCoreError, ClientError) as exc:
-            raise ProviderError(f"terminating {', '.join(ids)} failed: {exc}") from exc
+        except API_ERRORS as exc:
+            raise ProviderError(f"terminating {', '.join(ids)} failed: {api_error_text(exc)}") from exc
         self.pins.forget(ids)
+
+    def _tag(self, node: Node, key: str, value: str) -> None:
+        try:
+            self.ec2.create_tags(Resources=[node.node_id], Tags=[{"Key": key, "Value": value}])
+        except API_ERRORS as exc:
+            raise ProviderError(f"tagging {node.node_id} {key} failed: {api_error_text(exc)}") from exc

@@ -1,0 +1,270 @@
+"""What names an AWS cluster, the same in every command (setup, deploy, the scaler): its name,
+its region, its state file, and how its instances are found and reported.
+
+- A cluster name is checked before anything else, against one strict pattern. EC2 tag filters
+  treat `*` and `?` as wildcards, so a filter built from `orp?` would match cluster `orph`;
+  no filter here is ever built from a value that holds one.
+- The region: `--region`, else the one the state file records, else the AWS configuration's
+  (AWS_PROFILE, AWS_DEFAULT_REGION, ~/.aws/config), resolved by botocore as boto3 does. A
+  `--region` that differs from the state file's is refused: the cluster is in the recorded one.
+- Every report of what is left names the cluster and the region it looked in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.session
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
+
+from cron.interrupts import parallel
+from cron.settings import Setting
+
+TAG_CLUSTER = "dw:cluster"
+TAG_ROLE = "dw:role"
+# Letters, digits and dashes; the name goes into IAM names (`<cluster>-endpoint`, at most 64).
+CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,39}")
+REGION_NAME = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
+# Every state an instance that still exists can be in; "billed" leaves out the ones on their way out.
+LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
+BILLED_STATES = ("pending", "running", "stopping", "stopped")
+# What a failed or interrupted API call raises; a non-XML answer (an HTTP 500 from a proxy)
+# is a parser error, which botocore does not count among its own.
+API_ERRORS = (BotoCoreError, ClientError, ResponseParserError)
+ACCESS_ERRORS = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthFailure",
+                 "InvalidClientTokenId", "SignatureDoesNotMatch", "ExpiredToken"}
+
+
+class ClusterUsageError(ValueError):
+    """The command line, the environment or the state file is wrong; nothing was changed."""
+
+
+class SearchError(Exception):
+    """A search across regions could not be made."""
+
+
+def cluster_name(value: str) -> str:
+    if not CLUSTER_NAME.fullmatch(value):
+        raise ValueError(f"must be 1-40 letters, digits and dashes, starting with a letter or digit, not {value!r}")
+    return value
+
+
+def region_name(value: str) -> str:
+    value = value.strip()
+    if value and not REGION_NAME.fullmatch(value):
+        raise ValueError(f"must be an AWS region name such as us-east-1, not {value!r}")
+    return value
+
+
+# The settings every AWS command shares (see cron/settings.py).
+CLUSTER_SETTING = Setting("DW_CLUSTER", "dw", cluster_name,
+                          "the cluster: name prefix and dw:cluster tag of everything it has")
+REGION_SETTING = Setting("", "", region_name,
+                         "AWS region; default: the state file's, else the AWS configuration's "
+                         "(AWS_PROFILE, AWS_DEFAULT_REGION, ~/.aws/config)")
+AWS_DIR_SETTING = Setting("DW_AWS_DIR", "var/aws", str, "where setup keeps the private key and the state file")
+STATE_FILE_SETTING = Setting("DW_AWS_STATE", "", str,
+                             "the record of what setup created (default <aws-dir>/<cluster>.json)")
+
+
+# --- filters and listings ----------------------------------------------------------------------
+
+
+def tag_filter(key: str, *values: str) -> dict[str, Any]:
+    """An EC2 filter on exact values: never one with a wildcard in it."""
+    for value in values:
+        if "*" in value or "?" in value:
+            raise ValueError(f"refusing to filter on {key}={value!r}: EC2 would take * and ? as wildcards")
+    return {"Name": key, "Values": list(values)}
+
+
+def instance_filters(cluster: str, role: str | None = None, states: tuple[str, ...] = LIVE_STATES) -> list[dict]:
+    filters = [tag_filter(f"tag:{TAG_CLUSTER}", cluster_name(cluster)), tag_filter("instance-state-name", *states)]
+    if role:
+        filters.append(tag_filter(f"tag:{TAG_ROLE}", role))
+    return filters
+
+
+def describe_instances(ec2: Any, filters: list[dict]) -> list[dict]:
+    instances = []
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+        for reservation in page["Reservations"]:
+            instances += reservation["Instances"]
+    return instances
+
+
+def cluster_instances(ec2: Any, cluster: str, role: str | None = None,
+                      states: tuple[str, ...] = LIVE_STATES) -> list[dict]:
+    return describe_instances(ec2, instance_filters(cluster, role, states))
+
+
+def tags_of(resource: dict) -> dict[str, str]:
+    return {tag["Key"]: tag["Value"] for tag in resource.get("Tags", [])}
+
+
+def describe(instance: dict) -> str:
+    """`i-0abc (endpoint a, running)`."""
+    tags = tags_of(instance)
+    role = " ".join(part for part in (tags.get(TAG_ROLE, "untagged"), tags.get("dw:node", "")) if part)
+    return f"{instance['InstanceId']} ({role}, {instance['State']['Name']})"
+
+
+# --- clients, errors -----------------------------------------------------------------------------
+
+
+def aws_config(quick: bool = False) -> Config:
+    """Retries and timeouts of every client here; `quick` for a report on the way out, which must
+    not keep a Ctrl-C waiting. AWS_MAX_ATTEMPTS, where set, is honoured as botocore does."""
+    if quick:
+        return Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=2, read_timeout=4)
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "") or 6)
+    return Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=10, read_timeout=30)
+
+
+def ec2_client(region: str, quick: bool = False) -> Any:
+    # AWS_ENDPOINT_URL (the tests' moto server) is honoured by botocore itself.
+    return boto3.session.Session(region_name=region).client("ec2", config=aws_config(quick))
+
+
+def error_code(exc: Exception) -> str:
+    return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+
+
+def api_error_text(exc: Exception) -> str:
+    if isinstance(exc, ResponseParserError):
+        # Its text is the whole unparsable body (an HTML error page): the first line says enough.
+        first_line = str(exc).strip().splitlines()[0][:300].rstrip(":")
+        return f"the AWS API (or something between it and here) gave an answer that is not an API answer ({first_line})"
+    hint = ""
+    if error_code(exc) in ACCESS_ERRORS:
+        hint = " (the AWS credentials used here lack a permission this step needs, or are invalid)"
+    return f"{exc}{hint}"
+
+
+@contextmanager
+def api_step(what: str, error: Callable[[str], Exception]) -> Iterator[None]:
+    """Turns an AWS API error into `error`, naming the step it happened in."""
+    try:
+        yield
+    except API_ERRORS as exc:
+        raise error(f"{what}: {api_error_text(exc)}") from exc
+
+
+# --- the region ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    source: str  # where it came from, for the messages
+
+
+def configured_region() -> Region:
+    """The region boto3 would use: AWS_DEFAULT_REGION, else the profile's in the config file."""
+    try:
+        session = botocore.session.Session()
+        region = session.get_config_variable("region") or ""
+        profile = session.get_config_variable("profile") or "default"
+        config_file = session.get_config_variable("config_file")
+    except BotoCoreError as exc:  # e.g. AWS_PROFILE names a profile that is not there
+        raise ClusterUsageError(f"reading the AWS configuration: {exc}") from exc
+    source = "AWS_DEFAULT_REGION" if os.environ.get("AWS_DEFAULT_REGION") else f"profile {profile} in {config_file}"
+    return Region(region, source)
+
+
+def resolve_region(flag_value: str, recorded: str, state_file: str | Path) -> Region:
+    if flag_value and recorded and flag_value != recorded:
+        raise ClusterUsageError(
+            f"--region {flag_value}, but the state file {state_file} records region {recorded}: the cluster is "
+            f"there. Leave out --region, or use another --cluster / --state-file for a cluster in {flag_value}")
+    if flag_value:
+        return Region(flag_value, "--region")
+    if recorded:
+        return Region(recorded, f"the state file {state_file}")
+    region = configured_region()
+    if not region.name:
+        raise ClusterUsageError("no AWS region: pass --region, or configure one (`aws configure set region "
+                                "<region>`, or AWS_DEFAULT_REGION)")
+    if not REGION_NAME.fullmatch(region.name):
+        raise ClusterUsageError(f"the region {region.name!r} from {region.source} is not an AWS region name")
+    other = os.environ.get("AWS_REGION", "")
+    if other and other != region.name:
+        raise ClusterUsageError(f"AWS_REGION says {other}, but boto3 uses {region.name} (from {region.source}): "
+                                f"pass --region to say which")
+    return region
+
+
+# --- the state file ------------------------------------------------------------------------------
+
+
+def read_state(path: str | Path) -> dict:
+    """Setup's record, or {} if there is none."""
+    path = Path(path)
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ClusterUsageError(f"reading the state file {path}: {exc} (fix or remove it)") from exc
+    if not isinstance(state, dict):
+        raise ClusterUsageError(f"the state file {path} does not hold a JSON object (fix or remove it)")
+    return state
+
+
+def check_state_cluster(state: dict, cluster: str, path: str | Path) -> None:
+    recorded = state.get("cluster", cluster)
+    if recorded != cluster:
+        raise ClusterUsageError(f"the state file {path} belongs to cluster {recorded}, not {cluster}")
+
+
+# --- what is left ----------------------------------------------------------------------------------
+
+
+def left_running(cluster: str, region: str, remedy: str) -> str:
+    """What of the cluster still runs (and bills), asked of EC2 quickly, and how to remove it."""
+    try:
+        instances = cluster_instances(ec2_client(region, quick=True), cluster, states=BILLED_STATES)
+    except API_ERRORS as exc:
+        return (f"Could not list the instances of cluster {cluster} in {region} ({api_error_text(exc)}); any that "
+                f"run are billed. {remedy}")
+    if not instances:
+        return f"No instance of cluster {cluster} runs in {region}."
+    return (f"{len(instances)} instance(s) of cluster {cluster} in {region} are running and billing: "
+            f"{', '.join(describe(instance) for instance in instances)}. {remedy}")
+
+
+def found_elsewhere(cluster: str, searched: str) -> dict[str, list[str]]:
+    """The cluster's instances and key pair in the regions other than `searched`: a destroy that
+    finds nothing where it looked says where the cluster is instead. SearchError if the regions
+    cannot be listed: then nobody knows whether there is anything elsewhere."""
+    session = boto3.session.Session()  # one session: the service model is loaded once, not per region
+    try:
+        regions = [entry["RegionName"] for entry in
+                   session.client("ec2", region_name=searched, config=aws_config()).describe_regions()["Regions"]]
+    except API_ERRORS as exc:
+        raise SearchError(f"the other regions could not be searched: {api_error_text(exc)}") from exc
+    # Clients are made here, one after the other (a session is not thread-safe); they are used in threads.
+    clients = {region: session.client("ec2", region_name=region, config=aws_config(quick=True))
+               for region in regions if region != searched}
+
+    def look(region: str) -> tuple[str, list[str]]:
+        ec2 = clients[region]
+        try:
+            found = [describe(instance) for instance in cluster_instances(ec2, cluster, states=BILLED_STATES)]
+            pairs = ec2.describe_key_pairs(Filters=[tag_filter("key-name", f"{cluster}-key"),
+                                                    tag_filter(f"tag:{TAG_CLUSTER}", cluster)])["KeyPairs"]
+        except API_ERRORS:  # a region this account cannot use
+            return region, []
+        return region, found + [f"key pair {pair['KeyName']}" for pair in pairs]
+
+    return {region: found for region, found in parallel(look, clients) if found}
