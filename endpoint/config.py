@@ -23,6 +23,7 @@ class Settings:
     db: str
     secret_file: str
     threads: int
+    max_waiting_claims: int
     max_payload_bytes: int
     max_iterations: int
     max_top: int
@@ -47,6 +48,9 @@ OPTIONS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "db": ("DW_DB", "", str, "SQLite file (default var/<node-id>.sqlite3)"),
     "secret_file": ("DW_SECRET_FILE", "", str, "file holding the cluster secret (or put the secret in DW_SECRET)"),
     "threads": ("DW_THREADS", "16", int, "request threads"),
+    "max_waiting_claims": ("DW_MAX_WAITING_CLAIMS", "8", int,
+                           "workers' claims that may wait for work at once, each on a request thread (fewer "
+                           "than --threads; 0: claims never wait, workers poll)"),
     "max_payload_bytes": ("DW_MAX_PAYLOAD_BYTES", str(4 * 1024 * 1024), int, "largest payload accepted"),
     "max_iterations": ("DW_MAX_ITERATIONS", "100000000", int, "largest iterations accepted"),
     "max_top": ("DW_MAX_TOP", "1000", int, "largest pullCompleted top accepted"),
@@ -93,6 +97,8 @@ def _checked(settings: Settings) -> Settings:
     for name in ("threads", "max_payload_bytes", "max_iterations", "max_top", "max_attempts"):
         if getattr(settings, name) < 1:
             problems.append(f"{name} must be at least 1")
+    if not 0 <= settings.max_waiting_claims < settings.threads:
+        problems.append("max_waiting_claims must be 0 or more and less than threads")
     if settings.lease_seconds <= 0:
         problems.append("lease_seconds must be positive")
     if settings.retention_days < 0:

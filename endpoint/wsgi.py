@@ -25,7 +25,7 @@ def create_app() -> bottle.Bottle:
     secret = read_secret(settings.secret_file)
     store = Store(settings.db_path, settings.node_id, lease_seconds=settings.lease_seconds,
                   max_attempts=settings.max_attempts, synchronous=settings.synchronous,
-                  retention_days=settings.retention_days)
+                  retention_days=settings.retention_days, max_waiting_claims=settings.max_waiting_claims)
     atexit.register(store.close)
     _exit_with_parent(store)
     peer = Peer(settings.peer, peer_key(secret)) if settings.peer else None
