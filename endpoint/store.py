@@ -347,6 +347,12 @@ class Store:
             self._readers.conn = conn
         return conn
 
+    def stop_waiting(self) -> None:
+        """The server stops: claims waiting for work are answered now, and none waits from now on."""
+        if not self._work_signal.closed:
+            log.info("stopping: %d waiting claim(s) answered now", self._work_signal.waiters)
+        self._work_signal.close()
+
     def close(self) -> None:
         self._work_signal.close()
         self._stopping.set()
@@ -528,8 +534,9 @@ class Store:
     def claim_batch(self, worker_id: str, claim_token: str | None = None, max_jobs: int = 1,
                     max_bytes: int = 0, wait_s: float = 0.0, report: WorkerReport | None = None) -> ClaimBatch:
         """Lease up to `max_jobs` of the oldest pending items to `worker_id` (their payloads at most
-        `max_bytes` together, 0: no bound; always one, however large), waiting up to `wait_s`
-        seconds for work when there is none (see endpoint/waiting.py).
+        `max_bytes` together, 0: no bound; always one, however large). When there is none, the
+        claim waits up to `wait_s` seconds for work to arrive and then answers with nothing, and
+        its worker claims again (see endpoint/waiting.py).
 
         With other claims waiting, one claim takes only its share of what is pending, so a worker
         with many free lanes does not take a shallow queue that idle workers would start as soon.
@@ -538,29 +545,22 @@ class Store:
         leaving them to expire. Each lease runs from when the claim is written. A claim whose
         caller heard "outcome unknown" is given back when it commits, without using attempts.
         """
-        deadline = time.monotonic() + wait_s
-        admitted = False
+        self._record_contact(worker_id, time.time(), report)
+        generation = self._work_signal.generation  # before looking: work that comes after wakes the wait
+        batch = self._claim_now(worker_id, claim_token, max_jobs, max_bytes)
+        if batch.claims or wait_s <= 0 or self._work_signal.is_cancelled(worker_id, claim_token):
+            return batch
+        if not self._work_signal.admit():
+            return ClaimBatch([], batch.pending, waited=False)
         try:
-            while True:
-                self._record_contact(worker_id, time.time(), report)
-                generation = self._work_signal.generation
-                batch = self._claim_now(worker_id, claim_token, max_jobs, max_bytes, admitted)
-                left = deadline - time.monotonic()
-                if batch.claims or left <= 0 or self._work_signal.is_cancelled(worker_id, claim_token):
-                    return batch
-                if not admitted:
-                    admitted = self._work_signal.admit()
-                    if not admitted:
-                        return ClaimBatch([], batch.pending, waited=False)
-                self._work_signal.wait(generation, left)
-                if self._work_signal.closed:
-                    return ClaimBatch([], batch.pending, waited=False)
+            self._work_signal.wait(generation, wait_s)
         finally:
-            if admitted:
-                self._work_signal.leave()
+            self._work_signal.leave()
+        # Woken, the claim takes nothing itself: its worker claims again at once. So a claim whose
+        # worker died while it waited (nobody would ever hear its answer) never holds a lease.
+        return ClaimBatch([], batch.pending, waited=not self._work_signal.closed)
 
-    def _claim_now(self, worker_id: str, claim_token: str | None, max_jobs: int, max_bytes: int,
-                   waiting: bool) -> ClaimBatch:
+    def _claim_now(self, worker_id: str, claim_token: str | None, max_jobs: int, max_bytes: int) -> ClaimBatch:
         conn = self._reader()
         # Most claims of an idle queue end here, without a trip through the writer.
         if conn.execute("SELECT 1 FROM work_items WHERE state = 'pending' LIMIT 1").fetchone() is None and (
@@ -568,8 +568,8 @@ class Store:
                     "SELECT 1 FROM work_items INDEXED BY work_items_leased WHERE state = 'running' AND claim_token = ?"
                     " LIMIT 1", (claim_token,)).fetchone() is None):
             return ClaimBatch([], 0)
-        # Claims that wait besides this one share what is pending.
-        others = self._work_signal.waiters - (1 if waiting else 0)
+        # The claims waiting meanwhile get their share of what is pending: they claim again once woken.
+        others = self._work_signal.waiters
 
         def op(conn: sqlite3.Connection) -> ClaimBatch:
             if self._work_signal.is_cancelled(worker_id, claim_token):

@@ -2,13 +2,15 @@
 
 An idle worker's claim waits at the endpoint (long polling) instead of asking again every half
 second: every write that may have made an item pending (an enqueue, a release, an expired
-lease) bumps a generation count, and the claims waiting on it try again. The number of claims
+lease) bumps a generation count, and the claims waiting on it are answered (empty), so that
+their workers claim again at once. A woken claim takes nothing itself: a worker that died while
+its claim waited never hears an answer, and so must not be handed a lease in it. The number of claims
 that wait at once is bounded, as each holds one of the server's threads while it waits; a
 claim over the bound is answered at once ("waited": false) and its worker backs off instead.
 
 A claim is named by its worker's token. A worker that stops while its claim waits cancels the
-token: the waiting claim ends without taking anything, and whatever a claim of that token took
-meanwhile is given back (endpoint/store.py).
+token: the waiting claim ends, and whatever a claim of that token took (its answer lost on the
+way) is given back (endpoint/store.py).
 """
 
 from __future__ import annotations

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
+import signal
 import threading
 import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 import bottle
+import granian._signals as granian_signals
 
 from endpoint.app import Limits, make_app
 from endpoint.config import from_env
@@ -28,11 +34,38 @@ def create_app() -> bottle.Bottle:
                   retention_days=settings.retention_days, max_waiting_claims=settings.max_waiting_claims)
     atexit.register(store.close)
     _exit_with_parent(store)
+    _end_waiting_claims_at_shutdown(store)
     peer = Peer(settings.peer, peer_key(secret)) if settings.peer else None
     limits = Limits(settings.max_payload_bytes, settings.max_iterations, settings.max_top)
     log.info("endpoint %s serving on http://%s:%d (db %s, peer %s)", settings.node_id, settings.host,
              settings.port, store.path, settings.peer or "none")
     return make_app(store, secret, limits, peer, settings.instance_id)
+
+
+def _end_waiting_claims_at_shutdown(store: Store) -> None:
+    """granian finishes every request in progress before its app process exits, and a claim may be
+    waiting for work for many seconds: end the waits as soon as the server is told to stop.
+
+    granian's app process calls set_sync_signals() once the app is loaded, on its main thread, to
+    install its SIGTERM and SIGINT handlers; each is wrapped here to end the waits first. (The
+    request reader of endpoint/bridge.py will end them from its own stop signal instead.)"""
+    original = granian_signals.set_sync_signals
+
+    def set_sync_signals() -> Any:
+        event = original()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            granian_handler = signal.getsignal(signum)
+            if callable(granian_handler):
+                signal.signal(signum, functools.partial(_stop_waiting_then, store, granian_handler))
+        return event
+
+    granian_signals.set_sync_signals = set_sync_signals
+
+
+def _stop_waiting_then(store: Store, handler: Callable[[int, FrameType | None], Any], signum: int,
+                       frame: FrameType | None) -> None:
+    store.stop_waiting()
+    handler(signum, frame)
 
 
 def _exit_with_parent(store: Store) -> None:

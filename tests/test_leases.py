@@ -107,9 +107,9 @@ def losing_first_claim_answer(target: Endpoint) -> Iterator[tuple[str, dict[str,
             answer = upstream.getresponse()
             data = answer.read()
             upstream.close()
-            if self.path == "/internal/claim":
+            if self.path == "/internal/claims":
                 seen["claims"] += 1
-                if answer.status == 200 and not seen["dropped"]:
+                if answer.status == 200 and not data.startswith(b'{"jobs": []') and not seen["dropped"]:
                     seen["dropped"] += 1
                     self.close_connection = True
                     return

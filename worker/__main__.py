@@ -15,6 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
+from worker.native import CHOICES, LIBRARY_ENV
 from worker.runner import WorkerOptions, run_worker
 
 
@@ -39,7 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--idle-timeout", type=float, default=env("DW_IDLE_TIMEOUT", "60"),
         help="exit after this many seconds without work from any endpoint [DW_IDLE_TIMEOUT]")
     add("--poll-interval", type=float, default=env("DW_POLL_INTERVAL", "0.5"),
-        help="pause between claim rounds while no endpoint has work [DW_POLL_INTERVAL]")
+        help="pause between claims when an endpoint cannot let a claim wait for work [DW_POLL_INTERVAL]")
+    add("--claim-wait", type=float, default=env("DW_CLAIM_WAIT", "20"),
+        help="seconds a claim waits at the endpoint for work (0-30; 0: poll) [DW_CLAIM_WAIT]")
+    add("--kernel", default=env("DW_KERNEL", "auto"), choices=CHOICES,
+        help="hashing kernel: auto picks the fastest this CPU runs; python is the hashlib loop [DW_KERNEL]")
     add("--submit-patience", type=float, default=env("DW_SUBMIT_PATIENCE", "3600"),
         help="seconds a result is offered to a failing endpoint before it is given up [DW_SUBMIT_PATIENCE]")
     add("--exit-command", default=env("DW_EXIT_COMMAND", ""),
@@ -52,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give at least one --endpoint (or DW_ENDPOINTS)")
     if args.processes < 1:
         parser.error("--processes must be at least 1")
+    if not 0 <= args.claim_wait <= 30:
+        parser.error("--claim-wait must be from 0 to 30 seconds")
     return args
 
 
@@ -67,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         poll_interval=args.poll_interval,
         exit_command=args.exit_command,
         submit_patience=args.submit_patience,
+        kernel=args.kernel,
+        kernel_library=os.environ.get(LIBRARY_ENV, ""),
+        claim_wait=args.claim_wait,
     )
     return run_worker(options)
 
