@@ -273,7 +273,20 @@ def cluster_view(own_stats: dict, peer_stats: dict | None, fleet: Fleet, node_id
         workers_booting=sum(not node.ready for node in nodes),
         own_workers=sum(node.owner == node_id for node in nodes),
         peer_workers=sum(node.owner != node_id for node in nodes),
+        reported_slots_per_worker=reported_capacity(nodes, [own_stats] + ([peer_stats] if peer_stats else [])),
     )
+
+
+def reported_capacity(nodes: list[Node], answers: list[dict]) -> float | None:
+    """The mean of the jobs at once that the fleet's workers reported to either endpoint (the
+    workers list of /stats with the peer key), None if none has reported yet."""
+    reported: dict[str, int] = {}
+    for stats in answers:
+        for worker in stats.get("workers", []):
+            if worker.get("capacity"):
+                reported[worker["id"]] = max(reported.get(worker["id"], 0), int(worker["capacity"]))
+    capacities = [reported[node.node_id] for node in nodes if node.node_id in reported]
+    return sum(capacities) / len(capacities) if capacities else None
 
 
 @dataclass(frozen=True)

@@ -555,7 +555,7 @@ class Store:
         try:
             self._work_signal.wait(generation, wait_s)
         finally:
-            self._work_signal.leave()
+            self._work_signal.leave(worker_id)
         # Woken, the claim takes nothing itself: its worker claims again at once. So a claim whose
         # worker died while it waited (nobody would ever hear its answer) never holds a lease.
         return ClaimBatch([], batch.pending, waited=not self._work_signal.closed)
@@ -568,8 +568,8 @@ class Store:
                     "SELECT 1 FROM work_items INDEXED BY work_items_leased WHERE state = 'running' AND claim_token = ?"
                     " LIMIT 1", (claim_token,)).fetchone() is None):
             return ClaimBatch([], 0)
-        # The claims waiting meanwhile get their share of what is pending: they claim again once woken.
-        others = self._work_signal.waiters
+        # The workers waiting meanwhile (or just woken, claiming again) get their share of what is pending.
+        others = self._work_signal.sharers(worker_id)
 
         def op(conn: sqlite3.Connection) -> ClaimBatch:
             if self._work_signal.is_cancelled(worker_id, claim_token):

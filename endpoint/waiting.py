@@ -19,6 +19,9 @@ import threading
 import time
 
 CANCELLED_KEPT_S = 120.0  # a cancelled token is remembered this long (longer than any wait)
+# A woken claim's worker claims again within this time (a round trip); until then it counts as
+# one that shares what is pending.
+COMING_BACK_S = 1.0
 
 
 class WorkSignal:
@@ -31,6 +34,7 @@ class WorkSignal:
         self._waiters = 0
         self._closed = False
         self._cancelled: dict[tuple[str, str], float] = {}
+        self._coming_back: dict[str, float] = {}  # worker -> when its claim was woken
 
     @property
     def generation(self) -> int:
@@ -53,9 +57,19 @@ class WorkSignal:
             self._waiters += 1
             return True
 
-    def leave(self) -> None:
+    def leave(self, worker_id: str) -> None:
         with self._condition:
             self._waiters -= 1
+            self._coming_back[worker_id] = time.monotonic()
+
+    def sharers(self, worker_id: str) -> int:
+        """The other workers that share what is pending now: those waiting, and those whose wait was
+        just answered and who are about to claim again. `worker_id` is claiming now."""
+        now = time.monotonic()
+        with self._condition:
+            self._coming_back.pop(worker_id, None)
+            self._coming_back = {worker: at for worker, at in self._coming_back.items() if now - at < COMING_BACK_S}
+            return self._waiters + len(self._coming_back)
 
     def wait(self, since: int, timeout: float) -> None:
         """Until the generation moves past `since`, the signal closes, or `timeout` passes."""
