@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shlex
 import socket
@@ -30,7 +31,12 @@ from cron.providers import ProviderError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REMOTE_DIR_NAME = "dynamic-workload"
+log = logging.getLogger(__name__)
+
 SERVICE_NAME = "dw-worker"
+KERNEL_LIBRARY = "sha512_lanes.so"  # worker/native.py's LIBRARY_PATH
+# What an endpoint host builds that library from (worker/build_kernel.sh), at deploy.
+KERNEL_SOURCES = ("build_kernel.sh", "sha512_lanes.c", "sha512_lanes_undef.h")
 
 
 class ProvisionError(ProviderError):
@@ -122,6 +128,7 @@ class WorkerInstall:
     python: str = "python3"
     # Only for machines that are ours to end (EC2 workers): with systemd, an idle exit powers off.
     poweroff_on_idle: bool = False
+    kernel: str = "auto"  # the worker's hashing kernel (worker/native.py)
 
 
 def wait_for_ssh(address: str, port: int = 22, timeout: float = 300.0, what: str = "") -> float:
@@ -221,6 +228,8 @@ def worker_settings(install: WorkerInstall, secret_path: str = "") -> str:
         settings["DW_SECRET_FILE"] = secret_path
     if install.processes:
         settings["DW_PROCESSES"] = str(install.processes)
+    if install.kernel != "auto":
+        settings["DW_KERNEL"] = install.kernel
     return "".join(f"{name}={shlex.quote(value)}\n" for name, value in settings.items())
 
 
@@ -265,6 +274,7 @@ def provision_worker(target: SshTarget, pins: HostKeyPins, install: WorkerInstal
         mkdirs(sftp, f"{base}/worker")
         for source in sorted((REPO_ROOT / "worker").glob("*.py")):
             sftp.put(str(source), f"{base}/worker/{source.name}")
+        upload_kernel(sftp, f"{base}/worker")
         upload_text(sftp, f"{base}/secret", install.secret + "\n", mode=0o600)
         if install.service == "systemd":
             install_dir = f"/opt/{REMOTE_DIR_NAME}"
@@ -280,6 +290,18 @@ def provision_worker(target: SshTarget, pins: HostKeyPins, install: WorkerInstal
         else:
             raise ProvisionError(f"unknown service manager {install.service!r}")
     return time.monotonic() - started
+
+
+def upload_kernel(sftp: paramiko.SFTPClient, folder: str) -> None:
+    """The worker's native hashing kernel as built here (on an endpoint host: at deploy), if it was:
+    workers have no compiler. Put beside its place and renamed over it, so that a worker running
+    on the old copy is not changed under it. A worker whose CPU cannot run it falls back (logged)."""
+    library = REPO_ROOT / "worker" / KERNEL_LIBRARY
+    if not library.is_file():
+        log.warning("%s is not built: workers will hash with their Python loop", library)
+        return
+    sftp.put(str(library), f"{folder}/.{KERNEL_LIBRARY}.new")
+    sftp.posix_rename(f"{folder}/.{KERNEL_LIBRARY}.new", f"{folder}/{KERNEL_LIBRARY}")
 
 
 def _systemd_start_script(base: str, install_dir: str) -> str:
@@ -424,6 +446,8 @@ def _upload_code(sftp: paramiko.SFTPClient, base: str) -> None:
             relative = path.relative_to(REPO_ROOT).as_posix()
             mkdirs(sftp, f"{base}/{Path(relative).parent.as_posix()}")
             sftp.put(str(path), f"{base}/{relative}")
+    for name in KERNEL_SOURCES:
+        sftp.put(str(REPO_ROOT / "worker" / name), f"{base}/worker/{name}")
 
 
 def _endpoint_unit(base: str, user: str) -> str:
@@ -484,6 +508,11 @@ if [ "$(cat .venv/.installed 2> /dev/null)" != "$wanted" ]; then
         -r requirements.txt
     echo "$wanted" > .venv/.installed
 fi
+# The workers' hashing kernel, built here for the workers (they have no compiler); without it
+# they hash with their Python loop, so a failed build does not stop the deploy.
+command -v cc > /dev/null || sudo dnf install -y -q gcc > /dev/null 2>&1 \
+    || sudo apt-get install -y -qq gcc > /dev/null 2>&1 || true
+sh worker/build_kernel.sh || echo "the workers will hash with their Python loop" >&2
 {start}
 {schedule}
 """

@@ -100,6 +100,8 @@ SETTINGS: dict[str, Setting] = {
     "idle_timeout": Setting("DW_IDLE_TIMEOUT", "60", seconds(0), "seconds a worker waits for work before it exits"),
     "worker_processes": Setting("DW_WORKER_PROCESSES", "0", whole(0),
                                 "jobs a worker runs at once; 0: one per core (local provider: --slots-per-worker)"),
+    "worker_kernel": Setting("DW_WORKER_KERNEL", "auto", choice("auto", "avx512", "avx2", "scalar", "python"),
+                             "the workers' hashing kernel: auto picks the fastest their CPU runs"),
     "worker_service": Setting("DW_WORKER_SERVICE", "systemd", choice("systemd", "process"),
                               "how ssh/ec2 workers run: a systemd unit, or a detached process (hosts without systemd)"),
     "worker_exit_command": Setting("DW_WORKER_EXIT_COMMAND", "", text,
@@ -169,7 +171,7 @@ def worker_install(args: argparse.Namespace) -> WorkerInstall:
     return WorkerInstall(endpoints=tuple(args.endpoints), secret=key, worker_id="",
                          idle_timeout=args.idle_timeout, processes=args.worker_processes,
                          service=args.worker_service, exit_command=args.worker_exit_command,
-                         python=args.remote_python)
+                         python=args.remote_python, kernel=args.worker_kernel)
 
 
 def make_provider(args: argparse.Namespace) -> Provider:
@@ -177,7 +179,7 @@ def make_provider(args: argparse.Namespace) -> Provider:
     if args.provider == "local":
         return LocalProvider(state_dir / "workers", args.endpoints, lambda: worker_key(cluster_secret(args)),
                              processes_per_worker=args.slots_per_worker, idle_timeout=args.idle_timeout,
-                             log_dir=state_dir / "log")
+                             log_dir=state_dir / "log", kernel=args.worker_kernel)
     pins = HostKeyPins(state_dir / "known_hosts.json")
     if args.provider == "ssh":
         from cron.providers.ssh import SshProvider

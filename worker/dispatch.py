@@ -190,7 +190,7 @@ class Dispatcher:
                 flight.slot = self.roomiest_slot()
                 if flight.slot is None:
                     return
-                self.slots[flight.slot].send(("run", flight.job.key, flight.job.payload, flight.job.iterations))
+                self.slots[flight.slot].send(("run", flight.job))
 
     def slot_lost(self, index: int, pipe: SlotPipe) -> list[Job]:
         """A slot died: its jobs are no longer computed (the caller gives them back)."""
@@ -265,7 +265,7 @@ class Dispatcher:
                 slot = self.roomiest_slot()
                 self.in_flight[job.key] = InFlight(job, slot)
                 if slot is not None:
-                    self.slots[slot].send(("run", job.key, job.payload, job.iterations))
+                    self.slots[slot].send(("run", job))
             if jobs:
                 self.last_work = time.monotonic()
                 self.state.notify_all()  # the keeper learns when their first renewal is due

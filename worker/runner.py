@@ -65,7 +65,8 @@ class _Slots:
     def start(self, index: int) -> tuple[BaseProcess, SlotPipe]:
         ours, theirs = self.context.Pipe()
         process = self.context.Process(
-            target=run_slot, args=(index, theirs, self.options.kernel, self.options.kernel_library, self.log_level),
+            target=run_slot, args=(index, theirs, self.options.kernel, self.options.kernel_library, self.log_level,
+                                   self.options.secret, self.options.worker_id),
             name=f"slot-{index}", daemon=True)
         process.start()
         theirs.close()

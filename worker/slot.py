@@ -1,7 +1,8 @@
 """A slot: one process that hashes the jobs its supervisor hands it, one job per lane of its kernel.
 
-The slot talks to no endpoint: it gets ("run", key, payload, iterations) and ("cancel", key)
-over a pipe and answers ("done", key, result, seconds). A lane whose chain ends takes the next
+The slot gets ("run", job) and ("cancel", key) over a pipe and answers ("done", key,
+result, seconds); it talks to an endpoint only when its supervisor died (SIGKILL), to give back
+the jobs it held, which nobody else would. A lane whose chain ends takes the next
 job at once, so jobs of different lengths share the vector; with one job alone the slot runs
 the scalar kernel, faster for a single chain than one lane of a vector (worker/native.py).
 Between kernel calls (a few milliseconds each; ctypes releases the GIL meanwhile) it reads its
@@ -10,7 +11,6 @@ pipe, so a cancelled job stops within one call.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -18,6 +18,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from worker.client import EndpointClient, EndpointDown, Job, Rejected
 from worker.native import CHECK_EVERY, Kernel, Lanes, select_kernel
 
 log = logging.getLogger("worker")
@@ -39,15 +40,22 @@ class Slot:
         self.conn = conn
         self.lanes: Lanes[Any] = Lanes(kernel, single=single)
         self.started: dict[Any, float] = {}
+        self.jobs: dict[Any, Job] = {}
         self.parent_pid = parent_pid
 
-    def run(self) -> None:
+    def run(self) -> list[Job]:
+        """Until told to stop (returns nothing), or until the supervisor died: returns the jobs held."""
         while os.getppid() == self.parent_pid:  # a slot whose supervisor died must not keep computing
             idle = self.lanes.busy() == 0
-            if not self.read_messages(IDLE_POLL_S if idle else 0.0):
-                return
+            try:
+                if not self.read_messages(IDLE_POLL_S if idle else 0.0):
+                    return []
+            except (EOFError, OSError):
+                break  # the supervisor is gone
             for key, result in self.lanes.step(CHECK_EVERY, stop_on_finish=True):
+                self.jobs.pop(key, None)
                 self.conn.send(("done", key, result, time.perf_counter() - self.started.pop(key)))
+        return list(self.jobs.values())
 
     def read_messages(self, timeout: float) -> bool:
         """Every message waiting (the first up to `timeout`); False when told to stop."""
@@ -57,16 +65,32 @@ class Slot:
             if message[0] == "stop":
                 return False
             if message[0] == "run":
-                _, key, payload, iterations = message
-                self.started[key] = time.perf_counter()
-                self.lanes.submit(key, payload, iterations)
+                job: Job = message[1]
+                self.started[job.key] = time.perf_counter()
+                self.jobs[job.key] = job
+                self.lanes.submit(job.key, job.payload, job.iterations)
             elif message[0] == "cancel":
                 self.lanes.cancel(message[1])
                 self.started.pop(message[1], None)
+                self.jobs.pop(message[1], None)
         return True
 
 
-def run_slot(index: int, conn: Connection, kernel_choice: str, library: str, log_level: int) -> None:
+def give_back_orphaned(jobs: list[Job], secret: str, worker_id: str) -> None:
+    """The supervisor died: give back the jobs this slot held, once each (no time for patience)."""
+    for url in sorted({job.endpoint for job in jobs}):
+        client = EndpointClient(url, secret, worker_id)
+        try:
+            client.release([job for job in jobs if job.endpoint == url])
+            log.info("supervisor gone: gave back %d job(s) to %s", sum(job.endpoint == url for job in jobs), url)
+        except (EndpointDown, Rejected) as exc:
+            log.warning("supervisor gone: could not give back jobs to %s (their leases will expire): %s", url, exc)
+        finally:
+            client.close()
+
+
+def run_slot(index: int, conn: Connection, kernel_choice: str, library: str, log_level: int,
+             secret: str, worker_id: str) -> None:
     # Ctrl-C and a group-wide SIGTERM reach every process; the supervisor alone decides when slots
     # stop (and a slot whose supervisor died notices by itself).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -77,5 +101,6 @@ def run_slot(index: int, conn: Connection, kernel_choice: str, library: str, log
     kernel, single = slot_kernels(kernel_choice, library)
     logging.getLogger("worker").setLevel(log_level)
     conn.send(("ready", kernel.name, kernel.lanes, kernel.reason))
-    with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):  # the supervisor is gone
-        Slot(conn, kernel, single, os.getppid()).run()
+    orphaned = Slot(conn, kernel, single, os.getppid()).run()
+    if orphaned:
+        give_back_orphaned(orphaned, secret, worker_id)
