@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http.server
 import os
 import re
 import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +91,21 @@ class Deployment:
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(10)
+
+    def group_of(self, module: str, node: str) -> int:
+        """The process group of this deployment's endpoint or scaler (module "endpoint" or "cron.scale") of a node."""
+        groups = set()
+        for pid in processes_of(self.state):
+            with contextlib.suppress(OSError):
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if f"\0-m\0{module}\0".encode() in command and f"\0--node-id\0{node}\0".encode() in command:
+                    groups.add(os.getpgid(pid))
+        assert len(groups) == 1, f"{module} {node}: groups {groups}"
+        return groups.pop()
+
+    def wait_output(self, text: str, timeout: float = 60) -> None:
+        wait_for(lambda: text in self.output() or self.process.poll() is not None, timeout, repr(text))
+        assert text in self.output(), self.output()
 
     def stats(self, url: str) -> dict:
         response = requests.get(f"{url}/stats", timeout=10)
@@ -237,17 +254,18 @@ def test_a_scaler_that_exits_at_start_up_stops_the_deployment(tmp_path: Path, de
     assert processes_of(deployment.state) == []
 
 
-def test_a_service_that_dies_later_is_reported_and_stops_the_deployment(tmp_path: Path,
-                                                                        deployments: list[Deployment]) -> None:
-    deployment = deploy(deployments, tmp_path, *FAST)
+def test_with_restarts_off_a_service_that_dies_later_stops_the_deployment(tmp_path: Path,
+                                                                         deployments: list[Deployment]) -> None:
+    deployment = deploy(deployments, tmp_path, *FAST, "--max-restarts", "0")
     deployment.wait_running()
-    endpoint_b = [pid for pid in processes_of(deployment.state)
-                  if b"--node-id\0b\0" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    os.killpg(os.getpgid(endpoint_b[0]), signal.SIGKILL)  # endpoint b and its server process: a crash
+    assert "not restarted (--max-restarts 0)" in deployment.output()
+    os.killpg(deployment.group_of("endpoint", "b"), signal.SIGKILL)  # endpoint b and its server process: a crash
     status = deployment.wait_exit(60)
     output = deployment.output()
     assert status == 1, output
-    assert "endpoint-b exited (while running, status 137)" in output
+    assert "endpoint-b exited (while running, killed by SIGKILL)" in output
+    assert "giving up on it: restarts are off" in output
+    assert "restarting" not in output
     assert processes_of(deployment.state) == []
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{deployment.url_a}/stats", timeout=5)
@@ -263,6 +281,161 @@ def test_a_port_taken_by_something_else_is_refused_before_anything_starts(tmp_pa
         assert deployment.wait_exit(60) == 1
     assert f"127.0.0.1:{taken} is in use already" in deployment.output()
     assert not (deployment.state / "a.sqlite3").exists()
+
+
+# --- supervision: a service that exits is restarted ---------------------------------------------------------------
+
+
+def break_data_file(deployment: Deployment, node: str) -> None:
+    """Kill an endpoint and put a folder where its data file was: every start fails from now on (the file
+    is kept aside; its lock file stays, as a restart finds it)."""
+    os.killpg(deployment.group_of("endpoint", node), signal.SIGKILL)
+    db = deployment.state / f"{node}.sqlite3"
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{db}{suffix}").rename(f"{db}{suffix}.aside")
+    db.mkdir()
+
+
+def test_an_endpoint_killed_whole_comes_back_on_its_port_and_data(tmp_path: Path,
+                                                                  deployments: list[Deployment]) -> None:
+    deployment = deploy(deployments, tmp_path, *FAST)
+    deployment.wait_running()
+    instance_id = deployment.stats(deployment.url_b)["instance_id"]
+    done = deployment.enqueue(deployment.url_b, b"done before", 5)
+    wait_for(lambda: deployment.work(done)["state"] == "completed", 60, "the first job")
+    waiting = deployment.enqueue(deployment.url_b, b"waiting", 3_000_000)  # about 2 s of work: not done yet
+    old_group = deployment.group_of("endpoint", "b")
+
+    os.killpg(old_group, signal.SIGKILL)  # the endpoint and its server process at once, as a crash
+    deployment.wait_output("endpoint-b is back")
+    output = deployment.output()
+    assert "endpoint-b exited (while running, killed by SIGKILL)" in output
+    assert "restarting it in 1 s (attempt 1 of 5)" in output
+    new_group = deployment.group_of("endpoint", "b")
+    assert new_group != old_group
+    assert f"endpoint-b restarted (attempt 1 of 5), pid {new_group}" in output
+    assert f"endpoint-b is back: {deployment.url_b}/stats reports this run's instance id" in output
+    assert deployment.stats(deployment.url_b)["instance_id"] == instance_id  # same port, same id
+
+    # Its data file: the result stored before the kill, and the job enqueued before it, which completes.
+    pulled = {item["id"]: item["result"] for item in deployment.pull_until(2, timeout=90)}
+    assert pulled == {done: reference(b"done before", 5), waiting: reference(b"waiting", 3_000_000)}
+    assert deployment.process.poll() is None
+    for log in (deployment.state / "log" / "deploy.log", deployment.state / "log" / "endpoint-b.log"):
+        text = log.read_text()
+        assert "endpoint-b exited (while running, killed by SIGKILL)" in text, log
+        assert f"endpoint-b restarted (attempt 1 of 5), pid {new_group}" in text, log
+
+
+def test_a_killed_scaler_is_restarted_and_scales_again(tmp_path: Path, deployments: list[Deployment]) -> None:
+    deployment = deploy(deployments, tmp_path, *FAST)
+    deployment.wait_running()
+    old_group = deployment.group_of("cron.scale", "a")
+    os.killpg(old_group, signal.SIGKILL)
+    deployment.wait_output("scaler-a restarted (attempt 1 of 5)")
+    restarted = time.time()
+    assert "scaler-a exited (while running, killed by SIGKILL)" in deployment.output()
+    assert deployment.group_of("cron.scale", "a") != old_group
+
+    def ran_since_restart() -> bool:
+        ago = deployment.stats(deployment.url_a)["scaler"]["last_run_s_ago"]
+        return ago is not None and time.time() - ago > restarted
+    wait_for(ran_since_restart, 30, "a decision of the restarted scaler")
+    work_id = deployment.enqueue(deployment.url_a, b"after the scaler's restart", 5)
+    assert deployment.pull_until(1) == [{"id": work_id, "result": reference(b"after the scaler's restart", 5)}]
+    assert deployment.process.poll() is None
+
+
+def test_a_restart_that_finds_the_port_taken_tries_again_later(tmp_path: Path,
+                                                               deployments: list[Deployment]) -> None:
+    # Something else takes the dead endpoint's port and answers /stats with another id: the restart meanwhile
+    # fails (the endpoint cannot listen) or is not confirmed; once the port is free again, the next one is.
+    deployment = deploy(deployments, tmp_path, *FAST)
+    deployment.wait_running()
+    os.killpg(deployment.group_of("endpoint", "b"), signal.SIGKILL)
+    impostor = http.server.ThreadingHTTPServer(("127.0.0.1", deployment.port_b), ImpostorHandler, bind_and_activate=False)
+    deadline = time.monotonic() + 5
+    while True:  # the killed server's socket closes a moment after the kill
+        try:
+            impostor.server_bind()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    impostor.server_address = impostor.socket.getsockname()
+    impostor.server_activate()
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    try:
+        assert requests.get(f"{deployment.url_b}/stats", timeout=5).json()["instance_id"] == "someone else"
+        deployment.wait_output("restarting it in 2 s (attempt 2 of 5)")
+        assert "endpoint-b is back" not in deployment.output()
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
+    deployment.wait_output("endpoint-b is back")
+    assert re.search(r"endpoint-b exited \(while running, status 1\) after [\d.]+ s; restarting it in 2 s",
+                     deployment.output())
+    assert "address already in use" in (deployment.state / "log" / "endpoint-b.log").read_text().lower()
+    assert deployment.stats(deployment.url_b)["instance_id"] == deployment.stats(deployment.url_a)["instance_id"]
+
+
+class ImpostorHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 -- the http.server name
+        body = b'{"instance_id": "someone else"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_service_that_keeps_crashing_is_given_up_and_everything_stops(tmp_path: Path,
+                                                                        deployments: list[Deployment]) -> None:
+    deployment = deploy(deployments, tmp_path, *FAST)
+    deployment.wait_running()
+    break_data_file(deployment, "a")
+    status = deployment.wait_exit(120)  # 1 + 2 + 4 + 8 + 16 s of back-off, and the starts
+    output = deployment.output()
+    assert status == 1, output
+    for attempt, delay in enumerate([1, 2, 4, 8, 16], start=1):
+        assert f"restarting it in {delay} s (attempt {attempt} of 5)" in output
+        assert f"endpoint-a restarted (attempt {attempt} of 5)" in output
+    assert "attempt 6" not in output and "endpoint-a is back" not in output
+    assert re.search(r"endpoint-a exited \(while running, status 1\) after [\d.]+ s; giving up on it: restarted 5 "
+                     r"times in a row, and no run lasted 60 s; the end of \S+endpoint-a.log:", output)
+    assert "unable to open database file" in output  # the end of its log, shown
+    assert "stopping..." in output and "stopped." in output
+    assert processes_of(deployment.state) == []
+    for url in (deployment.url_a, deployment.url_b):
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{url}/stats", timeout=5)
+
+
+@pytest.mark.parametrize(("stop_signal", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["Ctrl-C", "SIGTERM", "SIGHUP"])
+def test_a_stop_signal_during_a_restart_back_off_stops_everything_at_once(
+        tmp_path: Path, deployments: list[Deployment], stop_signal: int, status: int) -> None:
+    deployment = deploy(deployments, tmp_path, *FAST)
+    deployment.wait_running()
+    break_data_file(deployment, "b")
+    deployment.wait_output("restarting it in 8 s (attempt 4 of 5)")
+    signalled = time.monotonic()
+    if stop_signal == signal.SIGINT:
+        os.killpg(deployment.process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    else:
+        deployment.process.send_signal(stop_signal)
+    assert deployment.wait_exit(60) == status
+    took = time.monotonic() - signalled
+    output = deployment.output()
+    assert "attempt 4 of 5)," not in output  # "restarted (attempt 4 of 5), pid ...": the back-off was not waited out
+    assert took < 7, f"the stop took {took:.1f}s, as long as the back-off it interrupted"
+    assert "stopping..." in output and "stopped." in output
+    assert processes_of(deployment.state) == []
 
 
 # --- one deployment per state -----------------------------------------------------------------------------------
