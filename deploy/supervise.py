@@ -116,7 +116,8 @@ class RestartPolicy:
     def why_given_up(self) -> str:
         if self.max_restarts == 0:
             return "restarts are off"
-        return f"restarted {self.max_restarts} times in a row, and no run lasted {self.stable_s:g} s"
+        times = "time" if self.max_restarts == 1 else "times"
+        return f"restarted {self.max_restarts} {times} in a row, and no run lasted {self.stable_s:g} s"
 
 
 @dataclass(eq=False)

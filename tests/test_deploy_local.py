@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, free_port, reference, wait_for
+from conftest import REPO, free_port, group_members, pid_alive, reference, wait_for
+from deploy.supervise import Failed, RestartPolicy, Service, Supervisor
 
 BANNER_END = "Ctrl-C stops everything"
 
@@ -354,7 +355,8 @@ def test_a_restart_that_finds_the_port_taken_tries_again_later(tmp_path: Path,
     deployment = deploy(deployments, tmp_path, *FAST)
     deployment.wait_running()
     os.killpg(deployment.group_of("endpoint", "b"), signal.SIGKILL)
-    impostor = http.server.ThreadingHTTPServer(("127.0.0.1", deployment.port_b), ImpostorHandler, bind_and_activate=False)
+    impostor = http.server.ThreadingHTTPServer(("127.0.0.1", deployment.port_b), ImpostorHandler,
+                                               bind_and_activate=False)
     deadline = time.monotonic() + 5
     while True:  # the killed server's socket closes a moment after the kill
         try:
@@ -562,3 +564,84 @@ def test_everything_under_the_state_directory_is_owner_only(tmp_path: Path, depl
     deployment.stop()
     open_to_others = {name: mode for name, mode in modes().items() if int(mode, 8) & 0o077}
     assert open_to_others == {}
+
+
+# --- the supervisor on its own, with small real processes ---------------------------------------------------------
+
+
+def test_the_back_off_doubles_from_1_s_to_30_s_and_a_stable_run_starts_it_over() -> None:
+    policy = RestartPolicy(max_restarts=8)
+    streak, delays = 0, []
+    for _ in range(8):
+        decision = policy.after_exit(streak, ran_s=0.5)
+        assert decision is not None
+        streak, delay = decision
+        delays.append(delay)
+    assert delays == [1, 2, 4, 8, 16, 30, 30, 30]
+    assert policy.after_exit(streak, ran_s=59.9) is None  # 8 restarts in a row, none lasted: given up
+    assert policy.after_exit(streak, ran_s=60) == (1, 1)  # a stable run: as if it were the first exit
+    assert RestartPolicy(max_restarts=0).after_exit(0, ran_s=3600) is None
+    assert RestartPolicy(max_restarts=10**6).after_exit(10**5, ran_s=0) == (10**5 + 1, 30)
+
+
+def supervise_until(supervisor: Supervisor, said: list[str], text: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in said):
+        assert time.monotonic() < deadline, f"{text!r} not in {said}"
+        supervisor.check(restart=True)
+        time.sleep(0.02)
+
+
+def test_what_a_dead_service_left_in_its_group_is_killed_before_the_restart(tmp_path: Path) -> None:
+    # The leader exits and leaves a child in its group (as a server's worker process could, holding the port).
+    said: list[str] = []
+    supervisor = Supervisor(RestartPolicy(first_delay_s=0.1), said.append)
+    children = tmp_path / "children"
+    service = Service("leaver", ["sh", "-c", f"sleep 60 & echo $! >> {children}; sleep 0.3"], tmp_path / "leaver.log",
+                      dict(os.environ))
+    supervisor.start(service)
+    try:
+        supervise_until(supervisor, said, "leaver restarted (attempt 1 of 5)")
+        assert re.search(r"leaver exited \(while running, status 0\) after [\d.]+ s; restarting it in 0.1 s", said[0])
+        first_child = int(children.read_text().split()[0])
+        assert not pid_alive(first_child), "the child left behind must be gone before the restart"
+    finally:
+        supervisor.stop([service])
+    assert service.process is None
+    assert all(not pid_alive(int(pid)) for pid in children.read_text().split())
+    assert "supervisor: leaver restarted (attempt 1 of 5)" in (tmp_path / "leaver.log").read_text()
+
+
+def test_a_restart_not_confirmed_in_time_is_killed_and_counts_as_a_crash(tmp_path: Path) -> None:
+    said: list[str] = []
+    supervisor = Supervisor(RestartPolicy(first_delay_s=0.05, max_restarts=1), said.append, confirm_timeout_s=0.5)
+    service = Service("mute", ["sleep", "60"], tmp_path / "mute.log", dict(os.environ),
+                      confirm=lambda: (False, "nobody answers"))
+    supervisor.start(service)
+    try:
+        assert service.process is not None
+        os.killpg(service.process.pid, signal.SIGKILL)
+        with pytest.raises(Failed) as failure:
+            supervise_until(supervisor, said, "never said")
+    finally:
+        supervisor.stop([service])
+    assert re.search(r"mute exited \(while running, killed by SIGKILL\) after 0\.[5-9]\d* s, killed because it was "
+                     r"not confirmed within 0.5 s \(nobody answers\); giving up on it: restarted 1 time in a row",
+                     str(failure.value)), str(failure.value)
+    assert not any("is back" in line for line in said)
+
+
+def test_a_group_that_ignores_sigterm_is_killed_after_the_grace_time(tmp_path: Path) -> None:
+    supervisor = Supervisor(RestartPolicy(), print, stop_grace_s=0.5)
+    # An ignored signal stays ignored across exec: the shell and its sleep both ignore TERM.
+    service = Service("stubborn", ["sh", "-c", "trap '' TERM; sleep 60 & sleep 60"], tmp_path / "stubborn.log",
+                      dict(os.environ))
+    supervisor.start(service)
+    assert service.process is not None
+    pgid = service.process.pid
+    time.sleep(0.3)
+    started = time.monotonic()
+    supervisor.stop([service])
+    assert time.monotonic() - started < 10
+    assert group_members(pgid) == []
+    assert service.process is None
