@@ -198,6 +198,9 @@ BAD_OPTIONS = [
     (["--port-a", "0"], "--port-a must be a whole number from 1 to 65535, not '0'"),
     (["--port-a", "65536"], "--port-a must be a whole number from 1 to 65535, not '65536'"),
     (["--port-a", "6000", "--port-b", "6000"], "--port-a and --port-b must differ (both are 6000)"),
+    (["--max-restarts", "-1"], "--max-restarts must be a whole number from 0 to 999999, not '-1'"),
+    (["--max-restarts", "five"], "--max-restarts must be a whole number from 0 to 999999, not 'five'"),
+    (["--max-restarts"], "--max-restarts needs a value"),
 ]
 
 
@@ -227,6 +230,7 @@ def test_help_names_the_state_directory_variable() -> None:
     completed = subprocess.run(["./deploy.sh", "local", "--help"], cwd=REPO, capture_output=True, timeout=30)
     assert completed.returncode == 0
     assert b"go to $DW_STATE_DIR (default var/)" in completed.stdout
+    assert b"--max-restarts N" in completed.stdout and b"(default 5; 0: no restarts)" in completed.stdout
 
 
 def test_options_take_the_equals_form_and_fractional_seconds(tmp_path: Path, deployments: list[Deployment]) -> None:
