@@ -1,0 +1,183 @@
+"""Reading requests off the network before the application sees them.
+
+The server hands each request to this reader (an ASGI application): it collects the body on
+the event loop, within a size and a time limit, and refuses a body that ends before its
+`Content-Length` or before its last chunk. Only a complete request reaches the Bottle (WSGI)
+application, on one of its threads. So a client that is slow to send holds a connection for
+at most the time limit, and never one of the threads that serve /stats, enqueues and claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+log = logging.getLogger(__name__)
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+_JSON = (b"content-type", b"application/json")
+# The body is complete when the app sees it: it reads the length it got, not what was announced.
+_BODY_HEADERS = frozenset({"CONTENT_LENGTH", "TRANSFER_ENCODING"})
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    max_body_bytes: int
+    body_timeout_s: float
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class RequestReader:
+    """Reads each request completely, then answers it with the WSGI app on one of `threads` threads."""
+
+    def __init__(self, app: WsgiApp, limits: ReadLimits, threads: int) -> None:
+        self.app = app
+        self.limits = limits
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="request")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            body = await asyncio.wait_for(read_body(scope, receive, self.limits.max_body_bytes),
+                                          self.limits.body_timeout_s)
+        except Refused as refusal:
+            await _send(send, error_answer(refusal.status, refusal.message, close=True))
+            return
+        except asyncio.TimeoutError:
+            message = f"request body not received within {self.limits.body_timeout_s:g} s"
+            await _send(send, error_answer(408, message, close=True))
+            return
+        await _send(send, await self._answer(wsgi_environ(scope, body)))
+
+    async def _answer(self, environ: dict[str, Any]) -> Answer:
+        # A bare future set from the thread wakes the loop once; run_in_executor's wrapping costs more.
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[Answer] = loop.create_future()
+
+        def run() -> None:
+            try:
+                answer = call_wsgi(self.app, environ)
+            except Exception:
+                log.exception("request failed: %s %s", environ["REQUEST_METHOD"], environ["PATH_INFO"])
+                answer = error_answer(500, "internal error")
+            loop.call_soon_threadsafe(answered.set_result, answer)
+
+        self.pool.submit(run)
+        return await answered
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole body: 413 past `limit` (before reading when the length is announced), 400 when cut off."""
+    announced = _content_length(scope)
+    if announced is not None and announced > limit:
+        raise Refused(413, f"request body of {announced} bytes is over the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":  # the server's word for a body that broke off
+            raise Refused(400, _cut_off(received, announced))
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if received > limit:
+            raise Refused(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    if announced is not None and received != announced:
+        raise Refused(400, _cut_off(received, announced))
+    return b"".join(chunks)
+
+
+def _cut_off(received: int, announced: int | None) -> str:
+    if announced is None:
+        return f"request body cut off: the chunked body ended before its last chunk, after {received} bytes"
+    return f"request body cut off: {received} of the {announced} bytes announced by Content-Length arrived"
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value)  # the server refused malformed and conflicting lengths with 400 already
+    return None
+
+
+def wsgi_environ(scope: Scope, body: bytes) -> dict[str, Any]:
+    """The PEP 3333 environ of a request whose body has been read."""
+    server_host, server_port = scope.get("server") or ("", 0)
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": scope["method"],
+        "SCRIPT_NAME": "",
+        "PATH_INFO": unquote_to_bytes(scope["raw_path"]).decode("latin-1"),
+        "QUERY_STRING": scope["query_string"].decode("latin-1"),
+        "SERVER_NAME": server_host,
+        "SERVER_PORT": str(server_port),
+        "SERVER_PROTOCOL": f"HTTP/{scope['http_version']}",
+        "REMOTE_ADDR": (scope.get("client") or ("", 0))[0],
+        "CONTENT_LENGTH": str(len(body)),
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scope.get("scheme", "http"),
+        "wsgi.input": BytesIO(body),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin-1").upper().replace("-", "_")
+        if name in _BODY_HEADERS:
+            continue
+        key = name if name == "CONTENT_TYPE" else f"HTTP_{name}"
+        value = raw_value.decode("latin-1")
+        environ[key] = f"{environ[key]},{value}" if key in environ else value
+    return environ
+
+
+def call_wsgi(app: WsgiApp, environ: dict[str, Any]) -> Answer:
+    started: list[Any] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        started[:] = [status, headers]
+        return lambda data: None
+
+    result = app(environ, start_response)
+    try:
+        content = b"".join(result)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    status, headers = started
+    encoded = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+    return int(status.split(" ", 1)[0]), encoded, content
+
+
+def error_answer(status: int, message: str, close: bool = False) -> Answer:
+    # close: the rest of a refused body may still be on its way, so the connection cannot be reused.
+    headers = [_JSON, (b"connection", b"close")] if close else [_JSON]
+    return status, headers, json.dumps({"error": message}).encode()
+
+
+async def _send(send: Send, answer: Answer) -> None:
+    status, headers, content = answer
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
