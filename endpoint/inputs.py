@@ -53,7 +53,7 @@ def query_params(query_string: str) -> dict[str, str]:
     except ValueError as exc:
         raise InputError(400, f"malformed query string: {exc}") from exc
     for name, value in pairs:
-        key = name.lower()
+        key = name.lower() if name.isascii() else name  # str.lower() would change the latin-1 stand-ins
         if key in params:
             raise InputError(400, f"query parameter {shown(key)!r} is given more than once")
         params[key] = value
@@ -61,22 +61,29 @@ def query_params(query_string: str) -> dict[str, str]:
 
 
 def positive_int(params: dict[str, str], name: str, maximum: int) -> int:
+    """A query parameter written as plain digits, from 1 to `maximum`."""
     raw = params.get(name)
     if raw is None:
         raise InputError(400, f"query parameter {name!r} is required")
-    text = raw.strip()
-    if _SIGNED_DIGITS.fullmatch(text):
-        raise InputError(400, f"{name} must be plain digits without a sign, got {shown(raw)!r}")
-    if not _DIGITS.fullmatch(text):
-        raise InputError(400, f"{name} must be an integer, got {shown(raw)!r}")
-    if len(text.lstrip("0")) > len(str(maximum)):
-        raise InputError(400, f"{name} is too large: at most {maximum}, got {shown(text)}")
-    value = int(text)
+    if not _DIGITS.fullmatch(raw):
+        raise InputError(400, f"{name} must be {_what_is_wrong(raw)}, got {shown(raw)!r}")
+    if len(raw.lstrip("0")) > len(str(maximum)):
+        raise InputError(400, f"{name} is too large: at most {maximum}, got {shown(raw)}")
+    value = int(raw)
     if value < 1:
         raise InputError(400, f"{name} must be at least 1, got {value}")
     if value > maximum:
         raise InputError(400, f"{name} must be at most {maximum}, got {value}")
     return value
+
+
+def _what_is_wrong(raw: str) -> str:
+    text = raw.strip()
+    if text != raw and _DIGITS.fullmatch(text):
+        return "plain digits without spaces (in a URL, '+' stands for a space: write %2B or nothing)"
+    if _SIGNED_DIGITS.fullmatch(text):
+        return "a positive integer" if text.startswith("-") else "plain digits, without a '+' sign"
+    return "an integer"
 
 
 def payload_from(body: bytes, content_type: str, params: dict[str, str], max_payload_bytes: int) -> bytes:
