@@ -22,7 +22,7 @@ usage: ./deploy.sh local [--max-workers N] [--idle-timeout S] [--scale-after S]
   --port-b P        endpoint B's port on 127.0.0.1 (default 5001)
   --every S         seconds between scaling decisions (default 2; cron uses 60 on EC2)
 
-Data, logs and the cluster secret go to \$DW_STATE_DIR (default var/).
+Data, logs and the cluster secret go to $DW_STATE_DIR (default var/).
 EOF
 }
 
