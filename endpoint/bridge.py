@@ -58,16 +58,33 @@ class RequestReader:
         if scope["type"] != "http":
             return
         try:
-            body = await asyncio.wait_for(read_body(scope, receive, self.limits.max_body_bytes),
-                                          self.limits.body_timeout_s)
+            body = await self._read_in_time(scope, receive)
         except Refused as refusal:
             await _send(send, error_answer(refusal.status, refusal.message, close=True))
             return
-        except asyncio.TimeoutError:
-            message = f"request body not received within {self.limits.body_timeout_s:g} s"
-            await _send(send, error_answer(408, message, close=True))
-            return
         await _send(send, await self._answer(wsgi_environ(scope, body)))
+
+    async def _read_in_time(self, scope: Scope, receive: Receive) -> bytes:
+        # A timer that cancels this task, rather than asyncio.wait_for, which runs the read as a
+        # task of its own: one more turn of the event loop for every request.
+        task = asyncio.current_task()
+        assert task is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self.limits.body_timeout_s, expire)
+        try:
+            return await read_body(scope, receive, self.limits.max_body_bytes)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            raise Refused(408, f"request body not received within {self.limits.body_timeout_s:g} s") from None
+        finally:
+            timer.cancel()
 
     async def _answer(self, environ: dict[str, Any]) -> Answer:
         # A bare future set from the thread wakes the loop once; run_in_executor's wrapping costs more.
@@ -88,9 +105,11 @@ class RequestReader:
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The whole body: 413 past `limit` (before reading when the length is announced), 400 when cut off."""
-    announced = _content_length(scope)
+    announced, chunked = _framing(scope)
     if announced is not None and announced > limit:
         raise Refused(413, f"request body of {announced} bytes is over the limit of {limit} bytes")
+    if not announced and not chunked:
+        return b""  # no body (HTTP/1.1: neither a length nor chunks), nothing to wait for
     chunks: list[bytes] = []
     received = 0
     while True:
@@ -115,11 +134,15 @@ def _cut_off(received: int, announced: int | None) -> str:
     return f"request body cut off: {received} of the {announced} bytes announced by Content-Length arrived"
 
 
-def _content_length(scope: Scope) -> int | None:
+def _framing(scope: Scope) -> tuple[int | None, bool]:
+    """The announced Content-Length, and whether the body comes in chunks."""
+    announced, chunked = None, False
     for name, value in scope["headers"]:
         if name == b"content-length":
-            return int(value)  # the server refused malformed and conflicting lengths with 400 already
-    return None
+            announced = int(value)  # the server refused malformed and conflicting lengths with 400 already
+        elif name == b"transfer-encoding":
+            chunked = True  # the server refused every coding but chunked with 400 already
+    return announced, chunked
 
 
 def wsgi_environ(scope: Scope, body: bytes) -> dict[str, Any]:
