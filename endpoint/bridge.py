@@ -62,7 +62,7 @@ class RequestReader:
         except Refused as refusal:
             await _send(send, error_answer(refusal.status, refusal.message, close=True))
             return
-        await _send(send, await self._answer(wsgi_environ(scope, body)))
+        await self._answer(wsgi_environ(scope, body), send)
 
     async def _read_in_time(self, scope: Scope, receive: Receive) -> bytes:
         # A timer that cancels this task, rather than asyncio.wait_for, which runs the read as a
@@ -86,10 +86,13 @@ class RequestReader:
         finally:
             timer.cancel()
 
-    async def _answer(self, environ: dict[str, Any]) -> Answer:
-        # A bare future set from the thread wakes the loop once; run_in_executor's wrapping costs more.
+    async def _answer(self, environ: dict[str, Any], send: Send) -> None:
+        """The app answers on a thread of the pool, and that thread hands the answer to the server
+        itself: granian's `send` of a complete response is plain synchronous Rust (it returns an
+        awaitable that is already done), so the answer does not wait for the event loop to
+        wake up. The loop only hears afterwards that the request is over."""
         loop = asyncio.get_running_loop()
-        answered: asyncio.Future[Answer] = loop.create_future()
+        finished: asyncio.Future[None] = loop.create_future()
 
         def run() -> None:
             try:
@@ -97,10 +100,13 @@ class RequestReader:
             except Exception:
                 log.exception("request failed: %s %s", environ["REQUEST_METHOD"], environ["PATH_INFO"])
                 answer = error_answer(500, "internal error")
-            loop.call_soon_threadsafe(answered.set_result, answer)
+            try:
+                _send_now(send, answer)
+            finally:
+                loop.call_soon_threadsafe(finished.set_result, None)
 
         self.pool.submit(run)
-        return await answered
+        await finished
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
@@ -204,3 +210,10 @@ async def _send(send: Send, answer: Answer) -> None:
     status, headers, content = answer
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": content})
+
+
+def _send_now(send: Send, answer: Answer) -> None:
+    status, headers, content = answer
+    for message in ({"type": "http.response.start", "status": status, "headers": headers},
+                    {"type": "http.response.body", "body": content}):
+        send(message)  # an already-done awaitable (see RequestReader._answer): nothing to wait for
