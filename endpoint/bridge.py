@@ -20,6 +20,8 @@ from io import BytesIO
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from endpoint.inputs import InputError
+
 log = logging.getLogger(__name__)
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -39,13 +41,6 @@ class ReadLimits:
     body_timeout_s: float
 
 
-class Refused(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 class RequestReader:
     """Reads each request completely, then answers it with the WSGI app on one of `threads` threads."""
 
@@ -59,7 +54,7 @@ class RequestReader:
             return
         try:
             body = await self._read_in_time(scope, receive)
-        except Refused as refusal:
+        except InputError as refusal:
             await _send(send, error_answer(refusal.status, refusal.message, close=True))
             return
         await self._answer(wsgi_environ(scope, body), send)
@@ -82,7 +77,9 @@ class RequestReader:
         except asyncio.CancelledError:
             if not expired:
                 raise
-            raise Refused(408, f"request body not received within {self.limits.body_timeout_s:g} s") from None
+            if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation is handled
+                task.uncancel()
+            raise InputError(408, f"request body not received within {self.limits.body_timeout_s:g} s") from None
         finally:
             timer.cancel()
 
@@ -113,7 +110,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The whole body: 413 past `limit` (before reading when the length is announced), 400 when cut off."""
     announced, chunked = _framing(scope)
     if announced is not None and announced > limit:
-        raise Refused(413, f"request body of {announced} bytes is over the limit of {limit} bytes")
+        raise InputError(413, f"request body of {announced} bytes is over the limit of {limit} bytes")
     if not announced and not chunked:
         return b""  # no body (HTTP/1.1: neither a length nor chunks), nothing to wait for
     chunks: list[bytes] = []
@@ -121,16 +118,16 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":  # the server's word for a body that broke off
-            raise Refused(400, _cut_off(received, announced))
+            raise InputError(400, _cut_off(received, announced))
         chunk = message.get("body", b"")
         received += len(chunk)
         if received > limit:
-            raise Refused(413, f"request body is over the limit of {limit} bytes")
+            raise InputError(413, f"request body is over the limit of {limit} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
     if announced is not None and received != announced:
-        raise Refused(400, _cut_off(received, announced))
+        raise InputError(400, _cut_off(received, announced))
     return b"".join(chunks)
 
 
