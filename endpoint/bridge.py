@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class RequestReader:
         self.app = app
         self.limits = limits
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="request")
+        self.finished = _Finished()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,10 +88,9 @@ class RequestReader:
     async def _answer(self, environ: dict[str, Any], send: Send) -> None:
         """The app answers on a thread of the pool, and that thread hands the answer to the server
         itself: granian's `send` of a complete response is plain synchronous Rust (it returns an
-        awaitable that is already done), so the answer does not wait for the event loop to
-        wake up. The loop only hears afterwards that the request is over."""
-        loop = asyncio.get_running_loop()
-        finished: asyncio.Future[None] = loop.create_future()
+        awaitable that is already done), so the answer does not wait for the event loop. The
+        loop hears afterwards that the request is over, many requests at a time under load."""
+        finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def run() -> None:
             try:
@@ -100,10 +101,32 @@ class RequestReader:
             try:
                 _send_now(send, answer)
             finally:
-                loop.call_soon_threadsafe(finished.set_result, None)
+                self.finished.add(finished)
 
         self.pool.submit(run)
         await finished
+
+
+class _Finished:
+    """Requests answered on pool threads, handed back to the event loop in batches: one wake-up
+    of the loop for all the requests that finished since the last one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: list[asyncio.Future[None]] = []
+
+    def add(self, future: asyncio.Future[None]) -> None:
+        with self._lock:
+            self._waiting.append(future)
+            first = len(self._waiting) == 1
+        if first:
+            future.get_loop().call_soon_threadsafe(self._resolve)
+
+    def _resolve(self) -> None:
+        with self._lock:
+            done, self._waiting = self._waiting, []
+        for future in done:
+            future.set_result(None)
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
@@ -214,3 +237,4 @@ def _send_now(send: Send, answer: Answer) -> None:
     for message in ({"type": "http.response.start", "status": status, "headers": headers},
                     {"type": "http.response.body", "body": content}):
         send(message)  # an already-done awaitable (see RequestReader._answer): nothing to wait for
+
