@@ -126,7 +126,8 @@ class _Finished:
         with self._lock:
             done, self._waiting = self._waiting, []
         for future in done:
-            future.set_result(None)
+            if not future.done():  # cancelled meanwhile, e.g. at shutdown
+                future.set_result(None)
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
