@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         "endpoint.wsgi:create_app",
         factory=True,
         listener=listener,
-        interface=Interfaces.ASGINL,
+        interface=Interfaces.ASGI,  # with lifespan, to learn of the server stopping (endpoint.bridge)
         # HTTP/1.1 only: granian's HTTP/2 detection keeps a silent connection open with no time
         # limit, and no client of this API needs HTTP/2.
         http=HTTPModes.http1,

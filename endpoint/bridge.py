@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterable
@@ -31,6 +32,8 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
+# Sent by the server's supervisor to the app process before it stops it (endpoint/server.py).
+STOP_READING = signal.SIGUSR1
 _JSON = (b"content-type", b"application/json")
 # The body is complete when the app sees it: it reads the length it got, not what was announced.
 _BODY_HEADERS = frozenset({"CONTENT_LENGTH", "TRANSFER_ENCODING"})
@@ -50,8 +53,12 @@ class RequestReader:
         self.limits = limits
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="request")
         self.finished = _Finished()
+        self.reading: dict[asyncio.Task[Any], Callable[[InputError], None]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         try:
@@ -66,24 +73,48 @@ class RequestReader:
         # task of its own: one more turn of the event loop for every request.
         task = asyncio.current_task()
         assert task is not None
-        expired = False
+        refusal: list[InputError] = []
 
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            task.cancel()
+        def stop(reason: InputError) -> None:
+            if not refusal:
+                refusal.append(reason)
+                task.cancel()
 
-        timer = asyncio.get_running_loop().call_later(self.limits.body_timeout_s, expire)
+        timeout = self.limits.body_timeout_s
+        timer = asyncio.get_running_loop().call_later(
+            timeout, stop, InputError(408, f"request body not received within {timeout:g} s"))
+        self.reading[task] = stop
         try:
             return await read_body(scope, receive, self.limits.max_body_bytes)
         except asyncio.CancelledError:
-            if not expired:
+            if not refusal:
                 raise
             if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation is handled
                 task.uncancel()
-            raise InputError(408, f"request body not received within {self.limits.body_timeout_s:g} s") from None
+            # Popped, not kept in a name: a refusal that this frame still referred to would form a
+            # reference cycle (frame, exception, traceback) that keeps granian's request, and so
+            # the connection, open until the garbage collector happens to run.
+            raise refusal.pop() from None
         finally:
             timer.cancel()
+            del self.reading[task]
+
+    def stop_reading(self) -> None:
+        """Answer every request still being read with 503: the server is stopping, and it waits for
+        each request in progress before it exits, so a slow client would hold it up."""
+        for stop in list(self.reading.values()):
+            stop(InputError(503, "the endpoint is shutting down: send the request again"))
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                # granian's own SIGTERM handler is on the loop by now; STOP_READING is this one's.
+                asyncio.get_running_loop().add_signal_handler(STOP_READING, self.stop_reading)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     async def _answer(self, environ: dict[str, Any], send: Send) -> None:
         """The app answers on a thread of the pool, and that thread hands the answer to the server

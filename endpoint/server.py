@@ -11,6 +11,7 @@ to exit: the data file never has two writers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import multiprocessing
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from granian.server import MPServer
+
+from endpoint.bridge import STOP_READING
 
 try:
     from granian._granian import SocketHolder
@@ -100,6 +103,15 @@ class ExclusiveServer(MPServer):
         self.listener = listener
         # The app process must inherit the listener and the lock: fork, whatever the default.
         multiprocessing.set_start_method("fork", force=True)
+
+    def _stop_workers(self) -> None:
+        # First tell the app processes to give up on requests still being read (see
+        # endpoint.bridge.STOP_READING): granian drains every request in progress before it stops.
+        for worker in self.wrks:
+            if worker.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.inner.pid, STOP_READING)
+        super()._stop_workers()
 
     def _init_shared_socket(self) -> None:
         self._ssp = None

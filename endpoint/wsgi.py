@@ -8,11 +8,12 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import threading
 import time
 
 from endpoint.app import Limits, make_app
-from endpoint.bridge import ReadLimits, RequestReader
+from endpoint.bridge import STOP_READING, ReadLimits, RequestReader
 from endpoint.config import from_env
 from endpoint.inputs import FORM_OVERHEAD_BYTES
 from endpoint.peer import Peer
@@ -24,6 +25,7 @@ log = logging.getLogger("endpoint")
 
 
 def create_app() -> RequestReader:
+    signal.signal(STOP_READING, signal.SIG_IGN)  # until the request reader handles it
     settings = from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     secret = read_secret(settings.secret_file)

@@ -17,7 +17,7 @@ import requests
 
 from conftest import WORKER_AUTH, Endpoint, Services
 
-BODY_TIMEOUT = 3
+BODY_TIMEOUT = 5
 HEADER_TIMEOUT = 2
 THREADS = 16
 
@@ -243,3 +243,19 @@ def test_many_concurrent_clients_all_get_their_own_answer(endpoint: Endpoint) ->
     by_id = dict(stored(endpoint))
     assert {index: by_id[work_id] for index, work_id in results.items()} == {
         index: f"client {index}".encode() for index in range(64)}
+
+
+def test_a_slow_client_does_not_hold_up_a_stop(endpoint: Endpoint) -> None:
+    """The server waits for the requests in progress before it exits; one still being read is
+    answered 503 at once instead of holding the stop up for --body-timeout."""
+    slow = SlowClients(endpoint, 3)
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        endpoint.service.stop()  # SIGTERM to the whole process group, as Ctrl-C or systemd would
+        assert time.monotonic() - started < BODY_TIMEOUT
+        for answer in slow.answers():
+            assert_json_error(answer, 503, "shutting down")
+    finally:
+        slow.close()
+    assert stored(endpoint) == []
