@@ -21,14 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from granian.net import SocketHolder
 from granian.server import MPServer
 
 from endpoint.bridge import STOP_READING
-
-try:
-    from granian._granian import SocketHolder
-except ImportError:  # pragma: no cover - granian moved it; net re-exports it
-    from granian.net import SocketHolder  # type: ignore[attr-defined,no-redef]
 
 
 class InUse(Exception):
