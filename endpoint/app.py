@@ -26,7 +26,7 @@ from typing import Any
 import bottle
 from bottle import HTTPError, HTTPResponse, request, response
 
-from endpoint.inputs import InputError, payload_from, positive_int, query_params, read_body
+from endpoint.inputs import InputError, payload_from, positive_int, query_params
 from endpoint.peer import Peer, PeerUnavailable
 from endpoint.secret import peer_key, worker_key
 from endpoint.store import (
@@ -206,8 +206,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         params = query_params(request.query_string)
         iterations = positive_int(params, "iterations", limits.max_iterations)
         environ = request.environ
-        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-        body = read_body(environ["wsgi.input"], environ.get("CONTENT_LENGTH", ""), limits.max_payload_bytes, chunked)
+        body = environ["wsgi.input"].read()  # complete and within the size limit: endpoint/bridge.py read it
         # Not request.content_type: Bottle lower-cases it, and multipart boundaries are case-sensitive.
         payload = payload_from(body, environ.get("CONTENT_TYPE", ""), params, limits.max_payload_bytes)
         enqueued = store.enqueue(payload, iterations, idempotency_key(request.get_header("Idempotency-Key")))
