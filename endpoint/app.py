@@ -6,8 +6,9 @@ Peer (the peer key):                 POST /internal/peer/take-completed, GET /in
 Both keys are derived from the cluster secret (endpoint/secret.py); neither opens the other's routes.
 
 Every error is JSON {"error": "..."} with a 4xx status for anything a client sent wrong. A write
-the store did not take is 503 with "outcome": "not_stored" (retry); one whose commit had not
-finished within the store's wait is 504 with "outcome": "unknown".
+the store did not take is 503 with "outcome": "not_stored" (retry), 507 with "reason": "disk_full"
+as well when the disk is full; one whose commit had not finished within the store's wait is 504
+with "outcome": "unknown".
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from endpoint.peer import Peer, PeerUnavailable
 from endpoint.secret import peer_key, worker_key
 from endpoint.store import (
     Delivered,
+    DiskFull,
     IdempotencyKeyReused,
     LeaseAnswer,
     OutcomeUnknown,
@@ -122,7 +124,13 @@ def lease_response(node_id: str, work_id: str, answer: LeaseAnswer, done: dict[s
 
 
 def store_unavailable(exc: Exception) -> HTTPResponse:
-    """A write the store did not take (503, safe to retry) or could not confirm in time (504)."""
+    """A write the store did not take (503, safe to retry; 507 when its disk is full) or could not
+    confirm in time (504)."""
+    if isinstance(exc, DiskFull):  # the writer logs it, once until space is back
+        answer = json_response({"error": "the endpoint's disk is full, nothing was stored; retry later (or at the "
+                                         "other endpoint)", "outcome": "not_stored", "reason": "disk_full"}, 507)
+        answer.set_header("Retry-After", "5")
+        return answer
     if isinstance(exc, OutcomeUnknown):
         log.error("write outcome unknown: %s", exc)
         return json_response({"error": "storage did not confirm the write in time: it may or may not have been "

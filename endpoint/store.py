@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from endpoint.writer import DEFAULT_WAIT_S, OutcomeUnknown, StoreUnavailable, WriteOp, Writer
+from endpoint.writer import DEFAULT_WAIT_S, DiskFull, OutcomeUnknown, StoreUnavailable, WriteOp, Writer
 
-__all__ = ["OutcomeUnknown", "StoreUnavailable", "Store", "Claim", "Delivered", "Enqueued", "LeaseAnswer",
+__all__ = ["DiskFull", "OutcomeUnknown", "StoreUnavailable", "Store", "Claim", "Delivered", "Enqueued", "LeaseAnswer",
            "IdempotencyKeyReused", "owner_of"]
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,8 @@ class Store:
         self._synchronous = synchronous.upper()
         self._busy_timeout_ms = busy_timeout_ms
         self._readers = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []  # every thread's, closed with the store
+        self._reader_conns_lock = threading.Lock()
         self._contacts: dict[str, float] = {}
         self._contacts_lock = threading.Lock()
 
@@ -299,6 +301,8 @@ class Store:
                 raise StoreUnavailable(f"cannot open {self.path} to read it: {exc}") from exc
             conn.execute("PRAGMA query_only = ON")
             self._readers.conn = conn
+            with self._reader_conns_lock:
+                self._reader_conns.append(conn)
         return conn
 
     def close(self) -> None:
@@ -309,6 +313,10 @@ class Store:
         except (StoreUnavailable, OutcomeUnknown) as exc:
             log.warning("worker contacts not recorded at close: %s", exc)
         self._writer.close()
+        with self._reader_conns_lock:
+            readers, self._reader_conns = self._reader_conns, []
+        for conn in readers:
+            conn.close()
 
     def _maintain(self, interval: float) -> None:
         # Leases expire and worker contacts are recorded even when no worker calls in.
@@ -461,6 +469,7 @@ class Store:
             if worker["last_seen_s_ago"] is None or ago < worker["last_seen_s_ago"]:
                 worker["last_seen_s_ago"] = ago
         figures["workers"] = sorted(known.values(), key=lambda worker: worker["id"])
+        figures["disk_full"] = self._writer.disk_full
         return figures
 
     # -- worker API --------------------------------------------------------------------
