@@ -2,7 +2,8 @@
 
 Public (clients, unauthenticated):   PUT /enqueue, POST /pullCompleted, GET /work/<id>, GET /stats
 Worker (the worker key):             POST /internal/claim, /internal/work/<id>/{renew,release,result}
-Peer (the peer key):                 POST /internal/peer/take-completed, GET /internal/peer/work/<id>
+Peer (the peer key):                 POST /internal/peer/take-completed, /internal/peer/give-back,
+                                     GET /internal/peer/work/<id>
 Both keys are derived from the cluster secret (endpoint/secret.py); neither opens the other's routes.
 
 Every error is JSON {"error": "..."} with a 4xx status for anything a client sent wrong. A write
@@ -18,7 +19,6 @@ import hmac
 import json
 import logging
 import re
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,9 +29,12 @@ from bottle import HTTPError, HTTPResponse, request, response
 
 from endpoint.inputs import InputError, payload_from, positive_int, query_params, read_body
 from endpoint.peer import Peer, PeerUnavailable
+from endpoint.pulls import DELIVERY_TOKEN_PATTERN, DeliveryInProgress, Pulls
 from endpoint.secret import peer_key, worker_key
 from endpoint.store import (
+    DELIVERY_TOKEN_TTL_S,
     Delivered,
+    DeliveryTokenExpired,
     DiskFull,
     IdempotencyKeyReused,
     LeaseAnswer,
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 RESULT_PATTERN = re.compile(r"[0-9a-f]{128}")
 WORKER_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 CLAIM_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+PEER_TOKEN_PATTERN = re.compile(r"[0-9a-f]{32}")  # a peer take's token (endpoint/peer.py, endpoint/pulls.py)
 # Printable ASCII without space, quote, backslash or comma (two headers joined by a comma are refused).
 IDEMPOTENCY_KEY_PATTERN = re.compile(r'[!#-+\--\[\]-~]{1,255}')
 LEASE_LOST = {
@@ -114,6 +118,23 @@ def claim_token_of(fields: dict[str, Any]) -> str | None:
     return token
 
 
+def delivery_token(params: dict[str, str]) -> str | None:
+    """pullCompleted's optional `delivery` query parameter: the client's name for this pull."""
+    token = params.get("delivery")
+    if token is not None and not DELIVERY_TOKEN_PATTERN.fullmatch(token):
+        raise InputError(400, "query parameter 'delivery' must be 16-128 characters of [A-Za-z0-9_-] "
+                              "(a random token per pull, e.g. a UUID)")
+    return token
+
+
+
+def peer_delivery_token(params: dict[str, str]) -> str:
+    token = params.get("delivery", "")
+    if not PEER_TOKEN_PATTERN.fullmatch(token):
+        raise InputError(400, "query parameter 'delivery' must be 32 hex digits")
+    return token
+
+
 def lease_response(node_id: str, work_id: str, answer: LeaseAnswer, done: dict[str, Any]) -> HTTPResponse:
     """The one answer of renew, release and result: done, moved on (409 with a reason), or 404."""
     if answer is LeaseAnswer.DONE:
@@ -162,6 +183,13 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             except IdempotencyKeyReused as exc:
                 return json_response({"error": f"Idempotency-Key was first used for another request (other payload "
                                                f"or iterations), which made {exc}"}, 422)
+            except DeliveryTokenExpired:
+                return json_response({"error": f"this delivery token was first used more than "
+                                               f"{DELIVERY_TOKEN_TTL_S / 3600:g} hours ago and its answer is no "
+                                               f"longer kept; pull with a new token"}, 410)
+            except DeliveryInProgress:
+                return json_response({"error": "a pull with this delivery token is still being answered; "
+                                               "repeat it in a moment"}, 409)
 
         return wrapper
 
@@ -224,15 +252,18 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             answer.set_header("Idempotent-Replayed", "true")
         return answer
 
+    pulls = Pulls(store, peer)
+
     @app.route("/pullCompleted", method="POST")
     @client_errors
     def pull_completed() -> HTTPResponse:
-        top = positive_int(query_params(request.query_string), "top", limits.max_top)
-        results = store.take_completed(top, delivery_id=secrets.token_hex(16))
-        if len(results) < top and peer is not None:
-            results += peer.take_completed(top - len(results))
-        results.sort(key=lambda item: item.completed_at, reverse=True)
-        return json_response([{"id": item.work_id, "result": item.result} for item in results])
+        params = query_params(request.query_string)
+        top = positive_int(params, "top", limits.max_top)
+        pulled = pulls.pull(top, delivery_token(params))
+        answer = json_response([{"id": item.work_id, "result": item.result} for item in pulled.items])
+        if pulled.replayed:
+            answer.set_header("Delivery-Replayed", "true")
+        return answer
 
     @app.route("/work/<work_id>", method="GET")
     @client_errors
@@ -355,13 +386,16 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
     def peer_take_completed() -> HTTPResponse:
         params = query_params(request.query_string)
         top = positive_int(params, "top", limits.max_top)
-        delivery_id = params.get("delivery", "")
-        if not re.fullmatch(r"[0-9a-f]{32}", delivery_id):
-            raise InputError(400, "query parameter 'delivery' must be 32 hex digits")
-        results: list[Delivered] = store.take_completed(top, delivery_id)
+        results: list[Delivered] = store.take_completed(top, peer_delivery_token(params))
         return json_response(
             [{"id": item.work_id, "result": item.result, "completed_at": item.completed_at} for item in results]
         )
+
+    @app.route("/internal/peer/give-back", method="POST")
+    @peer_only
+    @client_errors
+    def peer_give_back() -> HTTPResponse:
+        return json_response({"given_back": store.give_back(peer_delivery_token(query_params(request.query_string)))})
 
     @app.route("/internal/peer/work/<work_id>", method="GET")
     @peer_only
