@@ -32,7 +32,6 @@ from endpoint.peer import Peer, PeerUnavailable
 from endpoint.pulls import DELIVERY_TOKEN_PATTERN, DeliveryInProgress, Pulls
 from endpoint.secret import peer_key, worker_key
 from endpoint.store import (
-    DELIVERY_TOKEN_TTL_S,
     Delivered,
     DeliveryTokenExpired,
     DiskFull,
@@ -185,8 +184,8 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
                                                f"or iterations), which made {exc}"}, 422)
             except DeliveryTokenExpired:
                 return json_response({"error": f"this delivery token was first used more than "
-                                               f"{DELIVERY_TOKEN_TTL_S / 3600:g} hours ago and its answer is no "
-                                               f"longer kept; pull with a new token"}, 410)
+                                               f"{store.delivery_token_ttl_s:g} s ago and its answer is no longer "
+                                               f"kept; pull with a new token"}, 410)
             except DeliveryInProgress:
                 return json_response({"error": "a pull with this delivery token is still being answered; "
                                                "repeat it in a moment"}, 409)
