@@ -24,7 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from endpoint.writer import DEFAULT_WAIT_S, DiskFull, OutcomeUnknown, StoreUnavailable, WriteOp, Writer
+from endpoint.writer import (
+    DEFAULT_WAIT_S,
+    DiskFull,
+    OutcomeUnknown,
+    StoreUnavailable,
+    WriteOp,
+    Writer,
+    free_bytes,
+    is_disk_full,
+)
 
 __all__ = ["DiskFull", "OutcomeUnknown", "StoreUnavailable", "Store", "Claim", "ClientDelivery", "Delivered",
            "DeliveryTokenExpired", "Enqueued", "LeaseAnswer", "IdempotencyKeyReused", "owner_of"]
@@ -54,6 +63,7 @@ TAKE_SQL = f"""UPDATE work_items SET delivered_at = ?, delivery_id = ?
                RETURNING id, result, completed_at"""
 TAKEN_BEFORE_SQL = "SELECT id, result, completed_at FROM work_items WHERE delivery_id = ?"
 REPLAYS_REMEMBERED = 4096
+START_ROOM_BYTES = 1024 * 1024  # an endpoint that cannot open its file with less free than this says the disk is full
 REBUILT_AT_VERSION = 3  # files older than this get work_items rebuilt (its CHECK constraints came then)
 NODE_ID_PATTERN = re.compile(r"[a-z0-9]{1,16}")
 WORK_ID_PATTERN = re.compile(r"([a-z0-9]{1,16})-[0-9a-f]{16}")
@@ -262,7 +272,15 @@ class Store:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._set_aside_orphaned_wal()
-        self._apply_schema()
+        try:
+            self._apply_schema()
+        except sqlite3.OperationalError as exc:
+            # Opening needs room too (the WAL's index file, the restart's lease grace): say why it failed.
+            free = free_bytes(self.path.parent)
+            if is_disk_full(exc) or free < START_ROOM_BYTES:
+                raise DiskFull(f"cannot open {self.path}: the disk holding it is full ({free} bytes free; {exc}); "
+                               "start the endpoint again once there is room") from exc
+            raise
         self._writer = Writer(self.path, self._connect, self._synchronous, write_wait_s)
         self._stopping = threading.Event()
         self._maintenance = threading.Thread(

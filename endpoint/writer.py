@@ -20,8 +20,9 @@ A full disk is told apart: SQLite answers SQLITE_FULL and rolls the whole transa
 (in WAL mode the commit frame is the last one written, so a commit that failed so never
 happened), so its writes hear DiskFull, a kind of StoreUnavailable: not stored, retry later.
 Nothing has to be done to recover: the next transaction simply tries again, and succeeds
-once there is room. The writer says once in the log that the disk is full and once that
-space is back, rather than once per write (the log may well be on the same full disk).
+once there is room. The writer says in the log that the disk is full and that space is
+back at most once a minute each, rather than once per write (the log may well be on the
+same full disk).
 
 Before each transaction the writer checks that the file it writes is still the one at the
 file's path (same device and inode). A data file that was deleted or replaced stops every
@@ -50,6 +51,7 @@ T = TypeVar("T")
 WriteOp = Callable[[sqlite3.Connection], T]
 Undo = Callable[[T], "WriteOp[Any] | None"]
 DEFAULT_WAIT_S = 5.0
+DISK_FULL_LOG_INTERVAL_S = 60.0
 
 
 class StoreUnavailable(Exception):
@@ -87,6 +89,12 @@ def is_disk_full(exc: BaseException) -> bool:
     return "database or disk is full" in str(exc)
 
 
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged process may still write on the filesystem of `directory`."""
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
+
+
 def file_identity(path: Path) -> tuple[int, int]:
     stat = os.stat(path)
     return stat.st_dev, stat.st_ino
@@ -116,6 +124,8 @@ class Writer:
         self._conn_synchronous = ""
         self._identity: tuple[int, int] | None = None
         self._disk_full_since: float | None = None  # monotonic time of the first SQLITE_FULL in a row
+        self._said_full_at = self._said_back_at = -DISK_FULL_LOG_INTERVAL_S
+        self._refused_since_said = 0
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
@@ -313,18 +323,25 @@ class Writer:
             self._drop_connection()
 
     def _note_disk_full(self, writes: int, exc: sqlite3.Error) -> None:
-        if self._disk_full_since is None:
-            self._disk_full_since = time.monotonic()
+        self._refused_since_said += writes
+        if self._disk_full_since is not None:
+            return
+        self._disk_full_since = now = time.monotonic()
+        # A nearly full disk flips between "full" and "room" as small writes still fit: say it once a minute.
+        if now - self._said_full_at >= DISK_FULL_LOG_INTERVAL_S:
             log.error("the disk holding %s is full (%s): writes are refused as not stored until there is room "
-                      "again (%d in this transaction)", self._path, exc, writes)
-        else:
-            log.debug("disk still full: %d writes refused", writes)
+                      "again (%d refused since the last message)", self._path, exc, self._refused_since_said)
+            self._said_full_at, self._refused_since_said = now, 0
 
     def _note_space_back(self) -> None:
-        if self._disk_full_since is not None:
+        if self._disk_full_since is None:
+            return
+        now = time.monotonic()
+        if now - self._said_back_at >= DISK_FULL_LOG_INTERVAL_S:
             log.warning("disk space for %s is back: writes are stored again (refused for %.1f s)", self._path,
-                        time.monotonic() - self._disk_full_since)
-            self._disk_full_since = None
+                        now - self._disk_full_since)
+            self._said_back_at = now
+        self._disk_full_since = None
 
     @staticmethod
     def _fail(batch: list[_Write[Any]], error: StoreUnavailable) -> None:

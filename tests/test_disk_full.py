@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from conftest import WORKER_AUTH, Endpoint, Services, reference, wait_for
 from endpoint.store import DiskFull, Store
 
 DISK_BYTES = 3 * 1024 * 1024
+TOKEN_BEFORE, TOKEN_DURING = "pulled-before-the-disk-filled", "pulled-while-the-disk-was-full"
 
 
 @pytest.fixture
@@ -101,6 +103,59 @@ def test_a_batch_with_a_write_that_spills_onto_a_full_disk_fails_as_a_whole(disk
     assert integrity(disk / "a.sqlite3") == "ok"
 
 
+def test_concurrent_enqueues_that_fill_the_disk_keep_every_acknowledged_item_and_no_refused_one(
+        tmp_path: Path) -> None:
+    """The store's own writes fill the disk: its WAL grows to the limit, and checkpoints (which must grow
+    the data file) fail for want of room. Every enqueue answered with an id is kept, no refused one
+    appears, the file stays sound, and room made later is used again."""
+    with small_filesystem(tmp_path / "disk", 16 * 1024 * 1024) as disk:
+        store = Store(disk / "a.sqlite3", "a", maintenance_interval=3600)
+        try:
+            # Freed at the end, to see the store recover. As much as a full WAL (1000 pages): what the first
+            # checkpoint after a full disk may need to grow the data file by, before the WAL can start over.
+            reserve = disk / "reserve"
+            reserve.write_bytes(b"\0" * 6 * 1024 * 1024)
+            acknowledged: list[str] = []
+            refused: list[BaseException] = []
+            lock = threading.Lock()
+
+            def enqueuer() -> None:
+                refused_in_a_row = 0
+                while refused_in_a_row < 20:
+                    try:
+                        work_id = store.enqueue(os.urandom(16 * 1024), 1).work_id
+                    except DiskFull as exc:
+                        refused_in_a_row += 1
+                        with lock:
+                            refused.append(exc)
+                        continue
+                    refused_in_a_row = 0
+                    with lock:
+                        acknowledged.append(work_id)
+
+            threads = [threading.Thread(target=enqueuer) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            assert not any(thread.is_alive() for thread in threads)
+            assert len(acknowledged) > 100 and refused, (len(acknowledged), len(refused))
+            assert store.stats()["pending"] == len(acknowledged)
+            reserve.unlink()
+            for _ in range(10):  # room again: stored, no restart
+                acknowledged.append(store.enqueue(os.urandom(16 * 1024), 1).work_id)
+            assert store.stats()["disk_full"] is False
+        finally:
+            store.close()
+        conn = sqlite3.connect(disk / "a.sqlite3")
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert sorted(row[0] for row in conn.execute("SELECT id FROM work_items")) == sorted(acknowledged)
+            assert conn.execute("SELECT count(*) FROM payloads").fetchone()[0] == len(acknowledged)
+        finally:
+            conn.close()
+
+
 # -- a real endpoint whose data directory (and log) is on the small disk --------------------
 
 
@@ -136,22 +191,28 @@ def test_an_endpoint_whose_disk_fills_answers_507_keeps_serving_reads_and_recove
         claim = post(endpoint, "/internal/claim", {"worker": "w"})
         assert claim.headers["X-Work-Id"] == computing
         waiting = endpoint.enqueue(b"still pending", 1)
+        pulled = requests.post(f"{endpoint.url}/pullCompleted?top=1&delivery={TOKEN_BEFORE}", timeout=10)
+        assert [item["id"] for item in pulled.json()] == [done[2]]
 
         filler = fill(disk)
         assert_disk_full(enqueue(endpoint, b"no room"))
         assert_disk_full(enqueue(endpoint, os.urandom(1024 * 1024)))
         assert_disk_full(enqueue(endpoint, b"keyed", key="order-1"))
         assert_disk_full(requests.post(f"{endpoint.url}/pullCompleted?top=10", timeout=10))
+        assert_disk_full(requests.post(f"{endpoint.url}/pullCompleted?top=10&delivery={TOKEN_DURING}", timeout=10))
+        # A client whose answer was lost before the disk filled still gets it: a repeat writes nothing.
+        repeat = requests.post(f"{endpoint.url}/pullCompleted?top=10&delivery={TOKEN_BEFORE}", timeout=10)
+        assert repeat.json() == pulled.json() and repeat.headers["Delivery-Replayed"] == "true"
         assert_disk_full(post(endpoint, f"/internal/work/{computing}/result",
                               {"worker": "w", "result": reference(b"being computed", 1)}))
         # Reads go on: /stats, /work/<id> with the results it has, none of them handed out.
         stats = endpoint.stats()
         assert (stats["disk_full"], stats["pending"], stats["running"], stats["completed"],
-                stats["undelivered"]) == (True, 1, 1, 3, 3)
+                stats["undelivered"]) == (True, 1, 1, 3, 2)
         for work_id in done:
             view = endpoint.work(work_id).json()
             assert view["result"] == reference(view_payload(done, work_id), 1)
-            assert "delivered_at" not in view
+            assert ("delivered_at" in view) == (work_id == done[2])
         assert endpoint.work(waiting).json()["state"] == "pending"
         assert endpoint.service.running()  # its log, on the same full disk, did not stop it
 
@@ -163,11 +224,12 @@ def test_an_endpoint_whose_disk_fills_answers_507_keeps_serving_reads_and_recove
                     {"worker": "w", "result": reference(b"being computed", 1)}).json() == {"stored": True}
         assert endpoint.stats()["disk_full"] is False
         services.worker([endpoint])
-        expected = {work_id: reference(view_payload(done, work_id), 1) for work_id in done}
+        expected = {work_id: reference(view_payload(done, work_id), 1) for work_id in done[:2]}
         expected[computing] = reference(b"being computed", 1)
         expected[waiting] = reference(b"still pending", 1)
         expected[keyed.json()["id"]] = reference(b"keyed", 1)
-        received: list[dict[str, str]] = []
+        received = requests.post(f"{endpoint.url}/pullCompleted?top=1&delivery={TOKEN_DURING}", timeout=10).json()
+        assert len(received) == 1  # refused while the disk was full, so a first pull now
         wait_for(lambda: received.extend(endpoint.pull(100)) or len(received) >= len(expected), timeout=60,
                  what="every result")
         assert sorted(item["id"] for item in received) == sorted(expected)  # each once
@@ -181,3 +243,28 @@ def test_an_endpoint_whose_disk_fills_answers_507_keeps_serving_reads_and_recove
 
 def view_payload(done: list[str], work_id: str) -> bytes:
     return b"done %d" % done.index(work_id)
+
+
+def test_an_endpoint_started_on_a_full_disk_says_so_and_starts_once_there_is_room(
+        disk: Path, services: Services) -> None:
+    db = disk / "a.sqlite3"  # its log stays off the small disk, so that it can say why
+    endpoint = services.endpoint("a", extra_args=("--db", str(db)))
+    work_id = endpoint.enqueue(b"leased when it stopped", 1)
+    assert post(endpoint, "/internal/claim", {"worker": "w"}).headers["X-Work-Id"] == work_id
+    endpoint.service.stop()
+    # Its WAL checkpointed into the file, so that a start cannot win room by checkpointing it itself.
+    assert integrity(db) == "ok" and not db.with_name("a.sqlite3-wal").exists()
+    filler = fill(disk)
+
+    endpoint.service.start()
+    assert endpoint.service.process is not None
+    assert endpoint.service.process.wait(60) != 0
+    assert "the disk holding it is full" in endpoint.service.log()
+    endpoint.service.wait_gone()
+
+    filler.unlink()
+    endpoint.restart()
+    assert endpoint.work(work_id).json()["state"] == "running"  # kept, with its lease
+    assert endpoint.stats()["disk_full"] is False
+    endpoint.service.stop()
+    assert integrity(db) == "ok"
