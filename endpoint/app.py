@@ -29,7 +29,7 @@ from bottle import HTTPError, HTTPResponse, request, response
 
 from endpoint.inputs import InputError, payload_from, positive_int, query_params, read_body
 from endpoint.peer import Peer, PeerUnavailable
-from endpoint.pulls import DELIVERY_TOKEN_PATTERN, DeliveryInProgress, Pulls
+from endpoint.pulls import DELIVERY_TOKEN_PATTERN, DeliveryInProgress, Pulled, Pulls
 from endpoint.secret import peer_key, worker_key
 from endpoint.store import (
     Delivered,
@@ -134,6 +134,22 @@ def peer_delivery_token(params: dict[str, str]) -> str:
     return token
 
 
+def pulled_response(pulled: Pulled) -> HTTPResponse:
+    answer = json_response([{"id": item.work_id, "result": item.result} for item in pulled.items])
+    if pulled.replayed:
+        answer.set_header("Delivery-Replayed", "true")
+    return answer
+
+
+def delivery_refused(exc: DeliveryTokenExpired | DeliveryInProgress, token_ttl_s: float) -> HTTPResponse:
+    """A pull with a delivery token that takes nothing: the token is too old (410), or busy (409)."""
+    if isinstance(exc, DeliveryTokenExpired):
+        return json_response({"error": f"this delivery token was first used more than {token_ttl_s:g} s ago and "
+                                       f"its answer is no longer kept; pull with a new token"}, 410)
+    return json_response({"error": "a pull with this delivery token is still being answered; repeat it in a "
+                                   "moment"}, 409)
+
+
 def lease_response(node_id: str, work_id: str, answer: LeaseAnswer, done: dict[str, Any]) -> HTTPResponse:
     """The one answer of renew, release and result: done, moved on (409 with a reason), or 404."""
     if answer is LeaseAnswer.DONE:
@@ -182,13 +198,8 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             except IdempotencyKeyReused as exc:
                 return json_response({"error": f"Idempotency-Key was first used for another request (other payload "
                                                f"or iterations), which made {exc}"}, 422)
-            except DeliveryTokenExpired:
-                return json_response({"error": f"this delivery token was first used more than "
-                                               f"{store.delivery_token_ttl_s:g} s ago and its answer is no longer "
-                                               f"kept; pull with a new token"}, 410)
-            except DeliveryInProgress:
-                return json_response({"error": "a pull with this delivery token is still being answered; "
-                                               "repeat it in a moment"}, 409)
+            except (DeliveryTokenExpired, DeliveryInProgress) as exc:
+                return delivery_refused(exc, store.delivery_token_ttl_s)
 
         return wrapper
 
@@ -258,11 +269,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
     def pull_completed() -> HTTPResponse:
         params = query_params(request.query_string)
         top = positive_int(params, "top", limits.max_top)
-        pulled = pulls.pull(top, delivery_token(params))
-        answer = json_response([{"id": item.work_id, "result": item.result} for item in pulled.items])
-        if pulled.replayed:
-            answer.set_header("Delivery-Replayed", "true")
-        return answer
+        return pulled_response(pulls.pull(top, delivery_token(params)))
 
     @app.route("/work/<work_id>", method="GET")
     @client_errors
