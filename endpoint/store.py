@@ -795,4 +795,12 @@ class Store:
                 [(worker_id, seen, seen) for worker_id, seen in contacts.items()],
             )
 
-        self._writer.run(op, durable=False)
+        try:
+            self._writer.run(op, durable=False)
+        except StoreUnavailable:
+            # Not written (a full disk, say): keep them, or /stats would soon call live workers silent
+            # and the scaler terminate them.
+            with self._contacts_lock:
+                for worker_id, seen in contacts.items():
+                    self._contacts[worker_id] = max(seen, self._contacts.get(worker_id, seen))
+            raise

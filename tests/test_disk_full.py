@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +76,22 @@ def test_a_write_on_a_full_disk_is_not_stored_and_the_writer_recovers_when_space
     finally:
         store.close()
     assert integrity(disk / "a.sqlite3") == "ok"
+
+
+def test_workers_heard_from_while_the_disk_is_full_are_not_forgotten(disk: Path) -> None:
+    """Their contacts cannot be written meanwhile; were they dropped, /stats would soon call live
+    workers silent, and the scaler terminate them."""
+    store = Store(disk / "a.sqlite3", "a", maintenance_interval=0.05)
+    try:
+        filler = fill(disk)
+        assert store.claim("computing-worker") is None  # nothing pending: its contact is recorded in memory
+        time.sleep(0.5)  # maintenance rounds, each failing to write it
+        assert [worker["id"] for worker in store.stats()["workers"]] == ["computing-worker"]
+        filler.unlink()
+        wait_for(lambda: not store._contacts, what="the contact to be written")
+        assert [worker["id"] for worker in store.stats()["workers"]] == ["computing-worker"]
+    finally:
+        store.close()
 
 
 def test_a_batch_with_a_write_that_spills_onto_a_full_disk_fails_as_a_whole(disk: Path) -> None:
