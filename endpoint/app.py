@@ -126,7 +126,6 @@ def delivery_token(params: dict[str, str]) -> str | None:
     return token
 
 
-
 def peer_delivery_token(params: dict[str, str]) -> str:
     token = params.get("delivery", "")
     if not PEER_TOKEN_PATTERN.fullmatch(token):
@@ -162,7 +161,7 @@ def lease_response(node_id: str, work_id: str, answer: LeaseAnswer, done: dict[s
 def store_unavailable(exc: Exception) -> HTTPResponse:
     """A write the store did not take (503, safe to retry; 507 when its disk is full) or could not
     confirm in time (504)."""
-    if isinstance(exc, DiskFull):  # the writer logs it, once until space is back
+    if isinstance(exc, DiskFull):  # the writer logs it (at most once a minute)
         answer = json_response({"error": "the endpoint's disk is full, nothing was stored; retry later (or at the "
                                          "other endpoint)", "outcome": "not_stored", "reason": "disk_full"}, 507)
         answer.set_header("Retry-After", "5")

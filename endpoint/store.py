@@ -388,7 +388,7 @@ class Store:
                     # A full batch means more are due: come back next round, not in a minute.
                     next_prune = time.monotonic() + (0 if pruned >= PRUNE_BATCH else 60)
             except DiskFull:
-                log.debug("store maintenance waits for disk space")  # the writer said so, once
+                log.debug("store maintenance waits for disk space")  # the writer says so in the log
             except Exception:  # noqa: BLE001 -- keep maintaining; the next round retries
                 log.exception("store maintenance failed")
 
@@ -797,8 +797,8 @@ class Store:
 
         try:
             self._writer.run(op, durable=False)
-        except StoreUnavailable:
-            # Not written (a full disk, say): keep them, or /stats would soon call live workers silent
+        except (StoreUnavailable, OutcomeUnknown):
+            # Not written (a full disk, say), or maybe not: keep them, or /stats would soon call live workers silent
             # and the scaler terminate them.
             with self._contacts_lock:
                 for worker_id, seen in contacts.items():
