@@ -4,12 +4,14 @@ Public (clients, unauthenticated):   PUT /enqueue, POST /pullCompleted, GET /wor
 Worker (the worker key):             POST /internal/claims, /internal/claims/cancel, /internal/leases/{renew,release},
                                      /internal/results (batches); /internal/claim, /internal/work/<id>/{renew,release,
                                      result} (one job)
-Peer (the peer key):                 POST /internal/peer/take-completed, GET /internal/peer/work/<id>
+Peer (the peer key):                 POST /internal/peer/take-completed, /internal/peer/give-back,
+                                     GET /internal/peer/work/<id>
 Both keys are derived from the cluster secret (endpoint/secret.py); neither opens the other's routes.
 
 Every error is JSON {"error": "..."} with a 4xx status for anything a client sent wrong. A write
-the store did not take is 503 with "outcome": "not_stored" (retry); one whose commit had not
-finished within the store's wait is 504 with "outcome": "unknown".
+the store did not take is 503 with "outcome": "not_stored" (retry), 507 with "reason": "disk_full"
+as well when the disk is full; one whose commit had not finished within the store's wait is 504
+with "outcome": "unknown".
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import hmac
 import json
 import logging
 import re
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,12 +29,16 @@ from typing import Any
 import bottle
 from bottle import HTTPError, HTTPResponse, request, response
 
-from endpoint.inputs import InputError, payload_from, positive_int, query_params, read_body
+from endpoint.bridge import HOLD_HEADER
+from endpoint.inputs import InputError, payload_from, positive_int, query_params
 from endpoint.peer import Peer, PeerUnavailable
+from endpoint.pulls import DELIVERY_TOKEN_PATTERN, DeliveryInProgress, Pulled, Pulls
 from endpoint.secret import peer_key, worker_key
 from endpoint.store import (
     Claim,
     Delivered,
+    DeliveryTokenExpired,
+    DiskFull,
     IdempotencyKeyReused,
     LeaseAnswer,
     OutcomeUnknown,
@@ -48,6 +53,7 @@ log = logging.getLogger(__name__)
 RESULT_PATTERN = re.compile(r"[0-9a-f]{128}")
 WORKER_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 CLAIM_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+PEER_TOKEN_PATTERN = re.compile(r"[0-9a-f]{32}")  # a peer take's token (endpoint/peer.py, endpoint/pulls.py)
 # Printable ASCII without space, quote, backslash or comma (two headers joined by a comma are refused).
 IDEMPOTENCY_KEY_PATTERN = re.compile(r'[!#-+\--\[\]-~]{1,255}')
 LEASE_LOST = {
@@ -188,8 +194,10 @@ def worker_report(fields: dict[str, Any]) -> WorkerReport | None:
     return WorkerReport(kernel, processes, bounded_int(fields, "capacity", 0, 1, 1 << 20))
 
 
-def jobs_response(claims: list[Claim], pending: int, waited: bool, lease_seconds: float) -> HTTPResponse:
-    """A batch of jobs: one line of JSON that describes them, then their payloads back to back."""
+def jobs_response(claims: list[Claim], pending: int, waited: bool, lease_seconds: float,
+                  hold: str = "") -> HTTPResponse:
+    """A batch of jobs: one line of JSON that describes them, then their payloads back to back. With
+    `hold`, the request reader holds the answer until work arrives (endpoint/bridge.py)."""
     manifest = {
         "jobs": [{"id": claim.work_id, "iterations": claim.iterations, "attempt": claim.attempt,
                   "payload_bytes": len(claim.payload)} for claim in claims],
@@ -198,7 +206,8 @@ def jobs_response(claims: list[Claim], pending: int, waited: bool, lease_seconds
         "waited": waited,
     }
     body = b"".join([json.dumps(manifest).encode(), b"\n", *(claim.payload for claim in claims)])
-    return HTTPResponse(body, status=200, headers={"Content-Type": JOBS_CONTENT_TYPE})
+    headers = {"Content-Type": JOBS_CONTENT_TYPE, **({HOLD_HEADER.decode(): hold} if hold else {})}
+    return HTTPResponse(body, status=200, headers=headers)
 
 
 def claim_jobs(store: Store, fields: dict[str, Any], limits: Limits) -> HTTPResponse:
@@ -208,7 +217,7 @@ def claim_jobs(store: Store, fields: dict[str, Any], limits: Limits) -> HTTPResp
     max_bytes = bounded_int(fields, "max_bytes", limits.max_payload_bytes, 1, 1 << 31)
     batch = store.claim_batch(fields["worker"], token, bounded_int(fields, "max_jobs", 1, 1, MAX_CLAIM_JOBS),
                               max_bytes, bounded_seconds(fields, "wait_s", MAX_CLAIM_WAIT_S), worker_report(fields))
-    return jobs_response(batch.claims, batch.pending, batch.waited, store.lease_seconds)
+    return jobs_response(batch.claims, batch.pending, batch.waited, store.lease_seconds, batch.hold)
 
 
 def cancel_claim(store: Store, fields: dict[str, Any]) -> HTTPResponse:
@@ -241,6 +250,36 @@ def submit_results(store: Store, fields: dict[str, Any]) -> HTTPResponse:
     answers = store.complete_batch(fields["worker"], [(item["id"], result, duration)
                                                       for item, (result, duration) in zip(items, checked, strict=True)])
     return json_response({"answers": [answer.value for answer in answers]})
+def delivery_token(params: dict[str, str]) -> str | None:
+    """pullCompleted's optional `delivery` query parameter: the client's name for this pull."""
+    token = params.get("delivery")
+    if token is not None and not DELIVERY_TOKEN_PATTERN.fullmatch(token):
+        raise InputError(400, "query parameter 'delivery' must be 16-128 characters of [A-Za-z0-9_-] "
+                              "(a random token per pull, e.g. a UUID)")
+    return token
+
+
+def peer_delivery_token(params: dict[str, str]) -> str:
+    token = params.get("delivery", "")
+    if not PEER_TOKEN_PATTERN.fullmatch(token):
+        raise InputError(400, "query parameter 'delivery' must be 32 hex digits")
+    return token
+
+
+def pulled_response(pulled: Pulled) -> HTTPResponse:
+    answer = json_response([{"id": item.work_id, "result": item.result} for item in pulled.items])
+    if pulled.replayed:
+        answer.set_header("Delivery-Replayed", "true")
+    return answer
+
+
+def delivery_refused(exc: DeliveryTokenExpired | DeliveryInProgress, token_ttl_s: float) -> HTTPResponse:
+    """A pull with a delivery token that takes nothing: the token is too old (410), or busy (409)."""
+    if isinstance(exc, DeliveryTokenExpired):
+        return json_response({"error": f"this delivery token was first used more than {token_ttl_s:g} s ago and "
+                                       f"its answer is no longer kept; pull with a new token"}, 410)
+    return json_response({"error": "a pull with this delivery token is still being answered; repeat it in a "
+                                   "moment"}, 409)
 
 
 def lease_response(node_id: str, work_id: str, answer: LeaseAnswer, done: dict[str, Any]) -> HTTPResponse:
@@ -253,7 +292,13 @@ def lease_response(node_id: str, work_id: str, answer: LeaseAnswer, done: dict[s
 
 
 def store_unavailable(exc: Exception) -> HTTPResponse:
-    """A write the store did not take (503, safe to retry) or could not confirm in time (504)."""
+    """A write the store did not take (503, safe to retry; 507 when its disk is full) or could not
+    confirm in time (504)."""
+    if isinstance(exc, DiskFull):  # the writer logs it (at most once a minute)
+        answer = json_response({"error": "the endpoint's disk is full, nothing was stored; retry later (or at the "
+                                         "other endpoint)", "outcome": "not_stored", "reason": "disk_full"}, 507)
+        answer.set_header("Retry-After", "5")
+        return answer
     if isinstance(exc, OutcomeUnknown):
         log.error("write outcome unknown: %s", exc)
         return json_response({"error": "storage did not confirm the write in time: it may or may not have been "
@@ -285,6 +330,8 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             except IdempotencyKeyReused as exc:
                 return json_response({"error": f"Idempotency-Key was first used for another request (other payload "
                                                f"or iterations), which made {exc}"}, 422)
+            except (DeliveryTokenExpired, DeliveryInProgress) as exc:
+                return delivery_refused(exc, store.delivery_token_ttl_s)
 
         return wrapper
 
@@ -337,8 +384,8 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         params = query_params(request.query_string)
         iterations = positive_int(params, "iterations", limits.max_iterations)
         environ = request.environ
-        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-        body = read_body(environ["wsgi.input"], environ.get("CONTENT_LENGTH", ""), limits.max_payload_bytes, chunked)
+        # Complete and within the size limit: endpoint/bridge.py read it and set CONTENT_LENGTH to its size.
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
         # Not request.content_type: Bottle lower-cases it, and multipart boundaries are case-sensitive.
         payload = payload_from(body, environ.get("CONTENT_TYPE", ""), params, limits.max_payload_bytes)
         enqueued = store.enqueue(payload, iterations, idempotency_key(request.get_header("Idempotency-Key")))
@@ -347,15 +394,14 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             answer.set_header("Idempotent-Replayed", "true")
         return answer
 
+    pulls = Pulls(store, peer)
+
     @app.route("/pullCompleted", method="POST")
     @client_errors
     def pull_completed() -> HTTPResponse:
-        top = positive_int(query_params(request.query_string), "top", limits.max_top)
-        results = store.take_completed(top, delivery_id=secrets.token_hex(16))
-        if len(results) < top and peer is not None:
-            results += peer.take_completed(top - len(results))
-        results.sort(key=lambda item: item.completed_at, reverse=True)
-        return json_response([{"id": item.work_id, "result": item.result} for item in results])
+        params = query_params(request.query_string)
+        top = positive_int(params, "top", limits.max_top)
+        return pulled_response(pulls.pull(top, delivery_token(params)))
 
     @app.route("/work/<work_id>", method="GET")
     @client_errors
@@ -496,13 +542,16 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
     def peer_take_completed() -> HTTPResponse:
         params = query_params(request.query_string)
         top = positive_int(params, "top", limits.max_top)
-        delivery_id = params.get("delivery", "")
-        if not re.fullmatch(r"[0-9a-f]{32}", delivery_id):
-            raise InputError(400, "query parameter 'delivery' must be 32 hex digits")
-        results: list[Delivered] = store.take_completed(top, delivery_id)
+        results: list[Delivered] = store.take_completed(top, peer_delivery_token(params))
         return json_response(
             [{"id": item.work_id, "result": item.result, "completed_at": item.completed_at} for item in results]
         )
+
+    @app.route("/internal/peer/give-back", method="POST")
+    @peer_only
+    @client_errors
+    def peer_give_back() -> HTTPResponse:
+        return json_response({"given_back": store.give_back(peer_delivery_token(query_params(request.query_string)))})
 
     @app.route("/internal/peer/work/<work_id>", method="GET")
     @peer_only

@@ -23,6 +23,9 @@ class Settings:
     db: str
     secret_file: str
     threads: int
+    max_connections: int
+    header_timeout: float
+    body_timeout: float
     max_waiting_claims: int
     max_payload_bytes: int
     max_iterations: int
@@ -47,10 +50,17 @@ OPTIONS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "peer": ("DW_PEER_URL", "", str, "base URL of the other endpoint, e.g. http://10.0.0.2:5000"),
     "db": ("DW_DB", "", str, "SQLite file (default var/<node-id>.sqlite3)"),
     "secret_file": ("DW_SECRET_FILE", "", str, "file holding the cluster secret (or put the secret in DW_SECRET)"),
-    "threads": ("DW_THREADS", "16", int, "request threads"),
-    "max_waiting_claims": ("DW_MAX_WAITING_CLAIMS", "8", int,
-                           "workers' claims that may wait for work at once, each on a request thread (fewer "
-                           "than --threads; 0: claims never wait, workers poll)"),
+    "threads": ("DW_THREADS", "16", int, "threads that answer requests once they have been read"),
+    "max_connections": ("DW_MAX_CONNECTIONS", "1024", int,
+                        "open client connections at most; more wait in the listen queue"),
+    "header_timeout": ("DW_HEADER_TIMEOUT", "10", float,
+                       "seconds a client has to send a request's headers; also how long an idle "
+                       "kept-alive connection stays open"),
+    "body_timeout": ("DW_BODY_TIMEOUT", "30", float,
+                     "seconds a client has to send a request's body once its headers arrived (408 after)"),
+    "max_waiting_claims": ("DW_MAX_WAITING_CLAIMS", "512", int,
+                           "workers' claims that may wait for work at once, each holding a connection (at most "
+                           "--max-connections; 0: claims never wait, workers poll)"),
     "max_payload_bytes": ("DW_MAX_PAYLOAD_BYTES", str(4 * 1024 * 1024), int, "largest payload accepted"),
     "max_iterations": ("DW_MAX_ITERATIONS", "100000000", int, "largest iterations accepted"),
     "max_top": ("DW_MAX_TOP", "1000", int, "largest pullCompleted top accepted"),
@@ -75,7 +85,8 @@ def _flag(name: str) -> str:
 def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ) -> Settings:
     parser = argparse.ArgumentParser(prog="python -m endpoint", description="Run one dynamic-workload endpoint.")
     for name, (env, default, kind, help_text) in OPTIONS.items():
-        parser.add_argument(_flag(name), dest=name, type=kind, default=kind(environ.get(env, default)),
+        # A string default goes through `kind` too, so a bad environment value is a usage error, not a traceback.
+        parser.add_argument(_flag(name), dest=name, type=kind, default=environ.get(env, default),
                             help=f"{help_text} [{env}, default {default or 'none'}]")
     return _checked(Settings(**vars(parser.parse_args(argv))))
 
@@ -94,11 +105,14 @@ def _checked(settings: Settings) -> Settings:
     problems = []
     if settings.synchronous not in ("FULL", "NORMAL", "EXTRA"):
         problems.append("synchronous must be FULL, NORMAL or EXTRA")
-    for name in ("threads", "max_payload_bytes", "max_iterations", "max_top", "max_attempts"):
+    for name in ("threads", "max_connections", "max_payload_bytes", "max_iterations", "max_top", "max_attempts"):
         if getattr(settings, name) < 1:
             problems.append(f"{name} must be at least 1")
-    if not 0 <= settings.max_waiting_claims < settings.threads:
-        problems.append("max_waiting_claims must be 0 or more and less than threads")
+    if not 0 <= settings.max_waiting_claims <= settings.max_connections:
+        problems.append("max_waiting_claims must be from 0 to max_connections")
+    for name in ("header_timeout", "body_timeout"):
+        if not 0 < getattr(settings, name) <= 3600:
+            problems.append(f"{name} must be more than 0 and at most 3600 seconds")
     if settings.lease_seconds <= 0:
         problems.append("lease_seconds must be positive")
     if settings.retention_days < 0:
