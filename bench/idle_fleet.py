@@ -42,8 +42,8 @@ def simulated_worker(url: str, name: str, mode: str, stop: threading.Event) -> N
             except (EndpointDown, Rejected):
                 stop.wait(0.5)
                 continue
-            if answer.jobs:  # a probe: give it back, the fleet stays idle
-                client.release(answer.jobs)
+            if answer.jobs:  # a probe: "done" at once (a simulated job), the fleet stays idle
+                client.submit([(job, "0" * 128, 0.0) for job in answer.jobs])
         if mode == "poll":
             stop.wait(POLL_INTERVAL_S * random.uniform(0.8, 1.2))
     for client in clients:

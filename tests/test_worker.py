@@ -70,8 +70,9 @@ def test_worker_alternates_between_endpoints(services: Services, pair: tuple[End
         b.enqueue(f"b{index}".encode(), 10)
     services.worker([a, b], processes=1, extra_args=("--kernel", "python"))  # one lane: one job at a time
     wait_for(lambda: a.stats()["completed"] + b.stats()["completed"] >= 10, timeout=30, what="ten jobs done")
-    # Each endpoint's claimer gets the free lane in turn: neither can be more than a job or two ahead.
-    assert abs(a.stats()["completed"] - b.stats()["completed"]) <= 2
+    # Each endpoint's claimer asks for the free lane, both at once: neither endpoint is starved.
+    done_a, done_b = a.stats()["completed"], b.stats()["completed"]
+    assert min(done_a, done_b) >= 0.3 * (done_a + done_b), (done_a, done_b)
 
 
 def test_idle_worker_exits_and_runs_its_exit_action(services: Services, tmp_path: Path) -> None:

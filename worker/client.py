@@ -16,6 +16,7 @@ import http.client
 import json
 import secrets
 import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -79,6 +80,8 @@ class EndpointClient:
         self._worker_id = worker_id
         self._auth = f"Bearer {secret}"
         self._conn: http.client.HTTPConnection | None = None
+        self._aborted = False
+        self._connecting = threading.Lock()  # abort() shuts down every socket connected after it
         self.unanswered_claim: str | None = None
 
     def claim(self, max_jobs: int = 1, max_bytes: int = 0, wait_s: float = 0.0,
@@ -128,12 +131,19 @@ class EndpointClient:
                               for job, result, seconds in results])
 
     def abort(self) -> None:
-        """From another thread: break off the request in progress (a claim waiting for work)."""
-        conn = self._conn
-        sock = conn.sock if conn is not None else None
-        if sock is not None:
-            with contextlib.suppress(OSError):  # closed already
-                sock.shutdown(socket.SHUT_RDWR)
+        """From another thread: break off the request in progress (a claim waiting for work), and
+        send no more, until resume()."""
+        with self._connecting:
+            self._aborted = True
+            conn = self._conn
+            sock = conn.sock if conn is not None else None
+            if sock is not None:
+                with contextlib.suppress(OSError):  # closed already
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def resume(self) -> None:
+        """Requests go out again after an abort() (calling off the claim it broke off, say)."""
+        self._aborted = False
 
     def close(self) -> None:
         if self._conn is not None:
@@ -154,11 +164,14 @@ class EndpointClient:
         headers = {"Authorization": self._auth, "Content-Type": "application/json"}
         reused = self._conn is not None
         for _ in range(2):
-            if self._conn is None:
-                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
             try:
-                if self._conn.sock is None:
-                    self._conn.connect()
+                with self._connecting:
+                    if self._aborted:
+                        raise EndpointDown(f"{self.base_url}: the request was called off")
+                    if self._conn is None:
+                        self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+                    if self._conn.sock is None:
+                        self._conn.connect()
                 self._conn.sock.settimeout(timeout or self._timeout)
                 self._conn.request("POST", path, body=body, headers=headers)
                 response = self._conn.getresponse()

@@ -286,6 +286,7 @@ class Dispatcher:
         """A claim broken off by a stop: the endpoint ends it and gives back what it took."""
         if client.unanswered_claim is None:
             return
+        client.resume()
         try:
             released = client.cancel_unanswered()
             if released:
