@@ -84,8 +84,9 @@ def enqueue_all(ports: tuple[int, int], jobs: int, clients: int, tag: str) -> tu
     return started, max(finished)
 
 
-def pull_until(ports: tuple[int, int], count: int, timeout: float = 600) -> float:
-    """Pulls until `count` results arrived; returns when the last one did (monotonic)."""
+def pull_until(ports: tuple[int, int], count: int, timeout: float = 600, pause: float = 0.05) -> float:
+    """Pulls until `count` results arrived, `pause` seconds after a pull that was not full;
+    returns when the last one did (monotonic)."""
     conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for port in ports]
     got, turn = 0, 0
     deadline = time.monotonic() + timeout
@@ -95,8 +96,8 @@ def pull_until(ports: tuple[int, int], count: int, timeout: float = 600) -> floa
         results = json.loads(request(ports[turn % 2], "POST", "/pullCompleted?top=1000", b"", conns[turn % 2]))
         got += len(results)
         turn += 1
-        if not results:
-            time.sleep(0.002)
+        if len(results) < 1000 and got < count:
+            time.sleep(pause)
     for conn in conns:
         conn.close()
     return time.monotonic()
@@ -123,8 +124,9 @@ def enqueue_only_rate(jobs: int, clients: int) -> float:
                 process.wait(30)
 
 
-def deployment_rates(checkout: Path, jobs: int, clients: int) -> tuple[float, list[float]]:
-    """(jobs/s first enqueue to last result pulled, single-job latencies in seconds)."""
+def deployment_rates(checkout: Path, jobs: int, clients: int) -> tuple[float, float, list[float]]:
+    """(jobs/s first enqueue to last result pulled, jobs/s of the enqueues meanwhile, single-job
+    latencies in seconds)."""
     with tempfile.TemporaryDirectory(prefix="dw-bench-deploy-") as state, \
             open(Path(state) / "deploy.out", "wb") as log:
         ports = (free_port(), free_port())
@@ -143,13 +145,13 @@ def deployment_rates(checkout: Path, jobs: int, clients: int) -> tuple[float, li
                 time.sleep(1.0)
                 enqueued = time.monotonic()
                 request(ports[probe % 2], "PUT", f"/enqueue?iterations={ITERATIONS}", b"probe %d" % probe)
-                latencies.append(pull_until(ports, 1) - enqueued)
+                latencies.append(pull_until(ports, 1, pause=0.002) - enqueued)
             pulled_at: list[float] = []
             puller = threading.Thread(target=lambda: pulled_at.append(pull_until(ports, jobs)))
             puller.start()
-            started, _ = enqueue_all(ports, jobs, clients, "timed")
+            started, enqueued = enqueue_all(ports, jobs, clients, "timed")
             puller.join()
-            return jobs / (pulled_at[0] - started), latencies
+            return jobs / (pulled_at[0] - started), jobs / (enqueued - started), latencies
         finally:
             os.killpg(deployment.pid, signal.SIGINT)
             try:
@@ -169,9 +171,10 @@ def main() -> None:
         baseline = enqueue_only_rate(jobs, clients)
         print(f"round {round_number}: enqueue only, no workers: {baseline:7.0f} jobs/s", flush=True)
         for checkout in checkouts:
-            rate, latencies = deployment_rates(checkout, jobs, clients)
+            rate, enqueue_rate, latencies = deployment_rates(checkout, jobs, clients)
             print(f"round {round_number}: ./deploy.sh local of {checkout}: {rate:7.0f} jobs/s enqueue to last pull "
-                  f"= {rate / baseline:.2f}x; single job on the idle deployment: median "
+                  f"= {rate / baseline:.2f}x (the enqueues meanwhile {enqueue_rate:.0f}/s); single job on the idle "
+                  f"deployment: median "
                   f"{1000 * statistics.median(latencies):.0f} ms, max {1000 * max(latencies):.0f} ms", flush=True)
 
 

@@ -39,6 +39,10 @@ STOP_READING = signal.SIGUSR1
 # once `news` moved past that generation, the seconds passed, or the server stops. It waits on the
 # event loop, so a held answer holds none of the app's threads.
 HOLD_HEADER = b"x-hold-for-news"
+# A held answer goes out this long after the news, not at once: work that arrives in a stream
+# (an enqueue every millisecond) then reaches the waiting worker as a batch, one claim for many
+# jobs, rather than one claim per job.
+GATHER_S = 0.01
 
 
 class News(Protocol):
@@ -84,7 +88,7 @@ class RequestReader:
         except InputError as refusal:
             await _send(send, error_answer(refusal.status, refusal.message, close=True))
             return
-        await self._answer(wsgi_environ(scope, body), send)
+        await self._answer(wsgi_environ(scope, body), send, receive)
 
     async def _read_in_time(self, scope: Scope, receive: Receive) -> bytes:
         # A timer that cancels this task, rather than asyncio.wait_for, which runs the read as a
@@ -137,7 +141,7 @@ class RequestReader:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _answer(self, environ: dict[str, Any], send: Send) -> None:
+    async def _answer(self, environ: dict[str, Any], send: Send, receive: Receive) -> None:
         """The app answers on a thread of the pool, and that thread hands the answer to the server
         itself: granian's `send` of a complete response is plain synchronous Rust (it returns an
         awaitable that is already done), so the answer does not wait for the event loop. The
@@ -164,17 +168,22 @@ class RequestReader:
         await finished
         if held:
             answer, hold = held[0]
-            await self._hold(hold)
+            await self._hold(hold, receive)
             _send_now(send, answer)
 
-    async def _hold(self, hold: str) -> None:
-        """Until news past the generation, the time is up, or the server stops."""
+    async def _hold(self, hold: str, receive: Receive) -> None:
+        """Until news past the generation, the time is up, the client goes away, or the server stops.
+        A client that went away (its worker was killed) is no longer one to tell the news to."""
         assert self.news is not None
         generation, seconds, holder = hold.split(" ", 2)
         loop = asyncio.get_running_loop()
         woken: asyncio.Future[None] = loop.create_future()
         timer = loop.call_later(float(seconds), _resolve, woken)
-        unlisten = self.news.listen(int(generation), lambda: loop.call_soon_threadsafe(_resolve, woken))
+        unlisten = self.news.listen(int(generation), lambda: loop.call_soon_threadsafe(
+            loop.call_later, GATHER_S, _resolve, woken))
+        # The body has been read: the next message of the request is the client's disconnect.
+        gone = asyncio.ensure_future(receive())
+        gone.add_done_callback(lambda _: _resolve(woken))
         self.holding.add(woken)
         try:
             if not self.stopping:
@@ -182,6 +191,7 @@ class RequestReader:
         finally:
             timer.cancel()
             unlisten()
+            gone.cancel()
             self.holding.discard(woken)
             self.news.leave(holder)
 

@@ -427,8 +427,9 @@ class Store:
         next_prune = 0.0
         while not self._stopping.wait(interval):
             try:
-                if self._writer.run(lambda conn: self._requeue_expired(conn, time.time()), durable=False):
-                    self._work_signal.notify()
+                requeued = self._writer.run(lambda conn: self._requeue_expired(conn, time.time()), durable=False)
+                if requeued:
+                    self._work_signal.notify(requeued)
                 self._flush_contacts()
                 if time.monotonic() >= next_prune:
                     pruned = (self.prune_idempotency_keys() + self.prune_client_deliveries()
@@ -525,7 +526,8 @@ class Store:
                                              (enqueued.work_id,))
 
         enqueued = self._writer.run(op, undo=undo)
-        self._work_signal.notify()
+        if not enqueued.replayed:
+            self._work_signal.notify(1)
         return enqueued
 
     def take_completed(self, limit: int, delivery_id: str) -> list[Delivered]:
@@ -754,7 +756,7 @@ class Store:
             def give_back(conn: sqlite3.Connection) -> None:
                 for claim in batch.claims:
                     self._release(conn, claim.work_id, claim.attempt, worker_id, claim.lease_expires_at)
-                self._work_signal.notify()
+                self._work_signal.notify(len(batch.claims))
 
             return give_back
 
@@ -780,7 +782,7 @@ class Store:
 
         released = self._writer.run(op, durable=False)
         if released:
-            self._work_signal.notify()
+            self._work_signal.notify(released)
         return released
 
     def _claimed_before(self, conn: sqlite3.Connection, worker_id: str, claim_token: str, now: float) -> list[Claim]:
@@ -832,7 +834,7 @@ class Store:
 
         answers = self._writer.run(op, durable=False)
         if LeaseAnswer.DONE in answers:
-            self._work_signal.notify()
+            self._work_signal.notify(answers.count(LeaseAnswer.DONE))
         return answers
 
     def release(self, work_id: str, attempt: int, worker_id: str) -> LeaseAnswer:

@@ -54,10 +54,15 @@ class WorkSignal:
     def closed(self) -> bool:
         return self._closed
 
-    def notify(self) -> None:
+    def notify(self, items: int | None = None) -> None:
+        """Work may have arrived: `items` of it (that many waiting claims are answered, the longest
+        waiting first: each one's worker claims its share of all that is pending), or None: every
+        waiting claim is answered. One answered claim per item, not all of them: a stream of
+        enqueues must not wake the whole idle fleet for every job."""
         with self._lock:
             self._generation += 1
-            listeners, self._listeners = list(self._listeners.values()), {}
+            keys = list(self._listeners)[:items] if items is not None else list(self._listeners)
+            listeners = [self._listeners.pop(key) for key in keys]
         for callback in listeners:
             callback()
 

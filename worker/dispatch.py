@@ -40,6 +40,10 @@ from worker.client import (
 log = logging.getLogger("worker")
 
 MAX_CLAIM_BYTES = 16 * 1024 * 1024  # payloads per claim: four of the endpoint's default largest
+MAX_CLAIM_JOBS = 256  # the endpoint's bound on a claim
+RESULTS_LINGER_S = 0.02  # a result waits this long for others to go in the same request
+RESULTS_ENOUGH = 64  # ... unless that many wait already
+PREFETCH_HORIZON_S = 0.05  # jobs beyond the free lanes: what the lanes finish within this time
 MAX_ITEMS_PER_REQUEST = 1000  # the endpoint's bound on a batch
 # A stopping worker keeps offering its jobs back (or its results) this long to an endpoint that
 # does not answer -- one being restarted, say -- so that the leases need not expire and count.
@@ -126,6 +130,8 @@ class Dispatcher:
         self.in_flight: dict[tuple[str, str], InFlight] = {}
         self.finished: dict[str, list[Finished]] = {url: [] for url in options.endpoints}
         self.reserved: dict[str, int] = {url: 0 for url in options.endpoints}
+        self.pending_at: dict[str, int] = {}  # what each endpoint said it still had pending
+        self.job_seconds: float | None = None  # a moving mean of the jobs' lengths in their lanes
         self.stopping = threading.Event()
         self.last_work = time.monotonic()
         self.clients: dict[str, EndpointClient] = {}  # the claimers', to abort a waiting claim
@@ -180,6 +186,7 @@ class Dispatcher:
                 return  # cancelled meanwhile
             self.finished[flight.job.endpoint].append(Finished(flight.job, result, seconds))
             self.last_work = time.monotonic()
+            self.job_seconds = seconds if self.job_seconds is None else 0.9 * self.job_seconds + 0.1 * seconds
             self.start_waiting()
             self.state.notify_all()
 
@@ -226,6 +233,7 @@ class Dispatcher:
                     continue
                 backoff.succeeded()
                 self.unreserve(url, want)
+                self.pending_at[url] = answer.pending
                 self.run_jobs(client, answer.jobs)
                 if not answer.jobs and not answer.waited:
                     self.stopping.wait(self.options.poll_interval * random.uniform(0.8, 1.2))
@@ -238,15 +246,24 @@ class Dispatcher:
         endpoint is asked even while another's claim waits), once there is a free lane. 0: stop."""
         with self.state:
             while not self.stopping.is_set():
-                free = self.capacity() - len(self.in_flight)
+                free = self.capacity() + self.prefetch(url) - len(self.in_flight)
                 if free > 0:
                     share = -(-free // len(self.options.endpoints))
                     others = sum(count for other, count in self.reserved.items() if other != url)
-                    want = max(1, min(share, free - others))
+                    want = min(MAX_CLAIM_JOBS, max(1, min(share, free - others)))
                     self.reserved[url] += want
                     return want
                 self.state.wait()
         return 0
+
+    def prefetch(self, url: str) -> int:
+        """Jobs taken beyond the free lanes, to wait in the worker for the next free lane: only while
+        `url` said more are pending, and only as many as the lanes finish within PREFETCH_HORIZON_S
+        at the recent job length. Short jobs then come many to a claim (a claim per job costs more
+        than the job); a long job is never held back from a worker that could start it sooner."""
+        if not self.pending_at.get(url) or self.job_seconds is None:
+            return 0
+        return min(MAX_CLAIM_JOBS, int(self.capacity() * PREFETCH_HORIZON_S / max(self.job_seconds, 1e-6)))
 
     def unreserve(self, url: str, count: int) -> None:
         with self.state:
@@ -329,6 +346,16 @@ class Dispatcher:
         finally:
             client.close()
 
+    def results_due(self, url: str) -> float:
+        """When the results waiting for `url` are to be posted: RESULTS_LINGER_S after the first of
+        them, so that results finishing together go in one request; at once when there are many.
+        inf: there are none."""
+        with self.state:
+            waiting = self.finished[url]
+            if not waiting:
+                return float("inf")
+            return 0.0 if len(waiting) >= RESULTS_ENOUGH else waiting[0].since + RESULTS_LINGER_S
+
     def take_finished(self, url: str) -> list[Finished]:
         with self.state:
             batch = self.finished[url][:MAX_ITEMS_PER_REQUEST]
@@ -378,16 +405,18 @@ class _Keeper:
         self.renew_backoff = Backoff(first=0.5, cap=10.0)  # its cap follows the lease (renew())
 
     def round(self) -> None:
-        if self.submit_backoff.ready():
+        post_at = max(self.submit_backoff.next_try(), self.dispatcher.results_due(self.url))
+        if post_at <= time.monotonic():
             self.submit_finished(self.dispatcher.options.submit_patience)
+            post_at = float("inf")
         flights = self.dispatcher.leases_at(self.url)
         renew_at = min((flight.renew_at for flight in flights), default=float("inf"))
         if renew_at <= time.monotonic():
             self.renew(flights)
             return
-        backing_off = not self.submit_backoff.ready()
-        wake_at = min(renew_at, self.submit_backoff.next_try()) if backing_off else renew_at
-        self.dispatcher.wait_for_news(self.url, max(0.0, min(wake_at - time.monotonic(), 1.0)), backing_off)
+        holding = post_at != float("inf")  # results wait (a back-off, or for more to come along)
+        wake_at = min(renew_at, post_at)
+        self.dispatcher.wait_for_news(self.url, max(0.0, min(wake_at - time.monotonic(), 1.0)), holding)
 
     def submit_finished(self, patience: float) -> None:
         while True:
