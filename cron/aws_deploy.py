@@ -32,6 +32,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
+from cli.settings import Setting, add_settings, check_settings, choice, environment_of, seconds, text
 from cron import aws_setup
 from cron.aws_setup import SetupError
 from cron.cluster import (
@@ -48,7 +50,6 @@ from cron.cluster import (
     read_state,
     tags_of,
 )
-from cron.interrupts import Interrupted, exit_now, parallel, stop_on_signals
 from cron.providers import ProviderError
 from cron.providers.ec2 import DEFAULT_AMI_PARAMETER, Ec2Settings, latest_ami, run_instances, ssm_client
 from cron.provision import (
@@ -61,7 +62,6 @@ from cron.provision import (
 )
 from cron.scale import HOST_KNOBS
 from cron.scale import SETTINGS as SCALER_SETTINGS
-from cron.settings import Setting, add_settings, check_settings, choice, environment_of, seconds, text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NODES = ("a", "b")

@@ -66,6 +66,8 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
+from cli.interrupts import Interrupted, deferred_signals, exit_now, stop_on_signals
+from cli.settings import Setting, add_settings, check_settings, choice, text, whole
 from cron.cluster import (
     AWS_DIR_SETTING,
     BILLED_STATES,
@@ -89,8 +91,6 @@ from cron.cluster import (
     resolve_region,
     tag_filter,
 )
-from cron.interrupts import Interrupted, deferred_signals, exit_now, stop_on_signals
-from cron.settings import Setting, add_settings, check_settings, choice, text, whole
 
 POLICY_NAME = "dw-scaler"
 CHECKIP_URL = "https://checkip.amazonaws.com"

@@ -27,8 +27,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 
-from cron.interrupts import parallel
-from cron.settings import Setting
+from cli.interrupts import parallel
+from cli.settings import Setting
 
 TAG_CLUSTER = "dw:cluster"
 TAG_ROLE = "dw:role"
@@ -66,7 +66,7 @@ def region_name(value: str) -> str:
     return value
 
 
-# The settings every AWS command shares (see cron/settings.py).
+# The settings every AWS command shares (see cli/settings.py).
 CLUSTER_SETTING = Setting("DW_CLUSTER", "dw", cluster_name,
                           "the cluster: name prefix and dw:cluster tag of everything it has")
 REGION_SETTING = Setting("", "", region_name,

@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
+from cli.settings import Setting, add_settings, check_settings, choice, seconds, text, whole
 from cron.cluster import (
     API_ERRORS,
     CLUSTER_SETTING,
@@ -46,12 +48,10 @@ from cron.cluster import (
     read_state,
     resolve_region,
 )
-from cron.interrupts import Interrupted, exit_now, parallel, stop_on_signals
 from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide
 from cron.providers import Node, Provider, ProviderError
 from cron.providers.local import LocalProvider
 from cron.provision import HostKeyPins, WorkerInstall
-from cron.settings import Setting, add_settings, check_settings, choice, seconds, text, whole
 from cron.state import Breaker, StateStore
 from endpoint.secret import peer_key, read_secret, worker_key
 from endpoint.store import open_read_only, read_stats
