@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
-from cli.settings import Setting, add_settings, check_settings, choice, environment_of, seconds, text
+from cli.settings import Setting, add_settings, check_settings, choice, environment, seconds, text
 from cron import aws_setup
 from cron.aws_setup import SetupError
 from cron.cluster import (
@@ -252,7 +252,7 @@ def endpoint_settings(args: argparse.Namespace, node: str, private: dict[str, st
         "DW_ENDPOINTS": ",".join(f"http://{private[name]}:{port}" for name in NODES),
         "DW_CLUSTER": args.cluster, "AWS_DEFAULT_REGION": setup["region"], "DW_SSH_USER": args.ssh_user,
         "DW_WORKER_SERVICE": args.service, "DW_REMOTE_PYTHON": args.remote_python,
-        **environment_of(SETTINGS, args, HOST_KNOBS),
+        **environment(SETTINGS, {name: getattr(args, name) for name in HOST_KNOBS}),
     }
     if args.ami:
         settings["DW_AMI"] = args.ami

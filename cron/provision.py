@@ -26,10 +26,14 @@ from pathlib import Path
 
 import paramiko
 
+from cli.settings import environment
 from cron.providers import ProviderError
+from worker.config import SETTINGS as WORKER_SETTINGS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REMOTE_DIR_NAME = "dynamic-workload"
+# What a worker host needs of this checkout: the worker and the settings code it reads its table with.
+WORKER_CODE = ("worker", "cli")
 SERVICE_NAME = "dw-worker"
 
 
@@ -111,7 +115,7 @@ class WorkerInstall:
     """What a provisioned worker runs with."""
 
     endpoints: tuple[str, ...]
-    secret: str  # the worker key (endpoint/secret.py), never the cluster secret
+    worker_key: str  # endpoint/secret.py: it opens the worker routes only; never the cluster secret
     worker_id: str
     idle_timeout: float
     processes: int = 0  # 0: one per core
@@ -211,17 +215,14 @@ def mkdirs(sftp: paramiko.SFTPClient, path: str) -> None:
 
 
 def worker_settings(install: WorkerInstall, secret_path: str = "") -> str:
-    settings = {
-        "DW_ENDPOINTS": ",".join(install.endpoints),
-        "DW_WORKER_ID": install.worker_id,
-        "DW_IDLE_TIMEOUT": str(install.idle_timeout),
-        "DW_EXIT_COMMAND": install.exit_command,
-    }
-    if secret_path:  # systemd hands the secret over as a credential instead
-        settings["DW_SECRET_FILE"] = secret_path
+    """The worker's environment file, named by the worker's own table (worker/config.py)."""
+    values = {"endpoints": install.endpoints, "worker_id": install.worker_id,
+              "idle_timeout": install.idle_timeout, "exit_command": install.exit_command}
+    if secret_path:  # systemd hands the key over as a credential instead
+        values["secret_file"] = secret_path
     if install.processes:
-        settings["DW_PROCESSES"] = str(install.processes)
-    return "".join(f"{name}={shlex.quote(value)}\n" for name, value in settings.items())
+        values["processes"] = install.processes
+    return "".join(f"{name}={shlex.quote(value)}\n" for name, value in environment(WORKER_SETTINGS, values).items())
 
 
 def systemd_unit(install_dir: str, python: str, poweroff_on_idle: bool) -> str:
@@ -262,10 +263,11 @@ def provision_worker(target: SshTarget, pins: HostKeyPins, install: WorkerInstal
     with ssh_session(target, pins) as client:
         sftp = client.open_sftp()
         base = remote_base(sftp)
-        mkdirs(sftp, f"{base}/worker")
-        for source in sorted((REPO_ROOT / "worker").glob("*.py")):
-            sftp.put(str(source), f"{base}/worker/{source.name}")
-        upload_text(sftp, f"{base}/secret", install.secret + "\n", mode=0o600)
+        for folder in WORKER_CODE:
+            mkdirs(sftp, f"{base}/{folder}")
+            for source in sorted((REPO_ROOT / folder).glob("*.py")):
+                sftp.put(str(source), f"{base}/{folder}/{source.name}")
+        upload_text(sftp, f"{base}/secret", install.worker_key + "\n", mode=0o600)
         if install.service == "systemd":
             install_dir = f"/opt/{REMOTE_DIR_NAME}"
             upload_text(sftp, f"{base}/worker.env", worker_settings(install))
@@ -356,7 +358,7 @@ def _base_of(client: paramiko.SSHClient) -> str:
 ENDPOINT_SERVICE = "dw-endpoint"
 CRON_MARK = "# dynamic-workload scaler"
 # What an endpoint host needs of this checkout: the code, the data model, the pinned requirements.
-ENDPOINT_CODE = ("endpoint", "worker", "cron", "schema.sql", "requirements.txt")
+ENDPOINT_CODE = ("endpoint", "worker", "cron", "cli", "schema.sql", "requirements.txt")
 
 
 @dataclass(frozen=True)

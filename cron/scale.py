@@ -70,6 +70,8 @@ SETTINGS: dict[str, Setting] = {
     "db": Setting("DW_DB", "", text, "this endpoint's SQLite file (default <state-dir>/<node-id>.sqlite3)"),
     "url": Setting("DW_SELF_URL", "http://127.0.0.1:5000", text, "this endpoint's URL, for the workers it heard from"),
     "peer": Setting("DW_PEER_URL", "", text, "the other endpoint's URL, for its /stats"),
+    "endpoints": Setting("DW_ENDPOINTS", "", text, "an endpoint's URL as workers reach it, once per endpoint",
+                         many=True),
     "state_dir": Setting("DW_STATE_DIR", "var", text, "lock, host keys, local workers"),
     "secret_file": Setting("DW_SECRET_FILE", "", text,
                            "the cluster secret; workers get the worker key derived from it "
@@ -132,8 +134,6 @@ class SettingsError(Exception):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cron.scale", description=__doc__.splitlines()[0])
     add_settings(parser, SETTINGS)
-    parser.add_argument("--endpoint", action="append", dest="endpoints", metavar="URL",
-                        help="an endpoint's URL as workers reach it, once per endpoint [DW_ENDPOINTS, comma-separated]")
     parser.add_argument("--terminate-all", action="store_true", help="terminate every worker of the cluster, then exit")
     parser.add_argument("--reset-breaker", action="store_true", help="close the circuit breaker, then exit")
     args = parser.parse_args(argv)
@@ -143,8 +143,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"({args.silence_deadline:g})")
     if args.provider == "ec2" and not args.aws_state:
         parser.error("--provider ec2 needs --aws-state (DW_AWS_STATE): the state file of ./setup.sh aws")
-    if not args.endpoints:
-        args.endpoints = [url.strip() for url in os.environ.get("DW_ENDPOINTS", "").split(",") if url.strip()]
     args.db = args.db or f"{args.state_dir}/{args.node_id}.sqlite3"
     args.secret_file = args.secret_file or f"{args.state_dir}/secret"
     return args
@@ -166,7 +164,7 @@ def check_database(args: argparse.Namespace) -> None:
 
 def worker_install(args: argparse.Namespace) -> WorkerInstall:
     key = worker_key(cluster_secret(args))
-    return WorkerInstall(endpoints=tuple(args.endpoints), secret=key, worker_id="",
+    return WorkerInstall(endpoints=tuple(args.endpoints), worker_key=key, worker_id="",
                          idle_timeout=args.idle_timeout, processes=args.worker_processes,
                          service=args.worker_service, exit_command=args.worker_exit_command,
                          python=args.remote_python)

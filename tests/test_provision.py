@@ -60,9 +60,9 @@ def endpoint(services: Services, host_network: HostNetwork) -> Endpoint:
 
 
 def install(endpoint: Endpoint, host: FakeHost, *, worker_id: str = "w1", idle_timeout: float = 300) -> WorkerInstall:
-    return WorkerInstall(endpoints=(endpoint.url,), secret=WORKER_KEY, worker_id=worker_id, idle_timeout=idle_timeout,
-                         processes=1, service="process", exit_command=f"touch {exit_marker(host)}",
-                         python=REMOTE_PYTHON)
+    return WorkerInstall(endpoints=(endpoint.url,), worker_key=WORKER_KEY, worker_id=worker_id,
+                         idle_timeout=idle_timeout, processes=1, service="process",
+                         exit_command=f"touch {exit_marker(host)}", python=REMOTE_PYTHON)
 
 
 def exit_marker(host: FakeHost) -> Path:
