@@ -358,7 +358,7 @@ def _base_of(client: paramiko.SSHClient) -> str:
 ENDPOINT_SERVICE = "dw-endpoint"
 CRON_MARK = "# dynamic-workload scaler"
 # What an endpoint host needs of this checkout: the code, the data model, the pinned requirements.
-ENDPOINT_CODE = ("endpoint", "worker", "cron", "cli", "schema.sql", "requirements.txt")
+ENDPOINT_CODE = ("endpoint", "worker", "cron", "cli", "cloud", "schema.sql", "requirements.txt")
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
 from cli.settings import Setting, add_settings, check_settings, choice, seconds, text, whole
-from cron.cluster import (
+from cloud.aws import (
     API_ERRORS,
     CLUSTER_SETTING,
     REGION_SETTING,

@@ -74,7 +74,7 @@ class Aws:
         return self.run("./deploy.sh", "aws", *args, **options)
 
     def setup(self, *args: str, **options: Any) -> subprocess.CompletedProcess[str]:
-        return self.run(PYTHON, "-m", "cron.aws_setup", "--allowed-cidr", CIDR, *args, **options)
+        return self.run(PYTHON, "-m", "deploy.aws_setup", "--allowed-cidr", CIDR, *args, **options)
 
     def ec2(self, region: str = "us-east-1") -> Any:
         import boto3
@@ -154,7 +154,7 @@ def test_wildcard_cluster_names_are_refused_and_touch_no_other_cluster(cloud: Aw
     commands = [
         ["./deploy.sh", "aws", "--destroy", f"--cluster={name}"],
         ["./deploy.sh", "aws", f"--cluster={name}"],
-        [PYTHON, "-m", "cron.aws_setup", "--destroy", f"--cluster={name}"],
+        [PYTHON, "-m", "deploy.aws_setup", "--destroy", f"--cluster={name}"],
         [PYTHON, "-m", "cron.scale", "--provider", "ec2", "--aws-state", str(state), f"--cluster={name}",
          "--terminate-all"],
     ]

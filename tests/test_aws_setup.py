@@ -1,4 +1,4 @@
-"""`./setup.sh aws` (cron.aws_setup) against moto's server: what it creates, that re-runs change
+"""`./setup.sh aws` (deploy.aws_setup) against moto's server: what it creates, that re-runs change
 nothing or exactly what changed, what it refuses, and that --destroy removes its own resources
 and nothing else. The module runs as the subprocess setup.sh starts; the assertions look at
 "AWS" (moto) through boto3.
@@ -25,7 +25,7 @@ from cloudhosts import MotoServer
 from fakeapi import BrokenApi
 
 from conftest import REPO, wait_for
-from cron import aws_setup
+from deploy import aws_setup
 
 PYTHON = sys.executable
 CIDR = "203.0.113.7/32"
@@ -83,7 +83,7 @@ class Aws:
         return {name: value for name, value in env.items() if value is not None}
 
     def run(self, *args: str, expect: int | None = 0, **env: str | None) -> subprocess.CompletedProcess[str]:
-        completed = subprocess.run([PYTHON, "-m", "cron.aws_setup", *args], cwd=REPO, env=self.env(**env),
+        completed = subprocess.run([PYTHON, "-m", "deploy.aws_setup", *args], cwd=REPO, env=self.env(**env),
                                    capture_output=True, text=True, timeout=90)
         if expect is not None:
             assert completed.returncode == expect, (f"exit {completed.returncode}, expected {expect}:\n"
@@ -627,7 +627,7 @@ def test_ctrl_c_stops_setup_at_once_and_says_what_exists(aws: Aws) -> None:
 
 
 def test_help_shows_the_defaults() -> None:
-    completed = subprocess.run([PYTHON, "-m", "cron.aws_setup", "--help"], cwd=REPO, capture_output=True, text=True,
+    completed = subprocess.run([PYTHON, "-m", "deploy.aws_setup", "--help"], cwd=REPO, capture_output=True, text=True,
                                timeout=30)
     for shown in ("[DW_CLUSTER, default dw]", "[DW_HTTP_PORT, default 5000]", "[DW_KEY_TYPE, default ed25519]",
                   "[DW_AWS_DIR, default var/aws]", "--destroy", "--allow-anywhere"):

@@ -21,7 +21,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
-from cron.cluster import API_ERRORS, api_error_text, aws_config, cluster_instances, ec2_client, error_code
+from cloud.aws import API_ERRORS, api_error_text, aws_config, cluster_instances, ec2_client, error_code
 from cron.providers import Node, ProviderError
 from cron.provision import HostKeyPins, SshTarget, WorkerInstall, provision_worker, wait_for_ssh
 

@@ -42,7 +42,7 @@ key goes only with its key pair, and an IAM role serving the cluster in another 
 It says which region it searched and what it removed; having found nothing, it looks for the
 cluster in the other regions.
 
-The cluster name, the region and the state file follow the rules of cron/cluster.py.
+The cluster name, the region and the state file follow the rules of cloud/aws.py.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from botocore.exceptions import ClientError
 
 from cli.interrupts import Interrupted, deferred_signals, exit_now, stop_on_signals
 from cli.settings import Setting, add_settings, check_settings, choice, text, whole
-from cron.cluster import (
+from cloud.aws import (
     AWS_DIR_SETTING,
     BILLED_STATES,
     CLUSTER_SETTING,
@@ -187,7 +187,7 @@ def settings_for(args: argparse.Namespace, region: str) -> Settings:
 
 
 def cluster_region(args: argparse.Namespace, state: dict) -> Region:
-    """The one region rule (cron/cluster.py); a cluster stays in the region its state file records."""
+    """The one region rule (cloud/aws.py); a cluster stays in the region its state file records."""
     check_state_cluster(state, args.cluster, args.state_file)
     return resolve_region(args.region, state.get("region", ""), args.state_file)
 

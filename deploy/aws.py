@@ -34,9 +34,7 @@ from typing import Any
 
 from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
 from cli.settings import Setting, add_settings, check_settings, choice, environment, seconds, text
-from cron import aws_setup
-from cron.aws_setup import SetupError
-from cron.cluster import (
+from cloud.aws import (
     AWS_DIR_SETTING,
     CLUSTER_SETTING,
     REGION_SETTING,
@@ -62,6 +60,8 @@ from cron.provision import (
 )
 from cron.scale import HOST_KNOBS
 from cron.scale import SETTINGS as SCALER_SETTINGS
+from deploy import aws_setup
+from deploy.aws_setup import SetupError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NODES = ("a", "b")

@@ -1,0 +1,1 @@
+"""What the scaler and the deploy share."""

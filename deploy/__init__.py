@@ -1,0 +1,1 @@
+"""Deploying dynamic-workload."""
