@@ -15,8 +15,8 @@ one host never overlap. Each run:
    terminated at once;
 5. records the decision and the breaker in the endpoint's SQLite file, for GET /stats.
 
-Every setting is checked before the run does anything (SETTINGS; `./deploy.sh aws` takes the
-knobs in HOST_KNOBS from the same table). Ctrl-C or SIGTERM ends a run at once, and a failed
+Every setting is checked before the run does anything (cron/config.py; `./deploy.sh aws` takes
+the knobs it hands to the hosts from the same table). Ctrl-C or SIGTERM ends a run at once, and a failed
 run ends, with a log line that says which instances it leaves running and how to end them.
 """
 
@@ -38,114 +38,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
-from cli.settings import Setting, add_settings, check_settings, choice, seconds, text, whole
-from cloud.aws import (
-    API_ERRORS,
-    CLUSTER_SETTING,
-    REGION_SETTING,
-    ClusterUsageError,
-    check_state_cluster,
-    read_state,
-    resolve_region,
-)
+from cloud.aws import API_ERRORS, ClusterUsageError, check_state_cluster, read_state, resolve_region
+from cloud.ssh import HostKeyPins
+from cron.config import parse_args
 from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide
 from cron.providers import Node, Provider, ProviderError
 from cron.providers.local import LocalProvider
-from cron.provision import HostKeyPins, WorkerInstall
+from cron.provision import WorkerInstall
 from cron.state import Breaker, StateStore
 from endpoint.secret import peer_key, read_secret, worker_key
 from endpoint.store import open_read_only, read_stats
 
 log = logging.getLogger("cron.scale")
 
-# An endpoint lists the workers it heard from within at most a day (GET /stats?workers_within=).
-LONGEST_DEADLINE = 86_400 - 120
-
-# name -> setting; `python -m cron.scale --help` shows them with their defaults.
-SETTINGS: dict[str, Setting] = {
-    # this endpoint and its peer
-    "node_id": Setting("DW_NODE_ID", "a", text, "this endpoint's id"),
-    "endpoint_index": Setting("DW_ENDPOINT_INDEX", "0", whole(0, 1),
-                              "which share of --max-workers (and of an ssh host list) is this scaler's: 0 or 1"),
-    "db": Setting("DW_DB", "", text, "this endpoint's SQLite file (default <state-dir>/<node-id>.sqlite3)"),
-    "url": Setting("DW_SELF_URL", "http://127.0.0.1:5000", text, "this endpoint's URL, for the workers it heard from"),
-    "peer": Setting("DW_PEER_URL", "", text, "the other endpoint's URL, for its /stats"),
-    "endpoints": Setting("DW_ENDPOINTS", "", text, "an endpoint's URL as workers reach it, once per endpoint",
-                         many=True),
-    "state_dir": Setting("DW_STATE_DIR", "var", text, "lock, host keys, local workers"),
-    "secret_file": Setting("DW_SECRET_FILE", "", text,
-                           "the cluster secret; workers get the worker key derived from it "
-                           "(default <state-dir>/secret)"),
-    # the policy
-    "max_workers": Setting("DW_MAX_WORKERS", "4", whole(0), "cluster-wide maximum, across both endpoints' scalers"),
-    "scale_after": Setting("DW_SCALE_AFTER", "30", seconds(0, inclusive=True),
-                           "seconds the oldest pending item waits before the backlog counts (not on an empty cluster)"),
-    "target_drain": Setting("DW_TARGET_DRAIN", "30", seconds(0), "seconds to drain the backlog in"),
-    "max_launch_per_tick": Setting("DW_MAX_LAUNCH_PER_TICK", "4", whole(0), "launches per run; 0: reconcile only"),
-    "slots_per_worker": Setting("DW_SLOTS_PER_WORKER", "1", whole(1), "jobs one worker runs at once (its vCPUs)"),
-    "default_job_duration": Setting("DW_DEFAULT_JOB_DURATION", "1", seconds(0),
-                                    "seconds a job is assumed to take until jobs were measured"),
-    # reconcile and the circuit breaker
-    "ready_deadline": Setting("DW_READY_DEADLINE", "300", seconds(0),
-                              "terminate a worker not ready this many seconds after launch"),
-    "silence_deadline": Setting("DW_SILENCE_DEADLINE", "180", seconds(0, maximum=LONGEST_DEADLINE),
-                                "terminate a ready worker neither endpoint heard from for this many seconds"),
-    "partition_deadline": Setting("DW_PARTITION_DEADLINE", "900", seconds(0, maximum=LONGEST_DEADLINE),
-                                  "while the peer does not answer: terminate a ready worker this endpoint did "
-                                  "not hear from for this many seconds, and whose host does not answer either"),
-    "breaker_threshold": Setting("DW_BREAKER_THRESHOLD", "3", whole(1),
-                                 "consecutive launch/provisioning failures that stop launching"),
-    "breaker_cooldown": Setting("DW_BREAKER_COOLDOWN", "600", seconds(0, inclusive=True),
-                                "seconds between trial launches while the breaker is open"),
-    # the workers
-    "provider": Setting("DW_PROVIDER", "local", choice("local", "ssh", "ec2"), "where workers run: local, ssh or ec2"),
-    "idle_timeout": Setting("DW_IDLE_TIMEOUT", "60", seconds(0), "seconds a worker waits for work before it exits"),
-    "worker_processes": Setting("DW_WORKER_PROCESSES", "0", whole(0),
-                                "jobs a worker runs at once; 0: one per core (local provider: --slots-per-worker)"),
-    "worker_service": Setting("DW_WORKER_SERVICE", "systemd", choice("systemd", "process"),
-                              "how ssh/ec2 workers run: a systemd unit, or a detached process (hosts without systemd)"),
-    "worker_exit_command": Setting("DW_WORKER_EXIT_COMMAND", "", text,
-                                   "with --worker-service process: run after an idle exit"),
-    "ssh_user": Setting("DW_SSH_USER", "ec2-user", text, "the login on the hosts reached over SSH"),
-    "ssh_key": Setting("DW_SSH_KEY", "", text, "ssh and ec2: private key for SSH to workers (ec2: default setup's)"),
-    "remote_python": Setting("DW_REMOTE_PYTHON", "python3", text, "the Python (3.9 or newer) that runs the workers"),
-    "ssh_hosts": Setting("DW_SSH_HOSTS", "", text, "ssh: comma-separated worker hosts"),
-    "cluster": CLUSTER_SETTING,
-    "region": REGION_SETTING,
-    "aws_state": Setting("DW_AWS_STATE", "", text, "ec2 (required there): the state file of ./setup.sh aws"),
-    "instance_type": Setting("DW_INSTANCE_TYPE", "c7i.large", text, "ec2: the workers' instance type"),
-    "ami": Setting("DW_AMI", "", text, "ec2: image id (default: the latest Amazon Linux 2023)"),
-    "test_ssh_addresses": Setting("DW_TEST_SSH_ADDRESSES", "", text,
-                                  "TEST ONLY: SSH addresses given to new instances instead of their IPs"),
-    "log_level": Setting("DW_LOG_LEVEL", "INFO", choice("DEBUG", "INFO", "WARNING", "ERROR", fold=str.upper),
-                         "DEBUG, INFO, WARNING or ERROR"),
-    "every": Setting("", "0", seconds(0, inclusive=True), "repeat every S seconds instead of running once (0: once)"),
-}
-# The knobs `./deploy.sh aws` takes with these very entries and hands to the endpoint hosts' scalers.
-HOST_KNOBS = ("max_workers", "scale_after", "target_drain", "max_launch_per_tick", "slots_per_worker",
-              "default_job_duration", "ready_deadline", "silence_deadline", "partition_deadline", "breaker_threshold",
-              "breaker_cooldown", "idle_timeout", "worker_processes", "worker_exit_command", "instance_type")
-
-
 class SettingsError(Exception):
     """A file the settings name is missing or unusable; the scaler did nothing."""
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cron.scale", description=__doc__.splitlines()[0])
-    add_settings(parser, SETTINGS)
-    parser.add_argument("--terminate-all", action="store_true", help="terminate every worker of the cluster, then exit")
-    parser.add_argument("--reset-breaker", action="store_true", help="close the circuit breaker, then exit")
-    args = parser.parse_args(argv)
-    check_settings(parser, SETTINGS, args)
-    if args.partition_deadline < args.silence_deadline:
-        parser.error(f"--partition-deadline ({args.partition_deadline:g}) must be at least --silence-deadline "
-                     f"({args.silence_deadline:g})")
-    if args.provider == "ec2" and not args.aws_state:
-        parser.error("--provider ec2 needs --aws-state (DW_AWS_STATE): the state file of ./setup.sh aws")
-    args.db = args.db or f"{args.state_dir}/{args.node_id}.sqlite3"
-    args.secret_file = args.secret_file or f"{args.state_dir}/secret"
-    return args
 
 
 def cluster_secret(args: argparse.Namespace) -> str:
@@ -188,6 +95,7 @@ def make_provider(args: argparse.Namespace) -> Provider:
 
 def ec2_provider(args: argparse.Namespace, pins: HostKeyPins) -> Provider:
     """Everything about the cluster comes from setup's state file, checked before any API call."""
+    from cloud.ec2 import Launch
     from cron.providers.ec2 import Ec2Provider, Ec2Settings
 
     setup = read_state(args.aws_state)
@@ -202,10 +110,8 @@ def ec2_provider(args: argparse.Namespace, pins: HostKeyPins) -> Provider:
     region = resolve_region(args.region, setup.get("region", ""), args.aws_state)
     test_addresses = [address.strip() for address in args.test_ssh_addresses.split(",") if address.strip()]
     settings = Ec2Settings(
-        cluster=args.cluster, region=region.name, key_name=setup["key_name"],
-        key_path=Path(args.ssh_key or setup["key_path"]), security_group_id=setup["security_group_id"],
-        subnet_ids=tuple(setup.get("subnet_ids", ())), instance_type=args.instance_type, ami=args.ami,
-        ssh_user=args.ssh_user, ssh_timeout=args.ready_deadline,
+        launch=Launch.from_state(setup, args.cluster, region.name), key_path=Path(args.ssh_key or setup["key_path"]),
+        instance_type=args.instance_type, ami=args.ami, ssh_user=args.ssh_user, ssh_timeout=args.ready_deadline,
         test_addresses=tuple(test_addresses[args.endpoint_index::2]))
     return Ec2Provider(settings, lambda: worker_install(args), pins, args.node_id)
 

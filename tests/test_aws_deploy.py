@@ -4,7 +4,7 @@ Ctrl-C says which instances run and bill and how to remove them.
 
 The scripts run as the user runs them (`./deploy.sh aws ...`, real processes); the
 assertions look at "AWS" (moto) through boto3. Where a deploy must reach its endpoint
-instances, they are fake hosts (network namespaces, tests/cloudhosts.py) without an sshd,
+instances, they are fake hosts (network namespaces, tests/fakehosts.py) without an sshd,
 i.e. instances whose SSH never answers.
 """
 
@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloudhosts import (
-    HostNetwork,
+from fakeaws import (
     MotoServer,
     aws_fixture,  # noqa: F401 -- fixture "aws"
-    host_network_fixture,  # noqa: F401 -- fixture "host_network"
     moto_server_fixture,  # noqa: F401 -- fixture "moto_server"
+)
+from fakehosts import (
+    HostNetwork,
+    host_network_fixture,  # noqa: F401 -- fixture "host_network"
 )
 
 from conftest import PYTHON, REPO, wait_for

@@ -14,18 +14,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 from botocore.exceptions import ClientError
-from cloudhosts import MotoServer
 from fakeapi import BrokenApi
+from fakeaws import MotoServer, moto_server_fixture  # noqa: F401 -- fixture "moto_server"
 
 from conftest import REPO, wait_for
-from deploy import aws_setup
+from deploy import aws_setup, cluster, iam, network
 
 PYTHON = sys.executable
 CIDR = "203.0.113.7/32"
@@ -36,18 +35,6 @@ STATE_KEYS = {"cluster", "region", "vpc_id", "subnet_ids", "security_group_id", 
               "created_at", "updated_at"}
 # Talk to the local moto server directly, whatever proxy the environment names.
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-# --- moto's server, one per module, reset before every test ------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    server = MotoServer(tmp_path_factory.mktemp("moto"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class Aws:
@@ -127,9 +114,10 @@ class Aws:
 
 
 @pytest.fixture
-def aws(moto: MotoServer, tmp_path: Path) -> Aws:
-    moto.reset()
-    return Aws(moto.url, tmp_path)
+def aws(moto_server: MotoServer, tmp_path: Path) -> Aws:
+    """moto's server of the session (tests/fakeaws.py), reset: every test starts from nothing."""
+    moto_server.reset()
+    return Aws(moto_server.url, tmp_path)
 
 
 def ingress(group: dict) -> set[tuple[str, int, int, str]]:
@@ -259,23 +247,23 @@ def test_public_address_discovery_only_when_enabled(monkeypatch: pytest.MonkeyPa
 
     args = aws_setup.parse_args(["--cluster", "dw"])
     args.allowed_cidr = ""
-    monkeypatch.setattr(aws_setup.urllib.request, "urlopen", answer)
+    monkeypatch.setattr(network.urllib.request, "urlopen", answer)
     monkeypatch.delenv("DW_DISCOVER_IP", raising=False)
-    with pytest.raises(aws_setup.UsageError, match="--allowed-cidr"):
-        aws_setup.resolve_allowed_cidr(args, {})
+    with pytest.raises(cluster.UsageError, match="--allowed-cidr"):
+        network.resolve_allowed_cidr(args, {})
     assert asked == []
-    assert aws_setup.resolve_allowed_cidr(args, {"allowed_cidr": CIDR}) == CIDR  # a re-run keeps the record
+    assert network.resolve_allowed_cidr(args, {"allowed_cidr": CIDR}) == CIDR  # a re-run keeps the record
 
     monkeypatch.setenv("DW_DISCOVER_IP", "1")
-    assert aws_setup.resolve_allowed_cidr(args, {}) == "198.51.100.23/32"
+    assert network.resolve_allowed_cidr(args, {}) == "198.51.100.23/32"
     assert asked == [("https://checkip.amazonaws.com", 3)]
 
     def unreachable(url: str, timeout: float) -> FakeResponse:
         raise OSError("timed out")
 
-    monkeypatch.setattr(aws_setup.urllib.request, "urlopen", unreachable)
-    with pytest.raises(aws_setup.UsageError, match="--allowed-cidr"):
-        aws_setup.resolve_allowed_cidr(args, {})
+    monkeypatch.setattr(network.urllib.request, "urlopen", unreachable)
+    with pytest.raises(cluster.UsageError, match="--allowed-cidr"):
+        network.resolve_allowed_cidr(args, {})
 
 
 def test_anywhere_only_when_asked(aws: Aws) -> None:
@@ -379,7 +367,7 @@ def test_endpoint_policy_allows_only_what_the_scaler_needs(aws: Aws) -> None:
 
 
 def test_pass_role_only_for_an_existing_worker_role(aws: Aws) -> None:
-    trust = json.dumps(aws_setup.EC2_TRUST_POLICY)
+    trust = json.dumps(iam.EC2_TRUST_POLICY)
     arn = aws.iam.create_role(RoleName="dw-worker", AssumeRolePolicyDocument=trust,
                               Tags=[{"Key": "dw:cluster", "Value": "dw"}])["Role"]["Arn"]
     aws.setup()
@@ -453,12 +441,12 @@ def test_security_group_deletion_waits_for_terminating_instances() -> None:
         now[0] += seconds
 
     ec2 = FakeEc2(busy=3)
-    aws_setup.delete_security_group(ec2, "security group dw-sg", "sg-1", timeout=60, sleep=sleep, clock=lambda: now[0])
+    network.delete_security_group(ec2, "security group dw-sg", "sg-1", timeout=60, sleep=sleep, clock=lambda: now[0])
     assert ec2.calls == 4 and sleeps == [2.0, 4.0, 8.0]
 
     now[0], sleeps[:] = 0.0, []
-    with pytest.raises(aws_setup.SetupError, match="still in use"):
-        aws_setup.delete_security_group(FakeEc2(busy=1000), "security group dw-sg", "sg-1", timeout=60,
+    with pytest.raises(cluster.SetupError, match="still in use"):
+        network.delete_security_group(FakeEc2(busy=1000), "security group dw-sg", "sg-1", timeout=60,
                                         sleep=sleep, clock=lambda: now[0])
     assert 45 <= sum(sleeps) <= 60
 

@@ -27,16 +27,9 @@ def read_worker_key(secret_file: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s worker: %(message)s")
-    options = WorkerOptions(
-        endpoints=tuple(args.endpoints),
-        worker_key=read_worker_key(args.secret_file),
-        worker_id=args.worker_id,
-        processes=args.processes,
-        idle_timeout=args.idle_timeout,
-        poll_interval=args.poll_interval,
-        exit_command=args.exit_command,
-        submit_patience=args.submit_patience,
-    )
+    same = ("worker_id", "processes", "idle_timeout", "poll_interval", "exit_command", "submit_patience")
+    options = WorkerOptions(endpoints=tuple(args.endpoints), worker_key=read_worker_key(args.secret_file),
+                            **{name: getattr(args, name) for name in same})
     return run_worker(options)
 
 

@@ -33,7 +33,8 @@ SETTINGS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m worker", description="Run a dynamic-workload worker.")
+    parser = argparse.ArgumentParser(prog="python -m worker", description="Run a worker: `python -m worker "
+                                     "--endpoint http://A:5000 --endpoint http://B:5001`.")
     args = parse_settings(parser, SETTINGS, argv)
     if not args.endpoints:
         parser.error("give at least one --endpoint (or DW_ENDPOINTS)")

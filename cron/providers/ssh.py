@@ -16,16 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from cloud.ssh import HostKeyPins, SshTarget
 from cron.providers import Node, ProviderError
-from cron.provision import (
-    HostKeyPins,
-    ProvisionError,
-    SshTarget,
-    WorkerInstall,
-    provision_worker,
-    stop_worker,
-    worker_running,
-)
+from cron.provision import ProvisionError, WorkerInstall, provision_worker, stop_worker, worker_running
 
 log = logging.getLogger(__name__)
 
