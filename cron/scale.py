@@ -42,7 +42,7 @@ from cloud.aws import API_ERRORS, ClusterUsageError, check_state_cluster, read_s
 from cloud.ssh import HostKeyPins
 from cron.config import parse_args
 from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide
-from cron.providers import Node, Provider, ProviderError
+from cron.providers import Machine, Provider, ProviderError
 from cron.providers.local import LocalProvider
 from cron.provision import WorkerInstall
 from cron.state import Breaker, StateStore
@@ -169,14 +169,14 @@ def load_of(stats: dict) -> EndpointLoad:
 def cluster_view(own_stats: dict, peer_stats: dict | None, fleet: Fleet, node_id: str) -> ClusterView:
     """What the policy sees. A worker in doubt (see Scaler.verdict) is no capacity for this
     endpoint's queue, but it runs and bills: it still counts against its scaler's share."""
-    nodes = fleet.nodes
+    machines = fleet.machines
     return ClusterView(
         endpoints=(load_of(own_stats),) + ((load_of(peer_stats),) if peer_stats else ()),
         peer_reachable=peer_stats is not None,
-        workers_ready=sum(node.ready and node.node_id not in fleet.in_doubt for node in nodes),
-        workers_booting=sum(not node.ready for node in nodes),
-        own_workers=sum(node.owner == node_id for node in nodes),
-        peer_workers=sum(node.owner != node_id for node in nodes),
+        workers_ready=sum(machine.ready and machine.machine_id not in fleet.in_doubt for machine in machines),
+        workers_booting=sum(not machine.ready for machine in machines),
+        own_workers=sum(machine.owner == node_id for machine in machines),
+        peer_workers=sum(machine.owner != node_id for machine in machines),
     )
 
 
@@ -192,7 +192,7 @@ class Hearing:
 class Fleet:
     """The cluster's workers after reconcile, and those of them in doubt (not counted as capacity)."""
 
-    nodes: list[Node]
+    machines: list[Machine]
     in_doubt: frozenset[str] = frozenset()
 
 
@@ -200,13 +200,13 @@ class Fleet:
 KEEP, PROVISION, TERMINATE, PROBE = "keep", "provision", "terminate", "probe"
 
 
-def host_answers(node: Node, timeout: float = 3.0) -> bool:
+def host_answers(machine: Machine, timeout: float = 3.0) -> bool:
     """Whether the worker's host accepts a connection on its SSH port from here. A local worker
     (no address) runs on this machine."""
-    if not node.address:
+    if not machine.address:
         return True
     try:
-        with socket.create_connection((node.address, 22), timeout=timeout):
+        with socket.create_connection((machine.address, 22), timeout=timeout):
             return True
     except OSError:
         return False
@@ -221,8 +221,8 @@ class Scaler:
         self.state = StateStore(args.db, args.node_id, self.breaker)
         self.endpoint_key = peer_key(cluster_secret(args))  # for the endpoints' /stats details
         # What this run knows runs, for the report when it is interrupted or fails.
-        self.known: list[Node] = []
-        self.unprovisioned: dict[str, Node] = {}
+        self.known: list[Machine] = []
+        self.unprovisioned: dict[str, Machine] = {}
         self.launch_under_way = False
 
     def run_once(self) -> Decision:
@@ -232,7 +232,7 @@ class Scaler:
         peer_stats = fetch_stats(args.peer, self.endpoint_key, window) if args.peer else None
         self.known = self.provider.list()
         fleet = self.reconcile(self.known, self._hearing(peer_stats, window))
-        self.known = fleet.nodes
+        self.known = fleet.machines
         decision = decide(cluster_view(own_stats, peer_stats, fleet, args.node_id), self.policy)
         state = self.state.load()
         allowance, breaker_status = self.breaker.allowance(state, time.time())
@@ -267,7 +267,7 @@ class Scaler:
                 heard[worker["id"]] = min(ago, heard.get(worker["id"], ago))
         return Hearing(heard, from_both=not self.args.peer or len(answers) == 2)
 
-    def verdict(self, node: Node, now: float, hearing: Hearing | None) -> tuple[str, str]:
+    def verdict(self, machine: Machine, now: float, hearing: Hearing | None) -> tuple[str, str]:
         """What to do with one worker, and why.
 
         A ready worker that no endpoint heard from for --silence-deadline is dead or hung. While the
@@ -279,14 +279,14 @@ class Scaler:
         which it does not serve either way, and terminated after --partition-deadline.
         """
         args = self.args
-        age = now - node.launched_at
-        if not node.ready:
+        age = now - machine.launched_at
+        if not machine.ready:
             if age > args.ready_deadline:
                 return TERMINATE, f"not ready {age:.0f}s after launch"
-            return (PROVISION, "") if node.owner == args.node_id else (KEEP, "")
+            return (PROVISION, "") if machine.owner == args.node_id else (KEEP, "")
         if hearing is None:
             return KEEP, ""
-        silent = min(age, hearing.seconds_since.get(node.node_id, age))
+        silent = min(age, hearing.seconds_since.get(machine.machine_id, age))
         if silent <= args.silence_deadline:
             return KEEP, ""
         if hearing.from_both:
@@ -296,34 +296,34 @@ class Scaler:
                                f"(--partition-deadline), nor its host from here, and the peer does not answer")
         return PROBE, f"this endpoint has not heard from it for {silent:.0f}s and the peer does not answer"
 
-    def reconcile(self, nodes: list[Node], hearing: Hearing | None) -> Fleet:
+    def reconcile(self, machines: list[Machine], hearing: Hearing | None) -> Fleet:
         now = time.time()
-        verdicts = {node.node_id: self.verdict(node, now, hearing) for node in nodes}
-        probed = [node for node in nodes if verdicts[node.node_id][0] == PROBE]
+        verdicts = {machine.machine_id: self.verdict(machine, now, hearing) for machine in machines}
+        probed = [machine for machine in machines if verdicts[machine.machine_id][0] == PROBE]
         in_doubt = set()
-        for node, answers in zip(probed, parallel(host_answers, probed), strict=True):
-            reason = verdicts[node.node_id][1]
+        for machine, answers in zip(probed, parallel(host_answers, probed), strict=True):
+            reason = verdicts[machine.machine_id][1]
             if answers:
-                verdicts[node.node_id] = TERMINATE, f"{reason}, although its host answers here: dead or hung"
+                verdicts[machine.machine_id] = TERMINATE, f"{reason}, although its host answers here: dead or hung"
             else:
-                in_doubt.add(node.node_id)
+                in_doubt.add(machine.machine_id)
                 log.warning("%s: %s, nor its host from here; not counted as capacity, terminated after "
-                            "%.0fs (--partition-deadline) unless heard from", node.node_id, reason,
+                            "%.0fs (--partition-deadline) unless heard from", machine.machine_id, reason,
                             self.args.partition_deadline)
-        kept = [node for node in nodes if verdicts[node.node_id][0] in (KEEP, PROBE)]
-        for node in nodes:
-            action, reason = verdicts[node.node_id]
-            if action == TERMINATE and not self._terminate(node, reason):
-                kept.append(node)  # still running as far as we know: it keeps counting against the cap
-        unprovisioned = [node for node in nodes if verdicts[node.node_id][0] == PROVISION]
+        kept = [machine for machine in machines if verdicts[machine.machine_id][0] in (KEEP, PROBE)]
+        for machine in machines:
+            action, reason = verdicts[machine.machine_id]
+            if action == TERMINATE and not self._terminate(machine, reason):
+                kept.append(machine)  # still running as far as we know: it keeps counting against the cap
+        unprovisioned = [machine for machine in machines if verdicts[machine.machine_id][0] == PROVISION]
         if unprovisioned:
-            log.info("resuming provisioning of %s", ", ".join(node.node_id for node in unprovisioned))
+            log.info("resuming provisioning of %s", ", ".join(machine.machine_id for machine in unprovisioned))
             kept += self.provision_all(unprovisioned)
         return Fleet(kept, frozenset(in_doubt))
 
-    def _terminate(self, node: Node, reason: str) -> bool:
+    def _terminate(self, machine: Machine, reason: str) -> bool:
         try:
-            self.provider.terminate([node], reason)
+            self.provider.terminate([machine], reason)
         except ProviderError as exc:
             log.error("reconcile: %s", exc)
             return False
@@ -336,39 +336,39 @@ class Scaler:
         intent = f"{self.args.cluster}-{self.args.node_id}-{secrets.token_hex(6)}"
         self.launch_under_way = True
         try:
-            nodes = self.provider.launch(count, self.args.node_id, intent)
+            machines = self.provider.launch(count, self.args.node_id, intent)
         except ProviderError as exc:
             log.error("launch failed: %s", exc)
             self.state.record_failure(f"launch: {exc}")
             return
         finally:
             self.launch_under_way = False
-        self.known += nodes
-        self.provision_all(nodes)
+        self.known += machines
+        self.provision_all(machines)
 
-    def provision_all(self, nodes: list[Node]) -> list[Node]:
-        """Provision in parallel; a node that fails is terminated and counts against the breaker."""
-        self.unprovisioned.update({node.node_id: node for node in nodes})
+    def provision_all(self, machines: list[Machine]) -> list[Machine]:
+        """Provision in parallel; a machine that fails is terminated and counts against the breaker."""
+        self.unprovisioned.update({machine.machine_id: machine for machine in machines})
 
-        def attempt(node: Node) -> Node | None:
+        def attempt(machine: Machine) -> Machine | None:
             try:
-                ready = self.provider.provision(node)
+                ready = self.provider.provision(machine)
             except Exception as exc:  # noqa: BLE001 -- any failure: terminate it, count it, go on
-                log.error("provisioning %s failed: %s", node.node_id, exc)
-                self.state.record_failure(f"provisioning {node.node_id}: {exc}")
-                if not self._terminate(node, "provisioning failed"):
-                    return node  # not terminated: it still counts against the cap
-                self._forget(node)
+                log.error("provisioning %s failed: %s", machine.machine_id, exc)
+                self.state.record_failure(f"provisioning {machine.machine_id}: {exc}")
+                if not self._terminate(machine, "provisioning failed"):
+                    return machine  # not terminated: it still counts against the cap
+                self._forget(machine)
                 return None
             self.state.record_success()
-            self.unprovisioned.pop(node.node_id, None)
+            self.unprovisioned.pop(machine.machine_id, None)
             return ready
 
-        return [node for node in parallel(attempt, nodes) if node is not None]
+        return [machine for machine in parallel(attempt, machines) if machine is not None]
 
-    def _forget(self, node: Node) -> None:
-        self.unprovisioned.pop(node.node_id, None)
-        self.known = [known for known in self.known if known.node_id != node.node_id]
+    def _forget(self, machine: Machine) -> None:
+        self.unprovisioned.pop(machine.machine_id, None)
+        self.known = [known for known in self.known if known.machine_id != machine.machine_id]
 
     def left_running(self) -> str:
         """What this scaler leaves running, for a run that is interrupted or fails."""
@@ -380,7 +380,7 @@ class Scaler:
             parts.append(f"launched by this run and not provisioned: {', '.join(sorted(self.unprovisioned))} (running "
                          f"and billing; the next run provisions them, or terminates them "
                          f"{self.args.ready_deadline:.0f}s after launch)")
-        ids = sorted({node.node_id for node in self.known})
+        ids = sorted({machine.machine_id for machine in self.known})
         parts.append(f"{len(ids)} worker(s) of the cluster known to run: {', '.join(ids) or 'none'}")
         return "; ".join(parts) + (". `python -m cron.scale --terminate-all` with this run's settings terminates "
                                    "every worker of the cluster")
@@ -413,9 +413,9 @@ def run_guarded(scaler: Scaler) -> bool:
 
 
 def terminate_all(provider: Provider) -> int:
-    nodes = provider.list()
-    provider.terminate(nodes, "terminate-all requested")
-    log.info("terminated %d worker(s)", len(nodes))
+    machines = provider.list()
+    provider.terminate(machines, "terminate-all requested")
+    log.info("terminated %d worker(s)", len(machines))
     return 0
 
 

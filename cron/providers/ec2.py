@@ -29,7 +29,7 @@ from cloud.ec2 import (
     terminate_instances,
 )
 from cloud.ssh import HostKeyPins, SshError, SshTarget, wait_for_ssh
-from cron.providers import Node, ProviderError
+from cron.providers import Machine, ProviderError
 from cron.provision import WorkerInstall, provision_worker
 
 log = logging.getLogger(__name__)
@@ -68,67 +68,68 @@ class Ec2Provider:
         self.owner = owner
         self.ec2 = client("ec2", settings.launch.region)
 
-    def list(self) -> list[Node]:
+    def list(self) -> list[Machine]:
         try:
             instances = cluster_instances(self.ec2, self.settings.launch.cluster, "worker", ("pending", "running"))
         except API_ERRORS as exc:
             raise ProviderError(f"listing instances failed: {api_error_text(exc)}") from exc
-        return [self._node(instance) for instance in instances]
+        return [self._machine(instance) for instance in instances]
 
-    def _node(self, instance: dict) -> Node:
+    def _machine(self, instance: dict) -> Machine:
         tags = tags_of(instance)
         address = tags.get(Tag.TEST_ADDRESS) or instance.get("PrivateIpAddress")
-        return Node(instance["InstanceId"], tags.get(Tag.OWNER, "?"), instance["LaunchTime"].timestamp(),
+        return Machine(instance["InstanceId"], tags.get(Tag.OWNER, "?"), instance["LaunchTime"].timestamp(),
                     ready=Tag.READY in tags, address=address)
 
     def _image(self) -> str:
         with _provider_errors():
             return image(self.settings.ami, self.settings.launch.region)
 
-    def launch(self, count: int, owner: str, intent: str) -> list[Node]:
+    def launch(self, count: int, owner: str, intent: str) -> list[Machine]:
         tags = {Tag.ROLE: "worker", Tag.OWNER: owner, Tag.INTENT: intent,
                 "Name": f"{self.settings.launch.cluster}-worker"}
         with _provider_errors():
             instances = self.settings.launch.run(self.ec2, image=self._image(), count=count, tags=tags,
                                                  instance_type=self.settings.instance_type, intent=intent,
                                                  shutdown_behavior="terminate")
-        nodes = [self._node(instance) for instance in instances]
-        log.info("launched %s", ", ".join(node.node_id for node in nodes))
-        return self._assign_test_addresses(nodes, owner)
+        machines = [self._machine(instance) for instance in instances]
+        log.info("launched %s", ", ".join(machine.machine_id for machine in machines))
+        return self._assign_test_addresses(machines, owner)
 
-    def _assign_test_addresses(self, nodes: list[Node], owner: str) -> list[Node]:
+    def _assign_test_addresses(self, machines: list[Machine], owner: str) -> list[Machine]:
         if not self.settings.test_addresses:
-            return nodes
-        taken = {node.address for node in self.list()}
+            return machines
+        taken = {machine.address for machine in self.list()}
         free = [address for address in self.settings.test_addresses if address not in taken]
         assigned = []
-        for node, address in zip(nodes, free, strict=False):
-            self._tag(node, Tag.TEST_ADDRESS, address)
-            assigned.append(replace(node, address=address))
-        return assigned + nodes[len(assigned):]
+        for machine, address in zip(machines, free, strict=False):
+            self._tag(machine, Tag.TEST_ADDRESS, address)
+            assigned.append(replace(machine, address=address))
+        return assigned + machines[len(assigned):]
 
-    def provision(self, node: Node) -> Node:
-        if not node.address:
-            raise ProviderError(f"{node.node_id} has no address to reach it at")
+    def provision(self, machine: Machine) -> Machine:
+        if not machine.address:
+            raise ProviderError(f"{machine.machine_id} has no address to reach it at")
         # The ready deadline counts from the launch, to the second.
         deadline = self.settings.ssh_timeout
-        remaining = deadline - (time.time() - node.launched_at)
+        remaining = deadline - (time.time() - machine.launched_at)
         if remaining <= 0:
-            raise ProviderError(f"{node.node_id} is not ready within {deadline:.0f}s of the launch (--ready-deadline)")
+            raise ProviderError(f"{machine.machine_id} is not ready within {deadline:.0f}s of the launch "
+                                f"(--ready-deadline)")
         with _provider_errors():
-            waited = wait_for_ssh(node.address, timeout=remaining,
+            waited = wait_for_ssh(machine.address, timeout=remaining,
                                   what=f"within {deadline:.0f}s of the launch (--ready-deadline)")
-        target = SshTarget(node.node_id, node.address, self.settings.ssh_user, self.settings.key_path)
+        target = SshTarget(machine.machine_id, machine.address, self.settings.ssh_user, self.settings.key_path)
         # An EC2 worker is ours to end: its idle exit powers it off, which terminates it.
         took = provision_worker(target, self.pins,
-                                replace(self._install(), worker_id=node.node_id, poweroff_on_idle=True))
-        self._tag(node, Tag.READY, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                                replace(self._install(), worker_id=machine.machine_id, poweroff_on_idle=True))
+        self._tag(machine, Tag.READY, datetime.now(timezone.utc).isoformat(timespec="seconds"))
         log.info("provisioned %s at %s: SSH answered after %.1fs, worker running %.2fs later",
-                 node.node_id, node.address, waited, took)
-        return replace(node, ready=True)
+                 machine.machine_id, machine.address, waited, took)
+        return replace(machine, ready=True)
 
-    def terminate(self, nodes: Sequence[Node], reason: str) -> None:
-        ids = [node.node_id for node in nodes]
+    def terminate(self, machines: Sequence[Machine], reason: str) -> None:
+        ids = [machine.machine_id for machine in machines]
         if not ids:
             return
         log.info("terminating %s: %s", ", ".join(ids), reason)
@@ -136,6 +137,6 @@ class Ec2Provider:
             terminate_instances(self.ec2, ids)
         self.pins.forget(ids)
 
-    def _tag(self, node: Node, key: str, value: str) -> None:
+    def _tag(self, machine: Machine, key: str, value: str) -> None:
         with _provider_errors():
-            tag_instance(self.ec2, node.node_id, key, value)
+            tag_instance(self.ec2, machine.machine_id, key, value)
