@@ -60,6 +60,7 @@ from deploy.cluster import (
 )
 from deploy.destroy import destroy_summary, left_running, remove_resources, terminate_cluster
 from deploy.install import EndpointInstall, InstallError, ensure_remote_python, install_endpoint, wheelhouse_for
+from endpoint.config import OPTIONS as ENDPOINT_SETTINGS
 
 NODES = ("a", "b")
 # TEST ONLY: the tests' fake endpoint instances' SSH addresses, by node; the names of the variables
@@ -213,13 +214,12 @@ def addresses(instance: dict) -> tuple[str, str]:
 
 
 def endpoint_settings(args: argparse.Namespace, node: str, private: dict[str, str], setup: dict) -> dict[str, str]:
-    """The environment of an endpoint host's endpoint and scaler, named by the scaler's table (the
-    endpoint's names for its node id, peer and data file are the same)."""
+    """The environment of an endpoint host's endpoint and scaler, named by their own tables."""
     port = setup.get("http_port", 5000)
     peer = NODES[1 - NODES.index(node)]
+    both = {"node_id": node, "peer": f"http://{private[peer]}:{port}", "db": f"var/{node}.sqlite3"}
     scaler = {
-        "node_id": node, "peer": f"http://{private[peer]}:{port}", "db": f"var/{node}.sqlite3",
-        "provider": "ec2", "endpoint_index": NODES.index(node), "url": f"http://127.0.0.1:{port}",
+        **both, "provider": "ec2", "endpoint_index": NODES.index(node), "url": f"http://127.0.0.1:{port}",
         "endpoints": [f"http://{private[name]}:{port}" for name in NODES], "cluster": args.cluster,
         "ssh_user": args.ssh_user, "worker_service": args.service, "remote_python": args.remote_python,
         **{name: getattr(args, name) for name in HOST_KNOBS},
@@ -230,8 +230,8 @@ def endpoint_settings(args: argparse.Namespace, node: str, private: dict[str, st
     test_ssh = SCALER_SETTINGS["test_ssh_addresses"].env
     if test_ssh in os.environ:
         scaler["test_ssh_addresses"] = os.environ[test_ssh]
-    settings = {"DW_HOST": "0.0.0.0", "DW_PORT": str(port), "AWS_DEFAULT_REGION": setup["region"],
-                **environment(SCALER_SETTINGS, scaler)}
+    settings = {**environment(ENDPOINT_SETTINGS, {**both, "host": "0.0.0.0", "port": port}),
+                **environment(SCALER_SETTINGS, scaler), "AWS_DEFAULT_REGION": setup["region"]}
     # TEST ONLY: the tests' moto server instead of AWS.
     for name in (name.strip() for name in os.environ.get(TEST_AWS_ENV, "").split(",")):
         if name and name in os.environ:
