@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 

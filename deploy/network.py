@@ -16,7 +16,6 @@ import ipaddress
 import os
 import sys
 import time
-import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from cloud.aws import error_code
 from deploy.cluster import DESTROY_COMMAND, Settings, SetupError, UsageError, ours_to_remove, report, require_ours, step
 
 CHECKIP_URL = "https://checkip.amazonaws.com"
-
 SG_DELETE_TIMEOUT = 60.0  # seconds to wait for terminating instances to let go of the security group
 
 

@@ -1,4 +1,4 @@
-"""The cloud test machinery works: fake hosts with sshd in network namespaces, and moto's EC2."""
+"""The tests' fakes work: fake hosts with sshd in network namespaces (fakehosts.py), and moto's EC2 (fakeaws.py)."""
 
 from __future__ import annotations
 
