@@ -118,6 +118,21 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 CREATE INDEX IF NOT EXISTS idempotency_keys_created
     ON idempotency_keys (created_at);
 
+-- pullCompleted with a client's delivery token (?delivery=<token>): a repeat of the token gets the
+-- same answer. This endpoint's part of it is the rows whose delivery_id is 'client:<token>'; the
+-- peer's part, taken from the peer under a token derived from this one (endpoint/pulls.py), is
+-- kept here once it is known, so that a repeat needs no peer. Kept for a day after first use
+-- (endpoint/store.py: DELIVERY_TOKEN_TTL_S); the results stay delivered after that.
+CREATE TABLE IF NOT EXISTS client_deliveries (
+    token      TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    peer_limit INTEGER NOT NULL CHECK (peer_limit >= 0),  -- results asked of the peer; 0: none
+    peer_part  TEXT,     -- JSON [[id, result, completed_at], ...]; NULL while the peer's answer is not settled
+    CHECK (peer_limit > 0 OR peer_part IS NOT NULL)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS client_deliveries_created
+    ON client_deliveries (created_at);
+
 -- Workers that contacted this endpoint (claim, lease renewal, result, or an empty poll).
 -- The scaler reads it to find instances that stopped contacting both endpoints.
 CREATE TABLE IF NOT EXISTS workers (

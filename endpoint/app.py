@@ -2,12 +2,14 @@
 
 Public (clients, unauthenticated):   PUT /enqueue, POST /pullCompleted, GET /work/<id>, GET /stats
 Worker (the worker key):             POST /internal/claim, /internal/work/<id>/{renew,release,result}
-Peer (the peer key):                 POST /internal/peer/take-completed, GET /internal/peer/work/<id>
+Peer (the peer key):                 POST /internal/peer/take-completed, /internal/peer/give-back,
+                                     GET /internal/peer/work/<id>
 Both keys are derived from the cluster secret (endpoint/secret.py); neither opens the other's routes.
 
 Every error is JSON {"error": "..."} with a 4xx status for anything a client sent wrong. A write
-the store did not take is 503 with "outcome": "not_stored" (retry); one whose commit had not
-finished within the store's wait is 504 with "outcome": "unknown".
+the store did not take is 503 with "outcome": "not_stored" (retry), 507 with "reason": "disk_full"
+as well when the disk is full; one whose commit had not finished within the store's wait is 504
+with "outcome": "unknown".
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import hmac
 import json
 import logging
 import re
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,11 +27,14 @@ from typing import Any
 import bottle
 from bottle import HTTPError, HTTPResponse, request, response
 
-from endpoint.inputs import InputError, payload_from, positive_int, query_params, read_body
+from endpoint.inputs import InputError, payload_from, positive_int, query_params
 from endpoint.peer import Peer, PeerUnavailable
+from endpoint.pulls import DELIVERY_TOKEN_PATTERN, DeliveryInProgress, Pulled, Pulls
 from endpoint.secret import peer_key, worker_key
 from endpoint.store import (
     Delivered,
+    DeliveryTokenExpired,
+    DiskFull,
     IdempotencyKeyReused,
     LeaseAnswer,
     OutcomeUnknown,
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 RESULT_PATTERN = re.compile(r"[0-9a-f]{128}")
 WORKER_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 CLAIM_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+PEER_TOKEN_PATTERN = re.compile(r"[0-9a-f]{32}")  # a peer take's token (endpoint/peer.py, endpoint/pulls.py)
 # Printable ASCII without space, quote, backslash or comma (two headers joined by a comma are refused).
 IDEMPOTENCY_KEY_PATTERN = re.compile(r'[!#-+\--\[\]-~]{1,255}')
 LEASE_LOST = {
@@ -112,6 +117,38 @@ def claim_token_of(fields: dict[str, Any]) -> str | None:
     return token
 
 
+def delivery_token(params: dict[str, str]) -> str | None:
+    """pullCompleted's optional `delivery` query parameter: the client's name for this pull."""
+    token = params.get("delivery")
+    if token is not None and not DELIVERY_TOKEN_PATTERN.fullmatch(token):
+        raise InputError(400, "query parameter 'delivery' must be 16-128 characters of [A-Za-z0-9_-] "
+                              "(a random token per pull, e.g. a UUID)")
+    return token
+
+
+def peer_delivery_token(params: dict[str, str]) -> str:
+    token = params.get("delivery", "")
+    if not PEER_TOKEN_PATTERN.fullmatch(token):
+        raise InputError(400, "query parameter 'delivery' must be 32 hex digits")
+    return token
+
+
+def pulled_response(pulled: Pulled) -> HTTPResponse:
+    answer = json_response([{"id": item.work_id, "result": item.result} for item in pulled.items])
+    if pulled.replayed:
+        answer.set_header("Delivery-Replayed", "true")
+    return answer
+
+
+def delivery_refused(exc: DeliveryTokenExpired | DeliveryInProgress, token_ttl_s: float) -> HTTPResponse:
+    """A pull with a delivery token that takes nothing: the token is too old (410), or busy (409)."""
+    if isinstance(exc, DeliveryTokenExpired):
+        return json_response({"error": f"this delivery token was first used more than {token_ttl_s:g} s ago and "
+                                       f"its answer is no longer kept; pull with a new token"}, 410)
+    return json_response({"error": "a pull with this delivery token is still being answered; repeat it in a "
+                                   "moment"}, 409)
+
+
 def lease_response(node_id: str, work_id: str, answer: LeaseAnswer, done: dict[str, Any]) -> HTTPResponse:
     """The one answer of renew, release and result: done, moved on (409 with a reason), or 404."""
     if answer is LeaseAnswer.DONE:
@@ -122,7 +159,13 @@ def lease_response(node_id: str, work_id: str, answer: LeaseAnswer, done: dict[s
 
 
 def store_unavailable(exc: Exception) -> HTTPResponse:
-    """A write the store did not take (503, safe to retry) or could not confirm in time (504)."""
+    """A write the store did not take (503, safe to retry; 507 when its disk is full) or could not
+    confirm in time (504)."""
+    if isinstance(exc, DiskFull):  # the writer logs it (at most once a minute)
+        answer = json_response({"error": "the endpoint's disk is full, nothing was stored; retry later (or at the "
+                                         "other endpoint)", "outcome": "not_stored", "reason": "disk_full"}, 507)
+        answer.set_header("Retry-After", "5")
+        return answer
     if isinstance(exc, OutcomeUnknown):
         log.error("write outcome unknown: %s", exc)
         return json_response({"error": "storage did not confirm the write in time: it may or may not have been "
@@ -154,6 +197,8 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             except IdempotencyKeyReused as exc:
                 return json_response({"error": f"Idempotency-Key was first used for another request (other payload "
                                                f"or iterations), which made {exc}"}, 422)
+            except (DeliveryTokenExpired, DeliveryInProgress) as exc:
+                return delivery_refused(exc, store.delivery_token_ttl_s)
 
         return wrapper
 
@@ -206,8 +251,8 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         params = query_params(request.query_string)
         iterations = positive_int(params, "iterations", limits.max_iterations)
         environ = request.environ
-        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-        body = read_body(environ["wsgi.input"], environ.get("CONTENT_LENGTH", ""), limits.max_payload_bytes, chunked)
+        # Complete and within the size limit: endpoint/bridge.py read it and set CONTENT_LENGTH to its size.
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
         # Not request.content_type: Bottle lower-cases it, and multipart boundaries are case-sensitive.
         payload = payload_from(body, environ.get("CONTENT_TYPE", ""), params, limits.max_payload_bytes)
         enqueued = store.enqueue(payload, iterations, idempotency_key(request.get_header("Idempotency-Key")))
@@ -216,15 +261,14 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             answer.set_header("Idempotent-Replayed", "true")
         return answer
 
+    pulls = Pulls(store, peer)
+
     @app.route("/pullCompleted", method="POST")
     @client_errors
     def pull_completed() -> HTTPResponse:
-        top = positive_int(query_params(request.query_string), "top", limits.max_top)
-        results = store.take_completed(top, delivery_id=secrets.token_hex(16))
-        if len(results) < top and peer is not None:
-            results += peer.take_completed(top - len(results))
-        results.sort(key=lambda item: item.completed_at, reverse=True)
-        return json_response([{"id": item.work_id, "result": item.result} for item in results])
+        params = query_params(request.query_string)
+        top = positive_int(params, "top", limits.max_top)
+        return pulled_response(pulls.pull(top, delivery_token(params)))
 
     @app.route("/work/<work_id>", method="GET")
     @client_errors
@@ -347,13 +391,16 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
     def peer_take_completed() -> HTTPResponse:
         params = query_params(request.query_string)
         top = positive_int(params, "top", limits.max_top)
-        delivery_id = params.get("delivery", "")
-        if not re.fullmatch(r"[0-9a-f]{32}", delivery_id):
-            raise InputError(400, "query parameter 'delivery' must be 32 hex digits")
-        results: list[Delivered] = store.take_completed(top, delivery_id)
+        results: list[Delivered] = store.take_completed(top, peer_delivery_token(params))
         return json_response(
             [{"id": item.work_id, "result": item.result, "completed_at": item.completed_at} for item in results]
         )
+
+    @app.route("/internal/peer/give-back", method="POST")
+    @peer_only
+    @client_errors
+    def peer_give_back() -> HTTPResponse:
+        return json_response({"given_back": store.give_back(peer_delivery_token(query_params(request.query_string)))})
 
     @app.route("/internal/peer/work/<work_id>", method="GET")
     @peer_only

@@ -25,6 +25,9 @@ class Settings:
     db: str
     secret_file: str
     threads: int
+    max_connections: int
+    header_timeout: float
+    body_timeout: float
     max_payload_bytes: int
     max_iterations: int
     max_top: int
@@ -49,7 +52,14 @@ OPTIONS: dict[str, Setting] = {
     "db": Setting("DW_DB", "", str, "SQLite file (default var/<node-id>.sqlite3)"),
     "secret_file": Setting("DW_SECRET_FILE", "", str,
                            "file holding the cluster secret (or put the secret in DW_SECRET)"),
-    "threads": Setting("DW_THREADS", "16", int, "request threads"),
+    "threads": Setting("DW_THREADS", "16", int, "threads that answer requests once they have been read"),
+    "max_connections": Setting("DW_MAX_CONNECTIONS", "1024", int,
+                               "open client connections at most; more wait in the listen queue"),
+    "header_timeout": Setting("DW_HEADER_TIMEOUT", "10", float,
+                              "seconds a client has to send a request's headers; also how long an idle "
+                              "kept-alive connection stays open"),
+    "body_timeout": Setting("DW_BODY_TIMEOUT", "30", float,
+                            "seconds a client has to send a request's body once its headers arrived (408 after)"),
     "max_payload_bytes": Setting("DW_MAX_PAYLOAD_BYTES", str(4 * 1024 * 1024), int, "largest payload accepted"),
     "max_iterations": Setting("DW_MAX_ITERATIONS", "100000000", int, "largest iterations accepted"),
     "max_top": Setting("DW_MAX_TOP", "1000", int, "largest pullCompleted top accepted"),
@@ -91,9 +101,12 @@ def _checked(settings: Settings) -> Settings:
     problems = []
     if settings.synchronous not in ("FULL", "NORMAL", "EXTRA"):
         problems.append("synchronous must be FULL, NORMAL or EXTRA")
-    for name in ("threads", "max_payload_bytes", "max_iterations", "max_top", "max_attempts"):
+    for name in ("threads", "max_connections", "max_payload_bytes", "max_iterations", "max_top", "max_attempts"):
         if getattr(settings, name) < 1:
             problems.append(f"{name} must be at least 1")
+    for name in ("header_timeout", "body_timeout"):
+        if not 0 < getattr(settings, name) <= 3600:
+            problems.append(f"{name} must be more than 0 and at most 3600 seconds")
     if settings.lease_seconds <= 0:
         problems.append("lease_seconds must be positive")
     if settings.retention_days < 0:

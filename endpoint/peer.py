@@ -37,6 +37,11 @@ class Peer:
     "delivered" but nobody has them: so the token is kept and replayed by the next pull, and
     the peer answers a replay with the same results. Results of a replay that do not fit into
     that pull's answer are carried over to the next one.
+
+    A pull under a client's delivery token takes from the peer under a token of its own
+    (`take_exactly`), and records what came back. If that answer never arrives, the pull
+    records an empty peer part and the token is given back (`give_back_later`): the peer makes
+    those results undelivered again, before this endpoint takes anything else from it.
     """
 
     def __init__(self, base_url: str, key: str, timeout: float = 3.0, retry_after: float = 5.0) -> None:
@@ -48,6 +53,7 @@ class Peer:
         self._lock = threading.Lock()
         self._unanswered: collections.deque[tuple[str, int]] = collections.deque()
         self._carried: list[Delivered] = []
+        self._to_give_back: dict[str, None] = {}  # tokens of takes whose answer was lost, oldest first
         self.node_id: str | None = None  # the peer's, from its answers: which ids are its own
 
     def take_completed(self, limit: int) -> list[Delivered]:
@@ -59,6 +65,7 @@ class Peer:
             if time.monotonic() < self._down_until:
                 return taken  # failed moments ago: its log line is written, retry after the pause
             try:
+                self._give_back_pending()
                 while self._unanswered and len(taken) < limit:
                     token, original_limit = self._unanswered[0]
                     items = self._take(token, original_limit)
@@ -79,6 +86,42 @@ class Peer:
                             self.base_url, len(self._unanswered), exc)
                 self._mark_down()
             return taken
+
+    def take_exactly(self, token: str, limit: int) -> list[Delivered]:
+        """One take of up to `limit` results under `token`; a repeat of the token returns what the first
+        returned. Raises PeerUnavailable when there is no answer (the peer may have taken them)."""
+        with self._lock:
+            try:
+                # A token given back is taken afresh afterwards, never replayed into a second answer.
+                self._give_back_pending()
+                return self._take(token, limit)
+            except PeerUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- a malformed answer
+                self._mark_down()
+                raise PeerUnavailable(f"unusable answer to a take: {exc}") from exc
+
+    def give_back_later(self, token: str) -> None:
+        """Have the peer undeliver what it took under `token` (its answer was lost), before any later take."""
+        with self._lock:
+            self._to_give_back[token] = None
+
+    def marked_down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def _give_back_pending(self) -> None:
+        while self._to_give_back:
+            token = next(iter(self._to_give_back))
+            try:
+                answer = self._call("POST", f"/internal/peer/give-back?{urllib.parse.urlencode({'delivery': token})}")
+            except _NotFound:  # a peer of an older version: it keeps them delivered (still readable by id)
+                log.error("peer %s cannot give back the results of a lost take: they stay delivered there",
+                          self.base_url)
+            else:
+                if answer.get("given_back"):
+                    log.warning("peer %s gave back %s results of a take whose answer was lost", self.base_url,
+                                answer["given_back"])
+            del self._to_give_back[token]
 
     def _take(self, token: str, limit: int) -> list[Delivered]:
         query = urllib.parse.urlencode({"top": limit, "delivery": token})

@@ -9,8 +9,10 @@ thread and run beside the writer (WAL).
 
 from __future__ import annotations
 
+import collections
 import enum
 import hashlib
+import json
 import logging
 import re
 import secrets
@@ -22,10 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from endpoint.writer import DEFAULT_WAIT_S, OutcomeUnknown, StoreUnavailable, WriteOp, Writer
+from endpoint.writer import (
+    DEFAULT_WAIT_S,
+    DiskFull,
+    OutcomeUnknown,
+    StoreUnavailable,
+    WriteOp,
+    Writer,
+    free_bytes,
+    is_disk_full,
+)
 
-__all__ = ["OutcomeUnknown", "StoreUnavailable", "Store", "Claim", "Delivered", "Enqueued", "LeaseAnswer",
-           "IdempotencyKeyReused", "owner_of"]
+__all__ = ["DiskFull", "OutcomeUnknown", "StoreUnavailable", "Store", "Claim", "ClientDelivery", "Delivered",
+           "DeliveryTokenExpired", "Enqueued", "LeaseAnswer", "IdempotencyKeyReused", "owner_of"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +56,14 @@ UNDELIVERED_COUNT_SQL = ("SELECT count(*) FROM work_items INDEXED BY work_items_
                          "WHERE state = 'completed' AND delivered_at IS NULL")
 PRUNE_BATCH = 1000
 IDEMPOTENCY_TTL_S = 86_400.0  # an Idempotency-Key is remembered this long after its first use
+DELIVERY_TOKEN_TTL_S = 86_400.0  # a client's delivery token of pullCompleted: repeatable this long after first use
+CLIENT_DELIVERY_PREFIX = "client:"  # delivery_id of results taken under a client's token (peers send 32 hex)
+TAKE_SQL = f"""UPDATE work_items SET delivered_at = ?, delivery_id = ?
+               WHERE seq IN ({UNDELIVERED_SQL})
+               RETURNING id, result, completed_at"""
+TAKEN_BEFORE_SQL = "SELECT id, result, completed_at FROM work_items WHERE delivery_id = ?"
+REPLAYS_REMEMBERED = 4096
+START_ROOM_BYTES = 1024 * 1024  # an endpoint that cannot open its file with less free than this says the disk is full
 REBUILT_AT_VERSION = 3  # files older than this get work_items rebuilt (its CHECK constraints came then)
 NODE_ID_PATTERN = re.compile(r"[a-z0-9]{1,16}")
 WORK_ID_PATTERN = re.compile(r"([a-z0-9]{1,16})-[0-9a-f]{16}")
@@ -53,6 +72,10 @@ WORK_ID_PATTERN = re.compile(r"([a-z0-9]{1,16})-[0-9a-f]{16}")
 
 class IdempotencyKeyReused(Exception):
     """An Idempotency-Key that was first used for a different request (payload or iterations)."""
+
+
+class DeliveryTokenExpired(Exception):
+    """A client's delivery token first used longer ago than DELIVERY_TOKEN_TTL_S: its answer is no longer kept."""
 
 
 class LeaseAnswer(enum.Enum):
@@ -86,6 +109,27 @@ class Delivered:
     work_id: str
     result: str
     completed_at: float
+
+
+@dataclass(frozen=True)
+class ClientDelivery:
+    """What a pull under a client's delivery token holds: this endpoint's part, and the peer's."""
+
+    local: list[Delivered]
+    peer_limit: int  # results the peer is (or was) asked for; 0: none
+    peer_part: list[Delivered] | None  # None: not settled yet (ask the peer, under the token derived from this one)
+    replayed: bool  # the token was used before: this is that pull's answer
+
+
+def _delivered(rows: list[tuple[str, str, float]]) -> list[Delivered]:
+    return [Delivered(work_id, result, completed_at) for work_id, result, completed_at in rows]
+
+
+def _peer_part(encoded: str | None) -> list[Delivered] | None:
+    if encoded is None:
+        return None
+    return [Delivered(str(work_id), str(result), float(completed_at))
+            for work_id, result, completed_at in json.loads(encoded)]
 
 
 def owner_of(work_id: str) -> str | None:
@@ -202,6 +246,7 @@ class Store:
         worker_seen_window: float = 120.0,
         retention_days: float = 7.0,
         write_wait_s: float = DEFAULT_WAIT_S,
+        delivery_token_ttl_s: float = DELIVERY_TOKEN_TTL_S,
     ) -> None:
         if not NODE_ID_PATTERN.fullmatch(node_id):
             raise ValueError(f"node id {node_id!r} must be 1-16 lowercase letters or digits")
@@ -213,15 +258,29 @@ class Store:
         self.max_attempts = max_attempts
         self.worker_seen_window = worker_seen_window
         self.retention_s = retention_days * 86_400
+        self.delivery_token_ttl_s = delivery_token_ttl_s
+        # Replays of a delivery id, counted by the writer's ops: a take whose caller heard "outcome
+        # unknown" is not undone once a repeat of its token has handed its results out after all.
+        self._replays: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._synchronous = synchronous.upper()
         self._busy_timeout_ms = busy_timeout_ms
         self._readers = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []  # every thread's, closed with the store
+        self._reader_conns_lock = threading.Lock()
         self._contacts: dict[str, float] = {}
         self._contacts_lock = threading.Lock()
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._set_aside_orphaned_wal()
-        self._apply_schema()
+        try:
+            self._apply_schema()
+        except sqlite3.OperationalError as exc:
+            # Opening needs room too (the WAL's index file, the restart's lease grace): say why it failed.
+            free = free_bytes(self.path.parent)
+            if is_disk_full(exc) or free < START_ROOM_BYTES:
+                raise DiskFull(f"cannot open {self.path}: the disk holding it is full ({free} bytes free; {exc}); "
+                               "start the endpoint again once there is room") from exc
+            raise
         self._writer = Writer(self.path, self._connect, self._synchronous, write_wait_s)
         self._stopping = threading.Event()
         self._maintenance = threading.Thread(
@@ -299,6 +358,8 @@ class Store:
                 raise StoreUnavailable(f"cannot open {self.path} to read it: {exc}") from exc
             conn.execute("PRAGMA query_only = ON")
             self._readers.conn = conn
+            with self._reader_conns_lock:
+                self._reader_conns.append(conn)
         return conn
 
     def close(self) -> None:
@@ -309,6 +370,10 @@ class Store:
         except (StoreUnavailable, OutcomeUnknown) as exc:
             log.warning("worker contacts not recorded at close: %s", exc)
         self._writer.close()
+        with self._reader_conns_lock:
+            readers, self._reader_conns = self._reader_conns, []
+        for conn in readers:
+            conn.close()
 
     def _maintain(self, interval: float) -> None:
         # Leases expire and worker contacts are recorded even when no worker calls in.
@@ -318,9 +383,12 @@ class Store:
                 self._writer.run(lambda conn: self._requeue_expired(conn, time.time()), durable=False)
                 self._flush_contacts()
                 if time.monotonic() >= next_prune:
-                    pruned = self.prune_idempotency_keys() + (self.prune_delivered() if self.retention_s else 0)
+                    pruned = (self.prune_idempotency_keys() + self.prune_client_deliveries()
+                              + (self.prune_delivered() if self.retention_s else 0))
                     # A full batch means more are due: come back next round, not in a minute.
                     next_prune = time.monotonic() + (0 if pruned >= PRUNE_BATCH else 60)
+            except DiskFull:
+                log.debug("store maintenance waits for disk space")  # the writer says so in the log
             except Exception:  # noqa: BLE001 -- keep maintaining; the next round retries
                 log.exception("store maintenance failed")
 
@@ -351,6 +419,19 @@ class Store:
             return conn.execute(
                 """DELETE FROM idempotency_keys WHERE key IN
                    (SELECT key FROM idempotency_keys WHERE created_at < ? ORDER BY created_at LIMIT ?)""",
+                (cutoff, PRUNE_BATCH),
+            ).rowcount
+
+        return self._writer.run(op, durable=False)
+
+    def prune_client_deliveries(self, now: float | None = None) -> int:
+        """Forget delivery tokens first used longer ago than their lifetime; their results stay delivered."""
+        cutoff = (now or time.time()) - self.delivery_token_ttl_s
+
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                """DELETE FROM client_deliveries WHERE token IN
+                   (SELECT token FROM client_deliveries WHERE created_at < ? ORDER BY created_at LIMIT ?)""",
                 (cutoff, PRUNE_BATCH),
             ).rowcount
 
@@ -402,34 +483,101 @@ class Store:
 
         Taking again with the same delivery_id returns what that take returned, so a caller
         whose answer got lost can retry without losing or duplicating results. A take whose
-        caller heard "outcome unknown" is undone when it commits: its results go out again.
+        caller heard "outcome unknown" is undone when it commits (its results go out again),
+        unless a repeat of its delivery_id has returned them meanwhile.
         """
 
-        def op(conn: sqlite3.Connection) -> list[tuple[str, str, float]]:
-            earlier = conn.execute(
-                "SELECT id, result, completed_at FROM work_items WHERE delivery_id = ?", (delivery_id,)
-            ).fetchall()
+        def op(conn: sqlite3.Connection) -> tuple[list[tuple[str, str, float]], int]:
+            earlier = conn.execute(TAKEN_BEFORE_SQL, (delivery_id,)).fetchall()
             if earlier:
-                return earlier
-            return conn.execute(
-                f"""
-                UPDATE work_items SET delivered_at = ?, delivery_id = ?
-                WHERE seq IN ({UNDELIVERED_SQL})
-                RETURNING id, result, completed_at
-                """,
-                (time.time(), delivery_id, limit),
-            ).fetchall()
+                return earlier, self._note_replay(delivery_id)
+            return conn.execute(TAKE_SQL, (time.time(), delivery_id, limit)).fetchall(), self._replays_of(delivery_id)
 
-        def undo(rows: list[tuple[str, str, float]]) -> WriteOp[Any] | None:
-            if not rows:
-                return None
-            return lambda conn: conn.execute(
-                "UPDATE work_items SET delivered_at = NULL, delivery_id = NULL WHERE delivery_id = ?", (delivery_id,))
+        def undo(taken: tuple[list[tuple[str, str, float]], int]) -> WriteOp[Any] | None:
+            rows, replays = taken
+            return self._give_back_op(delivery_id, replays) if rows else None
 
-        rows = self._writer.run(op, undo=undo)
-        delivered = [Delivered(work_id, result, completed_at) for work_id, result, completed_at in rows]
-        delivered.sort(key=lambda item: item.completed_at, reverse=True)
-        return delivered
+        rows, _ = self._writer.run(op, undo=undo)
+        return sorted(_delivered(rows), key=lambda item: item.completed_at, reverse=True)
+
+    def take_for_client(self, token: str, limit: int, fill_up: bool) -> ClientDelivery:
+        """pullCompleted under a client's delivery token: the first use takes up to `limit` results
+        (and, with `fill_up`, leaves room for the peer's part); a repeat returns what the first took,
+        whatever its limit. DeliveryTokenExpired for a token used longer ago than its lifetime.
+
+        A first take whose caller heard "outcome unknown" is undone when it commits, record and all,
+        unless a repeat of the token has been answered from it meanwhile."""
+        delivery_id = CLIENT_DELIVERY_PREFIX + token
+
+        def op(conn: sqlite3.Connection) -> tuple[ClientDelivery, int]:
+            now = time.time()
+            record = conn.execute("SELECT created_at, peer_limit, peer_part FROM client_deliveries WHERE token = ?",
+                                  (token,)).fetchone()
+            if record is not None:
+                created_at, peer_limit, peer_part = record
+                if created_at < now - self.delivery_token_ttl_s:
+                    raise DeliveryTokenExpired(token)
+                local = _delivered(conn.execute(TAKEN_BEFORE_SQL, (delivery_id,)).fetchall())
+                return (ClientDelivery(local, peer_limit, _peer_part(peer_part), replayed=True),
+                        self._note_replay(delivery_id))
+            # Its record was pruned, but its results are still here: an old token, not a new one.
+            if conn.execute("SELECT 1 FROM work_items WHERE delivery_id = ? LIMIT 1", (delivery_id,)).fetchone():
+                raise DeliveryTokenExpired(token)
+            local = _delivered(conn.execute(TAKE_SQL, (now, delivery_id, limit)).fetchall())
+            peer_limit = limit - len(local) if fill_up else 0
+            conn.execute("INSERT INTO client_deliveries (token, created_at, peer_limit, peer_part) VALUES (?, ?, ?, ?)",
+                         (token, now, peer_limit, None if peer_limit else "[]"))
+            return ClientDelivery(local, peer_limit, None if peer_limit else [], replayed=False), \
+                self._replays_of(delivery_id)
+
+        def undo(taken: tuple[ClientDelivery, int]) -> WriteOp[Any] | None:
+            delivery, replays = taken
+            return None if delivery.replayed else self._give_back_op(delivery_id, replays, forget_token=token)
+
+        delivery, _ = self._writer.run(op, undo=undo)
+        return delivery
+
+    def settle_peer_part(self, token: str, items: list[Delivered]) -> list[Delivered]:
+        """Record the peer's part of a client's delivery (once); returns the part recorded."""
+        encoded = json.dumps([[item.work_id, item.result, item.completed_at] for item in items])
+
+        def op(conn: sqlite3.Connection) -> list[Delivered]:
+            conn.execute("UPDATE client_deliveries SET peer_part = ? WHERE token = ? AND peer_part IS NULL",
+                         (encoded, token))
+            row = conn.execute("SELECT peer_part FROM client_deliveries WHERE token = ?", (token,)).fetchone()
+            return (_peer_part(row[0]) or []) if row else items
+
+        return self._writer.run(op)
+
+    def give_back(self, delivery_id: str) -> int:
+        """Make the results taken under `delivery_id` undelivered again (their taker never got them)."""
+        return self._writer.run(self._give_back_op(delivery_id, None))
+
+    def _give_back_op(self, delivery_id: str, replays: int | None, forget_token: str | None = None) -> WriteOp[int]:
+        """Undeliver what `delivery_id` took (and forget the client's token); with `replays`, only if
+        that take has not been repeated since."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            if replays is not None and self._replays_of(delivery_id) != replays:
+                log.warning("a take whose caller heard 'outcome unknown' was repeated meanwhile: kept")
+                return 0
+            if forget_token is not None:
+                conn.execute("DELETE FROM client_deliveries WHERE token = ?", (forget_token,))
+            return conn.execute("UPDATE work_items SET delivered_at = NULL, delivery_id = NULL WHERE delivery_id = ?",
+                                (delivery_id,)).rowcount
+
+        return op
+
+    def _note_replay(self, delivery_id: str) -> int:
+        """Count a repeat of a take (called in the writer's thread only, as are the undo ops that read it)."""
+        count = self._replays.pop(delivery_id, 0) + 1
+        self._replays[delivery_id] = count
+        while len(self._replays) > REPLAYS_REMEMBERED:
+            self._replays.popitem(last=False)
+        return count
+
+    def _replays_of(self, delivery_id: str) -> int:
+        return self._replays.get(delivery_id, 0)
 
     def get(self, work_id: str) -> dict[str, Any] | None:
         conn = self._reader()
@@ -461,6 +609,7 @@ class Store:
             if worker["last_seen_s_ago"] is None or ago < worker["last_seen_s_ago"]:
                 worker["last_seen_s_ago"] = ago
         figures["workers"] = sorted(known.values(), key=lambda worker: worker["id"])
+        figures["disk_full"] = self._writer.disk_full
         return figures
 
     # -- worker API --------------------------------------------------------------------
@@ -646,4 +795,12 @@ class Store:
                 [(worker_id, seen, seen) for worker_id, seen in contacts.items()],
             )
 
-        self._writer.run(op, durable=False)
+        try:
+            self._writer.run(op, durable=False)
+        except (StoreUnavailable, OutcomeUnknown):
+            # Not written (a full disk, say), or maybe not: keep them, or /stats would soon call live workers silent
+            # and the scaler terminate them.
+            with self._contacts_lock:
+                for worker_id, seen in contacts.items():
+                    self._contacts[worker_id] = max(seen, self._contacts.get(worker_id, seen))
+            raise

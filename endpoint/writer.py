@@ -16,6 +16,14 @@ gives up). The caller then hears one of three things:
   may yet commit. Its ``undo``, if it has one, is then run as a write of its own, so that
   a claim nobody received or a take nobody was answered is given back.
 
+A full disk is told apart: SQLite answers SQLITE_FULL and rolls the whole transaction back
+(in WAL mode the commit frame is the last one written, so a commit that failed so never
+happened), so its writes hear DiskFull, a kind of StoreUnavailable: not stored, retry later.
+Nothing has to be done to recover: the next transaction simply tries again, and succeeds
+once there is room. The writer says in the log that the disk is full and that space is
+back at most once a minute each, rather than once per write (the log may well be on the
+same full disk).
+
 Before each transaction the writer checks that the file it writes is still the one at the
 file's path (same device and inode). A data file that was deleted or replaced stops every
 write with StoreUnavailable and an error in the log, rather than acknowledging writes into
@@ -43,10 +51,15 @@ T = TypeVar("T")
 WriteOp = Callable[[sqlite3.Connection], T]
 Undo = Callable[[T], "WriteOp[Any] | None"]
 DEFAULT_WAIT_S = 5.0
+DISK_FULL_LOG_INTERVAL_S = 60.0
 
 
 class StoreUnavailable(Exception):
     """The write was not applied, and will not be: retrying is safe."""
+
+
+class DiskFull(StoreUnavailable):
+    """The write was not applied because the disk holding the data file is full (SQLITE_FULL)."""
 
 
 class OutcomeUnknown(Exception):
@@ -64,6 +77,22 @@ class _Write(Generic[T]):
 
 class FileLost(Exception):
     """The data file at the path is not the file this writer has open."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether SQLite failed for want of disk space (SQLITE_FULL, with any extended code)."""
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF == sqlite3.SQLITE_FULL
+    return "database or disk is full" in str(exc)
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged process may still write on the filesystem of `directory`."""
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
 
 
 def file_identity(path: Path) -> tuple[int, int]:
@@ -94,6 +123,9 @@ class Writer:
         self._conn: sqlite3.Connection | None = None
         self._conn_synchronous = ""
         self._identity: tuple[int, int] | None = None
+        self._disk_full_since: float | None = None  # monotonic time of the first SQLITE_FULL in a row
+        self._said_full_at = self._said_back_at = -DISK_FULL_LOG_INTERVAL_S
+        self._refused_since_said = 0
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
@@ -124,6 +156,11 @@ class Writer:
             write.future.add_done_callback(lambda future: self._undo_if_stored(future, undo))
         raise OutcomeUnknown(f"the write did not commit within {wait:g}s; it may still be stored"
                              + (" (and is then undone)" if undo is not None else ""))
+
+    @property
+    def disk_full(self) -> bool:
+        """Whether the last transaction failed for want of disk space (and none has committed since)."""
+        return self._disk_full_since is not None
 
     def close(self) -> None:
         self._closed = True
@@ -217,6 +254,7 @@ class Writer:
         committing = False
         try:
             conn.execute("BEGIN IMMEDIATE")
+            changes = conn.total_changes
             for write in batch:
                 # The caller's wait may have run out while BEGIN waited for the lock or earlier
                 # ops ran: such a write is skipped. Once running, it can no longer be cancelled.
@@ -227,13 +265,19 @@ class Writer:
             committing = True
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            self._roll_back(conn)
+            if is_disk_full(exc):  # rolled back by SQLite, at COMMIT too: none of them is stored
+                self._note_disk_full(len(batch), exc)
+                self._fail(batch, DiskFull(f"the disk holding the data file is full ({exc}); nothing was stored"))
+                return
             log.exception("transaction of %d writes failed%s", len(batch),
                           " at COMMIT: they may or may not be stored" if committing else "; none of them is stored")
-            self._roll_back(conn)
             if committing:
                 self._commit_failed(outcomes, exc)
             self._fail(batch, StoreUnavailable(f"database write failed: {exc}"))
             return
+        if conn.total_changes > changes:  # a commit that wrote something: there was room for it
+            self._note_space_back()
         for write, value, error in outcomes:
             if error is None:
                 write.future.set_result(value)
@@ -254,6 +298,10 @@ class Writer:
         try:
             value = write.op(conn)
         except Exception as exc:  # noqa: BLE001 -- handed to the caller
+            # A full disk (a page spilled from the cache mid-statement) may have rolled the whole
+            # transaction back: then the batch fails, rather than run its next ops outside any transaction.
+            if is_disk_full(exc) or not conn.in_transaction:
+                raise
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
             return None, exc
@@ -273,6 +321,27 @@ class Writer:
         if conn.in_transaction:
             log.error("still inside a transaction after ROLLBACK: reopening the database connection")
             self._drop_connection()
+
+    def _note_disk_full(self, writes: int, exc: sqlite3.Error) -> None:
+        self._refused_since_said += writes
+        if self._disk_full_since is not None:
+            return
+        self._disk_full_since = now = time.monotonic()
+        # A nearly full disk flips between "full" and "room" as small writes still fit: say it once a minute.
+        if now - self._said_full_at >= DISK_FULL_LOG_INTERVAL_S:
+            log.error("the disk holding %s is full (%s): writes are refused as not stored until there is room "
+                      "again (%d refused since the last message)", self._path, exc, self._refused_since_said)
+            self._said_full_at, self._refused_since_said = now, 0
+
+    def _note_space_back(self) -> None:
+        if self._disk_full_since is None:
+            return
+        now = time.monotonic()
+        if now - self._said_back_at >= DISK_FULL_LOG_INTERVAL_S:
+            log.warning("disk space for %s is back: writes are stored again (refused for %.1f s)", self._path,
+                        now - self._disk_full_since)
+            self._said_back_at = now
+        self._disk_full_since = None
 
     @staticmethod
     def _fail(batch: list[_Write[Any]], error: StoreUnavailable) -> None:

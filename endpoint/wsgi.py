@@ -1,28 +1,35 @@
-"""The WSGI application as the server's worker process builds it: `endpoint.wsgi:create_app`."""
+"""The application as granian's app process builds it: `endpoint.wsgi:create_app`.
+
+The Bottle (WSGI) app of endpoint/app.py, behind the request reader of endpoint/bridge.py.
+"""
 
 from __future__ import annotations
 
 import atexit
 import logging
 import os
+import signal
 import threading
 import time
 
-import bottle
-
 from endpoint.app import Limits, make_app
+from endpoint.bridge import STOP_READING, ReadLimits, RequestReader
 from endpoint.config import from_env
+from endpoint.inputs import FORM_OVERHEAD_BYTES
 from endpoint.peer import Peer
 from endpoint.secret import peer_key, read_secret
+from endpoint.server import held_data_lock
 from endpoint.store import Store
 
 log = logging.getLogger("endpoint")
 
 
-def create_app() -> bottle.Bottle:
+def create_app() -> RequestReader:
+    signal.signal(STOP_READING, signal.SIG_IGN)  # until the request reader handles it
     settings = from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     secret = read_secret(settings.secret_file)
+    held_data_lock().wait_as_writer()  # an earlier app process of this server may still be exiting
     store = Store(settings.db_path, settings.node_id, lease_seconds=settings.lease_seconds,
                   max_attempts=settings.max_attempts, synchronous=settings.synchronous,
                   retention_days=settings.retention_days)
@@ -32,7 +39,9 @@ def create_app() -> bottle.Bottle:
     limits = Limits(settings.max_payload_bytes, settings.max_iterations, settings.max_top)
     log.info("endpoint %s serving on http://%s:%d (db %s, peer %s)", settings.node_id, settings.host,
              settings.port, store.path, settings.peer or "none")
-    return make_app(store, secret, limits, peer, settings.instance_id)
+    app = make_app(store, secret, limits, peer, settings.instance_id)
+    read_limits = ReadLimits(settings.max_payload_bytes + FORM_OVERHEAD_BYTES, settings.body_timeout)
+    return RequestReader(app, read_limits, settings.threads)
 
 
 def _exit_with_parent(store: Store) -> None:

@@ -183,7 +183,7 @@ class Endpoint:
                 raise AssertionError(f"endpoint {self.node_id} exited:\n{self.service.log()}")
             try:
                 return requests.get(f"{self.url}/stats", timeout=1).status_code == 200
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # the port is bound before the app is up
                 return False
 
         wait_for(answers, 20, f"endpoint {self.node_id} to answer")

@@ -83,3 +83,40 @@ def test_results_equal_reference(working_pair: tuple[Endpoint, Endpoint], iterat
         assert status["state"] == "completed"
         assert status["result"] == result
         assert status["payload_bytes"] == size
+
+
+def test_what_the_payload_is_for_each_client_form(working_pair: tuple[Endpoint, Endpoint], tmp_path: Path) -> None:
+    """README, "What the payload is": a urlencoded body is a form only when it is well-formed and has
+    one `data` field; anything else is the raw body. `buffer` is the fallback for every body type."""
+    a, _ = working_pair
+    form_looking = tmp_path / "f"
+    form_looking.write_bytes(b"data=42\nhello world\n")  # printf 'data=42\nhello world\n' > f
+    url = f"{a.url}/enqueue?iterations=2"
+    cases = [
+        (("--data-binary", f"@{form_looking}"), form_looking.read_bytes()),  # sent as a form, is no form
+        (("--data-binary", "hello&data=evil"), b"hello&data=evil"),
+        (("-d", "data=Hello"), b"Hello"),
+        (("-d", "data=a%3Db+c", "-d", "other=1"), b"a=b c"),
+        (("-d", "other=1"), b"other=1"),  # a form without `data`: the raw body
+        (("-F", f"data=@{form_looking}"), form_looking.read_bytes()),
+        (("--data-binary", "{not a form}", "-H", "Content-Type: application/json"), b"{not a form}"),
+    ]
+    expected: dict[str, str] = {}
+    for args, payload in cases:
+        expected[enqueued_id(curl("-X", "PUT", url, *args))] = reference(payload, 2)
+    for args in (("-d", "other=1"), ("-F", "other=1"), ("--data-binary", "raw")):  # buffer, whatever the body
+        expected[enqueued_id(curl("-X", "PUT", f"{url}&buffer=fallback", *args))] = reference(b"fallback", 2)
+    results = {item["id"]: item["result"] for item in drain([a], len(expected))}
+    assert results == expected
+
+
+@pytest.mark.parametrize("args", [("-d", "data=a", "-d", "data=b"), ("-F", "data=a", "-F", "data=b")],
+                         ids=["urlencoded", "multipart"])
+def test_a_data_field_given_twice_is_refused(pair: tuple[Endpoint, Endpoint], args: tuple[str, ...]) -> None:
+    a, _ = pair
+    completed = subprocess.run(["curl", "-sS", "-X", "PUT", f"{a.url}/enqueue?iterations=1", *args,
+                                "-w", "\n%{http_code}"], capture_output=True, check=True, timeout=30)
+    answer, status = completed.stdout.decode().rsplit("\n", 1)
+    assert status == "400"
+    assert "'data' is given more than once" in json.loads(answer)["error"]
+    assert a.stats()["pending"] == 0

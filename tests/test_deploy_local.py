@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http.server
 import os
 import re
 import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, free_port, reference, wait_for
+from conftest import REPO, free_port, group_members, pid_alive, reference, wait_for
+from deploy.supervise import Failed, RestartPolicy, Service, Supervisor
 
 BANNER_END = "Ctrl-C stops everything"
 
@@ -89,6 +92,21 @@ class Deployment:
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(10)
+
+    def group_of(self, module: str, node: str) -> int:
+        """The process group of this deployment's endpoint or scaler (module "endpoint" or "cron.scale") of a node."""
+        groups = set()
+        for pid in processes_of(self.state):
+            with contextlib.suppress(OSError):
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if f"\0-m\0{module}\0".encode() in command and f"\0--node-id\0{node}\0".encode() in command:
+                    groups.add(os.getpgid(pid))
+        assert len(groups) == 1, f"{module} {node}: groups {groups}"
+        return groups.pop()
+
+    def wait_output(self, text: str, timeout: float = 60) -> None:
+        wait_for(lambda: text in self.output() or self.process.poll() is not None, timeout, repr(text))
+        assert text in self.output(), self.output()
 
     def stats(self, url: str) -> dict:
         response = requests.get(f"{url}/stats", timeout=10)
@@ -180,6 +198,9 @@ BAD_OPTIONS = [
     (["--port-a", "0"], "--port-a must be a whole number from 1 to 65535, not '0'"),
     (["--port-a", "65536"], "--port-a must be a whole number from 1 to 65535, not '65536'"),
     (["--port-a", "6000", "--port-b", "6000"], "--port-a and --port-b must differ (both are 6000)"),
+    (["--max-restarts", "-1"], "--max-restarts must be a whole number from 0 to 999999, not '-1'"),
+    (["--max-restarts", "five"], "--max-restarts must be a whole number from 0 to 999999, not 'five'"),
+    (["--max-restarts"], "--max-restarts needs a value"),
 ]
 
 
@@ -209,6 +230,7 @@ def test_help_names_the_state_directory_variable() -> None:
     completed = subprocess.run(["./deploy.sh", "local", "--help"], cwd=REPO, capture_output=True, timeout=30)
     assert completed.returncode == 0
     assert b"go to $DW_STATE_DIR (default var/)" in completed.stdout
+    assert b"--max-restarts N" in completed.stdout and b"(default 5; 0: no restarts)" in completed.stdout
 
 
 def test_options_take_the_equals_form_and_fractional_seconds(tmp_path: Path, deployments: list[Deployment]) -> None:
@@ -237,17 +259,18 @@ def test_a_scaler_that_exits_at_start_up_stops_the_deployment(tmp_path: Path, de
     assert processes_of(deployment.state) == []
 
 
-def test_a_service_that_dies_later_is_reported_and_stops_the_deployment(tmp_path: Path,
-                                                                        deployments: list[Deployment]) -> None:
-    deployment = deploy(deployments, tmp_path, *FAST)
+def test_with_restarts_off_a_service_that_dies_later_stops_the_deployment(tmp_path: Path,
+                                                                         deployments: list[Deployment]) -> None:
+    deployment = deploy(deployments, tmp_path, *FAST, "--max-restarts", "0")
     deployment.wait_running()
-    endpoint_b = [pid for pid in processes_of(deployment.state)
-                  if b"--node-id\0b\0" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    os.killpg(os.getpgid(endpoint_b[0]), signal.SIGKILL)  # endpoint b and its server process: a crash
+    assert "not restarted (--max-restarts 0)" in deployment.output()
+    os.killpg(deployment.group_of("endpoint", "b"), signal.SIGKILL)  # endpoint b and its server process: a crash
     status = deployment.wait_exit(60)
     output = deployment.output()
     assert status == 1, output
-    assert "endpoint-b exited (while running, status 137)" in output
+    assert "endpoint-b exited (while running, killed by SIGKILL)" in output
+    assert "giving up on it: restarts are off" in output
+    assert "restarting" not in output
     assert processes_of(deployment.state) == []
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{deployment.url_a}/stats", timeout=5)
@@ -263,6 +286,162 @@ def test_a_port_taken_by_something_else_is_refused_before_anything_starts(tmp_pa
         assert deployment.wait_exit(60) == 1
     assert f"127.0.0.1:{taken} is in use already" in deployment.output()
     assert not (deployment.state / "a.sqlite3").exists()
+
+
+# --- supervision: a service that exits is restarted ---------------------------------------------------------------
+
+
+def break_data_file(deployment: Deployment, node: str) -> None:
+    """Kill an endpoint and put a folder where its data file was: every start fails from now on (the file
+    is kept aside; its lock file stays, as a restart finds it)."""
+    os.killpg(deployment.group_of("endpoint", node), signal.SIGKILL)
+    db = deployment.state / f"{node}.sqlite3"
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{db}{suffix}").rename(f"{db}{suffix}.aside")
+    db.mkdir()
+
+
+def test_an_endpoint_killed_whole_comes_back_on_its_port_and_data(tmp_path: Path,
+                                                                  deployments: list[Deployment]) -> None:
+    deployment = deploy(deployments, tmp_path, *FAST)
+    deployment.wait_running()
+    instance_id = deployment.stats(deployment.url_b)["instance_id"]
+    done = deployment.enqueue(deployment.url_b, b"done before", 5)
+    wait_for(lambda: deployment.work(done)["state"] == "completed", 60, "the first job")
+    waiting = deployment.enqueue(deployment.url_b, b"waiting", 3_000_000)  # about 2 s of work: not done yet
+    old_group = deployment.group_of("endpoint", "b")
+
+    os.killpg(old_group, signal.SIGKILL)  # the endpoint and its server process at once, as a crash
+    deployment.wait_output("endpoint-b is back")
+    output = deployment.output()
+    assert "endpoint-b exited (while running, killed by SIGKILL)" in output
+    assert "restarting it in 1 s (attempt 1 of 5)" in output
+    new_group = deployment.group_of("endpoint", "b")
+    assert new_group != old_group
+    assert f"endpoint-b restarted (attempt 1 of 5), pid {new_group}" in output
+    assert f"endpoint-b is back: {deployment.url_b}/stats reports this run's instance id" in output
+    assert deployment.stats(deployment.url_b)["instance_id"] == instance_id  # same port, same id
+
+    # Its data file: the result stored before the kill, and the job enqueued before it, which completes.
+    pulled = {item["id"]: item["result"] for item in deployment.pull_until(2, timeout=90)}
+    assert pulled == {done: reference(b"done before", 5), waiting: reference(b"waiting", 3_000_000)}
+    assert deployment.process.poll() is None
+    for log in (deployment.state / "log" / "deploy.log", deployment.state / "log" / "endpoint-b.log"):
+        text = log.read_text()
+        assert "endpoint-b exited (while running, killed by SIGKILL)" in text, log
+        assert f"endpoint-b restarted (attempt 1 of 5), pid {new_group}" in text, log
+
+
+def test_a_killed_scaler_is_restarted_and_scales_again(tmp_path: Path, deployments: list[Deployment]) -> None:
+    deployment = deploy(deployments, tmp_path, *FAST)
+    deployment.wait_running()
+    old_group = deployment.group_of("cron.scale", "a")
+    os.killpg(old_group, signal.SIGKILL)
+    deployment.wait_output("scaler-a restarted (attempt 1 of 5)")
+    restarted = time.time()
+    assert "scaler-a exited (while running, killed by SIGKILL)" in deployment.output()
+    assert deployment.group_of("cron.scale", "a") != old_group
+
+    def ran_since_restart() -> bool:
+        ago = deployment.stats(deployment.url_a)["scaler"]["last_run_s_ago"]
+        return ago is not None and time.time() - ago > restarted
+    wait_for(ran_since_restart, 30, "a decision of the restarted scaler")
+    work_id = deployment.enqueue(deployment.url_a, b"after the scaler's restart", 5)
+    assert deployment.pull_until(1) == [{"id": work_id, "result": reference(b"after the scaler's restart", 5)}]
+    assert deployment.process.poll() is None
+
+
+def test_a_restart_that_finds_the_port_taken_tries_again_later(tmp_path: Path,
+                                                               deployments: list[Deployment]) -> None:
+    # Something else takes the dead endpoint's port and answers /stats with another id: the restart meanwhile
+    # fails (the endpoint cannot listen) or is not confirmed; once the port is free again, the next one is.
+    deployment = deploy(deployments, tmp_path, *FAST)
+    deployment.wait_running()
+    os.killpg(deployment.group_of("endpoint", "b"), signal.SIGKILL)
+    impostor = http.server.ThreadingHTTPServer(("127.0.0.1", deployment.port_b), ImpostorHandler,
+                                               bind_and_activate=False)
+    deadline = time.monotonic() + 5
+    while True:  # the killed server's socket closes a moment after the kill
+        try:
+            impostor.server_bind()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    impostor.server_address = impostor.socket.getsockname()
+    impostor.server_activate()
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    try:
+        assert requests.get(f"{deployment.url_b}/stats", timeout=5).json()["instance_id"] == "someone else"
+        deployment.wait_output("restarting it in 2 s (attempt 2 of 5)")
+        assert "endpoint-b is back" not in deployment.output()
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
+    deployment.wait_output("endpoint-b is back")
+    assert re.search(r"endpoint-b exited \(while running, status 1\) after [\d.]+ s; restarting it in 2 s",
+                     deployment.output())
+    assert "address already in use" in (deployment.state / "log" / "endpoint-b.log").read_text().lower()
+    assert deployment.stats(deployment.url_b)["instance_id"] == deployment.stats(deployment.url_a)["instance_id"]
+
+
+class ImpostorHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 -- the http.server name
+        body = b'{"instance_id": "someone else"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_service_that_keeps_crashing_is_given_up_and_everything_stops(tmp_path: Path,
+                                                                        deployments: list[Deployment]) -> None:
+    deployment = deploy(deployments, tmp_path, *FAST)
+    deployment.wait_running()
+    break_data_file(deployment, "a")
+    status = deployment.wait_exit(120)  # 1 + 2 + 4 + 8 + 16 s of back-off, and the starts
+    output = deployment.output()
+    assert status == 1, output
+    for attempt, delay in enumerate([1, 2, 4, 8, 16], start=1):
+        assert f"restarting it in {delay} s (attempt {attempt} of 5)" in output
+        assert f"endpoint-a restarted (attempt {attempt} of 5)" in output
+    assert "attempt 6" not in output and "endpoint-a is back" not in output
+    assert re.search(r"endpoint-a exited \(while running, status 1\) after [\d.]+ s; giving up on it: restarted 5 "
+                     r"times in a row, and no run lasted 60 s; the end of \S+endpoint-a.log:", output)
+    assert "unable to open database file" in output  # the end of its log, shown
+    assert "stopping..." in output and "stopped." in output
+    assert processes_of(deployment.state) == []
+    for url in (deployment.url_a, deployment.url_b):
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{url}/stats", timeout=5)
+
+
+@pytest.mark.parametrize(("stop_signal", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["Ctrl-C", "SIGTERM", "SIGHUP"])
+def test_a_stop_signal_during_a_restart_back_off_stops_everything_at_once(
+        tmp_path: Path, deployments: list[Deployment], stop_signal: int, status: int) -> None:
+    deployment = deploy(deployments, tmp_path, *FAST)
+    deployment.wait_running()
+    break_data_file(deployment, "b")
+    deployment.wait_output("restarting it in 8 s (attempt 4 of 5)")
+    signalled = time.monotonic()
+    if stop_signal == signal.SIGINT:
+        os.killpg(deployment.process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    else:
+        deployment.process.send_signal(stop_signal)
+    assert deployment.wait_exit(60) == status
+    took = time.monotonic() - signalled
+    output = deployment.output()
+    assert "attempt 4 of 5)," not in output  # "restarted (attempt 4 of 5), pid ...": the back-off was not waited out
+    assert took < 7, f"the stop took {took:.1f}s, as long as the back-off it interrupted"
+    assert "stopping..." in output and "stopped." in output
+    assert processes_of(deployment.state) == []
 
 
 # --- one deployment per state -----------------------------------------------------------------------------------
@@ -389,3 +568,84 @@ def test_everything_under_the_state_directory_is_owner_only(tmp_path: Path, depl
     deployment.stop()
     open_to_others = {name: mode for name, mode in modes().items() if int(mode, 8) & 0o077}
     assert open_to_others == {}
+
+
+# --- the supervisor on its own, with small real processes ---------------------------------------------------------
+
+
+def test_the_back_off_doubles_from_1_s_to_30_s_and_a_stable_run_starts_it_over() -> None:
+    policy = RestartPolicy(max_restarts=8)
+    streak, delays = 0, []
+    for _ in range(8):
+        decision = policy.after_exit(streak, ran_s=0.5)
+        assert decision is not None
+        streak, delay = decision
+        delays.append(delay)
+    assert delays == [1, 2, 4, 8, 16, 30, 30, 30]
+    assert policy.after_exit(streak, ran_s=59.9) is None  # 8 restarts in a row, none lasted: given up
+    assert policy.after_exit(streak, ran_s=60) == (1, 1)  # a stable run: as if it were the first exit
+    assert RestartPolicy(max_restarts=0).after_exit(0, ran_s=3600) is None
+    assert RestartPolicy(max_restarts=10**6).after_exit(10**5, ran_s=0) == (10**5 + 1, 30)
+
+
+def supervise_until(supervisor: Supervisor, said: list[str], text: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in said):
+        assert time.monotonic() < deadline, f"{text!r} not in {said}"
+        supervisor.check(restart=True)
+        time.sleep(0.02)
+
+
+def test_what_a_dead_service_left_in_its_group_is_killed_before_the_restart(tmp_path: Path) -> None:
+    # The leader exits and leaves a child in its group (as a server's worker process could, holding the port).
+    said: list[str] = []
+    supervisor = Supervisor(RestartPolicy(first_delay_s=0.1), said.append)
+    children = tmp_path / "children"
+    service = Service("leaver", ["sh", "-c", f"sleep 60 & echo $! >> {children}; sleep 0.3"], tmp_path / "leaver.log",
+                      dict(os.environ))
+    supervisor.start(service)
+    try:
+        supervise_until(supervisor, said, "leaver restarted (attempt 1 of 5)")
+        assert re.search(r"leaver exited \(while running, status 0\) after [\d.]+ s; restarting it in 0.1 s", said[0])
+        first_child = int(children.read_text().split()[0])
+        assert not pid_alive(first_child), "the child left behind must be gone before the restart"
+    finally:
+        supervisor.stop([service])
+    assert service.process is None
+    assert all(not pid_alive(int(pid)) for pid in children.read_text().split())
+    assert "supervisor: leaver restarted (attempt 1 of 5)" in (tmp_path / "leaver.log").read_text()
+
+
+def test_a_restart_not_confirmed_in_time_is_killed_and_counts_as_a_crash(tmp_path: Path) -> None:
+    said: list[str] = []
+    supervisor = Supervisor(RestartPolicy(first_delay_s=0.05, max_restarts=1), said.append, confirm_timeout_s=0.5)
+    service = Service("mute", ["sleep", "60"], tmp_path / "mute.log", dict(os.environ),
+                      confirm=lambda: (False, "nobody answers"))
+    supervisor.start(service)
+    try:
+        assert service.process is not None
+        os.killpg(service.process.pid, signal.SIGKILL)
+        with pytest.raises(Failed) as failure:
+            supervise_until(supervisor, said, "never said")
+    finally:
+        supervisor.stop([service])
+    assert re.search(r"mute exited \(while running, killed by SIGKILL\) after 0\.[5-9]\d* s, killed because it was "
+                     r"not confirmed within 0.5 s \(nobody answers\); giving up on it: restarted 1 time in a row",
+                     str(failure.value)), str(failure.value)
+    assert not any("is back" in line for line in said)
+
+
+def test_a_group_that_ignores_sigterm_is_killed_after_the_grace_time(tmp_path: Path) -> None:
+    supervisor = Supervisor(RestartPolicy(), print, stop_grace_s=0.5)
+    # An ignored signal stays ignored across exec: the shell and its sleep both ignore TERM.
+    service = Service("stubborn", ["sh", "-c", "trap '' TERM; sleep 60 & sleep 60"], tmp_path / "stubborn.log",
+                      dict(os.environ))
+    supervisor.start(service)
+    assert service.process is not None
+    pgid = service.process.pid
+    time.sleep(0.3)
+    started = time.monotonic()
+    supervisor.stop([service])
+    assert time.monotonic() - started < 10
+    assert group_members(pgid) == []
+    assert service.process is None

@@ -50,7 +50,11 @@ ENQUEUE_CASES = [
     ("iterations=0", b"x", {}, 400, "at least 1"),
     ("iterations=-3", b"x", {}, 400, "positive"),
     (f"iterations={MAX_ITERATIONS + 1}", b"x", {}, 400, f"at most {MAX_ITERATIONS}"),
-    ("iterations=99999999999999999999999", b"x", {}, 400, "integer"),
+    ("iterations=99999999999999999999999", b"x", {}, 400, f"too large: at most {MAX_ITERATIONS}"),
+    ("iterations=%2B10", b"x", {}, 400, "without a '+' sign"),
+    ("iterations=+10", b"x", {}, 400, "'+' stands for a space"),
+    ("iterations=%C3%BCber", b"x", {}, 400, "got '\u00fcber'"),  # echoed as sent (UTF-8), not as latin-1
+    ("iterations=1&%C3%BC=1&%C3%BC=2", b"x", {}, 400, "'\u00fc' is given more than once"),
     ("iterations=1&Iterations=2", b"x", {}, 400, "more than once"),
     ("iterations=1", b"", {}, 400, "empty"),
     ("iterations=1", b"data=", {"Content-Type": "application/x-www-form-urlencoded"}, 400, "empty"),
@@ -60,6 +64,11 @@ ENQUEUE_CASES = [
      413, "limit"),
     ("iterations=1", b"--zz\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nv\r\n--zz--\r\n",
      {"Content-Type": "multipart/form-data; boundary=zz"}, 400, "'data'"),
+    ("iterations=1", b"data=a&data=b", {"Content-Type": "application/x-www-form-urlencoded"}, 400,
+     "'data' is given more than once"),
+    ("iterations=1", b'--zz\r\nContent-Disposition: form-data; name="data"\r\n\r\na\r\n'
+     b'--zz\r\nContent-Disposition: form-data; name="data"\r\n\r\nb\r\n--zz--\r\n',
+     {"Content-Type": "multipart/form-data; boundary=zz"}, 400, "'data' is given more than once"),
     ("iterations=1", b"this is not multipart", {"Content-Type": "multipart/form-data; boundary=zz"}, 400, "multipart"),
     ("iterations=1", b"x", {"Content-Type": "multipart/form-data"}, 400, "boundary"),
 ]
