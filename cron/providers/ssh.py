@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cloud.ssh import HostKeyPins, SshTarget
@@ -23,17 +23,20 @@ from cron.provision import ProvisionError, WorkerInstall, provision_worker, stop
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class SshProvider:
-    def __init__(self, hosts: Sequence[str], endpoint_index: int, owner: str, user: str, key_path: Path,
-                 install: WorkerInstall, pins: HostKeyPins) -> None:
-        self.hosts = list(hosts)
-        self.own_hosts = self.hosts[endpoint_index::2]
-        self.owner = owner
-        self.user = user
-        self.key_path = key_path
-        self.install = install
-        self.pins = pins
-        self._free: list[str] = []
+    hosts: Sequence[str]
+    endpoint_index: int  # this scaler's share: hosts endpoint_index, endpoint_index + 2, ...
+    owner: str
+    user: str
+    key_path: Path
+    install: WorkerInstall
+    pins: HostKeyPins
+    _free: list[str] = field(default_factory=list)  # this scaler's hosts that answered without a worker
+
+    def __post_init__(self) -> None:
+        self.hosts = list(self.hosts)
+        self.own_hosts = self.hosts[self.endpoint_index::2]
 
     def _target(self, host: str) -> SshTarget:
         return SshTarget(host, host, self.user, self.key_path)
