@@ -94,7 +94,7 @@ WorkingDirectory={install_dir}
 EnvironmentFile={install_dir}/worker.env
 # The secret reaches the service through systemd's credentials, readable by it alone.
 LoadCredential=secret:{install_dir}/secret
-Environment=DW_SECRET_FILE=%d/secret
+Environment={WORKER_SETTINGS["secret_file"].env}=%d/secret
 ExecStart=/usr/bin/env {python} -m worker
 DynamicUser=yes
 NoNewPrivileges=yes

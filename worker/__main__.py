@@ -13,12 +13,12 @@ import os
 import sys
 from pathlib import Path
 
-from worker.config import parse_args
+from worker.config import SECRET_ENV, parse_args
 from worker.runner import WorkerOptions, run_worker
 
 
 def read_worker_key(secret_file: str) -> str:
-    key = Path(secret_file).read_text().strip() if secret_file else os.environ.get("DW_SECRET", "").strip()
+    key = Path(secret_file).read_text().strip() if secret_file else os.environ.get(SECRET_ENV, "").strip()
     if not key:
         raise SystemExit("no worker key: pass --secret-file (or DW_SECRET_FILE) or set DW_SECRET")
     return key

@@ -13,6 +13,7 @@ import socket
 
 from cli.settings import Setting, choice, parse_settings, seconds, text, whole
 
+SECRET_ENV = "DW_SECRET"  # the worker key itself, where no --secret-file names a file with it
 SETTINGS = {
     "endpoints": Setting("DW_ENDPOINTS", "", text, "endpoint base URL; give it once per endpoint", many=True),
     "secret_file": Setting("DW_SECRET_FILE", "", text, "file holding the worker key (or put the key in DW_SECRET)"),

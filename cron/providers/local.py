@@ -16,7 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from cli.settings import environment
 from cron.providers import Machine, ProviderError
+from worker.config import SECRET_ENV
+from worker.config import SETTINGS as WORKER_SETTINGS
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -96,8 +99,8 @@ class LocalProvider:
                        "--processes", str(self.processes_per_worker), "--idle-timeout", str(self.idle_timeout)]
             for endpoint in self.endpoints:
                 command += ["--endpoint", endpoint]
-            env = {**os.environ, "DW_SECRET_FILE": str(self.key_file)}
-            env.pop("DW_SECRET", None)
+            env = {**os.environ, **environment(WORKER_SETTINGS, {"secret_file": self.key_file})}
+            env.pop(SECRET_ENV, None)
             self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             with _private(self.log_dir / f"worker-{worker_id}.log", os.O_APPEND) as log_file:
                 try:
