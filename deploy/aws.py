@@ -217,7 +217,7 @@ def endpoint_settings(args: argparse.Namespace, node: str, private: dict[str, st
     """The environment of an endpoint host's endpoint and scaler, named by their own tables."""
     port = setup.get("http_port", 5000)
     peer = NODES[1 - NODES.index(node)]
-    both = {"node_id": node, "peer": f"http://{private[peer]}:{port}", "db": f"var/{node}.sqlite3"}
+    both = {"node_id": node, "peer": f"http://{private[peer]}:{port}"}
     scaler = {
         **both, "provider": "ec2", "endpoint_index": NODES.index(node), "url": f"http://127.0.0.1:{port}",
         "endpoints": [f"http://{private[name]}:{port}" for name in NODES], "cluster": args.cluster,
@@ -230,7 +230,9 @@ def endpoint_settings(args: argparse.Namespace, node: str, private: dict[str, st
     test_ssh = SCALER_SETTINGS["test_ssh_addresses"].env
     if test_ssh in os.environ:
         scaler["test_ssh_addresses"] = os.environ[test_ssh]
-    settings = {**environment(ENDPOINT_SETTINGS, {**both, "host": "0.0.0.0", "port": port}),
+    # DW_DB, the endpoint's data file, is the variable the scaler reads it from too.
+    endpoint = {**both, "host": "0.0.0.0", "port": port, "db": f"var/{node}.sqlite3"}
+    settings = {**environment(ENDPOINT_SETTINGS, endpoint),
                 **environment(SCALER_SETTINGS, scaler), "AWS_DEFAULT_REGION": setup["region"]}
     # TEST ONLY: the tests' moto server instead of AWS.
     for name in (name.strip() for name in os.environ.get(TEST_AWS_ENV, "").split(",")):

@@ -58,7 +58,7 @@ def test_what_a_program_hands_over_reads_back_as_the_same_values() -> None:
 def test_the_names_shared_by_programs_are_the_same_variables() -> None:
     """What the deploy hands to an endpoint host is read by its endpoint and its scaler alike; the
     scaler and the worker name the knobs they share alike."""
-    for name in ("node_id", "peer", "db", "secret_file"):
+    for name in ("node_id", "peer", "secret_file"):
         assert ENDPOINT_SETTINGS[name].env == SCALER_SETTINGS[name].env, name
     for name in ("endpoints", "idle_timeout"):
         assert WORKER_SETTINGS[name].env == SCALER_SETTINGS[name].env, name
