@@ -529,10 +529,11 @@ def test_busy_slots_count_the_reported_capacity() -> None:
 
 
 def test_the_scaler_takes_the_capacity_its_fleets_workers_reported() -> None:
-    from cron.providers import Node
+    from cron.providers import Machine
     from cron.scale import Fleet, cluster_view
 
-    nodes = [Node("i-1", "a", 0.0, ready=True), Node("i-2", "b", 0.0, ready=True), Node("i-3", "a", 0.0, ready=True)]
+    nodes = [Machine("i-1", "a", 0.0, ready=True), Machine("i-2", "b", 0.0, ready=True),
+             Machine("i-3", "a", 0.0, ready=True)]
     stats = {"pending": 0, "oldest_pending_age_s": 0.0,
              "workers": [{"id": "i-1", "capacity": 16}, {"id": "gone", "capacity": 64},
                          {"id": "i-3", "capacity": None}]}

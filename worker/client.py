@@ -69,7 +69,7 @@ class ClaimAnswer:
 class EndpointClient:
     """Not thread-safe: one per thread that talks to this endpoint (abort() may come from any)."""
 
-    def __init__(self, base_url: str, secret: str, worker_id: str, timeout: float = HTTP_TIMEOUT_S) -> None:
+    def __init__(self, base_url: str, worker_key: str, worker_id: str, timeout: float = HTTP_TIMEOUT_S) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"endpoint URL must look like http://host:port, got {base_url!r}")
@@ -78,7 +78,7 @@ class EndpointClient:
         self._port = parts.port or 80
         self._timeout = timeout
         self._worker_id = worker_id
-        self._auth = f"Bearer {secret}"
+        self._auth = f"Bearer {worker_key}"
         self._conn: http.client.HTTPConnection | None = None
         self._aborted = False
         self._connecting = threading.Lock()  # abort() shuts down every socket connected after it

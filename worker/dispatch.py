@@ -78,7 +78,7 @@ class Backoff:
 @dataclass(frozen=True)
 class DispatchOptions:
     endpoints: tuple[str, ...]
-    secret: str
+    worker_key: str  # never the cluster secret
     worker_id: str
     claim_wait: float = 20.0
     poll_interval: float = 0.5
@@ -211,7 +211,7 @@ class Dispatcher:
     # -- claims ----------------------------------------------------------------------------
 
     def claim_loop(self, url: str) -> None:
-        client = EndpointClient(url, self.options.secret, self.options.worker_id)
+        client = EndpointClient(url, self.options.worker_key, self.options.worker_id)
         with self.state:
             self.clients[url] = client
         backoff = Backoff(cap=self.options.max_backoff)
@@ -337,7 +337,7 @@ class Dispatcher:
     # -- leases and results ----------------------------------------------------------------
 
     def keep_loop(self, url: str) -> None:
-        client = EndpointClient(url, self.options.secret, self.options.worker_id)
+        client = EndpointClient(url, self.options.worker_key, self.options.worker_id)
         keeper = _Keeper(self, client)
         try:
             while not self.stopping.is_set():

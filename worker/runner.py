@@ -35,7 +35,7 @@ STOP_GRACE_S = 3 * (HTTP_TIMEOUT_S + GIVE_BACK_PATIENCE_S) + 5.0
 @dataclass(frozen=True)
 class WorkerOptions:
     endpoints: tuple[str, ...]
-    secret: str
+    worker_key: str  # the worker key (endpoint/secret.py), never the cluster secret
     worker_id: str
     processes: int
     idle_timeout: float
@@ -66,7 +66,7 @@ class _Slots:
         ours, theirs = self.context.Pipe()
         process = self.context.Process(
             target=run_slot, args=(index, theirs, self.options.kernel, self.options.kernel_library, self.log_level,
-                                   self.options.secret, self.options.worker_id),
+                                   self.options.worker_key, self.options.worker_id),
             name=f"slot-{index}", daemon=True)
         process.start()
         theirs.close()
@@ -111,7 +111,7 @@ def run_worker(options: WorkerOptions) -> int:
     slots = _Slots(options)
     started = [slots.start(index) for index in range(options.processes)]
     processes = [process for process, _ in started]
-    dispatcher = Dispatcher(DispatchOptions(options.endpoints, options.secret, options.worker_id,
+    dispatcher = Dispatcher(DispatchOptions(options.endpoints, options.worker_key, options.worker_id,
                                             options.claim_wait, options.poll_interval, options.max_backoff,
                                             options.submit_patience), [pipe for _, pipe in started])
     slots.dispatcher = dispatcher
@@ -158,7 +158,7 @@ def give_back_lost(options: WorkerOptions, dispatcher: Dispatcher, jobs: list) -
     for url in options.endpoints:
         lost = [job for job in jobs if job.endpoint == url]
         if lost:
-            client = EndpointClient(url, options.secret, options.worker_id)
+            client = EndpointClient(url, options.worker_key, options.worker_id)
             dispatcher.give_back(client, lost)
             client.close()
 
