@@ -152,8 +152,8 @@ class Dispatcher:
     def report(self) -> dict[str, object]:
         """What the claims tell the endpoints of this worker: its kernel and jobs at once."""
         kernels = {slot.kernel for slot in self.slots if slot.kernel}
-        return {"kernel": kernels.pop() if len(kernels) == 1 else "mixed", "processes": len(self.slots),
-                "capacity": max(1, self.capacity())}
+        kernel = "mixed" if len(kernels) > 1 else (kernels.pop() if kernels else "unknown")
+        return {"kernel": kernel, "processes": len(self.slots), "capacity": max(1, self.capacity())}
 
     def busy(self) -> bool:
         with self.state:
@@ -164,10 +164,11 @@ class Dispatcher:
         self.stopping.set()
         with self.state:
             self.state.notify_all()
-            for client in self.clients.values():
-                client.abort()
+            clients = list(self.clients.values())
             for slot in self.slots:
                 slot.send(("stop",))
+        for client in clients:  # not under the state: an abort may wait for a connect in progress
+            client.abort()
         for thread in self.threads:
             thread.join()
 
