@@ -41,6 +41,7 @@ log = logging.getLogger("worker")
 
 MAX_CLAIM_BYTES = 16 * 1024 * 1024  # payloads per claim: four of the endpoint's default largest
 MAX_CLAIM_JOBS = 256  # the endpoint's bound on a claim
+SLOTS_READY_WAIT_S = 10.0  # the first claims wait this long at most for every slot to be ready
 RESULTS_LINGER_S = 0.02  # a result waits this long for others to go in the same request
 RESULTS_ENOUGH = 64  # ... unless that many wait already
 PREFETCH_HORIZON_S = 0.05  # jobs beyond the free lanes: what the lanes finish within this time
@@ -216,6 +217,7 @@ class Dispatcher:
         with self.state:
             self.clients[url] = client
         backoff = Backoff(cap=self.options.max_backoff)
+        self.wait_for_slots(SLOTS_READY_WAIT_S)  # so that the first claim reports the whole capacity
         try:
             while not self.stopping.is_set():
                 want = self.reserve(url)
@@ -241,6 +243,17 @@ class Dispatcher:
         finally:
             self.call_off(client)
             client.close()
+
+    def wait_for_slots(self, timeout: float) -> None:
+        """Until every slot said which kernel it runs (a slot that does not start is not waited for
+        longer than `timeout`)."""
+        deadline = time.monotonic() + timeout
+        with self.state:
+            while not all(slot.lanes for slot in self.slots) and not self.stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.state.wait(left)
 
     def reserve(self, url: str) -> int:
         """Lanes for one claim: this endpoint's share of the free lanes (at least one, so that every
