@@ -42,7 +42,7 @@ HOLD_HEADER = b"x-hold-for-news"
 # A held answer goes out this long after the news, not at once: work that arrives in a stream
 # (an enqueue every millisecond) then reaches the waiting worker as a batch, one claim for many
 # jobs, rather than one claim per job.
-GATHER_S = 0.01
+GATHER_S = 0.005
 
 
 class News(Protocol):
