@@ -56,6 +56,8 @@ SETTINGS: dict[str, Setting] = {
     "idle_timeout": Setting("DW_IDLE_TIMEOUT", "60", seconds(0), "seconds a worker waits for work before it exits"),
     "worker_processes": Setting("DW_WORKER_PROCESSES", "0", whole(0),
                                 "jobs a worker runs at once; 0: one per core (local provider: --slots-per-worker)"),
+    "worker_kernel": Setting("DW_WORKER_KERNEL", "auto", choice("auto", "avx512", "avx2", "scalar", "python"),
+                             "the workers' hashing kernel: auto picks the fastest their CPU runs"),
     "worker_service": Setting("DW_WORKER_SERVICE", "systemd", choice("systemd", "process"),
                               "how ssh/ec2 workers run: a systemd unit, or a detached process (hosts without systemd)"),
     "worker_exit_command": Setting("DW_WORKER_EXIT_COMMAND", "", text,

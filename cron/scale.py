@@ -74,7 +74,7 @@ def worker_install(args: argparse.Namespace) -> WorkerInstall:
     return WorkerInstall(endpoints=tuple(args.endpoints), worker_key=key, worker_id="",
                          idle_timeout=args.idle_timeout, processes=args.worker_processes,
                          service=args.worker_service, exit_command=args.worker_exit_command,
-                         python=args.remote_python)
+                         python=args.remote_python, kernel=args.worker_kernel)
 
 
 def make_provider(args: argparse.Namespace) -> Provider:
@@ -82,7 +82,7 @@ def make_provider(args: argparse.Namespace) -> Provider:
     if args.provider == "local":
         return LocalProvider(state_dir / "workers", args.endpoints, lambda: worker_key(cluster_secret(args)),
                              processes_per_worker=args.slots_per_worker, idle_timeout=args.idle_timeout,
-                             log_dir=state_dir / "log")
+                             log_dir=state_dir / "log", kernel=args.worker_kernel)
     pins = HostKeyPins(state_dir / "known_hosts.json")
     if args.provider == "ssh":
         from cron.providers.ssh import SshProvider
@@ -177,7 +177,20 @@ def cluster_view(own_stats: dict, peer_stats: dict | None, fleet: Fleet, node_id
         workers_booting=sum(not machine.ready for machine in machines),
         own_workers=sum(machine.owner == node_id for machine in machines),
         peer_workers=sum(machine.owner != node_id for machine in machines),
+        reported_slots_per_worker=reported_capacity(machines, [own_stats] + ([peer_stats] if peer_stats else [])),
     )
+
+
+def reported_capacity(machines: list[Machine], answers: list[dict]) -> float | None:
+    """The mean of the jobs at once that the fleet's workers reported to either endpoint (the
+    workers list of /stats with the peer key), None if none has reported yet."""
+    reported: dict[str, int] = {}
+    for stats in answers:
+        for worker in stats.get("workers", []):
+            if worker.get("capacity"):
+                reported[worker["id"]] = max(reported.get(worker["id"], 0), int(worker["capacity"]))
+    capacities = [reported[machine.machine_id] for machine in machines if machine.machine_id in reported]
+    return sum(capacities) / len(capacities) if capacities else None
 
 
 @dataclass(frozen=True)

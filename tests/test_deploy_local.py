@@ -515,8 +515,8 @@ def running_item(deployment: Deployment, work_id: str) -> dict | None:
 
 def test_restarts_during_a_long_job_do_not_use_up_its_attempts(tmp_path: Path, deployments: list[Deployment]) -> None:
     # A short lease, so that a lease left behind by a stop expires (and would count) within the test;
-    # the job (10^8 iterations, about a minute) outlasts every run of the deployment.
-    env = {"DW_LEASE_SECONDS": "3"}
+    # the job (10^8 iterations, about a minute of Python hashing) outlasts every run of the deployment.
+    env = {"DW_LEASE_SECONDS": "3", "DW_WORKER_KERNEL": "python"}
     ports = (free_port(), free_port())
     state = tmp_path / "state"
     work_id = ""

@@ -58,6 +58,9 @@ DEFAULTS: dict[str, object] = {
     "max_workers": 1, "scale_after": 0, "target_drain": 1, "default_job_duration": 1, "slots_per_worker": 1,
     "worker_processes": 1, "max_launch_per_tick": 2, "idle_timeout": 300, "ready_deadline": 30,
     "silence_deadline": 300, "breaker_threshold": 3, "breaker_cooldown": 600,
+    # One lane per worker, as these tests count one pending item per worker; and Python's speed,
+    # which keeps BIG_JOB running for the whole test.
+    "worker_kernel": "python",
 }
 
 
