@@ -27,10 +27,11 @@ from typing import Any
 import bottle
 from bottle import HTTPError, HTTPResponse, request, response
 
+from endpoint import scaler_record
 from endpoint.inputs import InputError, payload_from, positive_int, query_params
 from endpoint.peer import Peer, PeerUnavailable
 from endpoint.pulls import DELIVERY_TOKEN_PATTERN, DeliveryInProgress, Pulled, Pulls
-from endpoint.secret import peer_key, worker_key
+from endpoint.secret import peer_key, scaler_key, worker_key
 from endpoint.store import (
     Delivered,
     DeliveryTokenExpired,
@@ -229,15 +230,15 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
 
         return decorator
 
-    endpoint_key = peer_key(secret)
+    endpoint_key, scalers_key = peer_key(secret), scaler_key(secret)
     worker_only, peer_only = requires(worker_key(secret)), requires(endpoint_key)
 
     def details_allowed() -> bool:
-        """Whether the caller presented the peer key (endpoints, their scalers), which opens the details of the
-        public answers: worker ids (instance ids, host names) and the scaler's last error. Any other key: 403."""
-        holds = presents(endpoint_key)
+        """Whether the caller presented the peer key (the endpoints) or the scaler key, which open the details of
+        the public answers: worker ids (instance ids, host names) and the scaler's last error. Any other key: 403."""
+        holds = presents(endpoint_key) or presents(scalers_key)
         if holds is False:
-            raise InputError(403, "wrong credentials: the details need the peer key")
+            raise InputError(403, "wrong credentials: the details need the peer key or the scaler key")
         return bool(holds)
 
     def public_item(view: dict[str, Any], detailed: bool) -> dict[str, Any]:
@@ -411,4 +412,5 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             return json_response({"error": f"no work item {work_id!r}"}, 404)
         return json_response(item_view(item))
 
+    scaler_record.add_routes(app, store.history, requires(scalers_key), client_errors)
     return app
