@@ -27,11 +27,12 @@ from typing import Any
 import bottle
 from bottle import HTTPError, HTTPResponse, request, response
 
-from endpoint import scaler_record
+from endpoint import dashboard, scaler_record
 from endpoint.inputs import InputError, payload_from, positive_int, query_params
+from endpoint.metrics import Metrics
 from endpoint.peer import Peer, PeerUnavailable
 from endpoint.pulls import DELIVERY_TOKEN_PATTERN, DeliveryInProgress, Pulled, Pulls
-from endpoint.secret import peer_key, scaler_key, worker_key
+from endpoint.secret import operator_key, peer_key, scaler_key, worker_key
 from endpoint.store import (
     Delivered,
     DeliveryTokenExpired,
@@ -180,7 +181,7 @@ def store_unavailable(exc: Exception) -> HTTPResponse:
 
 
 def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None,
-             instance_id: str = "") -> bottle.Bottle:
+             instance_id: str = "", metrics: Metrics | None = None) -> bottle.Bottle:
     """`secret` is the cluster secret; callers present the key derived from it for their role."""
     app = JsonBottle()
 
@@ -413,4 +414,6 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         return json_response(item_view(item))
 
     scaler_record.add_routes(app, store.history, requires(scalers_key), client_errors)
+    (metrics or Metrics(store)).add_routes(app)
+    dashboard.add_routes(app, store, peer, operator_key(secret), peer_only, client_errors, instance_id)
     return app
