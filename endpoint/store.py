@@ -380,11 +380,12 @@ class Store:
     def _maintain(self, interval: float) -> None:
         # Leases expire and worker contacts are recorded even when no worker calls in.
         next_prune = 0.0
+        self._sample_history()  # at once: the first sample is the baseline of what this run will count
         while not self._stopping.wait(interval):
             try:
                 self._writer.run(lambda conn: self._requeue_expired(conn, time.time()), durable=False)
                 self._flush_contacts()
-                self.history.sample_if_due(self.stats)
+                self._sample_history()
                 if time.monotonic() >= next_prune:
                     pruned = (self.prune_idempotency_keys() + self.prune_client_deliveries() + self.history.prune()
                               + (self.prune_delivered() if self.retention_s else 0))
@@ -394,6 +395,12 @@ class Store:
                 log.debug("store maintenance waits for disk space")  # the writer says so in the log
             except Exception:  # noqa: BLE001 -- keep maintaining; the next round retries
                 log.exception("store maintenance failed")
+
+    def _sample_history(self) -> None:
+        try:
+            self.history.sample_if_due(self.stats)
+        except (StoreUnavailable, OutcomeUnknown) as exc:  # a gap in the charts; the next minute tries again
+            log.debug("no sample this minute: %s", exc)
 
     def prune_delivered(self, now: float | None = None) -> int:
         """Delete results delivered more than the retention period ago, a batch at a time (so
