@@ -16,6 +16,7 @@ error) are for the operator. Their password is the operator key, derived from th
 from __future__ import annotations
 
 import base64
+import bisect
 import binascii
 import hmac
 import json
@@ -114,6 +115,7 @@ def window(points: list[dict[str, Any]], fleet: list[dict[str, Any]], now: float
         position = int((at - first) // bin_s)
         return position if 0 <= position < count else None
 
+    points = points[bisect.bisect_left([point["at"] for point in points], first - bin_s):]
     rates: dict[str, list[float]] = {"enqueued": [0.0] * count, "completed": [0.0] * count}
     for before, after in zip(points, points[1:], strict=False):
         position = index(before["at"])  # what happened between two samples, in the bin of the first
