@@ -184,6 +184,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
              instance_id: str = "", metrics: Metrics | None = None) -> bottle.Bottle:
     """`secret` is the cluster secret; callers present the key derived from it for their role."""
     app = JsonBottle()
+    metrics = metrics or Metrics(store)
 
     def client_errors(route: Callable[..., Any]) -> Callable[..., Any]:
         """Turn input and store errors into their HTTP answers."""
@@ -381,6 +382,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
                                      or not 0 <= duration < 1e7):
             raise InputError(400, "field 'duration_s' must be a number of seconds, 0 or more")
         answer = store.complete(work_id, fields["worker"], result, duration)
+        metrics.result_answer(answer)
         if answer is LeaseAnswer.COMPLETED:
             return json_response({"stored": False})  # the first result stored wins; a repeat is no error
         return lease_answer(work_id, answer, {"stored": True})
@@ -414,6 +416,6 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         return json_response(item_view(item))
 
     scaler_record.add_routes(app, store.history, requires(scalers_key), client_errors)
-    (metrics or Metrics(store)).add_routes(app)
+    metrics.add_routes(app)
     dashboard.add_routes(app, store, peer, operator_key(secret), peer_only, client_errors, instance_id)
     return app

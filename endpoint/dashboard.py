@@ -16,8 +16,8 @@ error) are for the operator. Their password is the operator key, derived from th
 from __future__ import annotations
 
 import base64
-import bisect
 import binascii
+import bisect
 import hmac
 import json
 import math

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from endpoint.store import STATES, Store
+from endpoint.store import STATES, LeaseAnswer, Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
@@ -49,6 +49,7 @@ STORE_COUNTERS = {
     "scaler_launch_failures": ("dw_scaler_launch_failures", "Launches that failed (EC2 or provider errors)."),
     "scaler_provisioning_failures": ("dw_scaler_provisioning_failures", "Provisionings that failed (SSH, setup)."),
 }
+REFUSED_RESULTS = {LeaseAnswer.COMPLETED: "already_completed", LeaseAnswer.NO_SUCH_ITEM: "no_such_item"}
 HISTOGRAM_HELP = {
     "job_run": ("dw_job_run_seconds", "Time a job ran, as its worker reported it."),
     "time_to_result": ("dw_time_to_result_seconds", "Time from an item's enqueue to its completion."),
@@ -85,8 +86,11 @@ class Metrics:
                 self._request_children[key] = child
         child.observe(seconds)
 
-    def result_refused(self, reason: str) -> None:
-        self.results_refused.labels(self.store.node_id, reason).inc()
+    def result_answer(self, answer: LeaseAnswer) -> None:
+        """Count a result that was not stored: the item had one already, or there is no such item."""
+        reason = REFUSED_RESULTS.get(answer)
+        if reason is not None:
+            self.results_refused.labels(self.store.node_id, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
