@@ -277,3 +277,22 @@ def test_a_scaler_whose_endpoint_is_down_reconciles_and_launches_nothing(service
     assert "does not answer /stats" in done.stderr and "launched nothing" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert not list((tmp_path / "state").glob("workers/local-*.json"))
+
+
+def test_results_refused_are_counted_by_reason(services: Services) -> None:
+    a = services.endpoint("a")
+    work_id = a.enqueue(b"once", 1)
+    claimed = requests.post(f"{a.url}/internal/claim", json={"worker": "w"}, headers=WORKER_AUTH, timeout=10)
+    assert claimed.headers["X-Work-Id"] == work_id
+    result = {"worker": "w", "result": "0" * 128, "duration_s": 0.01}
+    for stored in (True, False, False):
+        answer = requests.post(f"{a.url}/internal/work/{work_id}/result", json=result, headers=WORKER_AUTH, timeout=10)
+        assert answer.json() == {"stored": stored}
+    unknown = requests.post(f"{a.url}/internal/work/a-0000000000000000/result", json=result, headers=WORKER_AUTH,
+                            timeout=10)
+    assert unknown.status_code == 404
+    scraped = requests.get(f"{a.url}/metrics", timeout=10).text
+    assert metric(scraped, "dw_results_refused_total", node="a", reason="already_completed") == 2
+    assert metric(scraped, "dw_results_refused_total", node="a", reason="no_such_item") == 1
+    assert metric(scraped, "dw_items_completed_total", node="a") == 1
+    assert metric(scraped, "dw_job_run_seconds_count", node="a") == 1
