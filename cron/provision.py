@@ -357,6 +357,7 @@ ENDPOINT_SERVICE = "dw-endpoint"
 CRON_MARK = "# dynamic-workload scaler"
 # What an endpoint host needs of this checkout: the code, the data model, the pinned requirements.
 ENDPOINT_CODE = ("endpoint", "worker", "cron", "schema.sql", "requirements.txt")
+CODE_SUFFIXES = (".py", ".tpl")  # the modules, and the dashboard's template (endpoint/views/)
 
 
 @dataclass(frozen=True)
@@ -420,7 +421,7 @@ def _upload_code(sftp: paramiko.SFTPClient, base: str) -> None:
         if source.is_file():
             sftp.put(str(source), f"{base}/{name}")
             continue
-        for path in sorted(source.rglob("*.py")):
+        for path in sorted(path for path in source.rglob("*") if path.suffix in CODE_SUFFIXES):
             relative = path.relative_to(REPO_ROOT).as_posix()
             mkdirs(sftp, f"{base}/{Path(relative).parent.as_posix()}")
             sftp.put(str(path), f"{base}/{relative}")

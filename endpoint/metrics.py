@@ -153,6 +153,9 @@ def queue_gauges(node: str, stats: dict[str, Any]) -> Iterator[Metric]:
                 node, stats["oldest_pending_age_s"])
     yield gauge("dw_workers_heard_from", "Workers this endpoint heard from in the last 2 minutes.",
                 node, len(stats["workers"]))
+    if "capacity_reported" in stats:  # what the workers heard from say they run at once (processes x lanes)
+        yield gauge("dw_worker_capacity_slots", "Jobs the workers heard from can run at once, as they report it.",
+                    node, stats["capacity_reported"])
     yield gauge("dw_disk_full", "1 while the last write failed for want of disk space.", node, int(stats["disk_full"]))
 
 
