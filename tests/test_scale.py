@@ -1,7 +1,7 @@
 """The scaler (`python -m cron.scale`) as cron runs it, against moto's EC2 and fake instances.
 
 Real endpoints, real scaler processes, a real EC2 API (moto's server on 127.0.0.1) and real
-"instances": sshd in network namespaces (tests/cloudhosts.py) that the scaler provisions over
+"instances": sshd in network namespaces (tests/fakehosts.py) that the scaler provisions over
 SSH. moto's instance addresses are never contacted: --test-ssh-addresses hands each new
 instance a fake host's address instead (scaler 0 the even positions, scaler 1 the odd ones).
 Workers run as detached processes whose exit command only touches a file. The endpoints
@@ -28,21 +28,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloudhosts import (
-    FakeHost,
-    HostNetwork,
+from fakeapi import BrokenApi
+from fakeaws import (
     MotoServer,
     aws_fixture,  # noqa: F401 -- fixture "aws"
-    host_network_fixture,  # noqa: F401 -- fixture "host_network"
     moto_server_fixture,  # noqa: F401 -- fixture "moto_server"
+)
+from fakehosts import (
+    FakeHost,
+    HostNetwork,
+    host_network_fixture,  # noqa: F401 -- fixture "host_network"
     public_key_from_private,
     ssh_keypair,
     write_private_key,
 )
-from fakeapi import BrokenApi
 
+from cloud.ssh import REMOTE_DIR_NAME, HostKeyPins, SshTarget
 from conftest import PYTHON, SECRET, WORKER_KEY, Endpoint, Service, Services, free_port, pid_alive, wait_for
-from cron.provision import REMOTE_DIR_NAME, HostKeyPins, SshTarget, stop_worker
+from cron.provision import stop_worker
 
 CLUSTER = "dwtest"
 AMI = "ami-12c6146b"  # one of moto's images

@@ -10,7 +10,11 @@ import os
 import subprocess
 from pathlib import Path
 
-from cloudhosts import HostNetwork, host_network_fixture, ssh_keypair  # noqa: F401 -- fixture "host_network"
+from fakehosts import (
+    HostNetwork,
+    host_network_fixture,  # noqa: F401 -- fixture "host_network"
+    ssh_keypair,
+)
 
 from conftest import PYTHON, REPO, SECRET, Services, drain, reference, wait_for
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, WORKER_ENV, Endpoint, Services, drain, free_port, reference, wait_for
+from conftest import PYTHON, REPO, WORKER_ENV, Endpoint, Services, drain, free_port, reference, wait_for
 from worker.hashing import CHECK_EVERY, work
 
 
@@ -89,10 +89,11 @@ def test_idle_worker_exits_and_runs_its_exit_action(services: Services, tmp_path
 
 
 def test_worker_code_is_python_3_9_syntax() -> None:
-    """The worker runs on the machines' own python3: Amazon Linux 2023 ships 3.9."""
+    """The worker (and the settings code it ships with) runs on the machines' own python3: Amazon Linux 2023
+    ships 3.9."""
     import ast
 
-    for source in sorted((Path(__file__).resolve().parent.parent / "worker").glob("*.py")):
+    for source in sorted(path for folder in ("worker", "cli") for path in (REPO / folder).glob("*.py")):
         ast.parse(source.read_text(), filename=str(source), feature_version=(3, 9))
 
 

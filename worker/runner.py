@@ -37,7 +37,7 @@ SLOT_STOP_GRACE_S = HTTP_TIMEOUT_S + GIVE_BACK_PATIENCE_S + HTTP_TIMEOUT_S + 5.0
 @dataclass(frozen=True)
 class WorkerOptions:
     endpoints: tuple[str, ...]
-    secret: str
+    worker_key: str  # the worker key (endpoint/secret.py), never the cluster secret
     worker_id: str
     processes: int
     idle_timeout: float
@@ -83,7 +83,7 @@ class _Slot:
         self.busy = busy
         self.last_work = last_work
         self.parent_pid = os.getppid()
-        self.clients = [EndpointClient(url, options.secret, options.worker_id) for url in options.endpoints]
+        self.clients = [EndpointClient(url, options.worker_key, options.worker_id) for url in options.endpoints]
         self.backoffs = [Backoff(cap=options.max_backoff) for _ in options.endpoints]
         self.next_endpoint = index % len(self.clients)  # slots start on different endpoints
 
@@ -153,7 +153,7 @@ class _Slot:
         job completed or leased to another attempt is abandoned: when the lease merely expired,
         the result still counts, so the job goes on (and renewing stops)."""
         # Its own connection: the slot's is not thread-safe.
-        client = EndpointClient(job.endpoint, self.options.secret, self.options.worker_id)
+        client = EndpointClient(job.endpoint, self.options.worker_key, self.options.worker_id)
         period = job.lease_seconds / 3
         backoff = Backoff(first=min(0.5, period), cap=period)
         wait = period
