@@ -284,6 +284,7 @@ class Store:
             raise
         self._writer = Writer(self.path, self._connect, self._synchronous, write_wait_s)
         self.history = History(self._writer, self._reader, node_id, retention_days)
+        self._sample_history()  # at once: the first sample is the baseline of what this run will count
         self._stopping = threading.Event()
         self._maintenance = threading.Thread(
             target=self._maintain, args=(maintenance_interval,), name="store-maintenance", daemon=True
@@ -380,7 +381,6 @@ class Store:
     def _maintain(self, interval: float) -> None:
         # Leases expire and worker contacts are recorded even when no worker calls in.
         next_prune = 0.0
-        self._sample_history()  # at once: the first sample is the baseline of what this run will count
         while not self._stopping.wait(interval):
             try:
                 self._writer.run(lambda conn: self._requeue_expired(conn, time.time()), durable=False)
