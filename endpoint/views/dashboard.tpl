@@ -21,7 +21,8 @@
   table { border-collapse: collapse; width: 100%; }
   th, td { text-align: left; padding: 2px 4px; border-bottom: 1px solid #edf2f7; vertical-align: top; }
   td.n, th.n { text-align: right; white-space: nowrap; }
-  .reason { font-size: 12px; }
+  td.reason { text-align: left; font-size: 12px; color: #4a5568; border-bottom: 1px solid #e2e8f0; padding-bottom: 4px; }
+  tr.run td { border-bottom: none; }
   .error { color: #c53030; font-size: 12px; word-break: break-all; }
   .chart { display: block; margin: 4px 0; }
   .chart-title { font-size: 11px; fill: #2d3748; }
@@ -87,9 +88,10 @@ public view: counts only · <a href="/details">details</a> (operator key)
 % end
 % if view['runs']:
   <table class="runs">
-    <tr><th>run</th><th class="n">needed</th><th class="n">ready+booting</th><th class="n">launched</th><th class="n">terminated</th><th>breaker</th><th>reason</th></tr>
+    <tr><th>run</th><th class="n">needed</th><th class="n">ready</th><th class="n">booting</th><th class="n">launched</th><th class="n">terminated</th><th class="n">failures</th><th>breaker</th></tr>
 % for run in view['runs']:
-    <tr><td class="n">{{ago(view_time - run['recorded_at'])}}</td><td class="n">{{run['needed']}}</td><td class="n">{{run['ready']}}+{{run['booting']}}</td><td class="n">{{run['launched']}}{{' of %d' % run['allowed'] if run['allowed'] != run['launched'] else ''}}</td><td class="n">{{run['terminated']}}</td><td>{{run['breaker']}}</td><td class="reason">{{run['reason']}}
+    <tr class="run"><td class="n">{{ago(view_time - run['recorded_at'])}}</td><td class="n">{{run['needed']}}</td><td class="n">{{run['ready']}}</td><td class="n">{{run['booting']}}</td><td class="n">{{run['launched']}}{{' of %d' % run['allowed'] if run['allowed'] != run['launched'] else ''}}</td><td class="n">{{run['terminated']}}</td><td class="n">{{run['launch_failures'] + run['provisioning_failures']}}</td><td>{{run['breaker']}}</td></tr>
+    <tr class="reason"><td></td><td colspan="7" class="reason">{{run['reason']}}
 % if detailed:
 % for error in run['errors']:
       <div class="error">{{error}}</div>
