@@ -227,19 +227,17 @@ class Scaler:
         own_stats = fetch_stats(args.url, self.key, window)
         peer_stats = fetch_stats(args.peer, self.key, window) if args.peer else None
         self.record = RunRecord(args.url, self.key, args.node_id, self.breaker)
-        try:
-            self.known = self.provider.list()
-            fleet = self.reconcile(self.known, self._hearing(own_stats, peer_stats))
-            self.known = fleet.machines
-            if own_stats is None:
-                raise EndpointUnreachable(f"this endpoint ({args.url}) does not answer /stats, so its queue and "
-                                          f"the circuit breaker are unknown: reconciled only, launched nothing")
-            decision = decide(cluster_view(own_stats, peer_stats, fleet, args.node_id), self.policy)
-            self.record_decision(decision, ScalerState.from_stats(own_stats), fleet)
-            if self.record.fields["allowed"]:
-                self.launch(self.record.fields["allowed"])
-        finally:
-            self.record.flush()
+        self.known = self.provider.list()
+        fleet = self.reconcile(self.known, self._hearing(own_stats, peer_stats))
+        self.known = fleet.machines
+        if own_stats is None:
+            raise EndpointUnreachable(f"this endpoint ({args.url}) does not answer /stats, so its queue and the "
+                                      f"circuit breaker are unknown: reconciled only, launched nothing")
+        decision = decide(cluster_view(own_stats, peer_stats, fleet, args.node_id), self.policy)
+        self.record_decision(decision, ScalerState.from_stats(own_stats), fleet)
+        if self.record.fields["allowed"]:
+            self.launch(self.record.fields["allowed"])
+        self.record.flush()  # not after Ctrl-C: a stop does not wait for the endpoint
         return decision
 
     def record_decision(self, decision: Decision, state: ScalerState, fleet: Fleet) -> None:
