@@ -21,8 +21,8 @@ SETTINGS: dict[str, Setting] = {
     "node_id": Setting("DW_NODE_ID", "a", text, "this endpoint's id"),
     "endpoint_index": Setting("DW_ENDPOINT_INDEX", "0", whole(0, 1),
                               "which share of --max-workers (and of an ssh host list) is this scaler's: 0 or 1"),
-    "db": Setting("DW_DB", "", text, "this endpoint's SQLite file (default <state-dir>/<node-id>.sqlite3)"),
-    "url": Setting("DW_SELF_URL", "http://127.0.0.1:5000", text, "this endpoint's URL, for the workers it heard from"),
+    "url": Setting("DW_SELF_URL", "http://127.0.0.1:5000", text,
+                   "this endpoint's URL: its /stats, and where the scaler posts its runs"),
     "peer": Setting("DW_PEER_URL", "", text, "the other endpoint's URL, for its /stats"),
     "endpoints": Setting("DW_ENDPOINTS", "", text, "an endpoint's URL as workers reach it, once per endpoint",
                          many=True),
@@ -94,7 +94,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_deadlines(parser, args)
     if args.provider == "ec2" and not args.aws_state:
         parser.error("--provider ec2 needs --aws-state (DW_AWS_STATE): the state file of ./setup.sh aws")
-    args.db = args.db or f"{args.state_dir}/{args.node_id}.sqlite3"
     args.secret_file = args.secret_file or f"{args.state_dir}/secret"
     return args
 

@@ -33,6 +33,7 @@ CRON_MARK = "# dynamic-workload scaler"
 ENDPOINT_CODE = ("endpoint", "worker", "cron", "cli", "cloud", "schema.sql", "requirements.txt")
 # What the endpoint host builds the workers' hashing kernel from (worker/build_kernel.sh).
 KERNEL_SOURCES = ("build_kernel.sh", "sha512_lanes.c", "sha512_lanes_undef.h")
+CODE_SUFFIXES = (".py", ".tpl")  # the modules, and the dashboard's template (endpoint/views/)
 
 
 class InstallError(Exception):
@@ -103,7 +104,7 @@ def _upload_code(sftp: paramiko.SFTPClient, base: str) -> None:
         if source.is_file():
             sftp.put(str(source), f"{base}/{name}")
             continue
-        for path in sorted(source.rglob("*.py")):
+        for path in sorted(path for path in source.rglob("*") if path.suffix in CODE_SUFFIXES):
             relative = path.relative_to(REPO_ROOT).as_posix()
             mkdirs(sftp, f"{base}/{Path(relative).parent.as_posix()}")
             sftp.put(str(path), f"{base}/{relative}")

@@ -29,11 +29,13 @@ from typing import Any
 import bottle
 from bottle import HTTPError, HTTPResponse, request, response
 
+from endpoint import dashboard, scaler_record
 from endpoint.bridge import HOLD_HEADER
 from endpoint.inputs import InputError, payload_from, positive_int, query_params
+from endpoint.metrics import Metrics
 from endpoint.peer import Peer, PeerUnavailable
 from endpoint.pulls import DELIVERY_TOKEN_PATTERN, DeliveryInProgress, Pulled, Pulls
-from endpoint.secret import peer_key, worker_key
+from endpoint.secret import operator_key, peer_key, scaler_key, worker_key
 from endpoint.store import (
     Claim,
     Delivered,
@@ -242,13 +244,15 @@ def release_leases(store: Store, fields: dict[str, Any]) -> HTTPResponse:
     return json_response({"answers": [answer.value for answer in answers]})
 
 
-def submit_results(store: Store, fields: dict[str, Any]) -> HTTPResponse:
+def submit_results(store: Store, fields: dict[str, Any], metrics: Metrics) -> HTTPResponse:
     """Each result on its own: "done" (stored), "completed" (the item had a result already: the first
     stored wins, ours is dropped) or "no_such_item"."""
     items = batch_items(fields, "results")
     checked = checked_items(items, "results", result_of)
     answers = store.complete_batch(fields["worker"], [(item["id"], result, duration)
                                                       for item, (result, duration) in zip(items, checked, strict=True)])
+    for answer in answers:
+        metrics.result_answer(answer)
     return json_response({"answers": [answer.value for answer in answers]})
 def delivery_token(params: dict[str, str]) -> str | None:
     """pullCompleted's optional `delivery` query parameter: the client's name for this pull."""
@@ -312,9 +316,10 @@ def store_unavailable(exc: Exception) -> HTTPResponse:
 
 
 def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None,
-             instance_id: str = "") -> bottle.Bottle:
+             instance_id: str = "", metrics: Metrics | None = None) -> bottle.Bottle:
     """`secret` is the cluster secret; callers present the key derived from it for their role."""
     app = JsonBottle()
+    metrics = metrics or Metrics(store)
 
     def client_errors(route: Callable[..., Any]) -> Callable[..., Any]:
         """Turn input and store errors into their HTTP answers."""
@@ -362,15 +367,15 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
 
         return decorator
 
-    endpoint_key = peer_key(secret)
+    endpoint_key, scalers_key = peer_key(secret), scaler_key(secret)
     worker_only, peer_only = requires(worker_key(secret)), requires(endpoint_key)
 
     def details_allowed() -> bool:
-        """Whether the caller presented the peer key (endpoints, their scalers), which opens the details of the
-        public answers: worker ids (instance ids, host names) and the scaler's last error. Any other key: 403."""
-        holds = presents(endpoint_key)
+        """Whether the caller presented the peer key (the endpoints) or the scaler key, which open the details of
+        the public answers: worker ids (instance ids, host names) and the scaler's last error. Any other key: 403."""
+        holds = presents(endpoint_key) or presents(scalers_key)
         if holds is False:
-            raise InputError(403, "wrong credentials: the details need the peer key")
+            raise InputError(403, "wrong credentials: the details need the peer key or the scaler key")
         return bool(holds)
 
     def public_item(view: dict[str, Any], detailed: bool) -> dict[str, Any]:
@@ -500,6 +505,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         fields = worker_request()
         result, duration = result_of(fields)
         answer = store.complete(work_id, fields["worker"], result, duration)
+        metrics.result_answer(answer)
         if answer is LeaseAnswer.COMPLETED:
             return json_response({"stored": False})  # the first result stored wins; a repeat is no error
         return lease_answer(work_id, answer, {"stored": True})
@@ -532,7 +538,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
     @worker_only
     @client_errors
     def results() -> HTTPResponse:
-        return submit_results(store, worker_request())
+        return submit_results(store, worker_request(), metrics)
 
     # -- peer API ------------------------------------------------------------------------
 
@@ -562,4 +568,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             return json_response({"error": f"no work item {work_id!r}"}, 404)
         return json_response(item_view(item))
 
+    scaler_record.add_routes(app, store.history, requires(scalers_key), client_errors)
+    metrics.add_routes(app)
+    dashboard.add_routes(app, store, peer, operator_key(secret), peer_only, client_errors, instance_id)
     return app

@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+Observe = Callable[[dict[str, Any], int, float], None]  # (environ, status, seconds since the headers arrived)
 
 # Sent by the server's supervisor to the app process before it stops it (endpoint/server.py).
 STOP_READING = signal.SIGUSR1
@@ -67,9 +69,11 @@ class ReadLimits:
 class RequestReader:
     """Reads each request completely, then answers it with the WSGI app on one of `threads` threads."""
 
-    def __init__(self, app: WsgiApp, limits: ReadLimits, threads: int, news: News | None = None) -> None:
+    def __init__(self, app: WsgiApp, limits: ReadLimits, threads: int, observe: Observe | None = None,
+                 news: News | None = None) -> None:
         self.app = app
         self.limits = limits
+        self.observe = observe or _ignore
         self.news = news
         self.holding: set[asyncio.Future[None]] = set()
         self.stopping = False  # once stopping, answers are no longer held: the server drains
@@ -83,12 +87,14 @@ class RequestReader:
             return
         if scope["type"] != "http":
             return
+        started = time.perf_counter()
         try:
             body = await self._read_in_time(scope, receive)
         except InputError as refusal:
             await _send(send, error_answer(refusal.status, refusal.message, close=True))
+            self.observe({"REQUEST_METHOD": scope["method"]}, refusal.status, time.perf_counter() - started)
             return
-        await self._answer(wsgi_environ(scope, body), send, receive)
+        await self._answer(wsgi_environ(scope, body), send, receive, started)
 
     async def _read_in_time(self, scope: Scope, receive: Receive) -> bytes:
         # A timer that cancels this task, rather than asyncio.wait_for, which runs the read as a
@@ -141,7 +147,7 @@ class RequestReader:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _answer(self, environ: dict[str, Any], send: Send, receive: Receive) -> None:
+    async def _answer(self, environ: dict[str, Any], send: Send, receive: Receive, started: float) -> None:
         """The app answers on a thread of the pool, and that thread hands the answer to the server
         itself: granian's `send` of a complete response is plain synchronous Rust (it returns an
         awaitable that is already done), so the answer does not wait for the event loop. The
@@ -163,6 +169,7 @@ class RequestReader:
                     _send_now(send, answer)
             finally:
                 self.finished.add(finished)
+            self.observe(environ, answer[0], time.perf_counter() - started)
 
         self.pool.submit(run)
         await finished
@@ -194,6 +201,10 @@ class RequestReader:
             gone.cancel()
             self.holding.discard(woken)
             self.news.leave(holder)
+
+
+def _ignore(environ: dict[str, Any], status: int, seconds: float) -> None:
+    pass
 
 
 class _Finished:

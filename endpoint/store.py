@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from endpoint.history import History, count_event
 from endpoint.waiting import WorkSignal
 from endpoint.writer import (
     DEFAULT_WAIT_S,
@@ -328,6 +329,8 @@ class Store:
                                "start the endpoint again once there is room") from exc
             raise
         self._writer = Writer(self.path, self._connect, self._synchronous, write_wait_s)
+        self.history = History(self._writer, self._reader, node_id, retention_days)
+        self._sample_history()  # at once: the first sample is the baseline of what this run will count
         self._stopping = threading.Event()
         self._maintenance = threading.Thread(
             target=self._maintain, args=(maintenance_interval,), name="store-maintenance", daemon=True
@@ -431,8 +434,9 @@ class Store:
                 if requeued:
                     self._work_signal.notify(requeued)
                 self._flush_contacts()
+                self._sample_history()
                 if time.monotonic() >= next_prune:
-                    pruned = (self.prune_idempotency_keys() + self.prune_client_deliveries()
+                    pruned = (self.prune_idempotency_keys() + self.prune_client_deliveries() + self.history.prune()
                               + (self.prune_delivered() if self.retention_s else 0))
                     # A full batch means more are due: come back next round, not in a minute.
                     next_prune = time.monotonic() + (0 if pruned >= PRUNE_BATCH else 60)
@@ -440,6 +444,12 @@ class Store:
                 log.debug("store maintenance waits for disk space")  # the writer says so in the log
             except Exception:  # noqa: BLE001 -- keep maintaining; the next round retries
                 log.exception("store maintenance failed")
+
+    def _sample_history(self) -> None:
+        try:
+            self.history.sample_if_due(self.stats)
+        except (StoreUnavailable, OutcomeUnknown) as exc:  # a gap in the charts; the next minute tries again
+            log.debug("no sample this minute: %s", exc)
 
     def prune_delivered(self, now: float | None = None) -> int:
         """Delete results delivered more than the retention period ago, a batch at a time (so
@@ -543,7 +553,9 @@ class Store:
             earlier = conn.execute(TAKEN_BEFORE_SQL, (delivery_id,)).fetchall()
             if earlier:
                 return earlier, self._note_replay(delivery_id)
-            return conn.execute(TAKE_SQL, (time.time(), delivery_id, limit)).fetchall(), self._replays_of(delivery_id)
+            taken = conn.execute(TAKE_SQL, (time.time(), delivery_id, limit)).fetchall()
+            count_event(conn, "delivered", len(taken))
+            return taken, self._replays_of(delivery_id)
 
         def undo(taken: tuple[list[tuple[str, str, float]], int]) -> WriteOp[Any] | None:
             rows, replays = taken
@@ -576,6 +588,7 @@ class Store:
             if conn.execute("SELECT 1 FROM work_items WHERE delivery_id = ? LIMIT 1", (delivery_id,)).fetchone():
                 raise DeliveryTokenExpired(token)
             local = _delivered(conn.execute(TAKE_SQL, (now, delivery_id, limit)).fetchall())
+            count_event(conn, "delivered", len(local))
             peer_limit = limit - len(local) if fill_up else 0
             conn.execute("INSERT INTO client_deliveries (token, created_at, peer_limit, peer_part) VALUES (?, ?, ?, ?)",
                          (token, now, peer_limit, None if peer_limit else "[]"))
@@ -615,8 +628,10 @@ class Store:
                 return 0
             if forget_token is not None:
                 conn.execute("DELETE FROM client_deliveries WHERE token = ?", (forget_token,))
-            return conn.execute("UPDATE work_items SET delivered_at = NULL, delivery_id = NULL WHERE delivery_id = ?",
-                                (delivery_id,)).rowcount
+            given_back = conn.execute("UPDATE work_items SET delivered_at = NULL, delivery_id = NULL "
+                                      "WHERE delivery_id = ?", (delivery_id,)).rowcount
+            count_event(conn, "given_back", given_back)
+            return given_back
 
         return op
 
@@ -647,6 +662,14 @@ class Store:
         finally:
             conn.row_factory = None
         return dict(row) if row else None
+
+    def failed_items(self, limit: int) -> list[dict[str, Any]]:
+        """The latest failed items (from their own index), newest first."""
+        rows = self._reader().execute(
+            "SELECT id, attempts, failed_reason, created_at, worker_id FROM work_items INDEXED BY work_items_failed "
+            "WHERE state = 'failed' ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+        return [dict(zip(("id", "attempts", "failed_reason", "created_at", "worker_id"), row, strict=True))
+                for row in rows]
 
     def stats(self, worker_seen_window: float | None = None) -> dict[str, Any]:
         figures = read_stats(self._reader(), self.node_id, worker_seen_window or self.worker_seen_window)

@@ -26,7 +26,7 @@ def scaler(node: str, index: int, hosts: list[str], key: Path, endpoints: list, 
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET)
     command = [PYTHON, "-m", "cron.scale", "--provider", "ssh", "--node-id", node, "--endpoint-index", str(index),
-               "--db", str(own.db), "--url", own.url, "--peer", peer.url,
+               "--url", own.url, "--peer", peer.url,
                "--endpoint", endpoints[0].url, "--endpoint", endpoints[1].url,
                "--ssh-hosts", ",".join(hosts), "--ssh-user", "root", "--ssh-key", str(key),
                "--worker-service", "process", "--remote-python", "/usr/bin/python3", "--worker-processes", "1",
