@@ -13,6 +13,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from cli.tls import client_context, is_https
 from endpoint.store import Delivered
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,11 @@ class Peer:
     those results undelivered again, before this endpoint takes anything else from it.
     """
 
-    def __init__(self, base_url: str, key: str, timeout: float = 3.0, retry_after: float = 5.0) -> None:
+    def __init__(self, base_url: str, key: str, timeout: float = 3.0, retry_after: float = 5.0,
+                 ca_file: str = "") -> None:
         self.base_url = base_url.rstrip("/")
+        # An https peer is checked against the cluster's CA (or the system's): certificate and host name.
+        self._tls = client_context(ca_file) if is_https(base_url) else None
         self._key = key
         self._timeout = timeout
         self._retry_after = retry_after
@@ -152,7 +156,7 @@ class Peer:
             headers={"Authorization": f"Bearer {self._key}"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self._timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout or self._timeout, context=self._tls) as response:
                 self.node_id = response.headers.get("X-Node-Id") or self.node_id
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
