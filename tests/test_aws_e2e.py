@@ -113,7 +113,7 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
                     requests.get(url.replace("https://", "http://") + "/stats", timeout=10)
             for host in endpoints:  # each host holds its own key, 0600, and the CA's certificate, not its key
                 assert modes(host, "tls", "tls/endpoint-key.pem") == [0o700, 0o600]
-                held = "".join(path.read_text(errors="replace") for path in (host.root_dir / "dynamic-workload").rglob("*.pem")
+                held = "".join(path.read_text(errors="replace") for path in host.root_dir.rglob("*.pem")
                                if path.is_file())
                 assert (tmp_path / "aws" / f"{CLUSTER}-ca-key.pem").read_text().strip() not in held
             key_a, key_b = ((host.root_dir / "dynamic-workload" / "tls" / "endpoint-key.pem").read_text()
