@@ -135,7 +135,7 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
             second = start_beside_the_service(endpoints[0])
             assert second.returncode == 1, second.stdout
             assert "is in use by another endpoint" in second.stdout and "a.sqlite3" in second.stdout, second.stdout
-            assert requests.get(f"{urls[0]}/stats", timeout=10).json()["pending"] == 0  # the service still serves
+            assert requests.get(f"{urls[0]}/stats", timeout=10, verify=ca).json()["pending"] == 0  # still serves
 
             # a burst of jobs at both endpoints
             expected = {}
