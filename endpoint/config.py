@@ -43,6 +43,7 @@ class Settings:
     tls_cert: str
     tls_key: str
     tls_ca: str
+    client_keys: str
 
     @property
     def tls(self) -> bool:
@@ -93,6 +94,9 @@ OPTIONS: dict[str, Setting] = {
     "tls_key": Setting("DW_TLS_KEY", "", str, "PEM private key of --tls-cert (keep it 0600)"),
     "tls_ca": Setting("DW_TLS_CA", "", str,
                       "CA certificate the peer's HTTPS certificate is checked against (default: the system's CAs)"),
+    "client_keys": Setting("DW_CLIENT_KEYS", "off", str.lower,
+                           "on: enqueue, pullCompleted and /work/<id> need a client key (python -m "
+                           "endpoint.client_keys), and a key pulls only its own results; off: open to anybody"),
 }
 
 
@@ -120,6 +124,8 @@ def _checked(settings: Settings) -> Settings:
     problems = []
     if settings.synchronous not in ("FULL", "NORMAL", "EXTRA"):
         problems.append("synchronous must be FULL, NORMAL or EXTRA")
+    if settings.client_keys not in ("on", "off"):
+        problems.append("client_keys must be on or off")
     for name in ("threads", "max_connections", "max_payload_bytes", "max_iterations", "max_top", "max_attempts"):
         if getattr(settings, name) < 1:
             problems.append(f"{name} must be at least 1")
