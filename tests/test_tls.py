@@ -236,3 +236,22 @@ def test_the_ca_is_made_once_and_a_half_ca_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="exists but"):
         ensure_ca(folder / "ca.pem", folder / "ca-key.pem", "x")
     assert (folder / "ca.pem").read_bytes() == first.certificate  # not replaced
+
+
+def test_the_aws_deploy_has_tls_on_unless_told_otherwise_and_names_every_address(monkeypatch) -> None:
+    from deploy import aws
+
+    for name in ("DW_CLUSTER", "DW_AWS_DIR", "DW_AWS_STATE"):
+        monkeypatch.delenv(name, raising=False)
+    instance = {"PublicIpAddress": "203.0.113.7", "PrivateIpAddress": "10.0.0.5",
+                "PublicDnsName": "ec2-203-0-113-7.compute-1.amazonaws.com",
+                "PrivateDnsName": "ip-10-0-0-5.ec2.internal", "Tags": []}
+    assert aws.endpoint_names(instance) == ["203.0.113.7", "10.0.0.5", "ec2-203-0-113-7.compute-1.amazonaws.com",
+                                            "ip-10-0-0-5.ec2.internal"]
+    private = {"a": "10.0.0.5", "b": "10.0.0.6"}
+    on = aws.endpoint_settings(aws.parse_args([]), "a", private, {"region": "us-east-1"})
+    assert (on["DW_PEER_URL"], on["DW_SELF_URL"], on["DW_ENDPOINTS"]) == \
+        ("https://10.0.0.6:5000", "https://127.0.0.1:5000", "https://10.0.0.5:5000,https://10.0.0.6:5000")
+    off = aws.endpoint_settings(aws.parse_args(["--no-tls"]), "a", private, {"region": "us-east-1"})
+    assert (off["DW_PEER_URL"], off["DW_SELF_URL"]) == ("http://10.0.0.6:5000", "http://127.0.0.1:5000")
+    assert aws.cluster_ca(aws.parse_args(["--no-tls"])) is None
