@@ -106,6 +106,15 @@ def json_response(value: Any, status: int = 200) -> HTTPResponse:
     return HTTPResponse(json.dumps(value), status=status, headers={"Content-Type": "application/json"})
 
 
+class Plugin:
+    """A Bottle plugin (API 2) of one app: apply(callback, route) sees the route's config."""
+
+    api = 2
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+
 # -- authentication --------------------------------------------------------------------------
 
 def presents(key: str) -> bool | None:
@@ -158,14 +167,10 @@ def operator_refusal(key: str) -> HTTPResponse | None:
                         headers={"Content-Type": "application/json", "WWW-Authenticate": OPERATOR_REALM})
 
 
-class Authentication:
+class Authentication(Plugin):
     """Opens a route with `auth=<role>` only to callers presenting that role's key."""
 
     name = "authentication"
-    api = 2
-
-    def __init__(self, context: Context) -> None:
-        self.context = context
 
     def apply(self, callback: Route, route: bottle.Route) -> Route:
         role = route.config.get("auth")
@@ -223,14 +228,10 @@ def delivery_refused(exc: DeliveryTokenExpired | DeliveryInProgress, token_ttl_s
                                    "moment"}, 409)
 
 
-class JsonErrors:
+class JsonErrors(Plugin):
     """Turns input and store errors into their HTTP answers."""
 
     name = JSON_ERRORS
-    api = 2
-
-    def __init__(self, context: Context) -> None:
-        self.context = context
 
     def apply(self, callback: Route, route: bottle.Route) -> Route:
         store = self.context.store
@@ -251,14 +252,10 @@ class JsonErrors:
         return answered
 
 
-class WithContext:
+class WithContext(Plugin):
     """Passes the app's Context to each route, before its URL arguments."""
 
     name = "context"
-    api = 2
-
-    def __init__(self, context: Context) -> None:
-        self.context = context
 
     def apply(self, callback: Route, route: bottle.Route) -> Route:
         return functools.partial(callback, self.context)
