@@ -70,6 +70,33 @@ def start_beside_the_service(host: FakeHost) -> subprocess.CompletedProcess[str]
     return subprocess.CompletedProcess(second.args, second.returncode, output)
 
 
+def check_tls(deployed: str, urls: list[str], ca: str, endpoints: list[FakeHost]) -> None:
+    """HTTPS only, checked against the cluster CA, which the deploy printed for curl; each endpoint host holds
+    its own key (0600) and the CA's certificate, never the CA's key."""
+    assert f'curl --cacert {ca} -X PUT "{urls[0]}/enqueue?iterations=10"' in deployed
+    ca_key = Path(ca).with_name(f"{CLUSTER}-ca-key.pem")
+    assert ca_key.stat().st_mode & 0o777 == 0o600
+    for url in urls:
+        assert requests.get(f"{url}/stats", timeout=10, verify=ca).json()["pending"] == 0
+        with pytest.raises(requests.exceptions.SSLError):  # only the cluster's CA vouches for it
+            requests.get(f"{url}/stats", timeout=10)
+        with pytest.raises(requests.ConnectionError):  # no plain HTTP on the port
+            requests.get(url.replace("https://", "http://") + "/stats", timeout=10)
+    for host in endpoints:
+        assert modes(host, "tls", "tls/endpoint-key.pem") == [0o700, 0o600]
+        held = "".join(path.read_text(errors="replace") for path in host.root_dir.rglob("*.pem") if path.is_file())
+        assert ca_key.read_text().strip() not in held
+    key_a, key_b = ((host.root_dir / "dynamic-workload" / "tls" / "endpoint-key.pem").read_text() for host in endpoints)
+    assert key_a != key_b
+
+
+def check_worker_tls(host: FakeHost, ca: str) -> None:
+    """The worker was handed the CA's certificate, and reaches the endpoints over https only."""
+    worker_env = (host.root_dir / "dynamic-workload" / "worker.env").read_text()
+    assert "DW_TLS_CA=" in worker_env and "https://" in worker_env and "http://" not in worker_env
+    assert (host.root_dir / "dynamic-workload" / "ca.pem").read_text() == Path(ca).read_text()
+
+
 @pytest.mark.slow
 def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
     require_root()
@@ -110,24 +137,9 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
             urls = [f"https://{host.address}:5000" for host in endpoints]
             assert all(url in deployed.stdout for url in urls), deployed.stdout
             ca = str(tmp_path / "aws" / f"{CLUSTER}-ca.pem")
-            assert f'curl --cacert {ca} -X PUT "{urls[0]}/enqueue?iterations=10"' in deployed.stdout
-            assert (tmp_path / "aws" / f"{CLUSTER}-ca-key.pem").stat().st_mode & 0o777 == 0o600
+            check_tls(deployed.stdout, urls, ca, endpoints)
             ec2 = moto.client("ec2")
             assert len(live_instances(ec2, "endpoint")) == 2
-            for url in urls:
-                assert requests.get(f"{url}/stats", timeout=10, verify=ca).json()["pending"] == 0
-                with pytest.raises(requests.exceptions.SSLError):  # only the cluster's CA vouches for it
-                    requests.get(f"{url}/stats", timeout=10)
-                with pytest.raises(requests.ConnectionError):  # no plain HTTP on the port
-                    requests.get(url.replace("https://", "http://") + "/stats", timeout=10)
-            for host in endpoints:  # each host holds its own key, 0600, and the CA's certificate, not its key
-                assert modes(host, "tls", "tls/endpoint-key.pem") == [0o700, 0o600]
-                held = "".join(path.read_text(errors="replace") for path in host.root_dir.rglob("*.pem")
-                               if path.is_file())
-                assert (tmp_path / "aws" / f"{CLUSTER}-ca-key.pem").read_text().strip() not in held
-            key_a, key_b = ((host.root_dir / "dynamic-workload" / "tls" / "endpoint-key.pem").read_text()
-                            for host in endpoints)
-            assert key_a != key_b
             secret_file = endpoints[0].root_dir / "dynamic-workload" / "secret"
             assert secret_file.stat().st_mode & 0o077 == 0
             for host in endpoints:  # data and logs owner-only, also the log the shell opens
@@ -173,10 +185,7 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
             assert len(launched_hosts) == len(launched)
             for host in launched_hosts:
                 assert modes(host, "worker.log", "worker.pid", "secret") == [0o600, 0o600, 0o600]
-                # the workers were handed the CA's certificate, and reached the endpoints over https
-                worker_env = (host.root_dir / "dynamic-workload" / "worker.env").read_text()
-                assert "DW_TLS_CA=" in worker_env and "https://" in worker_env and "http://" not in worker_env
-                assert (host.root_dir / "dynamic-workload" / "ca.pem").read_text() == Path(ca).read_text()
+                check_worker_tls(host, ca)
             wait_for(lambda: all((host.root_dir / "dynamic-workload" / "idle-exit-ran").exists()
                                  for host in launched_hosts), timeout=60, what="the idle workers' exit action")
             time.sleep(4)  # past the silence deadline
