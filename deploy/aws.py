@@ -85,6 +85,8 @@ SETTINGS: dict[str, Setting] = {
     "endpoint_python": Setting("DW_ENDPOINT_PYTHON", "python3.11", text,
                                "Python (3.10 or newer) for the endpoints' venv; installed on the host if missing"),
     "remote_python": SCALER_SETTINGS["remote_python"],
+    "client_keys": Setting("DW_CLIENT_KEYS", "off", choice("on", "off", fold=str.lower),
+                           "on: the clients' routes need a client key (python -m endpoint.client_keys)"),
     "ready_timeout": Setting("DW_READY_TIMEOUT", "600", seconds(0),
                              "seconds to wait for each endpoint's SSH, and then for its /stats"),
     # The scaler's knobs, with the scaler's own entries: a value accepted here is accepted there.
@@ -236,7 +238,7 @@ def endpoint_settings(args: argparse.Namespace, node: str, private: dict[str, st
     if test_ssh in os.environ:
         scaler["test_ssh_addresses"] = os.environ[test_ssh]
     # DW_DB, the endpoint's data file, is the variable the scaler reads it from too.
-    endpoint = {**both, "host": "0.0.0.0", "port": port, "db": f"var/{node}.sqlite3"}
+    endpoint = {**both, "host": "0.0.0.0", "port": port, "db": f"var/{node}.sqlite3", "client_keys": args.client_keys}
     settings = {**environment(ENDPOINT_SETTINGS, endpoint),
                 **environment(SCALER_SETTINGS, scaler), "AWS_DEFAULT_REGION": setup["region"]}
     # TEST ONLY: the tests' moto server instead of AWS.
@@ -347,6 +349,9 @@ def deploy(args: argparse.Namespace, setup: dict, region: Region) -> None:
     public = provision_endpoints(args, setup, secret, instances, ca)
     url_a, url_b = (endpoint_url(args, public[node], setup) for node in NODES)
     curl = f"curl --cacert {ca_paths(args)[0]}" if ca else "curl"
+    if args.client_keys == "on":
+        curl += ' -H "Authorization: Bearer $KEY"'
+    keys = client_keys_help(args, url_a, url_b) if args.client_keys == "on" else ""
     tls = (f"  TLS         every hop (no plain HTTP on port {setup.get('http_port', 5000)}); the cluster CA is "
            f"{ca_paths(args)[0]}\n" if ca else "")
     print(f"""
@@ -361,13 +366,21 @@ The dashboard's /details asks for a login: any user name, and the operator key a
   .venv/bin/python -m endpoint.operator_key --secret-file {Path(args.aws_dir) / f"{args.cluster}-secret"}
 prints (it is derived from the cluster secret; keep it as you keep that file).
 
-Try it:
+{keys}Try it:
   {curl} -X PUT "{url_a}/enqueue?iterations=10" -d "data=Hello"
   {curl} -X POST "{url_b}/pullCompleted?top=5"
   {curl} "{url_a}/stats"
 
 Tear it all down:  {destroy_command(args)}
 """, flush=True)
+
+
+def client_keys_help(args: argparse.Namespace, url_a: str, url_b: str) -> str:
+    ca = f" --tls-ca {ca_paths(args)[0]}" if args.tls else ""
+    return (f"Client keys are on: the clients' routes need one. Make one (shown once) with\n"
+            f"  KEY=$(.venv/bin/python -m endpoint.client_keys --endpoint {url_a} --endpoint {url_b} "
+            f"--secret-file {Path(args.aws_dir) / f'{args.cluster}-secret'}{ca} create <name>)\n"
+            f"(list and revoke <id> with the same settings).\n\n")
 
 
 def endpoint_url(args: argparse.Namespace, address: str, setup: dict) -> str:

@@ -42,7 +42,7 @@ def create_app() -> RequestReader:
              "https" if settings.tls else "http", settings.host,
              settings.port, store.path, settings.peer or "none")
     metrics = Metrics(store)
-    app = make_app(store, secret, limits, peer, settings.instance_id, metrics)
+    app = make_app(store, secret, limits, peer, settings.instance_id, metrics, client_keys=settings.client_keys == "on")
     read_limits = ReadLimits(settings.max_payload_bytes + FORM_OVERHEAD_BYTES, settings.body_timeout)
     # Claims that wait for work are held on the reader's event loop, not on the app's threads.
     return RequestReader(app, read_limits, settings.threads, metrics.observe_request, news=store.work_signal)

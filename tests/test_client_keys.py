@@ -4,15 +4,21 @@ file gains the column that records the key."""
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
+from conftest import PYTHON, REPO, SECRET, WORKER_AUTH, Services, free_port, reference, wait_for
 from endpoint.key_store import KeyConflict, key_hash, new_key
 from endpoint.pulls import Pulls
+from endpoint.secret import operator_key
 from endpoint.store import IdempotencyKeyReused, LeaseAnswer, Store
 
 RESULT = "c" * 128
@@ -109,3 +115,97 @@ def test_a_version_3_file_gains_the_client_key_column_and_keeps_its_items(tmp_pa
     finally:
         store.close()
     Store(path, "a", maintenance_interval=3600).close()  # the next start changes nothing
+
+
+# -- real endpoints, the command, and the clients' routes ----------------------------------------------------
+
+def keys_command(tmp_path: Path, endpoints: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    flags = [flag for url in endpoints for flag in ("--endpoint", url)]
+    return subprocess.run([PYTHON, "-m", "endpoint.client_keys", *flags, "--secret-file", str(secret_file), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "NO_PROXY": "*"})
+
+
+def made_key(tmp_path: Path, endpoints: list[str], name: str) -> str:
+    created = keys_command(tmp_path, endpoints, "create", name)
+    assert created.returncode == 0, created.stderr
+    return created.stdout.strip()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_with_keys_off_the_prior_art_commands_work_unchanged(services: Services) -> None:
+    a, b = services.endpoint_pair()
+    enqueued = subprocess.run(["curl", "-sS", "-X", "PUT", f"{a.url}/enqueue?iterations=10", "-d", "data=Hello"],
+                              capture_output=True, text=True, timeout=30)
+    work_id = json.loads(enqueued.stdout)["id"]
+    services.worker([a, b])
+    wait_for(lambda: a.work(work_id).json()["state"] == "completed", 30, "the job")
+    pulled = subprocess.run(["curl", "-sS", "-X", "POST", f"{b.url}/pullCompleted?top=5"], capture_output=True,
+                            text=True, timeout=30)
+    assert json.loads(pulled.stdout) == [{"id": work_id, "result": reference(b"Hello", 10)}]
+    assert "client_key" not in requests.get(f"{a.url}/work/{work_id}", timeout=10).json()
+
+
+def test_with_keys_on_each_key_enqueues_and_pulls_its_own_and_nothing_else(services: Services,
+                                                                          tmp_path: Path) -> None:
+    a, b = services.endpoint_pair(extra_args=("--client-keys", "on"))
+    urls = [a.url, b.url]
+    alice, bob = made_key(tmp_path, urls, "alice"), made_key(tmp_path, urls, "bob")
+    # Without a key 401, with a wrong one 403, JSON either way; nothing is stored.
+    for url, method in ((f"{a.url}/enqueue?iterations=1", "PUT"), (f"{a.url}/pullCompleted?top=1", "POST"),
+                        (f"{a.url}/work/a-0000000000000001", "GET")):
+        for headers, status in (({}, 401), (bearer("dwk_nope"), 403), (WORKER_AUTH, 403)):
+            answer = requests.request(method, url, data=b"x", headers=headers, timeout=10)
+            assert answer.status_code == status and "error" in answer.json(), (url, headers, answer.text)
+    assert a.stats(public=True)["pending"] == 0
+    mine = {}
+    for index in range(6):
+        endpoint, key = (a, b)[index % 2], (alice, bob)[index // 3]
+        answer = requests.put(f"{endpoint.url}/enqueue?iterations=50", data=b"job %d" % index, headers=bearer(key),
+                              timeout=10)
+        assert answer.status_code == 200, answer.text
+        mine[answer.json()["id"]] = (key, reference(b"job %d" % index, 50))
+    services.worker([a, b])
+    wait_for(lambda: a.stats(public=True)["completed"] + b.stats(public=True)["completed"] == 6, 30, "the jobs")
+    # bob pulls at a: only his, from both endpoints (b's through the peer), and none of alice's.
+    bobs = requests.post(f"{a.url}/pullCompleted?top=10", headers=bearer(bob), timeout=10).json()
+    assert {item["id"]: item["result"] for item in bobs} == \
+        {work_id: result for work_id, (key, result) in mine.items() if key == bob}
+    alices_id = next(work_id for work_id, (key, _) in mine.items() if key == alice and work_id.startswith("b-"))
+    assert requests.get(f"{a.url}/work/{alices_id}", headers=bearer(bob), timeout=10).status_code == 404
+    seen = requests.get(f"{a.url}/work/{alices_id}", headers=bearer(alice), timeout=10).json()
+    assert seen["state"] == "completed" and "client_key" not in seen and "worker_id" not in seen
+    assert "worker_id" in a.work(alices_id).json()  # the peer key still sees the details
+    alices = requests.post(f"{b.url}/pullCompleted?top=10&delivery=alice-token-0123456789",
+                           headers=bearer(alice), timeout=10).json()
+    assert {item["id"] for item in alices} == {work_id for work_id, (key, _) in mine.items() if key == alice}
+    # The same delivery token is bob's own pull: nothing of alice's.
+    assert requests.post(f"{b.url}/pullCompleted?top=10&delivery=alice-token-0123456789", headers=bearer(bob),
+                         timeout=10).json() == []
+    # Revoked: refused at both endpoints at once.
+    bob_id = bob.split("_")[1]
+    revoked = keys_command(tmp_path, urls, "revoke", bob_id)
+    assert revoked.returncode == 0, revoked.stderr
+    for endpoint in (a, b):
+        answer = requests.put(f"{endpoint.url}/enqueue?iterations=1", data=b"x", headers=bearer(bob), timeout=10)
+        assert answer.status_code == 403 and "revoked" in answer.json()["error"]
+    listed = keys_command(tmp_path, urls, "list")
+    assert listed.returncode == 0 and "alice" in listed.stdout and f"{bob_id}  revoked" in listed.stdout
+    assert bob not in listed.stdout and alice not in listed.stdout  # the keys themselves are shown once only
+
+
+def test_a_key_is_made_at_both_endpoints_or_at_neither(services: Services, tmp_path: Path) -> None:
+    a = services.endpoint("a", extra_args=("--client-keys", "on"))
+    down = f"http://127.0.0.1:{free_port()}"
+    created = keys_command(tmp_path, [a.url, down], "create", "carol")
+    assert created.returncode == 1 and created.stdout == "" and "not created" in created.stderr
+    (listed,) = requests.get(f"{a.url}/internal/client-keys", auth=("op", operator_key(SECRET)), timeout=10).json()[
+        "keys"]
+    assert listed["name"] == "carol" and listed["revoked_at"] is not None
+    bad = keys_command(tmp_path, [a.url], "create", "no\nnewlines")
+    assert bad.returncode == 2
