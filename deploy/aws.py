@@ -399,7 +399,7 @@ def destroy(args: argparse.Namespace, state: dict, region: Region) -> int:
     announce(f"destroying cluster {args.cluster} in region {region.name} (region from {region.source}; {record})")
     terminated = terminate_cluster(client("ec2", region.name), args.cluster)
     for name in (f"{args.cluster}-secret", f"{args.cluster}-known_hosts.json", f"{args.cluster}-ca.pem",
-                 f"{args.cluster}-ca-key.pem"):
+                 f"{args.cluster}-ca-key.pem", f"{args.cluster}-ca-key.pem.lock"):
         (Path(args.aws_dir) / name).unlink(missing_ok=True)
     announce("removing what ./setup.sh aws created")
     settings = settings_for(args, region.name)

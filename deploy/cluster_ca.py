@@ -16,6 +16,7 @@ and authority key identifiers.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import os
 import tempfile
@@ -54,8 +55,14 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def new_ca(label: str) -> Pem:
-    key = ec.generate_private_key(ec.SECP256R1())
+def new_ca(label: str, key_pem: bytes | None = None) -> Pem:
+    """A new CA; with `key_pem`, its certificate for that key."""
+    if key_pem is None:
+        key = ec.generate_private_key(ec.SECP256R1())
+    else:
+        loaded = serialization.load_pem_private_key(key_pem, password=None)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+        key = loaded
     name = _name(f"dynamic-workload {label} CA")
     public = key.public_key()
     certificate = (
@@ -122,21 +129,26 @@ def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
 def ensure_ca(certificate_path: Path, key_path: Path, label: str) -> tuple[Pem, bool]:
     """The CA kept in these two files, made if neither exists; (it, whether it was made now).
 
-    One without the other is refused rather than replaced: replacing a CA makes every client that
-    trusts the old one refuse the endpoints (see the README on rotating it)."""
-    have_certificate, have_key = certificate_path.exists(), key_path.exists()
-    if have_certificate and have_key:
-        ca = Pem(certificate_path.read_bytes(), key_path.read_bytes())
-        check_ca(ca, certificate_path)
-        return ca, False
-    if have_certificate or have_key:
-        present, absent = (certificate_path, key_path) if have_certificate else (key_path, certificate_path)
-        raise ValueError(f"{present} exists but {absent} does not: restore it, or delete both to make a new CA "
-                         f"(clients must then trust the new {certificate_path.name})")
-    ca = new_ca(label)
-    write_private(key_path, ca.key)
-    write_private(certificate_path, ca.certificate, mode=0o644)
-    return ca, True
+    Made under a lock (two deploys at once make one CA), the key first: a key without its certificate
+    (a run stopped in between) gets one, as nobody can trust a certificate never written. A certificate
+    without its key is refused: clients may trust it, and a new CA would make them refuse the endpoints
+    (see the README on rotating it)."""
+    key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(key_path.with_name(key_path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        have_certificate, have_key = certificate_path.exists(), key_path.exists()
+        if have_certificate and have_key:
+            ca = Pem(certificate_path.read_bytes(), key_path.read_bytes())
+            check_ca(ca, certificate_path)
+            return ca, False
+        if have_certificate:
+            raise ValueError(f"{certificate_path} exists but {key_path} does not: restore it, or delete both to make "
+                             f"a new CA (clients must then trust the new {certificate_path.name})")
+        ca = new_ca(label, key_path.read_bytes() if have_key else None)
+        if not have_key:
+            write_private(key_path, ca.key)
+        write_private(certificate_path, ca.certificate, mode=0o644)
+        return ca, True
 
 
 def check_ca(ca: Pem, where: Path) -> None:

@@ -201,7 +201,7 @@ def test_deploy_local_tls_serves_https_only_with_its_ca_and_the_printed_commands
     output = deployment.output()
     tls_folder = deployment.state / "tls"
     assert sorted(path.name for path in tls_folder.iterdir()) == \
-        ["a-key.pem", "a.pem", "b-key.pem", "b.pem", "ca-key.pem", "ca.pem"]
+        ["a-key.pem", "a.pem", "b-key.pem", "b.pem", "ca-key.pem", "ca-key.pem.lock", "ca.pem"]
     assert all((tls_folder / name).stat().st_mode & 0o077 == 0 for name in ("ca-key.pem", "a-key.pem", "b-key.pem"))
     # The printed commands, run as printed (in the checkout, as the banner's user would).
     commands = [line.strip() for line in output.splitlines() if line.strip().startswith("curl ")]

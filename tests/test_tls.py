@@ -232,10 +232,18 @@ def test_the_ca_is_made_once_and_a_half_ca_is_refused(tmp_path: Path) -> None:
     assert made and (folder / "ca-key.pem").stat().st_mode & 0o777 == 0o600
     again, made_again = ensure_ca(folder / "ca.pem", folder / "ca-key.pem", "x")
     assert not made_again and again == first
+    key = (folder / "ca-key.pem").read_bytes()
     (folder / "ca-key.pem").unlink()
     with pytest.raises(ValueError, match="exists but"):
         ensure_ca(folder / "ca.pem", folder / "ca-key.pem", "x")
     assert (folder / "ca.pem").read_bytes() == first.certificate  # not replaced
+    # A key whose certificate was never written (a run stopped in between) gets one; the key is kept.
+    (folder / "ca.pem").unlink()
+    (folder / "ca-key.pem").write_bytes(key)
+    remade, made = ensure_ca(folder / "ca.pem", folder / "ca-key.pem", "x")
+    assert made and remade.key == key and remade.certificate != first.certificate
+    pem = issue(remade, ["127.0.0.1"])
+    assert pem.certificate
 
 
 def test_the_aws_deploy_has_tls_on_unless_told_otherwise_and_names_every_address(monkeypatch) -> None:
