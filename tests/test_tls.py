@@ -263,3 +263,18 @@ def test_the_aws_deploy_has_tls_on_unless_told_otherwise_and_names_every_address
     off = aws.endpoint_settings(aws.parse_args(["--no-tls"]), "a", private, {"region": "us-east-1"})
     assert (off["DW_PEER_URL"], off["DW_SELF_URL"]) == ("http://10.0.0.6:5000", "http://127.0.0.1:5000")
     assert aws.cluster_ca(aws.parse_args(["--no-tls"])) is None
+
+
+def test_a_stalled_handshake_or_a_silent_tls_connection_is_closed_after_the_header_timeout(
+        services: Services, cluster: Cluster) -> None:
+    a = services.endpoint("a", extra_args=(*cluster.endpoint_args("a"), "--header-timeout", "1"),
+                          ca_file=str(cluster.ca_file))
+    # Closed by the endpoint (b"") long before the sockets' own 30 s timeout would raise.
+    partial = socket.create_connection(("127.0.0.1", a.port), timeout=30)
+    partial.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01")  # the start of a ClientHello, then nothing
+    context = ssl.create_default_context(cafile=str(cluster.ca_file))
+    silent = context.wrap_socket(socket.create_connection(("127.0.0.1", a.port), timeout=30),
+                                 server_hostname="127.0.0.1")  # a whole handshake, then no request
+    with partial, silent:
+        assert partial.recv(10) == b"" and silent.recv(10) == b""
+    assert a.stats(public=True)["pending"] == 0  # and it serves the others meanwhile
