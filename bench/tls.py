@@ -3,7 +3,9 @@
 Two endpoints run side by side on loopback, one plain (A), one with a certificate of the cluster
 CA (B; deploy/cluster_ca.py). Each round measures A, then B (the next round B, then A):
 
-* enqueue throughput: wrk, 16 kept-alive connections, 16 KiB payloads (as bench/enqueue.sh);
+* enqueue throughput: wrk, 16 kept-alive connections, 16 KiB payloads (as bench/enqueue.sh), and the
+  endpoint's CPU time per enqueue meanwhile (its processes' user + system time: less noisy than the
+  rate on a shared machine);
 * enqueue with a new connection per request (a TLS handshake each, as one curl per job costs);
 * per-job overhead: the worker's own client (worker/client.py, TLS checked against the CA) claims
   one job and posts its result, back to back on one kept-alive connection.
@@ -26,17 +28,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench._endpoint import WORKER_KEY, running_endpoint
+from bench._endpoint import WORKER_KEY, cpu_seconds, group_pids, running_endpoint
 from cli.tls import client_context
 from deploy.cluster_ca import ensure_ca, issue, write_private
 from worker.client import EndpointClient
 
 PAYLOAD = 16 * 1024
+FRESH = 200  # enqueues on a new connection each, per round
 
 
 @contextlib.contextmanager
-def endpoints() -> Iterator[tuple[dict[str, str], str]]:
-    """({"plain": url, "tls": url}, the CA file)."""
+def endpoints() -> Iterator[tuple[dict[str, str], str, dict[str, int]]]:
+    """({"plain": url, "tls": url}, the CA file, {"plain": pid, "tls": pid} of each server's process group)."""
     with tempfile.TemporaryDirectory(prefix="dw-bench-tls-") as directory:
         folder = Path(directory)
         ca, _ = ensure_ca(folder / "ca.pem", folder / "ca-key.pem", "bench")
@@ -44,21 +47,31 @@ def endpoints() -> Iterator[tuple[dict[str, str], str]]:
         write_private(folder / "cert.pem", pem.certificate)
         write_private(folder / "key.pem", pem.key)
         tls_args = ("--tls-cert", str(folder / "cert.pem"), "--tls-key", str(folder / "key.pem"))
-        with running_endpoint() as (plain, _, _), \
-                running_endpoint(*tls_args, ca_file=str(folder / "ca.pem")) as (secure, _, _):
-            yield {"plain": plain, "tls": secure}, str(folder / "ca.pem")
+        with running_endpoint() as (plain, plain_process, _), \
+                running_endpoint(*tls_args, ca_file=str(folder / "ca.pem")) as (secure, tls_process, _):
+            yield ({"plain": plain, "tls": secure}, str(folder / "ca.pem"),
+                   {"plain": plain_process.pid, "tls": tls_process.pid})
 
 
-def wrk_enqueues(url: str, seconds: float, body_file: Path) -> float:
-    """Durable enqueues per second from 16 kept-alive connections (wrk: C, little client CPU)."""
+def group_cpu(pgid: int) -> float:
+    return sum(cpu_seconds(pid) for pid in group_pids(pgid))
+
+
+def wrk_enqueues(url: str, seconds: float, body_file: Path, pgid: int) -> tuple[float, float]:
+    """(durable enqueues per second from 16 kept-alive connections (wrk: C, little client CPU), the server's
+    CPU microseconds per enqueue)."""
     script = body_file.with_suffix(".lua")
     script.write_text(f'wrk.method = "PUT"\nlocal f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); '
                       f'f:close()\nwrk.headers["Content-Type"] = "application/octet-stream"\n')
+    cpu_before = group_cpu(pgid)
     out = subprocess.run(["wrk", "-t2", "-c16", f"-d{seconds:g}s", "-s", str(script),
                           f"{url}/enqueue?iterations=1000"], capture_output=True, text=True, check=True).stdout
+    cpu = group_cpu(pgid) - cpu_before
     if "Non-2xx" in out or "Socket errors" in out:
         raise RuntimeError(f"wrk saw errors:\n{out}")
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return rate, cpu / requests * 1e6
 
 
 def connection(url: str, context: ssl.SSLContext) -> http.client.HTTPConnection:
@@ -107,23 +120,29 @@ def job_overhead(url: str, ca_file: str, jobs: int) -> tuple[float, float]:
 
 
 def main(rounds: int = 3, seconds: float = 8, jobs: int = 500) -> None:
-    figures: dict[str, dict[str, list[float]]] = {kind: {"wrk": [], "fresh": [], "job_mean": [], "job_p50": []}
-                                                   for kind in ("plain", "tls")}
-    with endpoints() as (urls, ca_file), tempfile.TemporaryDirectory() as scratch:
+    figures: dict[str, dict[str, list[float]]] = {
+        kind: {"wrk": [], "cpu": [], "fresh": [], "fresh_cpu": [], "job_mean": [], "job_p50": []}
+        for kind in ("plain", "tls")}
+    with endpoints() as (urls, ca_file, groups), tempfile.TemporaryDirectory() as scratch:
         body = Path(scratch) / "payload"
         body.write_bytes(bytes(range(256)) * (PAYLOAD // 256))
         for index in range(rounds):
             order = ("plain", "tls") if index % 2 == 0 else ("tls", "plain")
             for kind in order:
                 url = urls[kind]
-                figures[kind]["wrk"].append(wrk_enqueues(url, seconds, body))
-                figures[kind]["fresh"].append(fresh_connection_enqueues(url, ca_file, 200))
+                rate, cpu = wrk_enqueues(url, seconds, body, groups[kind])
+                figures[kind]["wrk"].append(rate)
+                figures[kind]["cpu"].append(cpu)
+                cpu_before = group_cpu(groups[kind])
+                figures[kind]["fresh"].append(fresh_connection_enqueues(url, ca_file, FRESH))
+                figures[kind]["fresh_cpu"].append((group_cpu(groups[kind]) - cpu_before) / FRESH * 1e6)
                 mean, p50 = job_overhead(url, ca_file, jobs)
                 figures[kind]["job_mean"].append(mean)
                 figures[kind]["job_p50"].append(p50)
             print(f"round {index + 1}: " + "; ".join(
-                f"{kind}: {figures[kind]['wrk'][-1]:.0f} enq/s, fresh conn {figures[kind]['fresh'][-1]:.2f} ms, "
-                f"job {figures[kind]['job_mean'][-1]:.2f} ms" for kind in ("plain", "tls")), flush=True)
+                f"{kind}: {figures[kind]['wrk'][-1]:.0f} enq/s ({figures[kind]['cpu'][-1]:.0f} us CPU each), "
+                f"fresh conn {figures[kind]['fresh'][-1]:.2f} ms, job {figures[kind]['job_mean'][-1]:.2f} ms"
+                for kind in ("plain", "tls")), flush=True)
 
     def span(values: list[float], digits: int = 2) -> str:
         return f"{min(values):.{digits}f}-{max(values):.{digits}f} (median {statistics.median(values):.{digits}f})"
@@ -134,7 +153,11 @@ def main(rounds: int = 3, seconds: float = 8, jobs: int = 500) -> None:
           f"{jobs} jobs per overhead run")
     print(f"enqueue throughput, kept-alive:  plain {span(plain['wrk'], 0)}/s   TLS {span(tls['wrk'], 0)}/s   "
           f"TLS/plain {span(ratios)}")
+    print(f"  the endpoint's CPU per enqueue: plain {span(plain['cpu'], 0)} us   TLS {span(tls['cpu'], 0)} us   "
+          f"TLS/plain {span([b / a for a, b in zip(plain['cpu'], tls['cpu'], strict=True)])}")
     print(f"enqueue, new connection each:    plain {span(plain['fresh'])} ms   TLS {span(tls['fresh'])} ms")
+    print(f"  the endpoint's CPU per enqueue: plain {span(plain['fresh_cpu'], 0)} us   "
+          f"TLS {span(tls['fresh_cpu'], 0)} us")
     print(f"per job (claim + result):        plain mean {span(plain['job_mean'])} ms, p50 {span(plain['job_p50'])}"
           f"   TLS mean {span(tls['job_mean'])} ms, p50 {span(tls['job_p50'])}")
 
