@@ -31,6 +31,8 @@ def is_https(url: str) -> bool:
 
 def urlopen(request: str | urllib.request.Request, timeout: float, ca_file: str = "") -> HTTPResponse:
     """urllib's urlopen, verifying an https server against `ca_file` (or the system's CAs)."""
+    import urllib.request  # here: the worker, which imports this module at start, never needs it
+
     url = request if isinstance(request, str) else request.full_url
     context = client_context(ca_file) if is_https(url) else None
     return urllib.request.urlopen(request, timeout=timeout, context=context)
