@@ -26,6 +26,9 @@ SETTINGS: dict[str, Setting] = {
     "peer": Setting("DW_PEER_URL", "", text, "the other endpoint's URL, for its /stats"),
     "endpoints": Setting("DW_ENDPOINTS", "", text, "an endpoint's URL as workers reach it, once per endpoint",
                          many=True),
+    "tls_ca": Setting("DW_TLS_CA", "", text,
+                      "CA certificate the endpoints' HTTPS is checked against, by this scaler and by its workers "
+                      "(default: the system's CAs)"),
     "state_dir": Setting("DW_STATE_DIR", "var", text, "lock, host keys, local workers"),
     "secret_file": Setting("DW_SECRET_FILE", "", text,
                            "the cluster secret; workers get the worker key derived from it "

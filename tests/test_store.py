@@ -384,7 +384,7 @@ def test_a_version_2_file_is_rebuilt_with_the_constraints_and_keeps_every_row(tm
         assert {state: store.stats()[state] for state in counts} == counts  # the state counts still agree
         assert store.stats()["undelivered"] == 1
         with sqlite3.connect(path) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+            assert conn.execute("PRAGMA user_version").fetchone() == (4,)
             assert conn.execute("SELECT count(*) FROM payloads").fetchone() == (3,)
             indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
             triggers = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
