@@ -380,18 +380,34 @@ def claim_delays(endpoints: Sequence[Endpoint], ids: Sequence[str]) -> list[floa
     return delays
 
 
-def burst_span(endpoints: Sequence[Endpoint], iterations: int) -> tuple[int, float, float]:
-    """(items, first created, last completed) of the burst of jobs of `iterations`, from the data files."""
-    items, first, last = 0, float("inf"), 0.0
+@dataclass(frozen=True)
+class Span:
+    """A burst's items as the data files tell: when they were enqueued, claimed and completed."""
+
+    items: int
+    first_created: float
+    last_created: float
+    last_completed: float
+    claim_delays: list[float]  # enqueue to claim
+    runs: list[float]  # claim to completion
+
+    @property
+    def drain_s(self) -> float:
+        return self.last_completed - self.first_created
+
+
+def burst_span(endpoints: Sequence[Endpoint], iterations: int) -> Span:
+    """The burst of jobs of `iterations` (every other job is shorter or longer), from the data files."""
+    rows: list[tuple[float, float, float]] = []
     for endpoint in endpoints:
         db = sqlite3.connect(f"file:{endpoint.db}?mode=ro", uri=True)
-        count, created, completed = db.execute(
-            "SELECT count(*), min(created_at), max(completed_at) FROM work_items WHERE iterations = ?",
-            (iterations,)).fetchone()
+        rows += db.execute("SELECT created_at, claimed_at, completed_at FROM work_items WHERE iterations = ?",
+                           (iterations,)).fetchall()
         db.close()
-        items += count
-        first, last = min(first, created or first), max(last, completed or 0.0)
-    return items, first, last
+    created = [row[0] for row in rows]
+    return Span(len(rows), min(created), max(created), max(row[2] or 0.0 for row in rows),
+                [(row[1] or float("inf")) - row[0] for row in rows],
+                [(row[2] or float("inf")) - (row[1] or 0.0) for row in rows])
 
 
 def wait_drained(endpoints: Sequence[Endpoint], timeout: float) -> None:
@@ -420,10 +436,17 @@ def wait_waiting(endpoints: Sequence[Endpoint], workers: int, timeout: float) ->
 @dataclass
 class Burst:
     duration_s: float
-    jobs: int
-    drain_s: float
+    span: Span
     window: Window
     client: ClientLoad
+
+    @property
+    def jobs(self) -> int:
+        return self.span.items
+
+    @property
+    def drain_s(self) -> float:
+        return self.span.drain_s
 
     @property
     def endpoint_cpu_per_job(self) -> float:
@@ -447,6 +470,10 @@ class FleetReport:
             print(line, flush=True)
 
 
+def burst_max(values: Sequence[float]) -> str:
+    return f"{1000 * max(values):.0f} ms" if values else "none"
+
+
 def client_phase(endpoints: Sequence[Endpoint], book: Book, settings: FleetSettings, name: str) -> ClientLoad:
     load = ClientLoad(endpoints, book, settings.client_rate, name)
     time.sleep(settings.client_s)
@@ -464,8 +491,7 @@ def run_burst(endpoints: Sequence[Endpoint], fleet: Fleet, book: Book, settings:
     wait_drained(endpoints, timeout=120 + 3 * jobs * duration / slots)
     window = meter.window()
     load.stop()
-    items, first, last = burst_span(endpoints, iterations)
-    return Burst(duration, items, last - first, window, load)
+    return Burst(duration, burst_span(endpoints, iterations), window, load)
 
 
 def collect_everything(endpoints: Sequence[Endpoint], book: Book, timeout: float = 60.0) -> None:
@@ -556,7 +582,10 @@ def run_fleet(settings: FleetSettings, echo: bool = True) -> FleetReport:
             say(f"burst of {burst.jobs} jobs of {duration:g} s: drained in {burst.drain_s:.1f} s (the fleet's "
                 f"{slots} slots alone: {burst.jobs * duration / slots:.1f} s), {burst.jobs / burst.drain_s:.0f} jobs/s "
                 f"(the fleet could run {slots / duration:.0f}/s); endpoints' CPU per job "
-                f"{1000 * burst.endpoint_cpu_per_job:.2f} ms\n    {describe(burst.window)}\n    client meanwhile: "
+                f"{1000 * burst.endpoint_cpu_per_job:.2f} ms\n    enqueued over "
+                f"{burst.span.last_created - burst.span.first_created:.1f} s; enqueue to claim "
+                f"{ms(burst.span.claim_delays)}, max {burst_max(burst.span.claim_delays)}; claim to result "
+                f"{ms(burst.span.runs)}\n    {describe(burst.window)}\n    client meanwhile: "
                 f"enqueue {ms(burst.client.enqueue_s)}; pullCompleted {ms(burst.client.pull_s)}")
         final = fleet.stop()
         after = client_phase(endpoints, book, settings, "no fleet after")
