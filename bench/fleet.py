@@ -7,6 +7,7 @@ slots do not hash, a job "runs" for `iterations` milliseconds and its result is 
 payload. The endpoints' CPU is read from /proc of their processes, apart from the simulators' and
 this process's own. Phases, in one run:
 
+0. the endpoints alone (their own upkeep: the store's maintenance every second), IDLE_S seconds;
 1. no fleet: a client enqueues a probe job and pulls results, each 10 times a second, timed;
 2. the fleet starts and waits; its CPU over IDLE_S seconds, with no client;
 3. the same client on the idle fleet: its latencies, and each probe's enqueue to claim;
@@ -457,6 +458,7 @@ class Burst:
 class FleetReport:
     settings: FleetSettings
     lines: list[str] = field(default_factory=list)
+    alone: Window | None = None  # the endpoints with neither fleet nor client
     idle: Window | None = None
     bursts: list[Burst] = field(default_factory=list)
     idle_client: ClientLoad | None = None
@@ -560,6 +562,10 @@ def run_fleet(settings: FleetSettings, echo: bool = True) -> FleetReport:
         routes_at_start = sum((endpoint.requests_by_route() for endpoint in endpoints), Counter())
         say(f"{settings.workers} simulated workers of {SLOTS} slots in {settings.processes} processes, two endpoints "
             f"(load average {os.getloadavg()[0]:.1f})")
+        meter = Meter(endpoints, None)
+        time.sleep(settings.idle_s)
+        report.alone = meter.window()
+        say(f"no fleet, no client: {describe(report.alone)}")
         before = client_phase(endpoints, book, settings, "no fleet before")
         say(f"no fleet (before): enqueue {ms(before.enqueue_s)}; pullCompleted {ms(before.pull_s)}")
         started = time.monotonic()
@@ -572,6 +578,7 @@ def run_fleet(settings: FleetSettings, echo: bool = True) -> FleetReport:
         report.idle = meter.window()
         say(f"idle fleet: {describe(report.idle)}")
         idle = client_phase(endpoints, book, settings, "idle fleet")
+        time.sleep(1.0)  # the last probe is claimed
         delays = claim_delays(endpoints, idle.probes)
         say(f"idle fleet, client meanwhile: enqueue {ms(idle.enqueue_s)}; pullCompleted {ms(idle.pull_s)}; "
             f"enqueue to claim {ms(delays)}")
@@ -609,7 +616,8 @@ def saturation(report: FleetReport, say: Any) -> None:
     if report.idle is None:
         return
     workers = report.settings.workers
-    idle_per_worker = report.idle.endpoints_cpu / 2 / workers  # per endpoint
+    alone = report.alone.endpoints_cpu if report.alone else 0.0
+    idle_per_worker = max(0.0, report.idle.endpoints_cpu - alone) / 2 / workers  # per endpoint
     say(f"saturation (assumed: an endpoint serves at most {ENDPOINT_CORES:g} core; idle cost "
         f"{1e6 * idle_per_worker:.1f} µs/s per worker per endpoint):")
     for burst in report.bursts:

@@ -4,10 +4,17 @@ namespace with a real OpenSSH sshd, tests/fakehosts.py), where the scaler provis
 (`--worker-service process`). The backlog asks for WORKERS workers at once; the run is timed from
 its start to its exit, with its CPU time, and the log says when each worker was provisioned.
 
+The fake hosts all share this machine, where a hundred Python workers starting at once take far
+longer than the second the provisioning waits for each to say it runs (on EC2 each boots on its own
+machine). So by default the hosts' "python" is a stand-in that says what a starting worker says and
+then sleeps: everything the scaler does is real (SSH, SFTP of the worker's files and key, the start
+script, the confirmation, the EC2 calls); only the worker's own start-up is not. `real` as the
+fourth argument starts real workers instead.
+
 Each round runs once per `--provision-parallel` value given (alternating), on the same hosts; the
 instances of a round are terminated before the next. Needs root (namespaces), like the tests' fakes.
 
-    usage: .venv/bin/python -m bench.scale_out [WORKERS [ROUNDS [PARALLEL,PARALLEL...]]]
+    usage: .venv/bin/python -m bench.scale_out [WORKERS [ROUNDS [PARALLEL,PARALLEL... [real]]]]
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ from fakehosts import HostNetwork, public_key_from_private, require_root, write_
 
 CLUSTER = "dwbench"
 AMI = "ami-12c6146b"  # one of moto's images
+# What a worker says once it runs (worker/runner.py), which the provisioning waits for; then it idles.
+STAND_IN = """#!/bin/sh
+echo "$(date) INFO worker: stand-in worker: 1 slots on the endpoints"
+sleep 60
+"""
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 
@@ -67,15 +79,17 @@ def log_seconds(line: str) -> float | None:
 
 
 def scaler_run(directory: Path, url: str, state: Path, key: Path, addresses: list[str], parallel: int,
-               moto: MotoServer, round_name: str) -> str:
+               moto: MotoServer, round_name: str, python: str) -> str:
     secret = directory / "secret"
     workers = len(addresses)
     args = [sys.executable, "-m", "cron.scale", "--node-id", "a", "--endpoint-index", "0", "--url", url,
             "--state-dir", str(directory / f"scaler-{round_name}"), "--secret-file", str(secret), "--provider", "ec2",
             "--cluster", CLUSTER, "--aws-state", str(state), "--ssh-key", str(key), "--ssh-user", "root",
-            "--remote-python", "/usr/bin/python3", "--worker-service", "process", "--worker-exit-command",
+            "--remote-python", python, "--worker-service", "process", "--worker-exit-command",
             "touch idle-exit-ran", "--ami", AMI, "--instance-type", "t3.micro", "--test-ssh-addresses",
-            ",".join(addresses), "--endpoint", url, "--max-workers", str(2 * workers), "--max-launch-per-tick",
+            # Each scaler takes every other address (its half of the pool): each is given twice.
+            ",".join(address for address in addresses for _ in range(2)), "--endpoint", url,
+            "--max-workers", str(2 * workers), "--max-launch-per-tick",
             str(workers), "--scale-after", "0", "--target-drain", "30", "--default-job-duration", "30",
             "--slots-per-worker", "1", "--worker-processes", "1", "--idle-timeout", "20", "--ready-deadline", "300",
             "--breaker-threshold", str(workers + 1), "--provision-parallel", str(parallel), "--log-level", "INFO"]
@@ -92,8 +106,8 @@ def scaler_run(directory: Path, url: str, state: Path, key: Path, addresses: lis
     launched = next((log_seconds(line) for line in lines if " launched i-" in line), None)
     failures = sum("provisioning" in line and "failed" in line for line in lines)
     last = max((at for at in provisioned if at), default=None)
-    for line in [line for line in lines if " ERROR " in line][:3]:
-        print(f"    {line[:300]}")
+    for line in [line for line in lines if " ERROR " in line and "provisioning" in line][:3]:
+        print(f"    {line[:400]}")
     return (f"--provision-parallel {parallel}: {len(provisioned)}/{workers} provisioned, {failures} failed; run "
             f"{ended - started:.1f} s (exit status {os.waitstatus_to_exitcode(status)}): launched at "
             f"{(launched or started) - started:.1f} s, last provisioned at {(last or ended) - started:.1f} s; "
@@ -114,26 +128,36 @@ def main() -> None:
     workers = int(sys.argv[1]) if len(sys.argv) > 1 else 50
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     choices = [int(value) for value in (sys.argv[3] if len(sys.argv) > 3 else "8,32").split(",")]
+    real = len(sys.argv) > 4 and sys.argv[4] == "real"
     with tempfile.TemporaryDirectory(prefix="dw-bench-scale-") as name, HostNetwork(Path(name) / "hosts") as network:
         directory = Path(name)
         (directory / "secret").write_text(SECRET + "\n")
         (directory / "secret").chmod(0o600)
+        python = "/usr/bin/python3"
+        if not real:
+            python = str(directory / "stand-in-python")
+            Path(python).write_text(STAND_IN)
+            Path(python).chmod(0o755)
+            directory.chmod(0o755)  # the hosts' logins run it
         moto = MotoServer(directory)
         try:
             state, key = cloud(directory, moto)
             started = time.monotonic()
             addresses = hosts(network, workers, public_key_from_private(key))
             print(f"{workers} fake hosts with sshd in {time.monotonic() - started:.1f} s (load average "
-                  f"{os.getloadavg()[0]:.1f})", flush=True)
+                  f"{os.getloadavg()[0]:.1f}); workers: {'real' if real else 'stand-ins'}", flush=True)
             with running_endpoint() as (url, _, _):
                 for round_number in range(rounds):
                     order = choices if round_number % 2 == 0 else choices[::-1]
                     for parallel in order:
                         enqueue(url, workers)
-                        print(f"round {round_number + 1}: " + scaler_run(
-                            directory, url, state, key, addresses, parallel, moto, f"{round_number}-{parallel}"),
-                            flush=True)
+                        outcome = scaler_run(directory, url, state, key, addresses, parallel, moto,
+                                             f"{round_number}-{parallel}", python)
+                        print(f"round {round_number + 1}: {outcome}", flush=True)
                         terminate_all(moto)
+                        failing = [host for host in network.hosts if "Accepted publickey" not in host.log()]
+                        for host in failing[:2]:
+                            print(f"    {host}: sshd log ends: {host.log()[-600:]!r}")
         finally:
             moto.stop()
 
