@@ -51,7 +51,7 @@ SETTINGS: dict[str, Setting] = {
                                  "consecutive launch/provisioning failures that stop launching"),
     "breaker_cooldown": Setting("DW_BREAKER_COOLDOWN", "600", seconds(0, inclusive=True),
                                 "seconds between trial launches while the breaker is open"),
-    "provision_parallel": Setting("DW_PROVISION_PARALLEL", "8", whole(1),
+    "provision_parallel": Setting("DW_PROVISION_PARALLEL", "32", whole(1),
                                   "workers provisioned at once (SSH sessions in parallel)"),
     # the workers
     "provider": Setting("DW_PROVIDER", "local", choice("local", "ssh", "ec2"), "where workers run: local, ssh or ec2"),
