@@ -481,11 +481,11 @@ class Store:
         cutoff = (now or time.time()) - self.delivery_token_ttl_s
         return self._prune_created_before("client_deliveries", "token", cutoff)
 
-    def _prune_created_before(self, table: str, key: str, cutoff: float) -> int:
-        """Delete at most PRUNE_BATCH of `table`'s oldest rows created before `cutoff` (the table and
-        its key column are this module's constants, never input)."""
+    def _prune_created_before(self, table: str, key: str, cutoff: float, column: str = "created_at") -> int:
+        """Delete at most PRUNE_BATCH of `table`'s oldest rows whose `column` is before `cutoff` (the
+        table and its columns are this module's constants, never input)."""
         statement = (f"DELETE FROM {table} WHERE {key} IN "
-                     f"(SELECT {key} FROM {table} WHERE created_at < ? ORDER BY created_at LIMIT ?)")
+                     f"(SELECT {key} FROM {table} WHERE {column} < ? ORDER BY {column} LIMIT ?)")
 
         def op(conn: sqlite3.Connection) -> int:
             return conn.execute(statement, (cutoff, PRUNE_BATCH)).rowcount
@@ -495,16 +495,8 @@ class Store:
     def prune_workers(self, now: float | None = None) -> int:
         """Forget workers not heard from for the history's retention period: a fleet replaced every day
         leaves a thousand ids a day, which /stats would otherwise scan on every call."""
-        cutoff = (now or time.time()) - self.history.keep_s
-
-        def op(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                """DELETE FROM workers WHERE worker_id IN
-                   (SELECT worker_id FROM workers WHERE last_seen_at < ? ORDER BY last_seen_at LIMIT ?)""",
-                (cutoff, PRUNE_BATCH),
-            ).rowcount
-
-        return self._writer.run(op, durable=False)
+        return self._prune_created_before("workers", "worker_id", (now or time.time()) - self.history.keep_s,
+                                          column="last_seen_at")
 
     # -- public API --------------------------------------------------------------------
 
