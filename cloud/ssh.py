@@ -126,14 +126,14 @@ def load_key(path: Path) -> paramiko.PKey:
     about 0.2 s of CPU each time, which a scaler provisioning a hundred workers would spend per session."""
     try:
         stat = os.stat(path)
-        return _load_key(str(path), stat.st_mtime_ns, stat.st_size)
+        return _load_key(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
     except (OSError, ValueError, TypeError, paramiko.SSHException, paramiko.UnknownKeyType) as exc:
         # Missing, not a private key, a passphrase wanted, or a type paramiko does not know.
         raise SshError(f"cannot load the SSH key {path}: {exc!r}") from exc
 
 
 @functools.lru_cache(maxsize=8)
-def _load_key(path: str, _mtime_ns: int, _size: int) -> paramiko.PKey:
+def _load_key(path: str, _inode: int, _mtime_ns: int, _size: int) -> paramiko.PKey:
     return paramiko.PKey.from_path(path)  # a failure is not cached: it is raised
 
 
