@@ -160,6 +160,10 @@ CREATE TABLE IF NOT EXISTS workers (
     last_seen_at   REAL NOT NULL,
     jobs_completed INTEGER NOT NULL DEFAULT 0
 );
+-- /stats lists the workers heard from lately; rows of workers not heard from for the history's
+-- retention period are deleted (a fleet replaced daily leaves a thousand ids a day).
+CREATE INDEX IF NOT EXISTS workers_last_seen
+    ON workers (last_seen_at);
 
 -- The scaler (cron/scale.py) on this endpoint's host: its last run and its circuit breaker.
 -- The scaler posts each run to its endpoint (PUT /internal/scaler/runs/<run>, the scaler key), which

@@ -54,6 +54,8 @@ SETTINGS: dict[str, Setting] = {
                                  "consecutive launch/provisioning failures that stop launching"),
     "breaker_cooldown": Setting("DW_BREAKER_COOLDOWN", "600", seconds(0, inclusive=True),
                                 "seconds between trial launches while the breaker is open"),
+    "provision_parallel": Setting("DW_PROVISION_PARALLEL", "32", whole(1),
+                                  "workers provisioned at once (SSH sessions in parallel)"),
     # the workers
     "provider": Setting("DW_PROVIDER", "local", choice("local", "ssh", "ec2"), "where workers run: local, ssh or ec2"),
     "idle_timeout": Setting("DW_IDLE_TIMEOUT", "60", seconds(0), "seconds a worker waits for work before it exits"),

@@ -390,7 +390,8 @@ class Scaler:
             self.unprovisioned.pop(machine.machine_id, None)
             return ready
 
-        return [machine for machine in parallel(attempt, machines) if machine is not None]
+        return [machine for machine in parallel(attempt, machines, self.args.provision_parallel)
+                if machine is not None]
 
     def _forget(self, machine: Machine) -> None:
         self.unprovisioned.pop(machine.machine_id, None)

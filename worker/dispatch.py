@@ -211,13 +211,14 @@ class Dispatcher:
             self.state.notify_all()
         return jobs
 
-    def client(self, url: str) -> EndpointClient:
-        return EndpointClient(url, self.options.worker_key, self.options.worker_id, ca_file=self.options.tls_ca)
-
     # -- claims ----------------------------------------------------------------------------
 
+    def new_client(self, url: str) -> EndpointClient:
+        """A connection of its own for one thread (a simulated fleet, bench/fleet.py, times its requests)."""
+        return EndpointClient(url, self.options.worker_key, self.options.worker_id, ca_file=self.options.tls_ca)
+
     def claim_loop(self, url: str) -> None:
-        client = self.client(url)
+        client = self.new_client(url)
         with self.state:
             self.clients[url] = client
         backoff = Backoff(cap=self.options.max_backoff)
@@ -355,7 +356,7 @@ class Dispatcher:
     # -- leases and results ----------------------------------------------------------------
 
     def keep_loop(self, url: str) -> None:
-        client = self.client(url)
+        client = self.new_client(url)
         keeper = _Keeper(self, client)
         try:
             while not self.stopping.is_set():
