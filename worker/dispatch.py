@@ -13,12 +13,16 @@ Per endpoint two threads, each with its own connection:
   whose lease merely expired is finished, as its result still counts.
 
 Jobs go to the slot with the most free lanes, so a few jobs spread over the cores (each then
-runs the scalar kernel alone), and many fill every lane.
+runs the scalar kernel alone), and many fill every lane. A job that comes with no lane free waits
+in the worker only if the lanes finish it soon (short jobs, PREFETCH_HORIZON_S); any other is
+given back at once, so that an idle worker takes it. Jobs waiting for a lane take it by turns of
+their endpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
 import threading
@@ -91,7 +95,7 @@ class DispatchOptions:
 @dataclass
 class InFlight:
     job: Job
-    slot: int | None  # None: waiting for a free lane (two claims came back at once)
+    slot: int | None  # None: waiting for a free lane (a short job taken early)
     renewing: bool = True  # False once the lease expired: finish it, but do not renew
     renew_at: float = 0.0  # monotonic: a third of the lease after the claim or the last renewal
 
@@ -133,7 +137,12 @@ class Dispatcher:
         self.finished: dict[str, list[Finished]] = {url: [] for url in options.endpoints}
         self.reserved: dict[str, int] = {url: 0 for url in options.endpoints}
         self.pending_at: dict[str, int] = {}  # what each endpoint said it still had pending
-        self.job_seconds: float | None = None  # a moving mean of the jobs' lengths in their lanes
+        # A moving mean of the seconds per iteration that jobs took in their lanes: a job's length is
+        # estimated from its iterations, so that a run of short jobs says nothing of a long one's.
+        self.iteration_seconds: float | None = None
+        self.last_iterations: dict[str, int] = {}  # of the last job claimed from each endpoint
+        self.turns = itertools.count()  # jobs waiting for a lane take it by turns of their endpoints
+        self.last_turn: dict[str, int] = {}
         self.stopping = threading.Event()
         self.last_work = time.monotonic()
         self.clients: dict[str, EndpointClient] = {}  # the claimers', to abort a waiting claim
@@ -189,18 +198,31 @@ class Dispatcher:
                 return  # cancelled meanwhile
             self.finished[flight.job.endpoint].append(Finished(flight.job, result, seconds))
             self.last_work = time.monotonic()
-            self.job_seconds = seconds if self.job_seconds is None else 0.9 * self.job_seconds + 0.1 * seconds
+            per_iteration = seconds / max(1, flight.job.iterations)
+            self.iteration_seconds = (per_iteration if self.iteration_seconds is None
+                                      else 0.9 * self.iteration_seconds + 0.1 * per_iteration)
             self.start_waiting()
             self.state.notify_all()
 
     def start_waiting(self) -> None:
-        """Jobs that came without a free lane take the lanes free now (with the state held)."""
-        for flight in self.in_flight.values():
-            if flight.slot is None and not self.stopping.is_set():
-                flight.slot = self.roomiest_slot()
+        """Jobs that came without a free lane take the lanes free now (with the state held): by turns
+        of their endpoints, each one's in the order they came, so that a batch taken early from one
+        endpoint does not hold back the jobs of another."""
+        while not self.stopping.is_set():
+            heads: dict[str, InFlight] = {}
+            for flight in self.in_flight.values():
                 if flight.slot is None:
-                    return
-                self.slots[flight.slot].send(("run", flight.job))
+                    heads.setdefault(flight.job.endpoint, flight)
+            slot = self.roomiest_slot() if heads else None
+            if slot is None:
+                return
+            flight = min(heads.values(), key=lambda waiting: self.last_turn.get(waiting.job.endpoint, -1))
+            self.start_job(flight, slot)
+
+    def start_job(self, flight: InFlight, slot: int) -> None:
+        flight.slot = slot
+        self.last_turn[flight.job.endpoint] = next(self.turns)
+        self.slots[slot].send(("run", flight.job))
 
     def slot_lost(self, index: int, pipe: SlotPipe) -> list[Job]:
         """A slot died: its jobs are no longer computed (the caller gives them back)."""
@@ -277,36 +299,60 @@ class Dispatcher:
 
     def prefetch(self, url: str) -> int:
         """Jobs taken beyond the free lanes, to wait in the worker for the next free lane: only while
-        `url` said more are pending, and only as many as the lanes finish within PREFETCH_HORIZON_S
-        at the recent job length. Short jobs then come many to a claim (a claim per job costs more
-        than the job); a long job is never held back from a worker that could start it sooner."""
-        if not self.pending_at.get(url) or self.job_seconds is None:
+        `url` said more are pending, and only as many as the lanes finish within PREFETCH_HORIZON_S,
+        if its next jobs are as long as its last one. Short jobs then come many to a claim (a claim
+        per job costs more than the job); a long job is never held back from a worker that could
+        start it sooner (and one that comes all the same is given back, see may_wait())."""
+        last = self.estimate(self.last_iterations.get(url, 0))
+        if not self.pending_at.get(url) or last is None:
             return 0
-        return min(MAX_CLAIM_JOBS, int(self.capacity() * PREFETCH_HORIZON_S / max(self.job_seconds, 1e-6)))
+        return min(MAX_CLAIM_JOBS, int(self.capacity() * PREFETCH_HORIZON_S / max(last, 1e-6)))
+
+    def estimate(self, iterations: int) -> float | None:
+        """Seconds in a lane for a job of `iterations`, from the jobs done so far (None: none done yet)."""
+        if self.iteration_seconds is None or iterations <= 0:
+            return None
+        return iterations * self.iteration_seconds
+
+    def waiting_work(self) -> float:
+        """Lane-seconds of the jobs waiting for a lane (with the state held)."""
+        return sum(self.estimate(flight.job.iterations) or 0.0 for flight in self.in_flight.values()
+                   if flight.slot is None)
 
     def unreserve(self, url: str, count: int) -> None:
         with self.state:
             self.reserved[url] -= count
 
     def run_jobs(self, client: EndpointClient, jobs: list[Job]) -> None:
-        """Into the slots with the most free lanes. A job with no free lane (claims at both
-        endpoints came back at once) waits for the next, its lease kept; jobs that came while
-        stopping are given back at once."""
+        """Into the slots with the most free lanes. A job with no free lane waits for the next, its
+        lease kept, only if the lanes finish the jobs waiting within PREFETCH_HORIZON_S (short jobs,
+        taken early on purpose); any other (claims at both endpoints came back at once, each with a
+        job for the last free lane) is given back at once, its attempt not counted, so that an idle
+        worker takes it. Jobs that came while stopping are given back at once too."""
+        surplus: list[Job] = []
         with self.state:
             if self.stopping.is_set():
                 surplus, jobs = jobs, []
-            else:
-                surplus = []
+            if jobs:
+                self.last_iterations[client.base_url] = jobs[-1].iterations
+            waiting = self.waiting_work()
             for job in jobs:
                 slot = self.roomiest_slot()
-                self.in_flight[job.key] = InFlight(job, slot)
+                if slot is None:
+                    length = self.estimate(job.iterations)
+                    if length is None or waiting + length > self.capacity() * PREFETCH_HORIZON_S:
+                        surplus.append(job)
+                        continue
+                    waiting += length
+                flight = self.in_flight[job.key] = InFlight(job, None)
                 if slot is not None:
-                    self.slots[slot].send(("run", job))
-            if jobs:
+                    self.start_job(flight, slot)
+            if len(surplus) < len(jobs):
                 self.last_work = time.monotonic()
                 self.state.notify_all()  # the keeper learns when their first renewal is due
         if surplus:
-            log.info("giving back %d job(s) from %s: stopping", len(surplus), client.base_url)
+            log.info("giving back %d job(s) from %s: %s", len(surplus), client.base_url,
+                     "stopping" if self.stopping.is_set() else "no lane free for them")
             self.give_back(client, surplus)
 
     def roomiest_slot(self) -> int | None:
