@@ -283,15 +283,19 @@ class Dispatcher:
                 self.state.wait(left)
 
     def reserve(self, url: str) -> int:
-        """Lanes for one claim: this endpoint's share of the free lanes (at least one, so that every
-        endpoint is asked even while another's claim waits), once there is a free lane. 0: stop."""
+        """Lanes for one claim: this endpoint's share of the free lanes, once there is a free lane. 0: stop.
+        At least one, so that every endpoint is asked even while another's claim waits for work; but
+        not while the claims that hold the free lanes are at endpoints that said they have work
+        pending (those claims come back with jobs at once, and a second claim's jobs would be given
+        back)."""
         with self.state:
             while not self.stopping.is_set():
                 free = self.capacity() + self.prefetch(url) - len(self.in_flight)
-                if free > 0:
+                others = {other: count for other, count in self.reserved.items() if other != url and count}
+                room = free - sum(others.values())
+                if free > 0 and (room > 0 or not any(self.pending_at.get(other) for other in others)):
                     share = -(-free // len(self.options.endpoints))
-                    others = sum(count for other, count in self.reserved.items() if other != url)
-                    want = min(MAX_CLAIM_JOBS, max(1, min(share, free - others)))
+                    want = min(MAX_CLAIM_JOBS, max(1, min(share, room)))
                     self.reserved[url] += want
                     return want
                 self.state.wait()
@@ -322,6 +326,7 @@ class Dispatcher:
     def unreserve(self, url: str, count: int) -> None:
         with self.state:
             self.reserved[url] -= count
+            self.state.notify_all()  # a claimer that waited for this claim's answer looks again
 
     def run_jobs(self, client: EndpointClient, jobs: list[Job]) -> None:
         """Into the slots with the most free lanes. A job with no free lane waits for the next, its
