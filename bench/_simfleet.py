@@ -98,11 +98,12 @@ class TimedClient(EndpointClient):
         super().__init__(base_url, worker_key, worker_id)
         self.tally = tally
 
-    def _post(self, path: str, fields: dict[str, object], timeout: float | None = None) -> tuple[int, bytes]:
+    def _post(self, path: str, fields: dict[str, object], timeout: float | None = None,
+              interruptible: bool = False) -> tuple[int, bytes]:
         started = time.perf_counter()
         failed = True
         try:
-            answer = super()._post(path, fields, timeout)
+            answer = super()._post(path, fields, timeout, interruptible)
             failed = answer[0] != 200
             return answer
         finally:

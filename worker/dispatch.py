@@ -35,6 +35,7 @@ from worker.client import (
     LEASE_HELD,
     NOT_LEASED,
     STORED,
+    ClaimCalledOff,
     EndpointClient,
     EndpointDown,
     Job,
@@ -50,6 +51,9 @@ RESULTS_LINGER_S = 0.005  # a result waits this long for others to go in the sam
 RESULTS_ENOUGH = 64  # ... unless that many wait already
 PREFETCH_HORIZON_S = 0.05  # jobs beyond the free lanes: what the lanes finish within this time
 MAX_ITEMS_PER_REQUEST = 1000  # the endpoint's bound on a batch
+# A worker whose lanes are all busy for longer than this calls off its claims at the other endpoints:
+# a claim of it woken there for new work would be a wake spent on a worker that cannot take the work.
+CALL_OFF_AFTER_S = 1.0
 # A stopping worker keeps offering its jobs back (or its results) this long to an endpoint that
 # does not answer -- one being restarted, say -- so that the leases need not expire and count.
 GIVE_BACK_PATIENCE_S = 10.0
@@ -98,6 +102,7 @@ class InFlight:
     slot: int | None  # None: waiting for a free lane (a short job taken early)
     renewing: bool = True  # False once the lease expired: finish it, but do not renew
     renew_at: float = 0.0  # monotonic: a third of the lease after the claim or the last renewal
+    started: float = 0.0  # monotonic: when it went into its lane
 
     def __post_init__(self) -> None:
         self.renew_at = time.monotonic() + self.job.lease_seconds / 3
@@ -220,7 +225,7 @@ class Dispatcher:
             self.start_job(flight, slot)
 
     def start_job(self, flight: InFlight, slot: int) -> None:
-        flight.slot = slot
+        flight.slot, flight.started = slot, time.monotonic()
         self.last_turn[flight.job.endpoint] = next(self.turns)
         self.slots[slot].send(("run", flight.job))
 
@@ -253,6 +258,11 @@ class Dispatcher:
                 try:
                     wait = 0.0 if self.stopping.is_set() else self.options.claim_wait
                     answer = client.claim(want, MAX_CLAIM_BYTES, wait, self.report())
+                except ClaimCalledOff:  # the worker filled up meanwhile: what the claim took goes back
+                    self.unreserve(url, want)
+                    self.call_off(client)
+                    client.unanswered_claim = None  # never repeated: a cancelled token takes nothing
+                    continue
                 except (EndpointDown, Rejected) as exc:
                     self.unreserve(url, want)
                     if self.stopping.is_set():
@@ -355,10 +365,26 @@ class Dispatcher:
             if len(surplus) < len(jobs):
                 self.last_work = time.monotonic()
                 self.state.notify_all()  # the keeper learns when their first renewal is due
+            calling_off = self.claims_to_call_off(client.base_url)
+        for other in calling_off:  # not under the state: it may wait for a connect in progress
+            other.call_off_claim()
         if surplus:
             log.info("giving back %d job(s) from %s: %s", len(surplus), client.base_url,
                      "stopping" if self.stopping.is_set() else "no lane free for them")
             self.give_back(client, surplus)
+
+    def claims_to_call_off(self, url: str) -> list[EndpointClient]:
+        """The claimers' clients at other endpoints than `url` whose claims are out, if no lane is free
+        nor frees within CALL_OFF_AFTER_S as far as the estimates tell (with the state held): a claim
+        woken there would wake a worker that cannot take the work, and the wake would be spent."""
+        if self.stopping.is_set() or len(self.in_flight) < self.capacity():
+            return []
+        now = time.monotonic()
+        for flight in self.in_flight.values():
+            length = self.estimate(flight.job.iterations)
+            if flight.slot is None or (length is not None and flight.started + length - now < CALL_OFF_AFTER_S):
+                return []  # short jobs: a lane frees soon, and its claimer claims again then
+        return [client for other, client in self.clients.items() if other != url and self.reserved[other]]
 
     def roomiest_slot(self) -> int | None:
         load = [0] * len(self.slots)
