@@ -61,6 +61,8 @@ class WorkerInstall:
     python: str = "python3"
     # Only for machines that are ours to end (EC2 workers): with systemd, an idle exit powers off.
     poweroff_on_idle: bool = False
+    spot: bool = False  # an EC2 Spot instance: the worker watches for its interruption notice
+    metadata_url: str = ""  # where that worker asks for it ("": the worker's default, EC2's own)
 
 
 @contextmanager
@@ -81,6 +83,10 @@ def worker_settings(install: WorkerInstall, secret_path: str = "") -> str:
         values["secret_file"] = secret_path
     if install.processes:
         values["processes"] = install.processes
+    if install.spot:
+        values["interruption_notices"] = "ec2-spot"
+    if install.metadata_url:
+        values["metadata_url"] = install.metadata_url
     return "".join(f"{name}={shlex.quote(value)}\n" for name, value in environment(WORKER_SETTINGS, values).items())
 
 

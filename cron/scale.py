@@ -111,7 +111,8 @@ def ec2_provider(args: argparse.Namespace, pins: HostKeyPins) -> Provider:
     test_addresses = [address.strip() for address in args.test_ssh_addresses.split(",") if address.strip()]
     settings = Ec2Settings(
         launch=Launch.from_state(setup, args.cluster, region.name), key_path=Path(args.ssh_key or setup["key_path"]),
-        instance_type=args.instance_type, ami=args.ami, ssh_user=args.ssh_user, ssh_timeout=args.ready_deadline,
+        instance_types=tuple(args.instance_types), market=args.market, spot_fallback=args.spot_fallback != "none",
+        metadata_url=args.worker_metadata_url, ami=args.ami, ssh_user=args.ssh_user, ssh_timeout=args.ready_deadline,
         test_addresses=tuple(test_addresses[args.endpoint_index::2]))
     return Ec2Provider(settings, lambda: worker_install(args), pins, args.node_id)
 

@@ -45,7 +45,7 @@ from cloud.ec2 import (
     wait_until,
 )
 from cloud.ssh import HostKeyPins, SshError, SshTarget, wait_for_ssh
-from cron.config import HOST_KNOBS, check_deadlines
+from cron.config import HOST_KNOBS, check_knobs
 from cron.config import SETTINGS as SCALER_SETTINGS
 from deploy.cluster import (
     AWS_DIR_SETTING,
@@ -59,6 +59,7 @@ from deploy.cluster import (
     settings_for,
 )
 from deploy.destroy import destroy_summary, left_running, remove_resources, terminate_cluster
+from deploy.iam import ensure_spot_role
 from deploy.install import EndpointInstall, InstallError, ensure_remote_python, install_endpoint, wheelhouse_for
 from endpoint.config import OPTIONS as ENDPOINT_SETTINGS
 
@@ -106,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="terminate every instance of the cluster, then remove what setup created")
     args = parser.parse_args(argv)
     check_settings(parser, SETTINGS, args)
-    check_deadlines(parser, args)
+    check_knobs(parser, args)
     args.state_file = args.state_file or f"{args.aws_dir}/{args.cluster}.json"
     return args
 
@@ -305,15 +306,19 @@ def provision_endpoints(args: argparse.Namespace, setup: dict, secret: str, inst
 
 def deploy(args: argparse.Namespace, setup: dict, region: Region) -> None:
     announce(f"deploying cluster {args.cluster} in {region.name} (region from {region.source})")
+    if args.market == "spot":
+        ensure_spot_role(make_clients(region.name)[1])
     secret = secret_for(args)
     instances = start_endpoints(args, client("ec2", region.name), setup)
     public = provision_endpoints(args, setup, secret, instances)
     url_a, url_b = (f"http://{public[node]}:{setup.get('http_port', 5000)}" for node in NODES)
+    types = ", ".join(args.instance_types)
     print(f"""
 dynamic-workload runs on EC2 (cluster {args.cluster}, region {region.name}):
   endpoint a  {url_a}   ({instances['a']['InstanceId']})
   endpoint b  {url_b}   ({instances['b']['InstanceId']})
-  workers     launched by the scalers' cron (up to {args.max_workers}); they power off after {args.idle_timeout:g}s idle
+  workers     launched by the scalers' cron (up to {args.max_workers}; {args.market}: {types}); they power off after
+              {args.idle_timeout:g}s idle
 
 Try it:
   curl -X PUT "{url_a}/enqueue?iterations=10" -d "data=Hello"
