@@ -34,7 +34,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
@@ -187,6 +187,26 @@ class Hearing:
 
     seconds_since: dict[str, float]
     from_both: bool  # False: the peer did not answer; this is this endpoint's view alone
+    # Workers that said they are leaving (a Spot interruption; endpoint/departures.py), from either endpoint.
+    leaving: dict[str, Leaving] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Leaving:
+    reason: str
+    left: bool  # it gave back or finished its jobs and exited
+    seconds_left: float  # until its instance is taken
+
+
+def leaving_of(answers: list[dict]) -> dict[str, Leaving]:
+    """What the endpoints heard of workers leaving; a worker that left at either one has left."""
+    found: dict[str, Leaving] = {}
+    for stats in answers:
+        for worker_id, said in stats.get("leaving", {}).items():
+            earlier = found.get(worker_id)
+            found[worker_id] = Leaving(said["reason"], said["left"] or bool(earlier and earlier.left),
+                                       min(said["seconds_left"], earlier.seconds_left if earlier else float("inf")))
+    return found
 
 
 @dataclass(frozen=True)
@@ -197,8 +217,9 @@ class Fleet:
     in_doubt: frozenset[str] = frozenset()
 
 
-# What reconcile does with a worker.
-KEEP, PROVISION, TERMINATE, PROBE = "keep", "provision", "terminate", "probe"
+# What reconcile does with a worker. GONE: it is leaving (a Spot interruption), so it counts neither
+# as capacity nor against the cap, and is left to finish what it can before its instance is taken.
+KEEP, PROVISION, TERMINATE, PROBE, GONE = "keep", "provision", "terminate", "probe", "gone"
 
 
 def host_answers(machine: Machine, timeout: float = 3.0) -> bool:
@@ -266,12 +287,15 @@ class Scaler:
             for worker in stats["workers"]:
                 ago = worker["last_seen_s_ago"]
                 heard[worker["id"]] = min(ago, heard.get(worker["id"], ago))
-        return Hearing(heard, from_both=not self.args.peer or len(answers) == 2)
+        return Hearing(heard, from_both=not self.args.peer or len(answers) == 2, leaving=leaving_of(answers))
 
     def verdict(self, machine: Machine, now: float, hearing: Hearing | None) -> tuple[str, str]:
         """What to do with one worker, and why.
 
-        A ready worker that no endpoint heard from for --silence-deadline is dead or hung. While the
+        A worker that said it is leaving (its Spot instance is being taken) is GONE: neither capacity
+        nor counted against the cap, so that a replacement is launched now; once it left (or its time
+        is up) its instance is terminated. A ready worker that no endpoint heard from for
+        --silence-deadline is dead or hung. While the
         peer does not answer, only this endpoint's view is there, and a live worker may be serving
         the peer alone (cut off from this host, not from the peer). Its host is asked then: if it
         answers here, so would its worker -- a worker that can reach this endpoint and says nothing
@@ -287,6 +311,11 @@ class Scaler:
             return (PROVISION, "") if machine.owner == args.node_id else (KEEP, "")
         if hearing is None:
             return KEEP, ""
+        leaving = hearing.leaving.get(machine.machine_id)
+        if leaving is not None:
+            if leaving.left or leaving.seconds_left <= 0:
+                return TERMINATE, f"{leaving.reason}: its worker gave back or finished its jobs and left"
+            return GONE, ""
         silent = min(age, hearing.seconds_since.get(machine.machine_id, age))
         if silent <= args.silence_deadline:
             return KEEP, ""
@@ -312,6 +341,9 @@ class Scaler:
                             "%.0fs (--partition-deadline) unless heard from", machine.machine_id, reason,
                             self.args.partition_deadline)
         kept = [machine for machine in machines if verdicts[machine.machine_id][0] in (KEEP, PROBE)]
+        gone = [machine.machine_id for machine in machines if verdicts[machine.machine_id][0] == GONE]
+        if gone:
+            log.info("leaving (Spot interruption), counted as gone: %s", ", ".join(gone))
         for machine in machines:
             action, reason = verdicts[machine.machine_id]
             if action == TERMINATE and not self._terminate(machine, reason):

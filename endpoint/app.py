@@ -1,7 +1,8 @@
 """The endpoint's HTTP API: Bottle routes, each a plain function.
 
 Public (clients, unauthenticated):   PUT /enqueue, POST /pullCompleted, GET /work/<id>, GET /stats
-Worker (the worker key):             POST /internal/claim, /internal/work/<id>/{renew,release,result}
+Worker (the worker key):             POST /internal/claim, /internal/work/<id>/{renew,release,result},
+                                     /internal/leaving (endpoint/departures.py)
 Peer (the peer key):                 POST /internal/peer/take-completed, /internal/peer/give-back,
                                      GET /internal/peer/work/<id>
 Both keys are derived from the cluster secret (endpoint/secret.py); neither opens the other's routes.
@@ -27,6 +28,8 @@ from typing import Any
 import bottle
 from bottle import HTTPError, HTTPResponse, request, response
 
+from endpoint.departures import Departures
+from endpoint.departures import add_routes as add_departure_routes
 from endpoint.inputs import InputError, payload_from, positive_int, query_params
 from endpoint.peer import Peer, PeerUnavailable
 from endpoint.pulls import DELIVERY_TOKEN_PATTERN, DeliveryInProgress, Pulled, Pulls
@@ -182,6 +185,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
              instance_id: str = "") -> bottle.Bottle:
     """`secret` is the cluster secret; callers present the key derived from it for their role."""
     app = JsonBottle()
+    departures = Departures()  # workers that said they are leaving (Spot interruptions)
 
     def client_errors(route: Callable[..., Any]) -> Callable[..., Any]:
         """Turn input and store errors into their HTTP answers."""
@@ -299,11 +303,12 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         detailed = details_allowed()
         figures = store.stats(window)
         figures["workers_heard_from"] = len(figures["workers"])
+        departures.annotate(figures)
         figures["instance_id"] = instance_id or None
         if not detailed:
             # The public view: counts, not names. Worker ids (instance ids) and the scaler's last
             # error (addresses, SSH and EC2 messages) are for the endpoints and their scalers.
-            del figures["workers"]
+            del figures["workers"], figures["leaving"]
             if figures["scaler"]:
                 del figures["scaler"]["last_error"]
         return json_response(figures)
@@ -382,6 +387,8 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         if answer is LeaseAnswer.COMPLETED:
             return json_response({"stored": False})  # the first result stored wins; a repeat is no error
         return lease_answer(work_id, answer, {"stored": True})
+
+    add_departure_routes(app, departures, worker_only, client_errors, worker_request)
 
     # -- peer API ------------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ def read_worker_key(secret_file: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s worker: %(message)s")
-    same = ("worker_id", "processes", "idle_timeout", "poll_interval", "exit_command", "submit_patience")
+    same = ("worker_id", "processes", "idle_timeout", "poll_interval", "exit_command", "submit_patience",
+            "interruption_notices", "metadata_url", "notice_interval")
     options = WorkerOptions(endpoints=tuple(args.endpoints), worker_key=read_worker_key(args.secret_file),
                             **{name: getattr(args, name) for name in same})
     return run_worker(options)

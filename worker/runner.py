@@ -23,7 +23,8 @@ from multiprocessing.synchronize import Event
 from types import FrameType
 
 from worker.client import HTTP_TIMEOUT_S, LEASE_HELD, MOVED_ON, EndpointClient, EndpointDown, Job, Rejected
-from worker.hashing import work
+from worker.hashing import CHECK_EVERY, work
+from worker.interruption import Drain, Metadata, Notice, Progress, Watcher, announce
 
 log = logging.getLogger("worker")
 
@@ -48,6 +49,9 @@ class WorkerOptions:
     # the endpoint has long re-leased the item, and a worker stuck on a dead endpoint would
     # never go idle (and never stop costing money).
     submit_patience: float = 3600.0
+    interruption_notices: str = "off"  # ec2-spot: watch for a Spot interruption notice (worker/interruption.py)
+    metadata_url: str = "http://169.254.169.254"
+    notice_interval: float = 5.0
 
 
 class Backoff:
@@ -76,8 +80,9 @@ class _Slot:
     """The loop of one slot process."""
 
     def __init__(self, index: int, options: WorkerOptions, stop: Event, busy: SynchronizedArray,
-                 last_work: SynchronizedArray) -> None:
+                 last_work: SynchronizedArray, drain: Drain) -> None:
         self.index = index
+        self.drain = drain
         self.options = options
         self.stop = stop
         self.busy = busy
@@ -93,7 +98,7 @@ class _Slot:
 
     def run(self) -> None:
         while not self.should_stop():
-            claimed = self.claim_next()
+            claimed = None if self.drain.active() else self.claim_next()  # INTERRUPTION HOOK: no claims
             if claimed is None:
                 self.stop.wait(self.options.poll_interval * random.uniform(0.8, 1.2))
                 continue
@@ -135,14 +140,24 @@ class _Slot:
         renewer = threading.Thread(target=self.keep_lease, args=(job, lease_lost, done), daemon=True)
         renewer.start()
         started = time.perf_counter()
+        # INTERRUPTION HOOK: once a Spot notice came, a job that cannot end in time goes back.
+        progress = Progress(job.iterations, CHECK_EVERY)
+
+        def cancelled() -> bool:
+            progress.advanced()
+            return lease_lost.is_set() or self.should_stop() or self.drain.gives_up(progress)
+
         try:
-            result = work(job.payload, job.iterations, lambda: lease_lost.is_set() or self.should_stop())
+            result = work(job.payload, job.iterations, cancelled)
         finally:
             done.set()
             renewer.join()
         duration = time.perf_counter() - started
         if result is None:
             if not lease_lost.is_set():
+                if self.drain.active():
+                    log.info("slot %d: giving %s back: it cannot finish before the interruption", self.index,
+                             job.work_id)
                 self.give_back(client, job)
             return
         self.submit(client, job, result, duration)
@@ -231,13 +246,13 @@ class _Slot:
 
 
 def _run_slot(index: int, options: WorkerOptions, stop: Event, busy: SynchronizedArray,
-              last_work: SynchronizedArray, log_level: int) -> None:
+              last_work: SynchronizedArray, drain: Drain, log_level: int) -> None:
     # Ctrl-C and a group-wide SIGTERM reach every process; the supervisor alone decides
     # when slots stop (and a slot whose supervisor died notices by itself).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s worker[{index}]: %(message)s")
-    _Slot(index, options, stop, busy, last_work).run()
+    _Slot(index, options, stop, busy, last_work, drain).run()
 
 
 def run_worker(options: WorkerOptions) -> int:
@@ -251,10 +266,12 @@ def run_worker(options: WorkerOptions) -> int:
     # must not end a worker early or keep it past its idle timeout.
     last_work = context.Array("d", [time.monotonic()] * options.processes)
     log_level = logging.getLogger().getEffectiveLevel()
+    drain = Drain(context.Value("d", 0.0))  # INTERRUPTION HOOK: set by a Spot notice
+    notices = watch_for_interruption(options, drain)
 
     def start_slot(index: int) -> multiprocessing.process.BaseProcess:
         process = context.Process(
-            target=_run_slot, args=(index, options, stop, busy, last_work, log_level),
+            target=_run_slot, args=(index, options, stop, busy, last_work, drain, log_level),
             name=f"slot-{index}", daemon=True,
         )
         process.start()
@@ -283,9 +300,9 @@ def run_worker(options: WorkerOptions) -> int:
                 log.error("slot %d exited with code %s; restarting it", index, process.exitcode)
                 busy[index] = 0
                 slots[index] = start_slot(index)
-        idle_for = time.monotonic() - max(last_work[:])
-        if not any(busy[:]) and idle_for >= options.idle_timeout:
-            log.info("no work from any endpoint for %.0fs: exiting", idle_for)
+        finished = why_finished(options, busy, last_work, drain)
+        if finished:
+            log.info("%s: exiting", finished)
             break
     stop.set()
     # Slots finish what they hold first: a claim in flight, then giving the job back.
@@ -295,9 +312,38 @@ def run_worker(options: WorkerOptions) -> int:
         if process.is_alive():
             log.error("slot %s did not stop within %.0fs: killing it", process.name, SLOT_STOP_GRACE_S)
             process.kill()
+    if notices:  # INTERRUPTION HOOK: the scalers may terminate the instance now
+        announce(options.endpoints, options.worker_key, options.worker_id, notices[0], left=True)
     if status == 0 and options.exit_command:
         run_exit_command(options.exit_command)
     return status
+
+
+def why_finished(options: WorkerOptions, busy: SynchronizedArray, last_work: SynchronizedArray,
+                 drain: Drain) -> str:
+    """Why the worker is done ("": it is not): idle long enough, or interrupted and all slots done."""
+    if any(busy[:]):
+        return ""
+    if drain.active():  # INTERRUPTION HOOK
+        return "interrupted: what could finish is posted, the rest given back"
+    idle_for = time.monotonic() - max(last_work[:])
+    return f"no work from any endpoint for {idle_for:.0f}s" if idle_for >= options.idle_timeout else ""
+
+
+def watch_for_interruption(options: WorkerOptions, drain: Drain) -> list[Notice]:
+    """On a Spot instance: a thread that starts the drain at the notice (and tells the endpoints);
+    the list holds the notice once it came."""
+    notices: list[Notice] = []
+    if options.interruption_notices != "ec2-spot":
+        return notices
+
+    def on_notice(notice: Notice) -> None:
+        drain.begin(notice)
+        notices.append(notice)
+        announce(options.endpoints, options.worker_key, options.worker_id, notice, left=False)
+
+    Watcher(Metadata(options.metadata_url), options.notice_interval, on_notice, threading.Event()).start()
+    return notices
 
 
 def run_exit_command(command: str) -> None:
