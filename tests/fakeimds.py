@@ -46,6 +46,11 @@ class Metadata:
                 {"action": "terminate", "time": stamp}).encode()
         return deadline
 
+    def calm(self, address: str = "*") -> None:
+        """No notice for `address` any more (a new instance at that address)."""
+        with self.lock:
+            self.notices.pop(address, None)
+
     def expire_tokens(self) -> None:
         with self.lock:
             self.tokens.clear()
