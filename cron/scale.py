@@ -41,6 +41,7 @@ from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
 from cloud.aws import API_ERRORS, ClusterUsageError, check_state_cluster, read_state, resolve_region
 from cloud.ssh import HostKeyPins
 from cron.config import parse_args
+from cron.fleet_report import report_fleet
 from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide
 from cron.providers import Machine, Provider, ProviderError
 from cron.providers.local import LocalProvider
@@ -253,6 +254,7 @@ class Scaler:
         window = args.partition_deadline + 60
         peer_stats = fetch_stats(args.peer, self.endpoint_key, window) if args.peer else None
         self.known = self.provider.list()
+        listed = list(self.known)
         fleet = self.reconcile(self.known, self._hearing(peer_stats, window))
         self.known = fleet.machines
         decision = decide(cluster_view(own_stats, peer_stats, fleet, args.node_id), self.policy)
@@ -267,6 +269,9 @@ class Scaler:
         self.state.record_run(summary, breaker_open=allowance == 0)
         if launch:
             self.launch(launch)
+        # For the cost in /stats: what ran at the start of the run, and what it launched.
+        seen = {machine.machine_id: machine for machine in listed + self.known}
+        report_fleet(args.url, self.endpoint_key, list(seen.values()), args.provider)
         return decision
 
     def _own_queue(self) -> dict:

@@ -4,7 +4,8 @@ Public (clients, unauthenticated):   PUT /enqueue, POST /pullCompleted, GET /wor
 Worker (the worker key):             POST /internal/claim, /internal/work/<id>/{renew,release,result},
                                      /internal/leaving (endpoint/departures.py)
 Peer (the peer key):                 POST /internal/peer/take-completed, /internal/peer/give-back,
-                                     GET /internal/peer/work/<id>
+                                     GET /internal/peer/work/<id>; the scalers: PUT /internal/fleet
+                                     (endpoint/usage.py)
 Both keys are derived from the cluster secret (endpoint/secret.py); neither opens the other's routes.
 
 Every error is JSON {"error": "..."} with a 4xx status for anything a client sent wrong. A write
@@ -32,6 +33,7 @@ from endpoint.departures import Departures
 from endpoint.departures import add_routes as add_departure_routes
 from endpoint.inputs import InputError, payload_from, positive_int, query_params
 from endpoint.peer import Peer, PeerUnavailable
+from endpoint.prices import PriceTable
 from endpoint.pulls import DELIVERY_TOKEN_PATTERN, DeliveryInProgress, Pulled, Pulls
 from endpoint.secret import peer_key, worker_key
 from endpoint.store import (
@@ -45,6 +47,7 @@ from endpoint.store import (
     StoreUnavailable,
     owner_of,
 )
+from endpoint.usage import add_routes as add_usage_routes
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +185,11 @@ def store_unavailable(exc: Exception) -> HTTPResponse:
 
 
 def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None,
-             instance_id: str = "") -> bottle.Bottle:
+             instance_id: str = "", prices: PriceTable | None = None) -> bottle.Bottle:
     """`secret` is the cluster secret; callers present the key derived from it for their role."""
     app = JsonBottle()
     departures = Departures()  # workers that said they are leaving (Spot interruptions)
+    usage = store.usage(prices or PriceTable())  # what the worker machines cost
 
     def client_errors(route: Callable[..., Any]) -> Callable[..., Any]:
         """Turn input and store errors into their HTTP answers."""
@@ -304,6 +308,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         figures = store.stats(window)
         figures["workers_heard_from"] = len(figures["workers"])
         departures.annotate(figures)
+        figures["usage"] = usage.figures()
         figures["instance_id"] = instance_id or None
         if not detailed:
             # The public view: counts, not names. Worker ids (instance ids) and the scaler's last
@@ -389,6 +394,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
         return lease_answer(work_id, answer, {"stored": True})
 
     add_departure_routes(app, departures, worker_only, client_errors, worker_request)
+    add_usage_routes(app, usage, peer_only, client_errors)
 
     # -- peer API ------------------------------------------------------------------------
 

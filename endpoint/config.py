@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from cli.settings import Setting, add_settings, check_settings, environment, read_environment
+from endpoint.prices import Price, price_entry
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Settings:
     retention_days: float
     log_level: str
     instance_id: str
+    prices: list[Price]
 
     @property
     def db_path(self) -> str:
@@ -74,6 +76,9 @@ OPTIONS: dict[str, Setting] = {
     "instance_id": Setting("DW_INSTANCE_ID", "", str,
                            "any id for this run, reported in GET /stats, so that whoever started it can tell it is "
                            "this process that answers (./deploy.sh local passes a fresh random one)"),
+    "prices": Setting("DW_PRICES", "", price_entry,
+                      "a worker machine's price for the cost estimate in GET /stats, USD per hour: TYPE=USD "
+                      "(On-Demand) or TYPE/spot=USD; the defaults are us-east-1's (README)", many=True),
 }
 
 

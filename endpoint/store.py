@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from endpoint.prices import PriceTable
+from endpoint.usage import Usage
 from endpoint.writer import (
     DEFAULT_WAIT_S,
     DiskFull,
@@ -287,6 +289,10 @@ class Store:
             target=self._maintain, args=(maintenance_interval,), name="store-maintenance", daemon=True
         )
         self._maintenance.start()
+
+    def usage(self, prices: PriceTable) -> Usage:
+        """The worker machines' seconds and cost (endpoint/usage.py), kept in this file by its writer."""
+        return Usage(self._writer, self._reader, prices)
 
     # -- lifecycle ---------------------------------------------------------------------
 

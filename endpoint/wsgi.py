@@ -17,6 +17,7 @@ from endpoint.bridge import STOP_READING, ReadLimits, RequestReader
 from endpoint.config import from_env
 from endpoint.inputs import FORM_OVERHEAD_BYTES
 from endpoint.peer import Peer
+from endpoint.prices import PriceTable
 from endpoint.secret import peer_key, read_secret
 from endpoint.server import held_data_lock
 from endpoint.store import Store
@@ -39,7 +40,7 @@ def create_app() -> RequestReader:
     limits = Limits(settings.max_payload_bytes, settings.max_iterations, settings.max_top)
     log.info("endpoint %s serving on http://%s:%d (db %s, peer %s)", settings.node_id, settings.host,
              settings.port, store.path, settings.peer or "none")
-    app = make_app(store, secret, limits, peer, settings.instance_id)
+    app = make_app(store, secret, limits, peer, settings.instance_id, PriceTable(settings.prices))
     read_limits = ReadLimits(settings.max_payload_bytes + FORM_OVERHEAD_BYTES, settings.body_timeout)
     return RequestReader(app, read_limits, settings.threads)
 

@@ -285,6 +285,13 @@ def test_an_interrupted_spot_worker_gives_back_its_job_and_the_scaler_replaces_i
         assert a.work(work_id).json()["worker_id"] == replacement["InstanceId"]
         time.sleep(0.5)
         assert a.pull(10) == []  # nothing twice
+    # Both Spot instances are in the cost the endpoint reports, from their launch on.
+    (spot_usage,) = a.stats(public=True)["usage"]["last_hour"]["by_type"]
+    assert (spot_usage["market"], spot_usage["instance_type"]) == ("spot", "t3.micro")
+    since_first = time.time() - spot["LaunchTime"].timestamp()
+    since_second = time.time() - replacement["LaunchTime"].timestamp()
+    assert since_first - 10 < spot_usage["worker_seconds"] <= since_first + since_second + 1
+    assert spot_usage["usd_per_hour"] == pytest.approx(0.0104 * 0.4)
 
 
 def test_a_leaving_worker_counts_neither_as_capacity_nor_against_the_cap(
