@@ -50,7 +50,8 @@ SETTINGS: dict[str, Setting] = {
                            "seconds the oldest pending item waits before the backlog counts (not on an empty cluster)"),
     "target_drain": Setting("DW_TARGET_DRAIN", "30", seconds(0), "seconds to drain the backlog in"),
     "max_launch_per_tick": Setting("DW_MAX_LAUNCH_PER_TICK", "4", whole(0), "launches per run; 0: reconcile only"),
-    "slots_per_worker": Setting("DW_SLOTS_PER_WORKER", "1", whole(1), "jobs one worker runs at once (its vCPUs)"),
+    "slots_per_worker": Setting("DW_SLOTS_PER_WORKER", "1", whole(1),
+                                "jobs one worker runs at once (its vCPUs); ec2: of a type whose vCPUs are not known"),
     "default_job_duration": Setting("DW_DEFAULT_JOB_DURATION", "1", seconds(0),
                                     "seconds a job is assumed to take until jobs were measured"),
     # reconcile and the circuit breaker

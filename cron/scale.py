@@ -34,7 +34,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
@@ -42,6 +42,7 @@ from cloud.aws import API_ERRORS, ClusterUsageError, check_state_cluster, read_s
 from cloud.ssh import HostKeyPins
 from cron.config import parse_args
 from cron.fleet_report import report_fleet
+from cron.instance_types import mean_slots
 from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide
 from cron.providers import Machine, Provider, ProviderError
 from cron.providers.local import LocalProvider
@@ -257,7 +258,8 @@ class Scaler:
         listed = list(self.known)
         fleet = self.reconcile(self.known, self._hearing(peer_stats, window))
         self.known = fleet.machines
-        decision = decide(cluster_view(own_stats, peer_stats, fleet, args.node_id), self.policy)
+        policy = replace(self.policy, slots_per_worker=self.slots_per_worker(fleet.machines))
+        decision = decide(cluster_view(own_stats, peer_stats, fleet, args.node_id), policy)
         state = self.state.load()
         allowance, breaker_status = self.breaker.allowance(state, time.time())
         launch = decision.launch if allowance is None else min(decision.launch, allowance)
@@ -273,6 +275,14 @@ class Scaler:
         seen = {machine.machine_id: machine for machine in listed + self.known}
         report_fleet(args.url, self.endpoint_key, list(seen.values()), args.provider)
         return decision
+
+    def slots_per_worker(self, machines: list[Machine]) -> float:
+        """The jobs a worker runs at once, from the fleet's instance types (cron/instance_types.py), or on
+        an empty fleet what a worker of the first type brings; off EC2, --slots-per-worker."""
+        if self.args.provider != "ec2":
+            return self.args.slots_per_worker
+        types = [machine.instance_type for machine in machines] or self.args.instance_types[:1]
+        return mean_slots(types, self.args.worker_processes, self.args.slots_per_worker)
 
     def _own_queue(self) -> dict:
         conn = open_read_only(self.args.db)

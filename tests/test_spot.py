@@ -45,6 +45,7 @@ from cloud.ec2 import ON_DEMAND, SPOT, Ec2Error, Launch, Offer, offers_for
 from cloud.ssh import REMOTE_DIR_NAME
 from conftest import WORKER_AUTH, Services, drain, reference, wait_for
 from cron.config import parse_args
+from cron.instance_types import slots_of, vcpus
 from cron.scale import Scaler, make_provider
 from cron.state import StateStore
 
@@ -309,3 +310,35 @@ def test_a_leaving_worker_counts_neither_as_capacity_nor_against_the_cap(
     live = cluster_instances(cloud.ec2, LIVE)
     assert len(live) == 2 and first["InstanceId"] in {i["InstanceId"] for i in live}, run.log()
     assert "counted as gone" in run.log()
+
+
+# --- the slots each type brings ----------------------------------------------------------------------
+
+def test_the_vcpus_of_a_type_are_its_slots_until_workers_report_theirs() -> None:
+    assert [vcpus(name) for name in ("c7i.large", "m7i.xlarge", "c6a.4xlarge", "r7i.medium")] == [2, 4, 16, 1]
+    assert [vcpus(name) for name in ("t3.micro", "t2.micro", "t3.2xlarge", "c7i.metal-24xl")] == [2, 1, 8, None]
+    assert slots_of("c7i.xlarge", worker_processes=0, configured=1) == 4
+    assert slots_of("c7i.xlarge", worker_processes=3, configured=1) == 3  # --worker-processes decides
+    assert slots_of("c7i.metal-24xl", worker_processes=0, configured=5) == 5  # unknown: the configured one
+
+
+def test_the_scaler_sizes_the_fleet_by_the_slots_of_its_types(cloud: Cloud, scalers: Scalers,  # noqa: F811
+                                                              services: Services, monkeypatch: pytest.MonkeyPatch,
+                                                              host_network: HostNetwork) -> None:  # noqa: F811
+    a = services.endpoint("a", host=host_network.gateway)
+    enqueue_backlog(a, 8, iterations=1000)
+    # 8 pending jobs of 1 s to drain in 1 s: 8 slots. Decide only (no launch): 0 per tick.
+    flags = {"max_workers": 8, "max_launch_per_tick": 0, "worker_processes": 0, "slots_per_worker": 1}
+    addresses = ["10.231.0.10"]  # never used: nothing is launched
+    scaler = in_process_scaler(scalers, a, addresses, monkeypatch, instance_types="c7i.xlarge", **flags)
+    assert scaler.provider.settings.instance_types == ("t3.micro", "c7i.xlarge")  # test_scale's t3.micro first
+    assert scaler.run_once().needed == 4  # an empty fleet: what the first type, t3.micro (2 vCPUs), brings
+
+    # Two ready workers of 8 vCPUs each: 16 slots, so one worker is enough.
+    tags = [{"Key": key, "Value": value} for key, value in {"dw:cluster": CLUSTER, "dw:role": "worker",
+                                                          "dw:owner": "a", "dw:ready": "now"}.items()]
+    cloud.ec2.run_instances(ImageId=AMI, InstanceType="c7i.2xlarge", MinCount=2, MaxCount=2,
+                            TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])
+    assert scaler.run_once().needed == 1
+    one_process = in_process_scaler(scalers, a, addresses, monkeypatch, **{**flags, "worker_processes": 1})
+    assert one_process.run_once().needed == 8  # one job at a time per worker, whatever the type
