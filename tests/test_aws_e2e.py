@@ -5,7 +5,9 @@ venv install, the endpoint service, the scaler's crontab entry, the workers, the
 setup.sh aws -> deploy.sh aws (two endpoints provisioned over SSH) -> a burst of jobs -> both
 scalers run (as their crontab entry would) and launch and provision workers over SSH -> all
 results equal the reference -> idle workers run their exit action (a harmless stand-in for
-the poweroff) -> the scalers see them gone and terminate them -> deploy.sh aws --destroy.
+the poweroff) -> the scalers see them gone and terminate them -> deploy.sh aws --destroy. Once
+On-Demand, once with --market spot (moto records Spot instances; no interruption here, see
+tests/test_spot.py).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def run_scaler(host: FakeHost) -> subprocess.Popen[str]:
 
 
 @pytest.mark.slow
-def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("market", ["on-demand", "spot"])
+def test_setup_deploy_scale_and_destroy(market: str, tmp_path: Path) -> None:
     require_root()
     with HostNetwork(tmp_path / "hosts") as network:
         moto = MotoServer(tmp_path, host=network.gateway)
@@ -74,6 +77,7 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
                 # entry is written to a file and run by this test
                 "DW_SERVICE_MANAGER": "process", "DW_CRON_INSTALL": "file",
                 "DW_MAX_WORKERS": "2", "DW_SLOTS_PER_WORKER": "1", "DW_SCALE_AFTER": "0", "DW_IDLE_TIMEOUT": "4",
+                "DW_MARKET": market, "DW_INSTANCE_TYPES": "c7i.large,c6i.large",
                 "DW_SILENCE_DEADLINE": "3", "DW_READY_DEADLINE": "60",
                 "DW_WORKER_EXIT_COMMAND": "touch idle-exit-ran",  # the harmless stand-in for a poweroff
                 # test-only settings: the fake instances' addresses, and moto for the hosts' scalers
@@ -120,6 +124,12 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
             launched = live_instances(ec2, "worker")
             assert 1 <= len(launched) <= 2, outputs
             assert all(any(tag["Key"] == "dw:ready" for tag in instance["Tags"]) for instance in launched), outputs
+            assert {instance["InstanceType"] for instance in launched} == {"c7i.large"}
+            lifecycle = {instance.get("InstanceLifecycle", "on-demand") for instance in launched}
+            assert lifecycle == {market}, outputs
+            if market == "spot":  # the deploy made the account's Spot role, with the operator's credentials
+                roles = moto.client("iam").list_roles(PathPrefix="/aws-service-role/spot.amazonaws.com/")["Roles"]
+                assert roles and "AWSServiceRoleForEC2Spot" in deployed.stdout
             for host in endpoints:  # the crontab line's log, opened by its shell
                 assert modes(host, "var/log/scaler.log") == [0o600]
 
@@ -138,6 +148,9 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
             launched_hosts = [host for host in workers
                               if (host.root_dir / "dynamic-workload" / "worker.env").exists()]
             assert len(launched_hosts) == len(launched)
+            for host in launched_hosts:  # a Spot worker watches for its interruption notice; no other does
+                settings = (host.root_dir / "dynamic-workload" / "worker.env").read_text()
+                assert ("DW_INTERRUPTION_NOTICES=ec2-spot" in settings) == (market == "spot")
             for host in launched_hosts:
                 assert modes(host, "worker.log", "worker.pid", "secret") == [0o600, 0o600, 0o600]
             wait_for(lambda: all((host.root_dir / "dynamic-workload" / "idle-exit-ran").exists()
@@ -150,6 +163,12 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
                 return not live_instances(ec2, "worker")
 
             wait_for(workers_terminated, timeout=60, what="the scalers to terminate the idle workers")
+            # What they cost, as either endpoint reports it from the scalers' listings.
+            for url in urls:
+                usage = requests.get(f"{url}/stats", timeout=10).json()["usage"]["last_hour"]
+                assert [(entry["market"], entry["instance_type"]) for entry in usage["by_type"]] == [
+                    (market, "c7i.large")]
+                assert usage["worker_seconds"] >= 60 * len(launched) and usage["estimated_usd"] > 0
 
             # destroy leaves nothing of the cluster
             run_script(["./deploy.sh", "aws", "--destroy"], env)
