@@ -139,6 +139,9 @@ def check_instance_types(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error(f"--instance-types names {', '.join(twice)} more than once")
     if args.spot_fallback != "none" and args.market != "spot":
         parser.error(f"--spot-fallback {args.spot_fallback} is for --market spot (the market is {args.market})")
+    provider = getattr(args, "provider", "ec2")  # the deploy's workers are EC2 instances
+    if args.market == "spot" and provider != "ec2":
+        parser.error(f"--market spot is for --provider ec2 (the provider is {provider})")
 
 
 def check_deadlines(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

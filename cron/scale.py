@@ -326,7 +326,9 @@ class Scaler:
             return (PROVISION, "") if machine.owner == args.node_id else (KEEP, "")
         if hearing is None:
             return KEEP, ""
-        leaving = hearing.leaving.get(machine.machine_id)
+        # Only a Spot instance is taken back: any worker may say that it is leaving (they share the
+        # worker key), but none can so have an On-Demand one terminated.
+        leaving = hearing.leaving.get(machine.machine_id) if machine.market == "spot" else None
         if leaving is not None:
             if leaving.left or leaving.seconds_left <= 0:
                 return TERMINATE, f"{leaving.reason}: its worker gave back or finished its jobs and left"

@@ -295,20 +295,28 @@ def test_an_interrupted_spot_worker_gives_back_its_job_and_the_scaler_replaces_i
     assert spot_usage["usd_per_hour"] == pytest.approx(0.0104 * 0.4)
 
 
-def test_a_leaving_worker_counts_neither_as_capacity_nor_against_the_cap(
-        services: Services, host_network: HostNetwork, cloud: Cloud, scalers: Scalers) -> None:  # noqa: F811
+@pytest.mark.parametrize("market", ["spot", "on-demand"])
+def test_a_leaving_spot_worker_counts_neither_as_capacity_nor_against_the_cap(
+        market: str, services: Services, host_network: HostNetwork, cloud: Cloud,  # noqa: F811
+        scalers: Scalers) -> None:  # noqa: F811
     a = services.endpoint("a", host=host_network.gateway)
     enqueue_backlog(a, 2)
     hosts = fake_hosts(host_network, 4, cloud.public_key)  # scaler a takes every other address: two
-    options = {"addresses": [host.address for host in hosts], "max_workers": 1}
+    options = {"addresses": [host.address for host in hosts], "max_workers": 1, "market": market}
     scalers.run(a, **options)
     (first,) = cluster_instances(cloud.ec2, LIVE)
     # Its notice says 90 s: it still works, but a replacement is launched now, within the cap.
-    requests.post(f"{a.url}/internal/leaving", headers=WORKER_AUTH, timeout=10, json={
-        "worker": first["InstanceId"], "reason": "spot-interruption", "seconds_left": 90, "left": False})
+    said = {"worker": first["InstanceId"], "reason": "spot-interruption", "seconds_left": 90, "left": False}
+    assert requests.post(f"{a.url}/internal/leaving", headers=WORKER_AUTH, json=said, timeout=10).status_code == 200
     run = scalers.run(a, **options)
-    live = cluster_instances(cloud.ec2, LIVE)
-    assert len(live) == 2 and first["InstanceId"] in {i["InstanceId"] for i in live}, run.log()
+    live = {instance["InstanceId"] for instance in cluster_instances(cloud.ec2, LIVE)}
+    if market == "on-demand":  # any worker may say it of any other: an On-Demand one is not taken back
+        assert live == {first["InstanceId"]} and "counted as gone" not in run.log()
+        requests.post(f"{a.url}/internal/leaving", headers=WORKER_AUTH, json={**said, "left": True}, timeout=10)
+        scalers.run(a, **options)
+        assert {instance["InstanceId"] for instance in cluster_instances(cloud.ec2, LIVE)} == live
+        return
+    assert len(live) == 2 and first["InstanceId"] in live, run.log()
     assert "counted as gone" in run.log()
 
 
