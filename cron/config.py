@@ -35,8 +35,8 @@ SETTINGS: dict[str, Setting] = {
     "node_id": Setting("DW_NODE_ID", "a", text, "this endpoint's id"),
     "endpoint_index": Setting("DW_ENDPOINT_INDEX", "0", whole(0, 1),
                               "which share of --max-workers (and of an ssh host list) is this scaler's: 0 or 1"),
-    "db": Setting("DW_DB", "", text, "this endpoint's SQLite file (default <state-dir>/<node-id>.sqlite3)"),
-    "url": Setting("DW_SELF_URL", "http://127.0.0.1:5000", text, "this endpoint's URL, for the workers it heard from"),
+    "url": Setting("DW_SELF_URL", "http://127.0.0.1:5000", text,
+                   "this endpoint's URL: its /stats, and where the scaler posts its runs"),
     "peer": Setting("DW_PEER_URL", "", text, "the other endpoint's URL, for its /stats"),
     "endpoints": Setting("DW_ENDPOINTS", "", text, "an endpoint's URL as workers reach it, once per endpoint",
                          many=True),
@@ -71,6 +71,8 @@ SETTINGS: dict[str, Setting] = {
     "idle_timeout": Setting("DW_IDLE_TIMEOUT", "60", seconds(0), "seconds a worker waits for work before it exits"),
     "worker_processes": Setting("DW_WORKER_PROCESSES", "0", whole(0),
                                 "jobs a worker runs at once; 0: one per core (local provider: --slots-per-worker)"),
+    "worker_kernel": Setting("DW_WORKER_KERNEL", "auto", choice("auto", "avx512", "avx2", "scalar", "python"),
+                             "the workers' hashing kernel: auto picks the fastest their CPU runs"),
     "worker_service": Setting("DW_WORKER_SERVICE", "systemd", choice("systemd", "process"),
                               "how ssh/ec2 workers run: a systemd unit, or a detached process (hosts without systemd)"),
     "worker_exit_command": Setting("DW_WORKER_EXIT_COMMAND", "", text,
@@ -117,7 +119,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_knobs(parser, args)
     if args.provider == "ec2" and not args.aws_state:
         parser.error("--provider ec2 needs --aws-state (DW_AWS_STATE): the state file of ./setup.sh aws")
-    args.db = args.db or f"{args.state_dir}/{args.node_id}.sqlite3"
     args.secret_file = args.secret_file or f"{args.state_dir}/secret"
     return args
 

@@ -9,6 +9,7 @@ and ec2 providers call this; a failure is a ProvisionError, which the scaler cou
 
 from __future__ import annotations
 
+import logging
 import shlex
 import time
 from collections.abc import Iterator
@@ -39,6 +40,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a worker host needs of this checkout: the worker and the settings code it reads its table with.
 WORKER_CODE = ("worker", "cli")
 SERVICE_NAME = "dw-worker"
+KERNEL_LIBRARY = "sha512_lanes.so"  # worker/native.py's LIBRARY_PATH, built on the endpoint hosts at deploy
+log = logging.getLogger(__name__)
 
 
 class ProvisionError(ProviderError):
@@ -61,6 +64,7 @@ class WorkerInstall:
     python: str = "python3"
     # Only for machines that are ours to end (EC2 workers): with systemd, an idle exit powers off.
     poweroff_on_idle: bool = False
+    kernel: str = "auto"  # the worker's hashing kernel (worker/native.py)
     spot: bool = False  # an EC2 Spot instance: the worker watches for its interruption notice
     metadata_url: str = ""  # where that worker asks for it ("": the worker's default, EC2's own)
 
@@ -83,6 +87,8 @@ def worker_settings(install: WorkerInstall, secret_path: str = "") -> str:
         values["secret_file"] = secret_path
     if install.processes:
         values["processes"] = install.processes
+    if install.kernel != "auto":
+        values["kernel"] = install.kernel
     if install.spot:
         values["interruption_notices"] = "ec2-spot"
     if install.metadata_url:
@@ -124,6 +130,7 @@ def provision_worker(target: SshTarget, pins: HostKeyPins, install: WorkerInstal
             mkdirs(sftp, f"{base}/{folder}")
             for source in sorted((REPO_ROOT / folder).glob("*.py")):
                 sftp.put(str(source), f"{base}/{folder}/{source.name}")
+        upload_kernel(sftp, f"{base}/worker")
         upload_text(sftp, f"{base}/secret", install.worker_key + "\n", mode=0o600)
         if install.service == "systemd":
             install_dir = f"/opt/{REMOTE_DIR_NAME}"
@@ -139,6 +146,18 @@ def provision_worker(target: SshTarget, pins: HostKeyPins, install: WorkerInstal
         else:
             raise ProvisionError(f"unknown service manager {install.service!r}")
     return time.monotonic() - started
+
+
+def upload_kernel(sftp: paramiko.SFTPClient, folder: str) -> None:
+    """The worker's native hashing kernel as built here (on an endpoint host: at deploy), if it was:
+    workers have no compiler. Put beside its place and renamed over it, so that a worker running
+    on the old copy is not changed under it. A worker whose CPU cannot run it falls back (logged)."""
+    library = REPO_ROOT / "worker" / KERNEL_LIBRARY
+    if not library.is_file():
+        log.warning("%s is not built: workers will hash with their Python loop", library)
+        return
+    sftp.put(str(library), f"{folder}/.{KERNEL_LIBRARY}.new")
+    sftp.posix_rename(f"{folder}/.{KERNEL_LIBRARY}.new", f"{folder}/{KERNEL_LIBRARY}")
 
 
 def _systemd_start_script(base: str, install_dir: str) -> str:

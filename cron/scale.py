@@ -9,11 +9,13 @@ one host never overlap. Each run:
    ready workers that neither endpoint has heard from for --silence-deadline (while the peer
    does not answer, see Scaler.verdict); resumes the provisioning of its own workers that a
    killed earlier run left unprovisioned;
-3. reads this endpoint's queue from its SQLite file and the peer's from its /stats;
+3. reads this endpoint's queue and its own circuit breaker from the endpoint's /stats, and the
+   peer's queue from the peer's (both with the scaler key, which also lists the workers heard from);
 4. asks the policy (cron/policy.py) how many workers to launch, limited by the circuit
    breaker, then launches and provisions them; a worker that fails provisioning is
    terminated at once;
-5. records the decision and the breaker in the endpoint's SQLite file, for GET /stats.
+5. posts the decision, and what became of each launch, to its endpoint (cron/state.py), which
+   records it and shows it in GET /stats and on its dashboard.
 
 Every setting is checked before the run does anything (cron/config.py; `./deploy.sh aws` takes
 the knobs it hands to the hosts from the same table). Ctrl-C or SIGTERM ends a run at once, and a failed
@@ -47,9 +49,8 @@ from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide
 from cron.providers import Machine, Provider, ProviderError
 from cron.providers.local import LocalProvider
 from cron.provision import WorkerInstall
-from cron.state import Breaker, StateStore
-from endpoint.secret import peer_key, read_secret, worker_key
-from endpoint.store import open_read_only, read_stats
+from cron.state import Breaker, EndpointUnreachable, RunRecord, ScalerState, reset_breaker
+from endpoint.secret import read_secret, scaler_key, worker_key
 
 log = logging.getLogger("cron.scale")
 
@@ -65,18 +66,12 @@ def cluster_secret(args: argparse.Namespace) -> str:
                             f"--secret-file (DW_SECRET_FILE), the file ./deploy.sh created") from exc
 
 
-def check_database(args: argparse.Namespace) -> None:
-    if not Path(args.db).is_file():
-        raise SettingsError(f"no endpoint database at {args.db}: pass the endpoint's --db (DW_DB), or start the "
-                            f"endpoint first (it creates the file)")
-
-
 def worker_install(args: argparse.Namespace) -> WorkerInstall:
     key = worker_key(cluster_secret(args))
     return WorkerInstall(endpoints=tuple(args.endpoints), worker_key=key, worker_id="",
                          idle_timeout=args.idle_timeout, processes=args.worker_processes,
                          service=args.worker_service, exit_command=args.worker_exit_command,
-                         python=args.remote_python)
+                         python=args.remote_python, kernel=args.worker_kernel)
 
 
 def make_provider(args: argparse.Namespace) -> Provider:
@@ -84,7 +79,7 @@ def make_provider(args: argparse.Namespace) -> Provider:
     if args.provider == "local":
         return LocalProvider(state_dir / "workers", args.endpoints, lambda: worker_key(cluster_secret(args)),
                              processes_per_worker=args.slots_per_worker, idle_timeout=args.idle_timeout,
-                             log_dir=state_dir / "log")
+                             log_dir=state_dir / "log", kernel=args.worker_kernel)
     pins = HostKeyPins(state_dir / "known_hosts.json")
     if args.provider == "ssh":
         from cron.providers.ssh import SshProvider
@@ -148,7 +143,8 @@ def exclusive_run(lock_path: Path) -> Iterator[bool]:
 
 
 def fetch_stats(url: str, key: str, workers_within: float = 0, timeout: float = 3.0) -> dict | None:
-    """An endpoint's /stats with the details (the workers it heard from) that the peer key opens."""
+    """An endpoint's /stats with the details (the workers it heard from, the breaker's last error) that the
+    scaler key opens."""
     query = f"?workers_within={max(1, int(workers_within))}" if workers_within else ""
     request = urllib.request.Request(f"{url.rstrip('/')}/stats{query}", headers={"Authorization": f"Bearer {key}"})
     try:
@@ -180,7 +176,20 @@ def cluster_view(own_stats: dict, peer_stats: dict | None, fleet: Fleet, node_id
         workers_booting=sum(not machine.ready for machine in machines),
         own_workers=sum(machine.owner == node_id for machine in machines),
         peer_workers=sum(machine.owner != node_id for machine in machines),
+        reported_slots_per_worker=reported_capacity(machines, [own_stats] + ([peer_stats] if peer_stats else [])),
     )
+
+
+def reported_capacity(machines: list[Machine], answers: list[dict]) -> float | None:
+    """The mean of the jobs at once that the fleet's workers reported to either endpoint (the
+    workers list of /stats with the peer key), None if none has reported yet."""
+    reported: dict[str, int] = {}
+    for stats in answers:
+        for worker in stats.get("workers", []):
+            if worker.get("capacity"):
+                reported[worker["id"]] = max(reported.get(worker["id"], 0), int(worker["capacity"]))
+    capacities = [reported[machine.machine_id] for machine in machines if machine.machine_id in reported]
+    return sum(capacities) / len(capacities) if capacities else None
 
 
 @dataclass(frozen=True)
@@ -242,8 +251,8 @@ class Scaler:
         self.provider = provider
         self.policy = make_policy(args)
         self.breaker = Breaker(args.breaker_threshold, args.breaker_cooldown)
-        self.state = StateStore(args.db, args.node_id, self.breaker)
-        self.endpoint_key = peer_key(cluster_secret(args))  # for the endpoints' /stats details
+        self.key = scaler_key(cluster_secret(args))  # for the endpoints' /stats details and this run's record
+        self.record = RunRecord(args.url, self.key, args.node_id, self.breaker)
         # What this run knows runs, for the report when it is interrupted or fails.
         self.known: list[Machine] = []
         self.unprovisioned: dict[str, Machine] = {}
@@ -251,30 +260,40 @@ class Scaler:
 
     def run_once(self) -> Decision:
         args = self.args
-        own_stats = self._own_queue()
         window = args.partition_deadline + 60
-        peer_stats = fetch_stats(args.peer, self.endpoint_key, window) if args.peer else None
+        own_stats = fetch_stats(args.url, self.key, window)
+        peer_stats = fetch_stats(args.peer, self.key, window) if args.peer else None
+        self.record = RunRecord(args.url, self.key, args.node_id, self.breaker)
         self.known = self.provider.list()
         listed = list(self.known)
-        fleet = self.reconcile(self.known, self._hearing(peer_stats, window))
+        fleet = self.reconcile(self.known, self._hearing(own_stats, peer_stats))
         self.known = fleet.machines
+        if own_stats is None:
+            raise EndpointUnreachable(f"this endpoint ({args.url}) does not answer /stats, so its queue and the "
+                                      f"circuit breaker are unknown: reconciled only, launched nothing")
         policy = replace(self.policy, slots_per_worker=self.slots_per_worker(fleet.machines))
         decision = decide(cluster_view(own_stats, peer_stats, fleet, args.node_id), policy)
-        state = self.state.load()
-        allowance, breaker_status = self.breaker.allowance(state, time.time())
-        launch = decision.launch if allowance is None else min(decision.launch, allowance)
+        self.record_decision(decision, ScalerState.from_stats(own_stats), fleet)
+        if self.record.fields["allowed"]:
+            self.launch(self.record.fields["allowed"])
+        self.record.flush()  # not after Ctrl-C: a stop does not wait for the endpoint
+        # For the cost in /stats: what ran at the start of the run, and what it launched.
+        seen = {machine.machine_id: machine for machine in listed + self.known}
+        report_fleet(args.url, self.key, list(seen.values()), args.provider)
+        return decision
+
+    def record_decision(self, decision: Decision, state: ScalerState, fleet: Fleet) -> None:
+        """Limit the decision by the circuit breaker, log it and post it to the endpoint."""
+        allowance, breaker, breaker_status = self.breaker.allowance(state)
         summary = decision.reason
         if allowance is not None:
             summary += f" [circuit breaker {breaker_status}]"
             log.warning("circuit breaker %s; last error: %s", breaker_status, state.last_error)
         log.info("decision: %s", summary)
-        self.state.record_run(summary, breaker_open=allowance == 0)
-        if launch:
-            self.launch(launch)
-        # For the cost in /stats: what ran at the start of the run, and what it launched.
-        seen = {machine.machine_id: machine for machine in listed + self.known}
-        report_fleet(args.url, self.endpoint_key, list(seen.values()), args.provider)
-        return decision
+        ready = sum(machine.ready for machine in fleet.machines)
+        self.record.decided(summary, needed=decision.needed, decided=decision.launch,
+                            allowed=decision.launch if allowance is None else min(decision.launch, allowance),
+                            ready=ready, booting=len(fleet.machines) - ready, breaker=breaker)
 
     def slots_per_worker(self, machines: list[Machine]) -> float:
         """The jobs a worker runs at once, from the fleet's instance types (cron/instance_types.py), or on
@@ -284,16 +303,8 @@ class Scaler:
         types = [machine.instance_type for machine in machines] or self.args.instance_types[:1]
         return mean_slots(types, self.args.worker_processes, self.args.slots_per_worker)
 
-    def _own_queue(self) -> dict:
-        conn = open_read_only(self.args.db)
-        try:
-            return read_stats(conn, self.args.node_id)
-        finally:
-            conn.close()
-
-    def _hearing(self, peer_stats: dict | None, window: float) -> Hearing | None:
+    def _hearing(self, own: dict | None, peer_stats: dict | None) -> Hearing | None:
         """None unless this endpoint answered: without its view nothing is judged silent."""
-        own = fetch_stats(self.args.url, self.endpoint_key, window)
         if own is None or "workers" not in own:
             return None
         answers = [own] + ([peer_stats] if peer_stats and "workers" in peer_stats else [])
@@ -377,6 +388,7 @@ class Scaler:
         except ProviderError as exc:
             log.error("reconcile: %s", exc)
             return False
+        self.record.terminated()
         return True
 
     def launch(self, count: int) -> None:
@@ -389,10 +401,11 @@ class Scaler:
             machines = self.provider.launch(count, self.args.node_id, intent)
         except ProviderError as exc:
             log.error("launch failed: %s", exc)
-            self.state.record_failure(f"launch: {exc}")
+            self.record.failure("launch_failure", f"launch: {exc}")
             return
         finally:
             self.launch_under_way = False
+        self.record.launched(len(machines))
         self.known += machines
         self.provision_all(machines)
 
@@ -405,12 +418,12 @@ class Scaler:
                 ready = self.provider.provision(machine)
             except Exception as exc:  # noqa: BLE001 -- any failure: terminate it, count it, go on
                 log.error("provisioning %s failed: %s", machine.machine_id, exc)
-                self.state.record_failure(f"provisioning {machine.machine_id}: {exc}")
+                self.record.failure("provisioning_failure", f"provisioning {machine.machine_id}: {exc}")
                 if not self._terminate(machine, "provisioning failed"):
                     return machine  # not terminated: it still counts against the cap
                 self._forget(machine)
                 return None
-            self.state.record_success()
+            self.record.success()
             self.unprovisioned.pop(machine.machine_id, None)
             return ready
 
@@ -453,7 +466,7 @@ def run_guarded(scaler: Scaler) -> bool:
     """One run; a failure is logged with what keeps running, and must not end an --every loop."""
     try:
         scaler.run_once()
-    except (ProviderError, *API_ERRORS) as exc:
+    except (ProviderError, EndpointUnreachable, *API_ERRORS) as exc:
         log.error("scaling run failed: %s. %s", exc, scaler.left_running())
         return False
     except Exception:  # noqa: BLE001 -- a bug: its traceback is what helps
@@ -471,14 +484,17 @@ def terminate_all(provider: Provider) -> int:
 
 def run(args: argparse.Namespace, scaler_ref: list[Scaler]) -> int:
     if args.reset_breaker:
-        check_database(args)
-        StateStore(args.db, args.node_id).reset_breaker()
+        try:
+            reset_breaker(args.url, scaler_key(cluster_secret(args)))
+        except EndpointUnreachable as exc:
+            log.error("the circuit breaker was not reset: %s (the endpoint keeps the breaker: start it, or pass "
+                      "its --url)", exc)
+            return 1
         log.info("circuit breaker reset")
         return 0
     provider = make_provider(args)
     if args.terminate_all:
         return terminate_all(provider)
-    check_database(args)
     scaler_ref.append(Scaler(args, provider))
     return run_loop(args, scaler_ref[0])
 

@@ -319,6 +319,12 @@ dynamic-workload runs on EC2 (cluster {args.cluster}, region {region.name}):
   endpoint b  {url_b}   ({instances['b']['InstanceId']})
   workers     launched by the scalers' cron (up to {args.max_workers}; {args.market}: {types}); they power off after
               {args.idle_timeout:g}s idle
+  dashboard   {url_a}/   {url_b}/   (both endpoints on each; worker ids, errors and failed items at /details)
+  metrics     {url_a}/metrics   {url_b}/metrics   (Prometheus text format)
+
+The dashboard's /details asks for a login: any user name, and the operator key as the password, which
+  .venv/bin/python -m endpoint.operator_key --secret-file {Path(args.aws_dir) / f"{args.cluster}-secret"}
+prints (it is derived from the cluster secret; keep it as you keep that file).
 
 Try it:
   curl -X PUT "{url_a}/enqueue?iterations=10" -d "data=Hello"

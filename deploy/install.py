@@ -31,6 +31,9 @@ ENDPOINT_SERVICE = "dw-endpoint"
 CRON_MARK = "# dynamic-workload scaler"
 # What an endpoint host needs of this checkout: the code, the data model, the pinned requirements.
 ENDPOINT_CODE = ("endpoint", "worker", "cron", "cli", "cloud", "schema.sql", "requirements.txt")
+# What the endpoint host builds the workers' hashing kernel from (worker/build_kernel.sh).
+KERNEL_SOURCES = ("build_kernel.sh", "sha512_lanes.c", "sha512_lanes_undef.h")
+CODE_SUFFIXES = (".py", ".tpl")  # the modules, and the dashboard's template (endpoint/views/)
 
 
 class InstallError(Exception):
@@ -101,10 +104,12 @@ def _upload_code(sftp: paramiko.SFTPClient, base: str) -> None:
         if source.is_file():
             sftp.put(str(source), f"{base}/{name}")
             continue
-        for path in sorted(source.rglob("*.py")):
+        for path in sorted(path for path in source.rglob("*") if path.suffix in CODE_SUFFIXES):
             relative = path.relative_to(REPO_ROOT).as_posix()
             mkdirs(sftp, f"{base}/{Path(relative).parent.as_posix()}")
             sftp.put(str(path), f"{base}/{relative}")
+    for name in KERNEL_SOURCES:
+        sftp.put(str(REPO_ROOT / "worker" / name), f"{base}/worker/{name}")
 
 
 def _endpoint_unit(base: str, user: str) -> str:
@@ -159,6 +164,12 @@ if [ "$(cat .venv/.installed 2> /dev/null)" != "$wanted" ]; then
         -r requirements.txt
     echo "$wanted" > .venv/.installed
 fi
+# The workers' hashing kernel, built here for the workers (they have no compiler, and worker
+# provisioning copies it); without it they hash with their Python loop, so a failed build does
+# not stop the deploy.
+command -v cc > /dev/null || sudo dnf install -y -q gcc > /dev/null 2>&1 \
+    || sudo apt-get install -y -qq gcc > /dev/null 2>&1 || true
+sh worker/build_kernel.sh || echo "the workers will hash with their Python loop" >&2
 {start}
 {schedule}
 """

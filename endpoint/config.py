@@ -29,6 +29,7 @@ class Settings:
     max_connections: int
     header_timeout: float
     body_timeout: float
+    max_waiting_claims: int
     max_payload_bytes: int
     max_iterations: int
     max_top: int
@@ -62,6 +63,9 @@ OPTIONS: dict[str, Setting] = {
                               "kept-alive connection stays open"),
     "body_timeout": Setting("DW_BODY_TIMEOUT", "30", float,
                             "seconds a client has to send a request's body once its headers arrived (408 after)"),
+    "max_waiting_claims": Setting("DW_MAX_WAITING_CLAIMS", "512", int,
+                                  "workers' claims that may wait for work at once, each holding a connection (at "
+                                  "most --max-connections; 0: claims never wait, workers poll)"),
     "max_payload_bytes": Setting("DW_MAX_PAYLOAD_BYTES", str(4 * 1024 * 1024), int, "largest payload accepted"),
     "max_iterations": Setting("DW_MAX_ITERATIONS", "100000000", int, "largest iterations accepted"),
     "max_top": Setting("DW_MAX_TOP", "1000", int, "largest pullCompleted top accepted"),
@@ -109,6 +113,8 @@ def _checked(settings: Settings) -> Settings:
     for name in ("threads", "max_connections", "max_payload_bytes", "max_iterations", "max_top", "max_attempts"):
         if getattr(settings, name) < 1:
             problems.append(f"{name} must be at least 1")
+    if not 0 <= settings.max_waiting_claims <= settings.max_connections:
+        problems.append("max_waiting_claims must be from 0 to max_connections")
     for name in ("header_timeout", "body_timeout"):
         if not 0 < getattr(settings, name) <= 3600:
             problems.append(f"{name} must be more than 0 and at most 3600 seconds")

@@ -2,7 +2,7 @@
 
 Where the seconds come from: EC2's own record of each instance (its launch time, type and
 market), as the scalers list the cluster's workers at every run and post them here (PUT
-/internal/fleet, the peer key; cron/scale.py). A machine's life runs from its launch to the
+/internal/fleet, the scaler key; cron/scale.py). A machine's life runs from its launch to the
 later of the last listing that still showed it and the last time this endpoint heard from its
 worker (the workers table), which is within a second of its end for a worker that exits by
 itself. So a worker is counted from its launch (its boot and provisioning are billed too) and

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 
-from endpoint.secret import peer_key, worker_key
+from endpoint.secret import peer_key, scaler_key, worker_key
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -33,6 +33,7 @@ WORKER_KEY = worker_key(SECRET)
 WORKER_AUTH = {"Authorization": f"Bearer {WORKER_KEY}"}
 WORKER_ENV = {"DW_SECRET": WORKER_KEY}  # what a worker process is started with
 PEER_AUTH = {"Authorization": f"Bearer {peer_key(SECRET)}"}
+SCALER_AUTH = {"Authorization": f"Bearer {scaler_key(SECRET)}"}
 
 
 def reference(data: bytes, iterations: int) -> str:

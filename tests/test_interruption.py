@@ -18,7 +18,7 @@ import requests
 from fakeimds import NOTICE_PATH, metadata_service
 
 from conftest import PEER_AUTH, WORKER_AUTH, Services, drain, reference, wait_for
-from worker.interruption import Metadata, MetadataUnavailable, can_finish, parse_notice
+from worker.interruption import Metadata, MetadataUnavailable, can_finish, parse_notice, seconds_to_go
 
 
 def test_the_notice_is_read_the_imdsv2_way() -> None:
@@ -47,6 +47,9 @@ def test_a_notice_without_a_readable_time_leaves_ec2s_two_minutes() -> None:
 
 
 def test_a_job_is_finished_only_if_it_is_known_to_end_in_time() -> None:
+    assert seconds_to_go(1001, 1000, 0.5) is None  # nothing done yet past the first hash
+    assert seconds_to_go(1001, 600, 2.0) == 3.0  # 400 steps in 2 s, 600 to go
+    assert seconds_to_go(1001, 0, 2.0) == 0.0
     assert can_finish(3.0, 5.0)
     assert not can_finish(6.0, 5.0)
     assert not can_finish(None, 5.0)  # its speed not measured yet
@@ -60,18 +63,22 @@ def leaving_at(endpoint_url: str) -> dict:
 def test_an_interrupted_worker_finishes_what_it_can_and_gives_back_the_rest(services: Services,
                                                                              tmp_path: Path) -> None:
     a, b = services.endpoint_pair(extra_args=("--lease-seconds", "30"))
-    # Sized for a Python loop of 1-2 M hashes per second on this machine: at the notice, the short
-    # job (just started) has 1-2 s to go of the drain's 4-5 s, the long one 8-19 s.
+    # The Python kernel (one lane per slot), sized for its 1-2 M hashes per second on this machine:
+    # at the notice, the short job (just started) has 1-2 s to go of the drain's 4-5 s, the long
+    # one 8-19 s. The third slot is free: its claims wait for work at both endpoints.
     short, long = 2_000_000, 20_000_000
     expected = {a.enqueue(b"long job", long): reference(b"long job", long)}
     with metadata_service() as (url, service):
-        spot = services.worker([a, b], worker_id="spot-1", processes=2, extra_args=(
-            "--interruption-notices", "ec2-spot", "--metadata-url", url, "--notice-interval", "0.2",
-            "--exit-command", f"touch {tmp_path / 'exit-ran'}"))
+        spot = services.worker([a, b], worker_id="spot-1", processes=3, extra_args=(
+            "--kernel", "python", "--interruption-notices", "ec2-spot", "--metadata-url", url,
+            "--notice-interval", "0.2", "--exit-command", f"touch {tmp_path / 'exit-ran'}"))
         wait_for(lambda: a.stats()["running"] == 1, 30, "the Spot worker to claim the long job")
         expected[a.enqueue(b"short job", short)] = reference(b"short job", short)
         long_id, short_id = list(expected)
         wait_for(lambda: a.stats()["running"] == 2, 30, "the Spot worker to claim the short job")
+        for endpoint in (a, b):
+            wait_for(lambda endpoint=endpoint: endpoint.stats()["waiting_claims"] == 1, 30,
+                     "the free slot's claims to wait for work")
         assert service.notice_reads()  # it asks before any notice
         # The margin for posting is 20 s: the drain's deadline is 4-5 s from now (EC2 gives whole seconds).
         service.interrupt(25)
@@ -85,22 +92,51 @@ def test_an_interrupted_worker_finishes_what_it_can_and_gives_back_the_rest(serv
         assert given_back_after < 5, given_back_after  # a release, not a 30 s lease left to expire
         leaving = leaving_at(a.url)["spot-1"]
         assert leaving["reason"] == "spot-interruption" and 0 < leaving["seconds_left"] <= 25
+        for endpoint in (a, b):  # its waiting claims were called off: no more claims
+            assert endpoint.stats()["waiting_claims"] == 0
+        late_id = a.enqueue(b"after the notice", 1000)  # no claim of the Spot worker takes it
+        expected[late_id] = reference(b"after the notice", 1000)
         assert spot.process is not None
         assert spot.process.wait(30) == 0  # it exits by itself, done
         assert (tmp_path / "exit-ran").exists()  # with its exit action (on EC2: the poweroff)
         short_item = a.work(short_id).json()
         assert short_item["state"] == "completed" and short_item["worker_id"] == "spot-1"
+        late_item = a.work(late_id).json()
+        assert late_item["state"] == "pending" and late_item["attempts"] == 0
         for endpoint in (a, b):  # both heard that it left
             assert leaving_at(endpoint.url)["spot-1"]["left"] is True
         log = spot.log()
         assert "Spot interruption notice" in log and "cannot finish before the interruption" in log
 
     services.worker([a, b], worker_id="on-demand-1", processes=1)
-    results = drain([a, b], expected=2, timeout=120)
+    results = drain([a, b], expected=3, timeout=120)
     assert sorted(item["id"] for item in results) == sorted(expected)  # each once: nothing lost or twice
     assert {item["id"]: item["result"] for item in results} == expected
     long_item = a.work(long_id).json()
     assert long_item["worker_id"] == "on-demand-1" and long_item["attempts"] == 1  # the release cost none
+
+
+def test_a_job_that_waited_for_a_lane_goes_back_at_the_notice(services: Services) -> None:
+    """A worker claims at both endpoints at once, at least one job each: with one lane, the second
+    job waits in the worker for it. At a notice that job goes back at once, and so does the one in
+    the lane if it cannot end in time."""
+    a, b = services.endpoint_pair(extra_args=("--lease-seconds", "30"))
+    jobs = {a: a.enqueue(b"at a", 5_000_000), b: b.enqueue(b"at b", 5_000_000)}
+    with metadata_service() as (url, service):
+        spot = services.worker([a, b], worker_id="spot-2", processes=1, extra_args=(
+            "--kernel", "python", "--interruption-notices", "ec2-spot", "--metadata-url", url,
+            "--notice-interval", "0.2"))
+        wait_for(lambda: a.stats()["running"] == 1 and b.stats()["running"] == 1, 30,
+                 "a job claimed at each endpoint, one lane for both")
+        service.interrupt(22)  # the drain's deadline is 1-2 s away: neither job ends by then
+
+        def both_back() -> bool:
+            return all(endpoint.work(work_id).json()["state"] == "pending" for endpoint, work_id in jobs.items())
+        wait_for(both_back, 10, "both jobs to be given back")
+        assert spot.process is not None and spot.process.wait(30) == 0
+    assert [endpoint.work(work_id).json()["attempts"] for endpoint, work_id in jobs.items()] == [0, 0]
+    log = spot.log()
+    assert "giving back 1 job(s) that waited for a lane" in log and "cannot finish before the interruption" in log
 
 
 def test_leaving_is_checked_like_every_worker_request(services: Services) -> None:

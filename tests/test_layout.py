@@ -21,7 +21,7 @@ ALLOWED = {
     "cloud": {"cli"},
     "worker": {"cli"},
     "endpoint": {"cli"},
-    "cron": {"cli", "cloud", "endpoint.secret", "endpoint.store", "worker.config"},
+    "cron": {"cli", "cloud", "endpoint.secret", "worker.config"},  # the endpoint's file: never (one writer)
     "deploy": {"cli", "cloud", "cron.config", "endpoint.config"},
 }
 

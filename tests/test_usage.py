@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import PEER_AUTH, WORKER_AUTH, Services
+from conftest import PEER_AUTH, SCALER_AUTH, WORKER_AUTH, Services
 from endpoint.prices import ON_DEMAND_PRICES, SPOT_SHARE, Price, PriceTable, price_entry
 from endpoint.store import Store
 from endpoint.usage import Listed
@@ -104,13 +104,14 @@ def test_listings_are_checked_and_stats_report_the_cost(services: Services) -> N
     for bad in ({"machines": [{**good, "market": "reserved"}]}, {"machines": [{**good, "launched_at": "soon"}]},
                 {"machines": [{**good, "launched_at": now + 7 * 86_400}]}, {"machines": [{**good, "id": "a b"}]},
                 {"machines": [{**good, "instance_type": "C7I"}]}, {"machines": good}, {"machines": [1]}):
-        response = requests.put(url, data=json.dumps(bad), headers=PEER_AUTH, timeout=10)
+        response = requests.put(url, data=json.dumps(bad), headers=SCALER_AUTH, timeout=10)
         assert response.status_code == 400, (bad, response.text)
-    assert requests.put(url, data=b'{"machines": [', headers=PEER_AUTH, timeout=10).status_code == 400
+    assert requests.put(url, data=b'{"machines": [', headers=SCALER_AUTH, timeout=10).status_code == 400
     assert requests.put(url, json={"machines": [good]}, timeout=10).status_code == 401
-    assert requests.put(url, json={"machines": [good]}, headers=WORKER_AUTH, timeout=10).status_code == 403
+    for other_role in (WORKER_AUTH, PEER_AUTH):  # the scalers' route: neither a worker's nor an endpoint's
+        assert requests.put(url, json={"machines": [good]}, headers=other_role, timeout=10).status_code == 403
     assert a.stats()["usage"]["last_day"]["worker_seconds"] == 0  # nothing of the refused ones was kept
-    response = requests.put(url, json={"machines": [good]}, headers=PEER_AUTH, timeout=10)
+    response = requests.put(url, json={"machines": [good]}, headers=SCALER_AUTH, timeout=10)
     assert response.status_code == 200 and response.json() == {"recorded": 1}
     usage = a.stats(public=True)["usage"]  # figures, no names: public
     (entry,) = usage["last_hour"]["by_type"]

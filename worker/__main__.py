@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from worker.config import SECRET_ENV, parse_args
+from worker.native import LIBRARY_ENV
 from worker.runner import WorkerOptions, run_worker
 
 
@@ -27,9 +28,10 @@ def read_worker_key(secret_file: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s worker: %(message)s")
-    same = ("worker_id", "processes", "idle_timeout", "poll_interval", "exit_command", "submit_patience",
-            "interruption_notices", "metadata_url", "notice_interval")
+    same = ("worker_id", "processes", "idle_timeout", "poll_interval", "exit_command", "submit_patience", "kernel",
+            "claim_wait", "interruption_notices", "metadata_url", "notice_interval")
     options = WorkerOptions(endpoints=tuple(args.endpoints), worker_key=read_worker_key(args.secret_file),
+                            kernel_library=os.environ.get(LIBRARY_ENV, ""),
                             **{name: getattr(args, name) for name in same})
     return run_worker(options)
 

@@ -12,6 +12,7 @@ import os
 import socket
 
 from cli.settings import Setting, choice, parse_settings, seconds, text, whole
+from worker.native import CHOICES
 
 SECRET_ENV = "DW_SECRET"  # the worker key itself, where no --secret-file names a file with it
 SETTINGS = {
@@ -23,7 +24,11 @@ SETTINGS = {
     "idle_timeout": Setting("DW_IDLE_TIMEOUT", "60", seconds(0, inclusive=True),
                             "exit after this many seconds without work from any endpoint"),
     "poll_interval": Setting("DW_POLL_INTERVAL", "0.5", seconds(0, inclusive=True),
-                             "pause between claim rounds while no endpoint has work"),
+                             "pause between claims when an endpoint cannot let a claim wait for work"),
+    "claim_wait": Setting("DW_CLAIM_WAIT", "20", seconds(0, inclusive=True, maximum=30),
+                          "seconds a claim waits at the endpoint for work (0: poll)"),
+    "kernel": Setting("DW_KERNEL", "auto", choice(*CHOICES),
+                      "hashing kernel: auto picks the fastest this CPU runs; python is the hashlib loop"),
     "submit_patience": Setting("DW_SUBMIT_PATIENCE", "3600", seconds(0, inclusive=True),
                                "seconds a result is offered to a failing endpoint before it is given up"),
     "exit_command": Setting("DW_EXIT_COMMAND", "", text,

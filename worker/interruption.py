@@ -7,10 +7,11 @@ then). The metadata service is asked the IMDSv2 way, with a session token from
 thread of the supervisor (`Watcher`), only when the worker is told it runs on Spot
 (`--interruption-notices ec2-spot`, which the ec2 provider sets on its Spot workers).
 
-On a notice the worker drains (`Drain`): it claims nothing more, finishes the jobs it can finish
-before the deadline less `MARGIN_S` (the time to post their results), gives the others back at
-once (a release, so the attempt does not count and another worker takes the item now, not when
-the lease expires), posts what it finished, and exits. It tells both endpoints that it is
+On a notice the worker drains (worker/dispatch.py, worker/slot.py): it calls off its waiting
+claims and claims nothing more, finishes the jobs it can finish before the deadline less
+`MARGIN_S` (the time to post their results), gives the others back at once (a batched release,
+so the attempt does not count and another worker takes the item now, not when the lease
+expires), posts what it finished, and exits. It tells both endpoints that it is
 leaving and, at the end, that it left (`announce`): their scalers count it as gone, launch a
 replacement if the work needs one, and terminate the instance once it left.
 
@@ -29,7 +30,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+
+from worker.client import EndpointClient, EndpointDown, Rejected
 
 log = logging.getLogger("worker")
 
@@ -154,66 +156,30 @@ class Watcher:
             self.stop.wait(self.interval)
 
 
-class Drain:
-    """The deadline of a drain, shared by the supervisor and the slots: `holder.value` is 0 until a
-    notice, then the unix time by which everything must be posted (the notice's, less the margin).
-    `holder` is a multiprocessing Value for slot processes, or anything with a `value`."""
-
-    def __init__(self, holder: Any) -> None:
-        self.holder = holder
-
-    def begin(self, notice: Notice, margin: float = MARGIN_S) -> None:
-        self.holder.value = notice.deadline - margin
-
-    def active(self) -> bool:
-        return self.holder.value > 0
-
-    def seconds_left(self, now: float | None = None) -> float:
-        return self.holder.value - (time.time() if now is None else now)
-
-    def gives_up(self, progress: Progress) -> bool:
-        """Whether a job should go back now: not while nothing drains; then unless it can end in time."""
-        if not self.active():
-            return False
-        return not can_finish(progress.seconds_to_go(), self.seconds_left())
-
-
 def can_finish(seconds_to_go: float | None, seconds_left: float) -> bool:
     """A job that will end before the drain's deadline is finished; one that is not known to (its
     speed not measured yet) is given back."""
     return seconds_to_go is not None and seconds_to_go <= seconds_left
 
 
-class Progress:
-    """How far one job has come, from the hashing loop's calls between steps of `step` iterations."""
-
-    def __init__(self, iterations: int, step: int) -> None:
-        self.iterations = iterations
-        self.step = step
-        self.started = time.monotonic()
-        self.done = 0
-
-    def advanced(self) -> None:
-        self.done = min(self.iterations, self.done + self.step)
-
-    def seconds_to_go(self) -> float | None:
-        elapsed = time.monotonic() - self.started
-        if self.done <= 0 or elapsed <= 0:
-            return None
-        return (self.iterations - self.done) * elapsed / self.done
+def seconds_to_go(iterations: int, remaining: int, elapsed: float) -> float | None:
+    """A job's time to go at its speed so far in its lane (`remaining` of the `iterations - 1` steps
+    after the first hash); None before it has made measurable progress."""
+    done = iterations - 1 - remaining
+    if done <= 0 or elapsed <= 0:
+        return None
+    return remaining * elapsed / done
 
 
 def announce(endpoints: Sequence[str], worker_key: str, worker_id: str, notice: Notice, left: bool) -> None:
     """Tell every endpoint that this worker is leaving (or has left), so that its scaler counts it as
     gone and, once it left, terminates its instance. Best effort: without it, the scaler learns it
     when the instance is gone, or after its silence deadline."""
-    body = json.dumps({"worker": worker_id, "reason": "spot-interruption", "left": left,
-                       "seconds_left": max(0.0, round(notice.seconds_left(), 3))}).encode()
     for url in endpoints:
-        request = urllib.request.Request(f"{url.rstrip('/')}/internal/leaving", data=body, method="POST", headers={
-            "Authorization": f"Bearer {worker_key}", "Content-Type": "application/json"})
+        client = EndpointClient(url, worker_key, worker_id, timeout=LEAVING_TIMEOUT_S)
         try:
-            with _NO_PROXY.open(request, timeout=LEAVING_TIMEOUT_S) as response:
-                response.read()
-        except (OSError, ValueError) as exc:
+            client.leaving("spot-interruption", left, notice.seconds_left())
+        except (EndpointDown, Rejected) as exc:
             log.warning("could not tell %s that this worker is %s: %s", url, "gone" if left else "leaving", exc)
+        finally:
+            client.close()

@@ -49,12 +49,14 @@ def _private(path: Path, mode: int) -> BinaryIO:
 
 class LocalProvider:
     def __init__(self, state_dir: Path, endpoints: Sequence[str], worker_key: Callable[[], str], *,
-                 processes_per_worker: int = 1, idle_timeout: float = 60.0, log_dir: Path | None = None) -> None:
+                 processes_per_worker: int = 1, idle_timeout: float = 60.0, log_dir: Path | None = None,
+                 kernel: str = "auto") -> None:
         """`worker_key` is asked for at the first launch only: listing and terminating need no secret."""
         self.state_dir = state_dir
         self.endpoints = list(endpoints)
         self.processes_per_worker = processes_per_worker
         self.idle_timeout = idle_timeout
+        self.kernel = kernel
         self.log_dir = log_dir or state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.key_file = state_dir / "worker-key"
@@ -96,7 +98,8 @@ class LocalProvider:
         for _ in range(count):
             worker_id = f"local-{owner}-{secrets.token_hex(4)}"
             command = [sys.executable, "-m", "worker", "--worker-id", worker_id,
-                       "--processes", str(self.processes_per_worker), "--idle-timeout", str(self.idle_timeout)]
+                       "--processes", str(self.processes_per_worker), "--idle-timeout", str(self.idle_timeout),
+                       "--kernel", self.kernel]
             for endpoint in self.endpoints:
                 command += ["--endpoint", endpoint]
             env = {**os.environ, **environment(WORKER_SETTINGS, {"secret_file": self.key_file})}
