@@ -328,6 +328,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
     metrics = metrics or Metrics(store)
     departures = Departures()  # workers that said they are leaving (Spot interruptions)
     usage = store.usage(prices or PriceTable())  # what the worker machines cost
+    metrics.watch_fleet(departures, usage)
 
     def client_errors(route: Callable[..., Any]) -> Callable[..., Any]:
         """Turn input and store errors into their HTTP answers."""
@@ -584,5 +585,6 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
     scaler_record.add_routes(app, store.history, scaler_only, client_errors)
     add_usage_routes(app, usage, scaler_only, client_errors)
     metrics.add_routes(app)
-    dashboard.add_routes(app, store, peer, operator_key(secret), peer_only, client_errors, instance_id)
+    dashboard.add_routes(app, store, peer, operator_key(secret), peer_only, client_errors, instance_id, usage,
+                         departures)
     return app

@@ -46,11 +46,14 @@ class Departures:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_worker: OrderedDict[str, Departure] = OrderedDict()
+        self.announced: dict[str, int] = {}  # workers that said they are leaving, by reason, since this start
 
     def record(self, worker_id: str, reason: str, seconds_left: float, left: bool, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._lock:
             earlier = self._by_worker.pop(worker_id, None)
+            if earlier is None:
+                self.announced[reason] = self.announced.get(reason, 0) + 1
             # A repeat, or word that arrives late, never takes back a "left".
             self._by_worker[worker_id] = Departure(reason, now + seconds_left, left or bool(earlier and earlier.left),
                                                    now)
@@ -74,6 +77,12 @@ class Departures:
         """Add them to /stats: `leaving` (by worker id) and its count `workers_leaving`."""
         figures["leaving"] = self.view()
         figures["workers_leaving"] = len(figures["leaving"])
+
+    def counts(self) -> tuple[int, dict[str, int]]:
+        """Workers leaving now (kept an hour), and those that said so since this start, by reason."""
+        with self._lock:
+            self._forget_old(time.time())
+            return len(self._by_worker), dict(self.announced)
 
 
 def add_routes(app: bottle.Bottle, departures: Departures, worker_only: Decorator, client_errors: Decorator,

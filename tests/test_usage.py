@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import PEER_AUTH, SCALER_AUTH, WORKER_AUTH, Services
+from conftest import PEER_AUTH, SCALER_AUTH, WORKER_AUTH, Services, metric
 from endpoint.prices import ON_DEMAND_PRICES, SPOT_SHARE, Price, PriceTable, price_entry
 from endpoint.store import Store
 from endpoint.usage import Listed
@@ -119,3 +119,14 @@ def test_listings_are_checked_and_stats_report_the_cost(services: Services) -> N
     assert entry["worker_seconds"] == pytest.approx(120, abs=5)
     assert usage["last_hour"]["estimated_usd"] == pytest.approx(entry["worker_seconds"] / 3600 * 0.036, rel=1e-3)
     assert "us-east-1" in usage["prices"]
+    scraped = requests.get(f"{a.url}/metrics", timeout=10).text  # the same figures for Prometheus
+    for window, name in (("1h", "last_hour"), ("1d", "last_day")):
+        (entry,) = usage[name]["by_type"]
+        labels = {"window": window, "market": "spot", "instance_type": "c7i.large"}
+        assert metric(scraped, "dw_worker_seconds", **labels) == pytest.approx(entry["worker_seconds"], abs=5)
+        assert metric(scraped, "dw_worker_estimated_cost_usd", **labels) == pytest.approx(entry["estimated_usd"],
+                                                                                           rel=0.05)
+    page = requests.get(f"{a.url}/", timeout=10).text  # and on the dashboard, public too
+    row = page[page.index('data-cost="spot/c7i.large"'):]
+    row = row[:row.index("</tr>")]
+    assert "<td>spot</td><td>c7i.large</td>" in row and f"{usage['last_day']['estimated_usd']:.4f}" in row
