@@ -142,11 +142,13 @@ def test_a_job_that_waited_for_a_lane_goes_back_at_the_notice(services: Services
             "--notice-interval", "0.2"))
         wait_for(lambda: a.stats()["running"] == 1 and b.stats()["running"] == 1, 30,
                  "a job claimed at each endpoint, one lane for both")
-        service.interrupt(22)  # the drain's deadline is 1-2 s away: neither job ends by then
+        service.interrupt(29)  # the drain's deadline is 8-9 s away: neither job ends by then
+        noticed = time.monotonic()
 
         def both_back() -> bool:
             return all(endpoint.work(work_id).json()["state"] == "pending" for endpoint, work_id in jobs.items())
         wait_for(both_back, 10, "both jobs to be given back")
+        assert time.monotonic() - noticed < 4  # at once, not at the drain's deadline
         assert spot.process is not None and spot.process.wait(30) == 0
     assert [endpoint.work(work_id).json()["attempts"] for endpoint, work_id in jobs.items()] == [0, 0]
     log = spot.log()

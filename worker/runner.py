@@ -5,7 +5,7 @@ thread per endpoint, batched claims, renewals and results), hands them to the sl
 (worker/slot.py: the hashing kernel, one job per lane), ends the worker when no endpoint has had
 work for `idle_timeout` seconds, and then runs the exit action (on EC2 a shutdown, which
 terminates the instance). On a Spot instance it watches for the interruption notice
-(worker/interruption.py) and drains at one: the worker ends, and runs its exit action, once what
+(worker/interruption.py) and drains at once: the worker ends, and runs its exit action, once what
 could finish is posted and the rest given back, or at the drain's deadline.
 """
 
