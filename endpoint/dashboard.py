@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import functools
 import hmac
 import json
 import math
@@ -262,8 +263,7 @@ def add_routes(app: bottle.Bottle, store: Store, peer: Peer | None, operator_key
                departures: Departures | None = None) -> None:
     asking = ThreadPoolExecutor(2, thread_name_prefix="dashboard-peer")
 
-    def own_figures(now: float | None = None) -> dict[str, Any]:
-        return figures(store, instance_id, now, usage, departures)
+    own_figures = functools.partial(figures, store, instance_id, usage=usage, departures=departures)
 
     def peer_view() -> dict[str, Any]:
         assert peer is not None

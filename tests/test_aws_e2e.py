@@ -17,6 +17,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -66,6 +67,40 @@ def start_beside_the_service(host: FakeHost) -> subprocess.CompletedProcess[str]
     second = host.run(["sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = second.communicate(timeout=60)[0]
     return subprocess.CompletedProcess(second.args, second.returncode, output)
+
+
+def check_market(moto: MotoServer, market: str, launched: list[dict[str, Any]], deployed: str) -> None:
+    """The workers' type and market as EC2 (moto) recorded them."""
+    assert {instance["InstanceType"] for instance in launched} == {"c7i.large"}
+    assert {instance.get("InstanceLifecycle", "on-demand") for instance in launched} == {market}
+    if market == "spot":  # the deploy made the account's Spot role, with the operator's credentials
+        roles = moto.client("iam").list_roles(PathPrefix="/aws-service-role/spot.amazonaws.com/")["Roles"]
+        assert roles and "AWSServiceRoleForEC2Spot" in deployed
+
+
+def pull_all(urls: list[str], count: int, timeout: float = 120) -> dict[str, str]:
+    """Pull from the endpoints in turn until `count` results came, each once."""
+    results: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while len(results) < count:
+        assert time.monotonic() < deadline, f"{len(results)} of {count} results"
+        for url in urls:
+            for item in requests.post(f"{url}/pullCompleted", params={"top": 5}, timeout=10).json():
+                assert item["id"] not in results
+                results[item["id"]] = item["result"]
+        time.sleep(0.2)
+    return results
+
+
+def check_usage(urls: list[str], market: str, launched: list[dict[str, Any]]) -> None:
+    """What the workers cost, as either endpoint reports it from the scalers' listings."""
+    for url in urls:
+        usage = requests.get(f"{url}/stats", timeout=10).json()["usage"]["last_hour"]
+        assert [(entry["market"], entry["instance_type"]) for entry in usage["by_type"]] == [(market, "c7i.large")]
+        # Each worker at least EC2's minute from its launch, so far as that minute has passed: the
+        # workers ended sooner, yet count up to now.
+        billed = sum(min(60.0, time.time() - instance["LaunchTime"].timestamp()) for instance in launched)
+        assert usage["worker_seconds"] >= billed - 2 and usage["estimated_usd"] > 0, (usage, billed)
 
 
 @pytest.mark.slow
@@ -137,34 +172,20 @@ def test_setup_deploy_scale_and_destroy(market: str, tmp_path: Path) -> None:
             launched = live_instances(ec2, "worker")
             assert 1 <= len(launched) <= 2, outputs
             assert all(any(tag["Key"] == "dw:ready" for tag in instance["Tags"]) for instance in launched), outputs
-            assert {instance["InstanceType"] for instance in launched} == {"c7i.large"}
-            lifecycle = {instance.get("InstanceLifecycle", "on-demand") for instance in launched}
-            assert lifecycle == {market}, outputs
-            if market == "spot":  # the deploy made the account's Spot role, with the operator's credentials
-                roles = moto.client("iam").list_roles(PathPrefix="/aws-service-role/spot.amazonaws.com/")["Roles"]
-                assert roles and "AWSServiceRoleForEC2Spot" in deployed.stdout
+            check_market(moto, market, launched, deployed.stdout)
             for host in endpoints:  # the crontab line's log, opened by its shell
                 assert modes(host, "var/log/scaler.log") == [0o600]
 
-            results: dict[str, str] = {}
-            deadline = time.monotonic() + 120
-            while len(results) < len(expected):
-                assert time.monotonic() < deadline, f"{len(results)} of {len(expected)} results"
-                for url in urls:
-                    for item in requests.post(f"{url}/pullCompleted", params={"top": 5}, timeout=10).json():
-                        assert item["id"] not in results
-                        results[item["id"]] = item["result"]
-                time.sleep(0.2)
-            assert results == expected
+            assert pull_all(urls, len(expected)) == expected
 
             # idle workers run their exit action; the next scaler runs see them gone
             launched_hosts = [host for host in workers
                               if (host.root_dir / "dynamic-workload" / "worker.env").exists()]
             assert len(launched_hosts) == len(launched)
-            for host in launched_hosts:  # a Spot worker watches for its interruption notice; no other does
-                settings = (host.root_dir / "dynamic-workload" / "worker.env").read_text()
-                assert ("DW_INTERRUPTION_NOTICES=ec2-spot" in settings) == (market == "spot")
             for host in launched_hosts:
+                settings = (host.root_dir / "dynamic-workload" / "worker.env").read_text()
+                # A Spot worker watches for its interruption notice; no other does.
+                assert ("DW_INTERRUPTION_NOTICES=ec2-spot" in settings) == (market == "spot")
                 assert modes(host, "worker.log", "worker.pid", "secret") == [0o600, 0o600, 0o600]
             wait_for(lambda: all((host.root_dir / "dynamic-workload" / "idle-exit-ran").exists()
                                  for host in launched_hosts), timeout=60, what="the idle workers' exit action")
@@ -176,15 +197,7 @@ def test_setup_deploy_scale_and_destroy(market: str, tmp_path: Path) -> None:
                 return not live_instances(ec2, "worker")
 
             wait_for(workers_terminated, timeout=60, what="the scalers to terminate the idle workers")
-            # What they cost, as either endpoint reports it from the scalers' listings.
-            for url in urls:
-                usage = requests.get(f"{url}/stats", timeout=10).json()["usage"]["last_hour"]
-                assert [(entry["market"], entry["instance_type"]) for entry in usage["by_type"]] == [
-                    (market, "c7i.large")]
-                # Each worker at least EC2's minute from its launch, so far as that minute has passed: the
-                # workers ended sooner, yet count up to now.
-                billed = sum(min(60.0, time.time() - instance["LaunchTime"].timestamp()) for instance in launched)
-                assert usage["worker_seconds"] >= billed - 2 and usage["estimated_usd"] > 0, (usage, billed)
+            check_usage(urls, market, launched)
 
             # destroy leaves nothing of the cluster
             run_script(["./deploy.sh", "aws", "--destroy"], env)
