@@ -350,42 +350,191 @@ DONE, READY, ARRIVAL, IDLE, TICK, INTERRUPT = range(6)
 
 
 def simulate(jobs: list[Job], scalers: Scalers, cluster: Cluster = CLUSTER, markets: Markets | None = None) -> Result:
-    markets = markets or Markets()
-    rng = random.Random(f"{markets.seed}:interruptions")
-    jobs = sorted(jobs, key=lambda job: job.arrival)
-    events: list[tuple[float, int, int, int, int]] = []  # (time, kind, sequence, job or worker index, run)
-    sequence = 0
+    return Simulation(jobs, scalers, cluster, markets or Markets()).run()
 
-    def schedule(time: float, kind: int, index: int, run: int = 0) -> None:
-        nonlocal sequence
-        heapq.heappush(events, (time, kind, sequence, index, run))
-        sequence += 1
 
-    for index, job in enumerate(jobs):
-        schedule(job.arrival, ARRIVAL, index)
-    schedule(0.0, TICK, 0)
-    queues: tuple[deque[int], deque[int]] = (deque(), deque())  # pending job indexes per endpoint
-    recent: tuple[deque[tuple[float, float]], deque[tuple[float, float]]] = (deque(), deque())  # (end, duration)
-    arrived: tuple[deque[float], deque[float]] = (deque(), deque())  # arrival times per endpoint
-    workers: list[Worker] = []
-    alive: list[Worker] = []  # in launch order: free slots of older workers are used first
-    worker_of: dict[int, Worker] = {}  # running job -> its worker
-    runs: dict[int, tuple[int, float]] = {}  # running job -> (its run, when it ends): a released run ends never
-    breakers = [[0, -math.inf], [0, -math.inf]]  # per scaler: failures in a row, time of the last
-    result = Result()
-    unfinished = len(jobs)
+class Simulation:
+    """One run of the event queue: each event kind has its handler, then free slots take pending jobs."""
 
-    def recently_queued(queue: deque[int], now: float) -> int:
+    def __init__(self, jobs: list[Job], scalers: Scalers, cluster: Cluster, markets: Markets) -> None:
+        self.jobs = sorted(jobs, key=lambda job: job.arrival)
+        self.scalers = scalers
+        self.cluster = cluster
+        self.markets = markets
+        self.rng = random.Random(f"{markets.seed}:interruptions")
+        # (time, kind, sequence, job or worker index, run)
+        self.events: list[tuple[float, int, int, int, int]] = []
+        self.sequence = 0
+        self.queues: tuple[deque[int], deque[int]] = (deque(), deque())  # pending job indexes per endpoint
+        # (end, duration) of the jobs completed recently, per endpoint
+        self.recent: tuple[deque[tuple[float, float]], deque[tuple[float, float]]] = (deque(), deque())
+        self.arrived: tuple[deque[float], deque[float]] = (deque(), deque())  # arrival times per endpoint
+        self.workers: list[Worker] = []
+        self.alive: list[Worker] = []  # in launch order: free slots of older workers are used first
+        self.worker_of: dict[int, Worker] = {}  # running job -> its worker
+        # running job -> (its run, when it ends): a run given back at an interruption ends never
+        self.runs: dict[int, tuple[int, float]] = {}
+        self.breakers = [[0, -math.inf], [0, -math.inf]]  # per scaler: failures in a row, time of the last
+        self.result = Result()
+        self.unfinished = len(self.jobs)
+
+    def schedule(self, time: float, kind: int, index: int, run: int = 0) -> None:
+        heapq.heappush(self.events, (time, kind, self.sequence, index, run))
+        self.sequence += 1
+
+    def run(self) -> Result:
+        for index, job in enumerate(self.jobs):
+            self.schedule(job.arrival, ARRIVAL, index)
+        self.schedule(0.0, TICK, 0)
+        handlers = {ARRIVAL: self.arrival, DONE: self.done, READY: self.ready, IDLE: self.idle, TICK: self.tick,
+                    INTERRUPT: self.interrupt}
+        while self.events:
+            now, kind, _, index, run = heapq.heappop(self.events)
+            handlers[kind](now, index, run)
+            self.dispatch(now)
+        assert self.unfinished == 0 and not self.alive
+        return self.result
+
+    def arrival(self, now: float, index: int, _: int) -> None:
+        self.queues[index % 2].append(index)
+        self.arrived[index % 2].append(now)
+
+    def done(self, now: float, index: int, run: int) -> None:
+        if self.runs.get(index, (0, 0.0))[0] != run or index not in self.worker_of:
+            return  # a run given back at an interruption
+        job, worker = self.jobs[index], self.worker_of.pop(index)
+        worker.running -= 1
+        worker.last_work = now
+        self.result.latencies.append(now - job.arrival)
+        self.recent[index % 2].append((now, job.duration))
+        self.unfinished -= 1
+        if worker.leaving and not worker.running:
+            self.exit_worker(worker, now)
+        elif not worker.running:
+            self.schedule(now + IDLE_TIMEOUT_S, IDLE, worker.id)
+
+    def ready(self, now: float, index: int, _: int) -> None:
+        self.workers[index].last_work = now
+        self.schedule(now + IDLE_TIMEOUT_S, IDLE, index)
+
+    def idle(self, now: float, index: int, _: int) -> None:
+        worker = self.workers[index]
+        if worker.exited_at is None and not worker.running and now - worker.last_work >= IDLE_TIMEOUT_S - 1e-9:
+            self.exit_worker(worker, now)
+
+    def interrupt(self, now: float, index: int, _: int) -> None:
+        """A Spot notice: jobs that cannot end before the notice's time less the margin go back."""
+        worker = self.workers[index]
+        if worker.exited_at is not None:
+            return
+        worker.leaving = True
+        self.result.interrupted += 1
+        for job in [job for job, holder in self.worker_of.items() if holder is worker]:
+            if self.runs[job][1] - now > NOTICE_S - MARGIN_S:
+                del self.worker_of[job]
+                self.runs[job] = (self.runs[job][0], math.inf)
+                worker.running -= 1
+                self.give_back(job)
+        if not worker.running:
+            self.exit_worker(worker, now)
+
+    def give_back(self, index: int) -> None:
+        """Back to its queue, in arrival order (so, usually, at the front)."""
+        queue = self.queues[index % 2]
+        arrival = self.jobs[index].arrival
+        position = next((i for i, other in enumerate(queue) if self.jobs[other].arrival > arrival), len(queue))
+        queue.insert(position, index)
+        self.result.given_back += 1
+
+    def exit_worker(self, worker: Worker, now: float) -> None:
+        worker.exited_at = now
+        self.alive.remove(worker)
+        billed = max(MIN_BILLING_S, now - worker.launched_at)
+        self.result.worker_seconds += billed
+        self.result.cost += billed * (1 - self.markets.discount) if worker.spot else billed
+
+    def tick(self, now: float, _: int, __: int) -> None:
+        for owner, count in enumerate(self.scalers(self.snapshot(now))):
+            self.launch(now, owner, count)
+        if sum(not worker.leaving for worker in self.alive) > self.cluster.max_workers:
+            raise AssertionError(f"{len(self.alive)} workers alive at {now:.0f}s, over the cap of "
+                                 f"{self.cluster.max_workers}")
+        if self.unfinished or self.alive:
+            self.schedule(now + self.cluster.tick_s, TICK, 0)
+
+    def snapshot(self, now: float) -> Snapshot:
+        """What the scalers see: each endpoint's figures over its windows, and the cluster (a leaving
+        worker counts as gone)."""
+        for window in self.recent:
+            while window and window[0][0] < now - STATS_WINDOW_S:
+                window.popleft()
+        for times in self.arrived:
+            while times and times[0] < now - ARRIVAL_WINDOW_S:
+                times.popleft()
+        loads = tuple(self.load(now, queue, window, times)
+                      for queue, window, times in zip(self.queues, self.recent, self.arrived, strict=True))
+        staying = [worker for worker in self.alive if not worker.leaving]
+        ready = sum(worker.ready_at <= now for worker in staying)
+        owned = (sum(worker.owner == 0 for worker in staying), sum(worker.owner == 1 for worker in staying))
+        return Snapshot(now, (loads[0], loads[1]), ready, len(staying) - ready, owned)
+
+    def load(self, now: float, queue: deque[int], window: deque[tuple[float, float]],
+             times: deque[float]) -> EndpointLoad:
+        return EndpointLoad(
+            pending=len(queue), oldest_pending_age_s=now - self.jobs[queue[0]].arrival if queue else 0.0,
+            recent_jobs=len(window), recent_job_duration_s=sum(d for _, d in window) / len(window) if window else None,
+            recent_arrivals=len(times), recent_arrivals_pending=self.recently_queued(queue, now),
+            arrival_window_s=ARRIVAL_WINDOW_S)
+
+    def recently_queued(self, queue: deque[int], now: float) -> int:
         """Pending jobs that arrived within the arrival window: the newest of the queue."""
         count = 0
         for index in reversed(queue):
-            if jobs[index].arrival < now - ARRIVAL_WINDOW_S:
+            if self.jobs[index].arrival < now - ARRIVAL_WINDOW_S:
                 break
             count += 1
         return count
 
-    def dispatch(now: float) -> None:
-        for worker in alive:
+    def offer(self, owner: int, now: float) -> bool | None:
+        """A launch's market: True (Spot), False (On-Demand), None (no Spot capacity, no fallback: failed)."""
+        markets, breaker = self.markets, self.breakers[owner]
+        if not markets.spot:
+            return False
+        if not markets.short_at(now):
+            breaker[0] = 0
+            return True
+        if markets.fallback:
+            return False
+        breaker[0] += 1
+        breaker[1] = now
+        self.result.failed_launches += 1
+        return None
+
+    def breaker_allows(self, owner: int, now: float) -> bool:
+        failures, last = self.breakers[owner]
+        return failures < BREAKER_THRESHOLD or now - last >= BREAKER_COOLDOWN_S
+
+    def launch(self, now: float, owner: int, count: int) -> None:
+        if not count or not self.breaker_allows(owner, now):
+            return
+        market = self.offer(owner, now)
+        if market is None:
+            return
+        for _ in range(count):
+            worker = Worker(len(self.workers), owner, launched_at=now, ready_at=now + self.cluster.boot_s, spot=market)
+            self.workers.append(worker)
+            self.alive.append(worker)
+            self.schedule(worker.ready_at, READY, worker.id)
+            self.result.launches += 1
+            if market:
+                self.result.spot_launches += 1
+                if self.markets.interruptions_per_hour > 0:
+                    self.schedule(now + self.rng.expovariate(self.markets.interruptions_per_hour / 3600), INTERRUPT,
+                                  worker.id)
+
+    def dispatch(self, now: float) -> None:
+        queues, jobs = self.queues, self.jobs
+        for worker in self.alive:
             while (worker.running < SLOTS_PER_WORKER and worker.ready_at <= now and not worker.leaving
                    and (queues[0] or queues[1])):
                 if not queues[1] or (queues[0] and jobs[queues[0][0]].arrival <= jobs[queues[1][0]].arrival):
@@ -394,131 +543,10 @@ def simulate(jobs: list[Job], scalers: Scalers, cluster: Cluster = CLUSTER, mark
                     index = queues[1].popleft()
                 worker.running += 1
                 worker.last_work = now
-                worker_of[index] = worker
-                run = runs[index][0] + 1 if index in runs else 1
-                runs[index] = (run, now + jobs[index].duration)
-                schedule(now + jobs[index].duration, DONE, index, run)
-
-    def exit_worker(worker: Worker, now: float) -> None:
-        worker.exited_at = now
-        alive.remove(worker)
-        billed = max(MIN_BILLING_S, now - worker.launched_at)
-        result.worker_seconds += billed
-        result.cost += billed * (1 - markets.discount) if worker.spot else billed
-
-    def give_back(index: int) -> None:
-        """Back to its queue, in arrival order (so, usually, at the front)."""
-        queue = queues[index % 2]
-        position = next((i for i, other in enumerate(queue) if jobs[other].arrival > jobs[index].arrival), len(queue))
-        queue.insert(position, index)
-        result.given_back += 1
-
-    def interrupt(worker: Worker, now: float) -> None:
-        if worker.exited_at is not None:
-            return
-        worker.leaving = True
-        result.interrupted += 1
-        for index in [index for index, holder in worker_of.items() if holder is worker]:
-            if runs[index][1] - now > NOTICE_S - MARGIN_S:
-                del worker_of[index]
-                runs[index] = (runs[index][0], math.inf)
-                worker.running -= 1
-                give_back(index)
-        if not worker.running:
-            exit_worker(worker, now)
-
-    def offer(owner: int, now: float) -> bool | None:
-        """A launch's market: True (Spot), False (On-Demand), None (no Spot capacity, no fallback: failed)."""
-        if not markets.spot:
-            return False
-        if not markets.short_at(now):
-            breakers[owner][0] = 0
-            return True
-        if markets.fallback:
-            return False
-        breakers[owner][0] += 1
-        breakers[owner][1] = now
-        result.failed_launches += 1
-        return None
-
-    def breaker_allows(owner: int, now: float) -> bool:
-        failures, last = breakers[owner]
-        return failures < BREAKER_THRESHOLD or now - last >= BREAKER_COOLDOWN_S
-
-    def launch(owner: int, count: int, now: float) -> None:
-        if not count or not breaker_allows(owner, now):
-            return
-        market = offer(owner, now)
-        if market is None:
-            return
-        for _ in range(count):
-            worker = Worker(len(workers), owner, launched_at=now, ready_at=now + cluster.boot_s, spot=market)
-            workers.append(worker)
-            alive.append(worker)
-            schedule(worker.ready_at, READY, worker.id)
-            result.launches += 1
-            if market:
-                result.spot_launches += 1
-                if markets.interruptions_per_hour > 0:
-                    schedule(now + rng.expovariate(markets.interruptions_per_hour / 3600), INTERRUPT, worker.id)
-
-    def tick(now: float) -> None:
-        for window in recent:
-            while window and window[0][0] < now - STATS_WINDOW_S:
-                window.popleft()
-        for times in arrived:
-            while times and times[0] < now - ARRIVAL_WINDOW_S:
-                times.popleft()
-        loads = tuple(
-            EndpointLoad(pending=len(queue), oldest_pending_age_s=now - jobs[queue[0]].arrival if queue else 0.0,
-                         recent_jobs=len(window),
-                         recent_job_duration_s=sum(d for _, d in window) / len(window) if window else None,
-                         recent_arrivals=len(times), recent_arrivals_pending=recently_queued(queue, now),
-                         arrival_window_s=ARRIVAL_WINDOW_S)
-            for queue, window, times in zip(queues, recent, arrived, strict=True))
-        staying = [worker for worker in alive if not worker.leaving]  # a leaving worker counts as gone
-        ready = sum(worker.ready_at <= now for worker in staying)
-        owned = (sum(worker.owner == 0 for worker in staying), sum(worker.owner == 1 for worker in staying))
-        snap = Snapshot(now, (loads[0], loads[1]), ready, len(staying) - ready, owned)
-        for owner, count in enumerate(scalers(snap)):
-            launch(owner, count, now)
-        if sum(not worker.leaving for worker in alive) > cluster.max_workers:
-            raise AssertionError(f"{len(alive)} workers alive at {now:.0f}s, over the cap of {cluster.max_workers}")
-        if unfinished or alive:
-            schedule(now + cluster.tick_s, TICK, 0)
-
-    while events:
-        now, kind, _, index, run = heapq.heappop(events)
-        if kind == ARRIVAL:
-            queues[index % 2].append(index)
-            arrived[index % 2].append(now)
-        elif kind == DONE:
-            if runs.get(index, (0, 0.0))[0] != run or index not in worker_of:
-                continue  # a run given back at an interruption
-            job, worker = jobs[index], worker_of.pop(index)
-            worker.running -= 1
-            worker.last_work = now
-            result.latencies.append(now - job.arrival)
-            recent[index % 2].append((now, job.duration))
-            unfinished -= 1
-            if worker.leaving and not worker.running:
-                exit_worker(worker, now)
-            elif not worker.running:
-                schedule(now + IDLE_TIMEOUT_S, IDLE, worker.id)
-        elif kind == READY:
-            workers[index].last_work = now
-            schedule(now + IDLE_TIMEOUT_S, IDLE, index)
-        elif kind == IDLE:
-            worker = workers[index]
-            if worker.exited_at is None and not worker.running and now - worker.last_work >= IDLE_TIMEOUT_S - 1e-9:
-                exit_worker(worker, now)
-        elif kind == INTERRUPT:
-            interrupt(workers[index], now)
-        elif kind == TICK:
-            tick(now)
-        dispatch(now)
-    assert unfinished == 0 and not alive
-    return result
+                self.worker_of[index] = worker
+                run = self.runs[index][0] + 1 if index in self.runs else 1
+                self.runs[index] = (run, now + jobs[index].duration)
+                self.schedule(now + jobs[index].duration, DONE, index, run)
 
 
 # --- figures -----------------------------------------------------------------------------------------------------

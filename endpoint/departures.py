@@ -14,12 +14,10 @@ fall silent.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +25,12 @@ import bottle
 from bottle import HTTPResponse
 
 from endpoint.inputs import InputError
+from endpoint.routing import Context, json_response
+from endpoint.worker_api import worker_request
 
 KEPT_S = 3600.0
 MAX_KEPT = 10_000
 REASON_PATTERN = re.compile(r"[a-z][a-z-]{0,63}")
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 @dataclass(frozen=True)
@@ -85,20 +84,20 @@ class Departures:
             return len(self._by_worker), dict(self.announced)
 
 
-def add_routes(app: bottle.Bottle, departures: Departures, worker_only: Decorator, client_errors: Decorator,
-               worker_request: Callable[[], dict[str, Any]]) -> None:
-    @app.route("/internal/leaving", method="POST")
-    @worker_only
-    @client_errors
-    def leaving() -> HTTPResponse:
-        fields = worker_request()
-        reason, seconds_left, left = fields.get("reason"), fields.get("seconds_left"), fields.get("left", False)
-        if not isinstance(reason, str) or not REASON_PATTERN.fullmatch(reason):
-            raise InputError(400, "field 'reason' must be 1-64 characters of [a-z-], such as spot-interruption")
-        if isinstance(seconds_left, bool) or not isinstance(seconds_left, (int, float)) \
-                or not 0 <= seconds_left <= 86_400:
-            raise InputError(400, "field 'seconds_left' must be a number of seconds from 0 to 86400")
-        if not isinstance(left, bool):
-            raise InputError(400, "field 'left' must be true or false")
-        departures.record(fields["worker"], reason, float(seconds_left), left)
-        return HTTPResponse(json.dumps({"recorded": True}), status=200, headers={"Content-Type": "application/json"})
+def add_routes(app: bottle.Bottle) -> None:
+    app.route("/internal/leaving", "POST", leaving, auth="worker")
+
+
+def leaving(ctx: Context) -> HTTPResponse:
+    assert ctx.departures is not None  # make_app gives every app its own
+    fields = worker_request()
+    reason, seconds_left, left = fields.get("reason"), fields.get("seconds_left"), fields.get("left", False)
+    if not isinstance(reason, str) or not REASON_PATTERN.fullmatch(reason):
+        raise InputError(400, "field 'reason' must be 1-64 characters of [a-z-], such as spot-interruption")
+    if isinstance(seconds_left, bool) or not isinstance(seconds_left, (int, float)) \
+            or not 0 <= seconds_left <= 86_400:
+        raise InputError(400, "field 'seconds_left' must be a number of seconds from 0 to 86400")
+    if not isinstance(left, bool):
+        raise InputError(400, "field 'left' must be true or false")
+    ctx.departures.record(fields["worker"], reason, float(seconds_left), left)
+    return json_response({"recorded": True})

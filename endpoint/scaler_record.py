@@ -8,42 +8,51 @@ and nothing else: a scaler takes no results and poses as no endpoint.
 
 PUT /internal/scaler/runs/<run>       the whole record of the run so far; a repeat is harmless
 POST /internal/scaler/reset-breaker   `python -m cron.scale --reset-breaker`
+PUT /internal/fleet                   the cluster's machines the scaler listed, for their cost (endpoint/usage.py)
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+import time
 from typing import Any
 
 import bottle
 from bottle import HTTPResponse, request
 
-from endpoint.history import BREAKER_STATES, ERROR_CHARS, EVENT_KINDS, History, ScalerEvent, ScalerRun
+from endpoint.history import BREAKER_STATES, ERROR_CHARS, EVENT_KINDS, ScalerEvent, ScalerRun
 from endpoint.inputs import InputError
+from endpoint.routing import Context, json_response
+from endpoint.usage import listed_machines
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_EVENTS = 1000
 MAX_REASON_CHARS = 2000
 COUNT_FIELDS = ("needed", "decided", "allowed", "ready", "booting", "launched", "provisioned", "terminated")
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
-def add_routes(app: bottle.Bottle, history: History, scaler_only: Decorator, client_errors: Decorator) -> None:
-    @app.route("/internal/scaler/runs/<run_id>", method="PUT")
-    @scaler_only
-    @client_errors
-    def record_run(run_id: str) -> HTTPResponse:
-        history.record_run(scaler_run(run_id, json_object(request.body.read())))
-        return HTTPResponse(json.dumps({"recorded": True}), status=200, headers={"Content-Type": "application/json"})
+def add_routes(app: bottle.Bottle) -> None:
+    app.route("/internal/scaler/runs/<run_id>", "PUT", record_run, auth="scaler")
+    app.route("/internal/scaler/reset-breaker", "POST", reset_breaker, auth="scaler")
+    app.route("/internal/fleet", "PUT", record_fleet, auth="scaler")
 
-    @app.route("/internal/scaler/reset-breaker", method="POST")
-    @scaler_only
-    @client_errors
-    def reset_breaker() -> HTTPResponse:
-        history.reset_breaker()
-        return HTTPResponse(json.dumps({"reset": True}), status=200, headers={"Content-Type": "application/json"})
+
+def record_run(ctx: Context, run_id: str) -> HTTPResponse:
+    ctx.store.history.record_run(scaler_run(run_id, json_object(request.body.read())))
+    return json_response({"recorded": True})
+
+
+def reset_breaker(ctx: Context) -> HTTPResponse:
+    ctx.store.history.reset_breaker()
+    return json_response({"reset": True})
+
+
+def record_fleet(ctx: Context) -> HTTPResponse:
+    assert ctx.usage is not None  # make_app gives every app its own
+    machines = listed_machines(json_object(request.body.read()), time.time())
+    ctx.usage.record(machines)
+    return json_response({"recorded": len(machines)})
 
 
 def json_object(body: bytes) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Where the seconds come from: EC2's own record of each instance (its launch time, type and
 market), as the scalers list the cluster's workers at every run and post them here (PUT
-/internal/fleet, the scaler key; cron/scale.py). A machine's life runs from its launch to the
+/internal/fleet, the scaler key: endpoint/scaler_record.py; cron/scale.py). A machine's life runs from its launch to the
 later of the last listing that still showed it and the last time this endpoint heard from its
 worker (the workers table), which is within a second of its end for a worker that exits by
 itself. So a worker is counted from its launch (its boot and provisioning are billed too) and
@@ -19,16 +19,12 @@ rows kept for two days.
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-import bottle
-from bottle import HTTPResponse, request
 
 from endpoint.inputs import InputError
 from endpoint.prices import PRICES_AS_OF, PriceTable
@@ -41,7 +37,6 @@ MAX_MACHINES = 10_000  # in one post
 MARKETS = ("on-demand", "spot", "none")  # none: no EC2 instance (local and ssh providers)
 MACHINE_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 TYPE_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{0,63}")
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 @dataclass(frozen=True)
@@ -130,18 +125,3 @@ def listed_machines(fields: Any, now: float) -> list[Listed]:
             raise InputError(400, "a machine's 'launched_at' must be a unix time within the last year")
         listed.append(Listed(machine_id, instance_type, market, float(launched_at)))
     return listed
-
-
-def add_routes(app: bottle.Bottle, usage: Usage, scaler_only: Decorator, client_errors: Decorator) -> None:
-    @app.route("/internal/fleet", method="PUT")
-    @scaler_only
-    @client_errors
-    def fleet() -> HTTPResponse:
-        try:
-            fields = json.loads(request.body.read() or b"{}")
-        except ValueError as exc:
-            raise InputError(400, f"request body is not JSON: {exc}") from exc
-        machines = listed_machines(fields, time.time())
-        usage.record(machines)
-        return HTTPResponse(json.dumps({"recorded": len(machines)}), status=200,
-                            headers={"Content-Type": "application/json"})
