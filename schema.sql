@@ -274,7 +274,7 @@ CREATE TABLE IF NOT EXISTS samples (
     durations            TEXT NOT NULL
 );
 
--- The cluster's worker machines as the scalers list them at every run (PUT /internal/fleet), for
+-- The cluster's worker machines as the scalers list them at every run (PUT /internal/scaler/fleet), for
 -- the worker-seconds and estimated cost in GET /stats (endpoint/usage.py). Kept two days after
 -- the last listing.
 CREATE TABLE IF NOT EXISTS fleet_machines (

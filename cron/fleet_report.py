@@ -1,6 +1,6 @@
 """The scaler's listing of the cluster's workers, posted to its endpoint at every run.
 
-The endpoint keeps it (PUT /internal/fleet, endpoint/usage.py) and reports from it, in GET
+The endpoint keeps it (PUT /internal/scaler/fleet, endpoint/usage.py) and reports from it, in GET
 /stats, the worker-seconds by market and instance type over the last hour and day and what they
 cost. Every machine listed is posted, whoever launched it, with EC2's launch time, type and
 market; off EC2 (local and ssh providers) the type is the provider's name and the market
@@ -9,16 +9,14 @@ market; off EC2 (local and ssh providers) the type is the provider's name and th
 
 from __future__ import annotations
 
-import json
 import logging
-import urllib.request
 from collections.abc import Sequence
 
 from cron.providers import Machine
+from cron.state import EndpointUnreachable, call
 
 log = logging.getLogger("cron.scale")
 
-POST_TIMEOUT_S = 10.0  # longer than the endpoint's own wait for its writer (5 s)
 
 
 def fleet_listing(machines: Sequence[Machine], provider: str) -> dict[str, list[dict[str, object]]]:
@@ -28,12 +26,8 @@ def fleet_listing(machines: Sequence[Machine], provider: str) -> dict[str, list[
 
 
 def report_fleet(endpoint_url: str, key: str, machines: Sequence[Machine], provider: str) -> None:
-    request = urllib.request.Request(
-        f"{endpoint_url.rstrip('/')}/internal/fleet", data=json.dumps(fleet_listing(machines, provider)).encode(),
-        method="PUT", headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=POST_TIMEOUT_S) as response:
-            response.read()
-    except (OSError, ValueError) as exc:
+        call(f"{endpoint_url.rstrip('/')}/internal/scaler/fleet", key, "PUT", fleet_listing(machines, provider))
+    except EndpointUnreachable as exc:
         log.warning("the workers' listing was not recorded at %s (their cost in /stats misses this run): %s",
                     endpoint_url, exc)

@@ -10,7 +10,7 @@ Worker (the worker key):      endpoint/worker_api.py   POST /internal/claims, /i
 Peer (the peer key):          endpoint/peer_api.py     POST /internal/peer/take-completed, /internal/peer/give-back,
                                                        GET /internal/peer/work/<id>
 Scaler (the scaler key):      endpoint/scaler_record.py  the scaler's runs and its breaker
-                                                       and PUT /internal/fleet (the workers, for their cost)
+                                                       and PUT /internal/scaler/fleet (the workers, for their cost)
 Operator and anybody:         endpoint/dashboard.py    GET /, GET /details (the operator key), and the peer's
                                                        GET /internal/peer/dashboard
 Anybody:                      endpoint/metrics.py      GET /metrics

@@ -8,7 +8,7 @@ and nothing else: a scaler takes no results and poses as no endpoint.
 
 PUT /internal/scaler/runs/<run>       the whole record of the run so far; a repeat is harmless
 POST /internal/scaler/reset-breaker   `python -m cron.scale --reset-breaker`
-PUT /internal/fleet                   the cluster's machines the scaler listed, for their cost (endpoint/usage.py)
+PUT /internal/scaler/fleet            the cluster's machines it listed this run, for their cost (endpoint/usage.py)
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ COUNT_FIELDS = ("needed", "decided", "allowed", "ready", "booting", "launched", 
 def add_routes(app: bottle.Bottle) -> None:
     app.route("/internal/scaler/runs/<run_id>", "PUT", record_run, auth="scaler")
     app.route("/internal/scaler/reset-breaker", "POST", reset_breaker, auth="scaler")
-    app.route("/internal/fleet", "PUT", record_fleet, auth="scaler")
+    app.route("/internal/scaler/fleet", "PUT", record_fleet, auth="scaler")
 
 
 def record_run(ctx: Context, run_id: str) -> HTTPResponse:

@@ -2,14 +2,14 @@
 
 Where the seconds come from: EC2's own record of each instance (its launch time, type and
 market), as the scalers list the cluster's workers at every run and post them here (PUT
-/internal/fleet, the scaler key: endpoint/scaler_record.py; cron/scale.py). A machine's life runs from its launch to the
-later of the last listing that still showed it and the last time this endpoint heard from its
-worker (the workers table), which is within a second of its end for a worker that exits by
-itself. So a worker is counted from its launch (its boot and provisioning are billed too) and
-at least 60 s (EC2's minimum per launch), once however many scalers list it; either endpoint
-counts every machine of the cluster, as both scalers list all of them. What this misses: the
-time between the last listing or word and the instance's end, at most one scaler period (a
-minute) for a machine that went silent.
+/internal/scaler/fleet, the scaler key: endpoint/scaler_record.py; cron/fleet_report.py). A
+machine's life runs from its launch to the later of the last listing that still showed it and
+the last time this endpoint heard from its worker (the workers table), which is within a second
+of its end for a worker that exits by itself. So a worker is counted from its launch (its boot
+and provisioning are billed too) and at least 60 s (EC2's minimum per launch), once however many
+scalers list it; either endpoint counts every machine of the cluster, as both scalers list all of
+them. What this misses: the time between the last listing or word and the instance's end, at
+most one scaler period (a minute) for a machine that went silent.
 
 GET /stats shows `usage`: for the last hour and the last day, the worker-seconds and the
 estimated cost by market and type, priced by endpoint/prices.py. Part of the storage layer

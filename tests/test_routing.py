@@ -30,8 +30,8 @@ KEYS = Keys.from_secret(SECRET)
 BEARER = {role: {"HTTP_AUTHORIZATION": f"Bearer {getattr(KEYS, role)}"} for role in routing.BEARER_ROLES}
 OPERATOR = {"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(f"any:{KEYS.operator}".encode()).decode()}
 # What each route is opened to, by its rule: a route module that forgets its role fails here.
-EXPECTED_ROLES = {"/internal/peer/": "peer", "/internal/scaler/": "scaler", "/internal/fleet": "scaler",
-                  "/internal/": "worker", "/details": "operator"}
+EXPECTED_ROLES = {"/internal/peer/": "peer", "/internal/scaler/": "scaler", "/internal/": "worker",
+                  "/details": "operator"}
 
 
 def call(app: bottle.Bottle, method: str, path: str, headers: dict[str, str] | None = None,

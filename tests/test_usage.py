@@ -98,7 +98,7 @@ def test_a_price_entry_is_checked_and_handed_on_as_written() -> None:
 
 def test_listings_are_checked_and_stats_report_the_cost(services: Services) -> None:
     a = services.endpoint("a", extra_args=("--price", "c7i.large/spot=0.036"))
-    url = f"{a.url}/internal/fleet"
+    url = f"{a.url}/internal/scaler/fleet"
     now = time.time()
     good = {"id": "i-0abc", "instance_type": "c7i.large", "market": "spot", "launched_at": now - 120}
     for bad in ({"machines": [{**good, "market": "reserved"}]}, {"machines": [{**good, "launched_at": "soon"}]},
