@@ -255,6 +255,7 @@ class Scaler:
         self.record = RunRecord(args.url, self.key, args.node_id, self.breaker)
         # What this run knows runs, for the report when it is interrupted or fails.
         self.known: list[Machine] = []
+        self.listed: list[Machine] = []  # what the provider listed at the start of this run
         self.unprovisioned: dict[str, Machine] = {}
         self.launch_under_way = False
 
@@ -264,8 +265,9 @@ class Scaler:
         own_stats = fetch_stats(args.url, self.key, window)
         peer_stats = fetch_stats(args.peer, self.key, window) if args.peer else None
         self.record = RunRecord(args.url, self.key, args.node_id, self.breaker)
+        self.known = self.listed = []  # until the listing: a run that fails before it reports nothing
         self.known = self.provider.list()
-        listed = list(self.known)
+        self.listed = list(self.known)
         fleet = self.reconcile(self.known, self._hearing(own_stats, peer_stats))
         self.known = fleet.machines
         if own_stats is None:
@@ -277,10 +279,14 @@ class Scaler:
         if self.record.fields["allowed"]:
             self.launch(self.record.fields["allowed"])
         self.record.flush()  # not after Ctrl-C: a stop does not wait for the endpoint
-        # For the cost in /stats: what ran at the start of the run, and what it launched.
-        seen = {machine.machine_id: machine for machine in listed + self.known}
-        report_fleet(args.url, self.key, list(seen.values()), args.provider)
         return decision
+
+    def report_fleet(self) -> None:
+        """For the cost in /stats: what ran at the start of this run, and what it launched (also after
+        a run that failed midway; never after a stop, which does not wait for the endpoint)."""
+        seen = {machine.machine_id: machine for machine in self.listed + self.known}
+        if seen:
+            report_fleet(self.args.url, self.key, list(seen.values()), self.args.provider)
 
     def record_decision(self, decision: Decision, state: ScalerState, fleet: Fleet) -> None:
         """Limit the decision by the circuit breaker, log it and post it to the endpoint."""
@@ -464,15 +470,16 @@ def run_loop(args: argparse.Namespace, scaler: Scaler) -> int:
 
 def run_guarded(scaler: Scaler) -> bool:
     """One run; a failure is logged with what keeps running, and must not end an --every loop."""
+    succeeded = False
     try:
         scaler.run_once()
+        succeeded = True
     except (ProviderError, EndpointUnreachable, *API_ERRORS) as exc:
         log.error("scaling run failed: %s. %s", exc, scaler.left_running())
-        return False
     except Exception:  # noqa: BLE001 -- a bug: its traceback is what helps
         log.exception("scaling run failed. %s", scaler.left_running())
-        return False
-    return True
+    scaler.report_fleet()
+    return succeeded
 
 
 def terminate_all(provider: Provider) -> int:
