@@ -25,9 +25,10 @@ def fleet_listing(machines: Sequence[Machine], provider: str) -> dict[str, list[
                          for machine in machines]}
 
 
-def report_fleet(endpoint_url: str, key: str, machines: Sequence[Machine], provider: str) -> None:
+def report_fleet(endpoint_url: str, key: str, machines: Sequence[Machine], provider: str, ca_file: str = "") -> None:
     try:
-        call(f"{endpoint_url.rstrip('/')}/internal/scaler/fleet", key, "PUT", fleet_listing(machines, provider))
+        call(f"{endpoint_url.rstrip('/')}/internal/scaler/fleet", key, "PUT", fleet_listing(machines, provider),
+             ca_file=ca_file)
     except EndpointUnreachable as exc:
         log.warning("the workers' listing was not recorded at %s (their cost in /stats misses this run): %s",
                     endpoint_url, exc)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
+from cli.tls import urlopen
 from cloud.aws import API_ERRORS, ClusterUsageError, check_state_cluster, read_state, resolve_region
 from cloud.ssh import HostKeyPins
 from cron.config import parse_args
@@ -71,7 +72,18 @@ def worker_install(args: argparse.Namespace) -> WorkerInstall:
     return WorkerInstall(endpoints=tuple(args.endpoints), worker_key=key, worker_id="",
                          idle_timeout=args.idle_timeout, processes=args.worker_processes,
                          service=args.worker_service, exit_command=args.worker_exit_command,
-                         python=args.remote_python, kernel=args.worker_kernel)
+                         python=args.remote_python, kernel=args.worker_kernel, ca_certificate=ca_certificate(args))
+
+
+def ca_certificate(args: argparse.Namespace) -> str:
+    """The CA the workers are to check the endpoints against, read before any launch."""
+    if not args.tls_ca:
+        return ""
+    try:
+        return Path(args.tls_ca).read_text()
+    except OSError as exc:
+        raise SettingsError(f"cannot read the CA certificate {args.tls_ca} ({exc.strerror}): pass --tls-ca "
+                            f"(DW_TLS_CA), the file ./deploy.sh wrote") from exc
 
 
 def make_provider(args: argparse.Namespace) -> Provider:
@@ -79,7 +91,7 @@ def make_provider(args: argparse.Namespace) -> Provider:
     if args.provider == "local":
         return LocalProvider(state_dir / "workers", args.endpoints, lambda: worker_key(cluster_secret(args)),
                              processes_per_worker=args.slots_per_worker, idle_timeout=args.idle_timeout,
-                             log_dir=state_dir / "log", kernel=args.worker_kernel)
+                             log_dir=state_dir / "log", kernel=args.worker_kernel, tls_ca=args.tls_ca)
     pins = HostKeyPins(state_dir / "known_hosts.json")
     if args.provider == "ssh":
         from cron.providers.ssh import SshProvider
@@ -142,13 +154,13 @@ def exclusive_run(lock_path: Path) -> Iterator[bool]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def fetch_stats(url: str, key: str, workers_within: float = 0, timeout: float = 3.0) -> dict | None:
+def fetch_stats(url: str, key: str, workers_within: float = 0, timeout: float = 3.0, ca_file: str = "") -> dict | None:
     """An endpoint's /stats with the details (the workers it heard from, the breaker's last error) that the
     scaler key opens."""
     query = f"?workers_within={max(1, int(workers_within))}" if workers_within else ""
     request = urllib.request.Request(f"{url.rstrip('/')}/stats{query}", headers={"Authorization": f"Bearer {key}"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urlopen(request, timeout, ca_file) as response:
             return json.loads(response.read())
     except (OSError, ValueError) as exc:
         log.warning("%s/stats unreachable: %s", url, exc)
@@ -252,7 +264,8 @@ class Scaler:
         self.policy = make_policy(args)
         self.breaker = Breaker(args.breaker_threshold, args.breaker_cooldown)
         self.key = scaler_key(cluster_secret(args))  # for the endpoints' /stats details and this run's record
-        self.record = RunRecord(args.url, self.key, args.node_id, self.breaker)
+        ca_certificate(args)  # a CA file that cannot be read is refused before the run does anything
+        self.record = RunRecord(args.url, self.key, args.node_id, self.breaker, args.tls_ca)
         # What this run knows runs, for the report when it is interrupted or fails.
         self.known: list[Machine] = []
         self.listed: list[Machine] = []  # what the provider listed at the start of this run
@@ -262,9 +275,9 @@ class Scaler:
     def run_once(self) -> Decision:
         args = self.args
         window = args.partition_deadline + 60
-        own_stats = fetch_stats(args.url, self.key, window)
-        peer_stats = fetch_stats(args.peer, self.key, window) if args.peer else None
-        self.record = RunRecord(args.url, self.key, args.node_id, self.breaker)
+        own_stats = fetch_stats(args.url, self.key, window, ca_file=args.tls_ca)
+        peer_stats = fetch_stats(args.peer, self.key, window, ca_file=args.tls_ca) if args.peer else None
+        self.record = RunRecord(args.url, self.key, args.node_id, self.breaker, args.tls_ca)
         self.known = self.listed = []  # until the listing: a run that fails before it reports nothing
         self.known = self.provider.list()
         self.listed = list(self.known)
@@ -286,7 +299,7 @@ class Scaler:
         a run that failed midway; never after a stop, which does not wait for the endpoint)."""
         seen = {machine.machine_id: machine for machine in self.listed + self.known}
         if seen:
-            report_fleet(self.args.url, self.key, list(seen.values()), self.args.provider)
+            report_fleet(self.args.url, self.key, list(seen.values()), self.args.provider, self.args.tls_ca)
 
     def record_decision(self, decision: Decision, state: ScalerState, fleet: Fleet) -> None:
         """Limit the decision by the circuit breaker, log it and post it to the endpoint."""
@@ -433,7 +446,8 @@ class Scaler:
             self.unprovisioned.pop(machine.machine_id, None)
             return ready
 
-        return [machine for machine in parallel(attempt, machines) if machine is not None]
+        return [machine for machine in parallel(attempt, machines, self.args.provision_parallel)
+                if machine is not None]
 
     def _forget(self, machine: Machine) -> None:
         self.unprovisioned.pop(machine.machine_id, None)
@@ -492,7 +506,7 @@ def terminate_all(provider: Provider) -> int:
 def run(args: argparse.Namespace, scaler_ref: list[Scaler]) -> int:
     if args.reset_breaker:
         try:
-            reset_breaker(args.url, scaler_key(cluster_secret(args)))
+            reset_breaker(args.url, scaler_key(cluster_secret(args)), args.tls_ca)
         except EndpointUnreachable as exc:
             log.error("the circuit breaker was not reset: %s (the endpoint keeps the breaker: start it, or pass "
                       "its --url)", exc)

@@ -14,6 +14,8 @@ Scaler (the scaler key):      endpoint/scaler_record.py  the scaler's runs and i
 Operator and anybody:         endpoint/dashboard.py    GET /, GET /details (the operator key), and the peer's
                                                        GET /internal/peer/dashboard
 Anybody:                      endpoint/metrics.py      GET /metrics
+Operator (client keys):       endpoint/client_key_api.py  GET /internal/client-keys, PUT and DELETE
+                                                       /internal/client-keys/<id>
 
 Each route module's add_routes(app) names the role a route needs (`auth="worker"`); the plugins of
 endpoint/routing.py check the key, turn errors into JSON answers and pass each route the app's
@@ -30,7 +32,17 @@ from __future__ import annotations
 
 import bottle
 
-from endpoint import dashboard, departures, metrics, peer_api, public_api, routing, scaler_record, worker_api
+from endpoint import (
+    client_key_api,
+    dashboard,
+    departures,
+    metrics,
+    peer_api,
+    public_api,
+    routing,
+    scaler_record,
+    worker_api,
+)
 from endpoint.departures import Departures
 from endpoint.metrics import Metrics
 from endpoint.peer import Peer
@@ -40,14 +52,16 @@ from endpoint.routing import Context, JsonBottle, Keys, Limits
 from endpoint.store import Store
 
 __all__ = ["Limits", "make_app"]
-ROUTE_MODULES = (public_api, worker_api, departures, peer_api, scaler_record, metrics, dashboard)
+ROUTE_MODULES = (public_api, worker_api, departures, peer_api, scaler_record, metrics, dashboard, client_key_api)
 
 
 def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None,
-             instance_id: str = "", metrics: Metrics | None = None, prices: PriceTable | None = None) -> bottle.Bottle:
-    """`secret` is the cluster secret; callers present the key derived from it for their role."""
+             instance_id: str = "", metrics: Metrics | None = None, prices: PriceTable | None = None,
+             client_keys: bool = False) -> bottle.Bottle:
+    """`secret` is the cluster secret; callers present the key derived from it for their role. With
+    `client_keys`, the clients' routes need a client key (endpoint/routing.py's ClientKeys)."""
     context = Context(store=store, limits=limits, keys=Keys.from_secret(secret), metrics=metrics or Metrics(store),
-                      pulls=Pulls(store, peer), peer=peer, instance_id=instance_id,
+                      pulls=Pulls(store, peer), peer=peer, instance_id=instance_id, client_keys=client_keys,
                       departures=Departures(), usage=store.usage(prices or PriceTable()))
     context.metrics.watch_fleet(context.departures, context.usage)
     app = JsonBottle()

@@ -2,6 +2,10 @@
 namespace of its own, and everything after the API call is real -- SSH, SFTP, the offline
 venv install, the endpoint service, the scaler's crontab entry, the workers, the results.
 
+With TLS on (the default): the deploy makes the cluster CA, each endpoint serves HTTPS with a
+certificate for its addresses, and the clients (this test, curl), the peer, the scalers and the
+workers all check it; the endpoints' port serves no plain HTTP.
+
 setup.sh aws -> deploy.sh aws (two endpoints provisioned over SSH) -> a burst of jobs -> both
 scalers run (as their crontab entry would) and launch and provision workers over SSH -> all
 results equal the reference -> idle workers run their exit action (a harmless stand-in for
@@ -78,29 +82,56 @@ def check_market(moto: MotoServer, market: str, launched: list[dict[str, Any]], 
         assert roles and "AWSServiceRoleForEC2Spot" in deployed
 
 
-def pull_all(urls: list[str], count: int, timeout: float = 120) -> dict[str, str]:
+def pull_all(urls: list[str], count: int, ca: str, timeout: float = 120) -> dict[str, str]:
     """Pull from the endpoints in turn until `count` results came, each once."""
     results: dict[str, str] = {}
     deadline = time.monotonic() + timeout
     while len(results) < count:
         assert time.monotonic() < deadline, f"{len(results)} of {count} results"
         for url in urls:
-            for item in requests.post(f"{url}/pullCompleted", params={"top": 5}, timeout=10).json():
+            for item in requests.post(f"{url}/pullCompleted", params={"top": 5}, timeout=10, verify=ca).json():
                 assert item["id"] not in results
                 results[item["id"]] = item["result"]
         time.sleep(0.2)
     return results
 
 
-def check_usage(urls: list[str], market: str, launched: list[dict[str, Any]]) -> None:
+def check_usage(urls: list[str], market: str, launched: list[dict[str, Any]], ca: str) -> None:
     """What the workers cost, as either endpoint reports it from the scalers' listings."""
     for url in urls:
-        usage = requests.get(f"{url}/stats", timeout=10).json()["usage"]["last_hour"]
+        usage = requests.get(f"{url}/stats", timeout=10, verify=ca).json()["usage"]["last_hour"]
         assert [(entry["market"], entry["instance_type"]) for entry in usage["by_type"]] == [(market, "c7i.large")]
         # Each worker at least EC2's minute from its launch, so far as that minute has passed: the
         # workers ended sooner, yet count up to now.
         billed = sum(min(60.0, time.time() - instance["LaunchTime"].timestamp()) for instance in launched)
         assert usage["worker_seconds"] >= billed - 2 and usage["estimated_usd"] > 0, (usage, billed)
+
+
+def check_tls(deployed: str, urls: list[str], ca: str, endpoints: list[FakeHost]) -> None:
+    """HTTPS only, checked against the cluster CA, which the deploy printed for curl; each endpoint host holds
+    its own key (0600) and the CA's certificate, never the CA's key."""
+    assert f'curl --cacert {ca} -X PUT "{urls[0]}/enqueue?iterations=10"' in deployed
+    ca_key = Path(ca).with_name(f"{CLUSTER}-ca-key.pem")
+    assert ca_key.stat().st_mode & 0o777 == 0o600
+    for url in urls:
+        assert requests.get(f"{url}/stats", timeout=10, verify=ca).json()["pending"] == 0
+        with pytest.raises(requests.exceptions.SSLError):  # only the cluster's CA vouches for it
+            requests.get(f"{url}/stats", timeout=10)
+        with pytest.raises(requests.ConnectionError):  # no plain HTTP on the port
+            requests.get(url.replace("https://", "http://") + "/stats", timeout=10)
+    for host in endpoints:
+        assert modes(host, "tls", "tls/endpoint-key.pem") == [0o700, 0o600]
+        held = "".join(path.read_text(errors="replace") for path in host.root_dir.rglob("*.pem") if path.is_file())
+        assert ca_key.read_text().strip() not in held
+    key_a, key_b = ((host.root_dir / "dynamic-workload" / "tls" / "endpoint-key.pem").read_text() for host in endpoints)
+    assert key_a != key_b
+
+
+def check_worker_tls(host: FakeHost, ca: str) -> None:
+    """The worker was handed the CA's certificate, and reaches the endpoints over https only."""
+    worker_env = (host.root_dir / "dynamic-workload" / "worker.env").read_text()
+    assert "DW_TLS_CA=" in worker_env and "https://" in worker_env and "http://" not in worker_env
+    assert (host.root_dir / "dynamic-workload" / "ca.pem").read_text() == Path(ca).read_text()
 
 
 @pytest.mark.slow
@@ -142,12 +173,12 @@ def test_setup_deploy_scale_and_destroy(market: str, tmp_path: Path) -> None:
                 host.start_sshd(public_key_from_private(key_path))
 
             deployed = run_script(["./deploy.sh", "aws"], env)
-            urls = [f"http://{host.address}:5000" for host in endpoints]
+            urls = [f"https://{host.address}:5000" for host in endpoints]
             assert all(url in deployed.stdout for url in urls), deployed.stdout
+            ca = str(tmp_path / "aws" / f"{CLUSTER}-ca.pem")
+            check_tls(deployed.stdout, urls, ca, endpoints)
             ec2 = moto.client("ec2")
             assert len(live_instances(ec2, "endpoint")) == 2
-            for url in urls:
-                assert requests.get(f"{url}/stats", timeout=10).json()["pending"] == 0
             secret_file = endpoints[0].root_dir / "dynamic-workload" / "secret"
             assert secret_file.stat().st_mode & 0o077 == 0
             for host in endpoints:  # data and logs owner-only, also the log the shell opens
@@ -155,14 +186,14 @@ def test_setup_deploy_scale_and_destroy(market: str, tmp_path: Path) -> None:
             second = start_beside_the_service(endpoints[0])
             assert second.returncode == 1, second.stdout
             assert "is in use by another endpoint" in second.stdout and "a.sqlite3" in second.stdout, second.stdout
-            assert requests.get(f"{urls[0]}/stats", timeout=10).json()["pending"] == 0  # the service still serves
+            assert requests.get(f"{urls[0]}/stats", timeout=10, verify=ca).json()["pending"] == 0  # still serves
 
             # a burst of jobs at both endpoints
             expected = {}
             for index in range(12):
                 payload = f"burst {index}".encode()
                 response = requests.put(f"{urls[index % 2]}/enqueue", params={"iterations": 20_000}, data=payload,
-                                        timeout=10)
+                                        timeout=10, verify=ca)
                 expected[response.json()["id"]] = reference(payload, 20_000)
 
             # both scalers run at once, as their crontab entries would
@@ -176,7 +207,7 @@ def test_setup_deploy_scale_and_destroy(market: str, tmp_path: Path) -> None:
             for host in endpoints:  # the crontab line's log, opened by its shell
                 assert modes(host, "var/log/scaler.log") == [0o600]
 
-            assert pull_all(urls, len(expected)) == expected
+            assert pull_all(urls, len(expected), ca) == expected
 
             # idle workers run their exit action; the next scaler runs see them gone
             launched_hosts = [host for host in workers
@@ -187,6 +218,7 @@ def test_setup_deploy_scale_and_destroy(market: str, tmp_path: Path) -> None:
                 # A Spot worker watches for its interruption notice; no other does.
                 assert ("DW_INTERRUPTION_NOTICES=ec2-spot" in settings) == (market == "spot")
                 assert modes(host, "worker.log", "worker.pid", "secret") == [0o600, 0o600, 0o600]
+                check_worker_tls(host, ca)
             wait_for(lambda: all((host.root_dir / "dynamic-workload" / "idle-exit-ran").exists()
                                  for host in launched_hosts), timeout=60, what="the idle workers' exit action")
             time.sleep(4)  # past the silence deadline
@@ -197,7 +229,7 @@ def test_setup_deploy_scale_and_destroy(market: str, tmp_path: Path) -> None:
                 return not live_instances(ec2, "worker")
 
             wait_for(workers_terminated, timeout=60, what="the scalers to terminate the idle workers")
-            check_usage(urls, market, launched)
+            check_usage(urls, market, launched, ca)
 
             # destroy leaves nothing of the cluster
             run_script(["./deploy.sh", "aws", "--destroy"], env)
@@ -206,5 +238,6 @@ def test_setup_deploy_scale_and_destroy(market: str, tmp_path: Path) -> None:
                                                          "Values": ["pending", "running", "stopping", "stopped"]}])
             assert remaining["Reservations"] == []
             assert not (tmp_path / "aws" / f"{CLUSTER}.json").exists()
+            assert not (tmp_path / "aws" / f"{CLUSTER}-ca-key.pem").exists()
         finally:
             moto.stop()

@@ -36,6 +36,8 @@ SETTINGS = {
     "interruption_notices": Setting("DW_INTERRUPTION_NOTICES", "off", choice("off", "ec2-spot"),
                                     "ec2-spot: watch the instance metadata for a Spot interruption notice and give "
                                     "back what cannot be finished before it (the ec2 provider sets it for Spot)"),
+    "tls_ca": Setting("DW_TLS_CA", "", text,
+                      "CA certificate that https endpoints are checked against (default: the system's CAs)"),
     "metadata_url": Setting("DW_METADATA_URL", "http://169.254.169.254", text,
                             "the instance metadata service (IMDSv2) that interruption notices come from"),
     "notice_interval": Setting("DW_NOTICE_INTERVAL", "5", seconds(0),

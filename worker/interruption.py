@@ -171,12 +171,13 @@ def seconds_to_go(iterations: int, remaining: int, elapsed: float) -> float | No
     return remaining * elapsed / done
 
 
-def announce(endpoints: Sequence[str], worker_key: str, worker_id: str, notice: Notice, left: bool) -> None:
+def announce(endpoints: Sequence[str], worker_key: str, worker_id: str, notice: Notice, left: bool,
+             ca_file: str = "") -> None:
     """Tell every endpoint that this worker is leaving (or has left), so that its scaler counts it as
     gone and, once it left, terminates its instance. Best effort: without it, the scaler learns it
     when the instance is gone, or after its silence deadline."""
     for url in endpoints:
-        client = EndpointClient(url, worker_key, worker_id, timeout=LEAVING_TIMEOUT_S)
+        client = EndpointClient(url, worker_key, worker_id, timeout=LEAVING_TIMEOUT_S, ca_file=ca_file)
         try:
             client.leaving("spot-interruption", left, notice.seconds_left())
         except (EndpointDown, Rejected) as exc:

@@ -52,6 +52,7 @@ class WorkerOptions:
     kernel: str = "auto"  # worker/native.py's choices
     kernel_library: str = ""  # default: sha512_lanes.so beside native.py
     claim_wait: float = 20.0  # how long a claim waits at the endpoint for work
+    tls_ca: str = ""  # the CA https endpoints are checked against ("": the system's)
     interruption_notices: str = "off"  # ec2-spot: watch for a Spot interruption notice (worker/interruption.py)
     metadata_url: str = "http://169.254.169.254"
     notice_interval: float = 5.0
@@ -72,7 +73,7 @@ class _Slots:
         ours, theirs = self.context.Pipe()
         process = self.context.Process(
             target=run_slot, args=(index, theirs, self.options.kernel, self.options.kernel_library, self.log_level,
-                                   self.options.worker_key, self.options.worker_id),
+                                   self.options.worker_key, self.options.worker_id, self.options.tls_ca),
             name=f"slot-{index}", daemon=True)
         process.start()
         theirs.close()
@@ -121,7 +122,7 @@ def run_worker(options: WorkerOptions) -> int:
     processes = [process for process, _ in started]
     dispatcher = Dispatcher(DispatchOptions(options.endpoints, options.worker_key, options.worker_id,
                                             options.claim_wait, options.poll_interval, options.max_backoff,
-                                            options.submit_patience), [pipe for _, pipe in started])
+                                            options.submit_patience, options.tls_ca), [pipe for _, pipe in started])
     slots.dispatcher = dispatcher
     threading.Thread(target=slots.read_forever, name="slots", daemon=True).start()
     dispatcher.start()
@@ -136,7 +137,8 @@ def run_worker(options: WorkerOptions) -> int:
             log.error("slot %s did not stop: killing it", process.name)
             process.kill()
     if notices:  # the scalers may terminate the instance now
-        announce(options.endpoints, options.worker_key, options.worker_id, notices[0], left=True)
+        announce(options.endpoints, options.worker_key, options.worker_id, notices[0], left=True,
+                 ca_file=options.tls_ca)
     if status == 0 and options.exit_command:
         run_exit_command(options.exit_command)
     return status
@@ -188,7 +190,7 @@ def watch_for_interruption(options: WorkerOptions, dispatcher: Dispatcher) -> li
     def on_notice(notice: Notice) -> None:
         notices.append(notice)  # first: the worker may be done draining at once
         dispatcher.drain(notice.deadline - MARGIN_S)
-        announce(options.endpoints, options.worker_key, options.worker_id, notice, left=False)
+        announce(options.endpoints, options.worker_key, options.worker_id, notice, left=False, ca_file=options.tls_ca)
 
     Watcher(Metadata(options.metadata_url), options.notice_interval, on_notice, threading.Event()).start()
     return notices
@@ -198,7 +200,7 @@ def give_back_lost(options: WorkerOptions, dispatcher: Dispatcher, jobs: list) -
     for url in options.endpoints:
         lost = [job for job in jobs if job.endpoint == url]
         if lost:
-            client = EndpointClient(url, options.worker_key, options.worker_id)
+            client = EndpointClient(url, options.worker_key, options.worker_id, ca_file=options.tls_ca)
             dispatcher.give_back(client, lost)
             client.close()
 
