@@ -1,4 +1,4 @@
-"""The scaler's listing of the cluster's workers, posted to its endpoint at every run.
+"""The scaler's listing of the cluster's workers, posted to both endpoints after every run.
 
 The endpoint keeps it (PUT /internal/scaler/fleet, endpoint/usage.py) and reports from it, in GET
 /stats, the worker-seconds by market and instance type over the last hour and day and what they

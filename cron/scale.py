@@ -296,10 +296,13 @@ class Scaler:
 
     def report_fleet(self) -> None:
         """For the cost in /stats: what ran at the start of this run, and what it launched (also after
-        a run that failed midway; never after a stop, which does not wait for the endpoint)."""
+        a run that failed midway; never after a stop, which does not wait for the endpoint). To both
+        endpoints: a worker that lived between two runs of one scaler is still in the other's listing."""
         seen = {machine.machine_id: machine for machine in self.listed + self.known}
-        if seen:
-            report_fleet(self.args.url, self.key, list(seen.values()), self.args.provider, self.args.tls_ca)
+        if not seen:
+            return
+        for url in [self.args.url] + ([self.args.peer] if self.args.peer else []):
+            report_fleet(url, self.key, list(seen.values()), self.args.provider, self.args.tls_ca)
 
     def record_decision(self, decision: Decision, state: ScalerState, fleet: Fleet) -> None:
         """Limit the decision by the circuit breaker, log it and post it to the endpoint."""
