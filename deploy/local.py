@@ -86,11 +86,26 @@ def stats_of(url: str) -> dict | None:
     return stats if isinstance(stats, dict) else {}
 
 
+def peer_urls_for_tests() -> dict[str, str] | None:
+    """Test only (bench/soak.py): DW_TEST_PEER_URLS, the peer URL of A's endpoint and scaler, then B's, e.g.
+    through proxies that can cut the link between the endpoints. Workers and clients reach them directly."""
+    given = os.environ.get("DW_TEST_PEER_URLS", "")
+    if not given:
+        return None
+    urls = given.split(",")
+    if len(urls) != len(NODES) or not all(url.startswith("http://") for url in urls):
+        raise SystemExit(f"deploy.sh local: DW_TEST_PEER_URLS must be two http:// URLs, A's peer then B's, "
+                         f"comma-separated, not {given!r}")
+    return dict(zip(NODES, urls, strict=True))
+
+
 class LocalDeployment:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.state = Path(args.state_dir)
         self.urls = {"a": f"http://127.0.0.1:{args.port_a}", "b": f"http://127.0.0.1:{args.port_b}"}
+        # How each node's endpoint and scaler reach the other endpoint.
+        self.peer_urls = peer_urls_for_tests() or {"a": self.urls["b"], "b": self.urls["a"]}
         # A fresh id for this run's endpoints, which they report in /stats: whatever answers on
         # our ports with another id (or none) is not ours. Restarts keep it.
         self.instance_id = secrets.token_hex(8)
@@ -106,7 +121,7 @@ class LocalDeployment:
         return self.state / "log" / f"{name}.log"
 
     def _peer(self, node: str) -> str:
-        return self.urls["b" if node == "a" else "a"]
+        return self.peer_urls[node]
 
     def _endpoint_command(self, node: str) -> list[str]:
         port = self.args.port_a if node == "a" else self.args.port_b
