@@ -1,0 +1,35 @@
+"""A one-minute run of the chaos soak (bench/soak.py) against a real ./deploy.sh local: its own history
+check must pass, with every fault kind injected at least once (the disk-full kind only as root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench.soak_faults import KINDS
+from conftest import PYTHON, REPO
+
+
+@pytest.mark.slow
+def test_a_one_minute_soak_loses_duplicates_and_leaves_nothing(tmp_path: Path) -> None:
+    summary_path = tmp_path / "summary.json"
+    done = subprocess.run(
+        [PYTHON, "-m", "bench.soak", "--minutes", "1", "--lease-seconds", "5", "--fault-gap", "3", "--fault-hold", "4",
+         "--worker-fault-gap", "5", "--max-iterations", "2000000", "--summary", str(summary_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = f"{done.stdout}\n--- stderr ---\n{done.stderr}"
+    assert done.returncode == 0, output
+    summary = json.loads(summary_path.read_text())
+    expected_kinds = set(KINDS) - set(summary["unavailable"])
+    if os.geteuid() == 0:
+        assert summary["unavailable"] == {}, output
+    assert {kind for kind, count in summary["faults"].items() if count >= 1} == expected_kinds, output
+    assert summary["acknowledged"] >= 60 and summary["completed_right"] == summary["acknowledged"], output
+    for problem in ("lost", "duplicated", "wrong", "unexpected", "left_behind", "window_unreadable", "processes_left"):
+        assert summary[problem] == [], output
+    assert summary["failed"] is False
+    assert "verdict: OK" in done.stdout
