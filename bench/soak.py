@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--curl-share", type=float, default=0.25, help="share of requests sent by curl itself (default 0.25)")
     add("--max-iterations", type=int, default=4_000_000, help="the longest jobs (default 4,000,000: seconds)")
     add("--lease-seconds", type=float, default=10.0, help="the endpoints' lease, DW_LEASE_SECONDS (default 10)")
+    add("--max-attempts", type=int, default=10,
+        help="the endpoints' DW_MAX_ATTEMPTS (default 10: the soak kills worker slots far more often than a "
+             "fleet sees, and a job whose slot is killed 3 times is failed by design)")
     add("--fault-gap", type=float, default=20.0, help="mean seconds between cluster faults (default 20)")
     add("--fault-hold", type=float, default=15.0, help="mean seconds a link cut or a full disk lasts (default 15)")
     add("--worker-fault-gap", type=float, default=15.0, help="mean seconds between worker kills (default 15)")
@@ -137,6 +140,7 @@ def percentile(values: list[float], share: float) -> float:
 def table(args: argparse.Namespace, report: Report, history: History, faults: Faults, drained: str,
           left: list[str], cleanup: list[str], progress: Progress, deploy_status: int | None) -> list[str]:
     lines = [f"soak: {args.minutes:g} min of load and faults (seed {args.seed}, lease {args.lease_seconds:g} s, "
+             f"max attempts {args.max_attempts}, "
              f"{args.rate:g} enqueues/s, {args.curl_share:.0%} by curl, jobs of 1 to {args.max_iterations:,} "
              f"iterations); machine load {min(progress.loads):.1f}-{max(progress.loads):.1f} on "
              f"{os.cpu_count()} cores", f"drain: {drained}", "",
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="dw-soak-"))
     progress = Progress()
     rng = random.Random(args.seed)
-    cluster = Cluster(root, lease_s=args.lease_seconds, max_workers=args.max_workers,
+    cluster = Cluster(root, lease_s=args.lease_seconds, max_attempts=args.max_attempts, max_workers=args.max_workers,
                       disk_bytes=args.disk_mib * 2**20, every_s=args.every, say=progress.say)
     history = History()
     load = Load(cluster.urls, history, rng, root / "curl", rate=args.rate, curl_share=args.curl_share,

@@ -231,12 +231,13 @@ class Worker:
 class Cluster:
     """`./deploy.sh local` on `root`/state with free ports, its peers through LinkProxy, its data on small disks."""
 
-    def __init__(self, root: Path, *, lease_s: float, max_workers: int, disk_bytes: int, every_s: float,
-                 say: Callable[[str], None]) -> None:
+    def __init__(self, root: Path, *, lease_s: float, max_attempts: int, max_workers: int, disk_bytes: int,
+                 every_s: float, say: Callable[[str], None]) -> None:
         self.root = root
         self.state = root / "state"
         self.say = say
         self.lease_s = lease_s
+        self.max_attempts = max_attempts
         self.max_workers = max_workers
         self.every_s = every_s
         self.ports = {node: free_port() for node in NODES}
@@ -262,6 +263,7 @@ class Cluster:
             except OSError as exc:
                 self.no_disks_reason = str(exc)
         env = {**os.environ, "DW_STATE_DIR": str(self.state), "DW_LEASE_SECONDS": f"{self.lease_s:g}",
+               "DW_MAX_ATTEMPTS": str(self.max_attempts),
                "DW_TEST_PEER_URLS": f"{self.proxies['b'].url},{self.proxies['a'].url}"}
         env.pop("DW_SECRET", None)
         with open(self.deploy_log, "wb") as log:
