@@ -165,7 +165,7 @@ def table(args: argparse.Namespace, report: Report, history: History, faults: Fa
               f"    {'delivered, never received (at-most-once window)':54} {len(report.window):6d}  "
               f"{readable if report.window else ''}; pulls without a token whose answer was lost: "
               f"{history.lost_pull_answers}",
-              f"  {'enqueues refused (4xx, 503/507 not_stored)':56} {report.refused:6d}  "
+              f"  {'enqueues refused (4xx, 503/507, no connection)':56} {report.refused:6d}  "
               f"left something behind: {len(report.left_behind)}",
               f"  {'enqueues with an unknown outcome (504, no answer; no key)':56} {report.unknown:6d}  {unknown_note}",
               f"  {'results handed out by pullCompleted':56} {report.received:6d}  in {history.pulls} answered "

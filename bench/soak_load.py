@@ -332,7 +332,8 @@ class Load:
                 job.work_id, job.acknowledged_at, job.outcome = document["id"], time.time(), "acknowledged"
                 return
         self.history.error("enqueue", answer)
-        refused = answer.status is not None and (400 <= answer.status < 500 or answer.not_stored())
+        refused = answer.failure == "refused" or (  # no connection, so no request: nothing stored
+            answer.status is not None and (400 <= answer.status < 500 or answer.not_stored()))
         if not refused:
             job.outcome = "unknown"  # a 504, another 5xx, a 200 without an id, or no answer: it may be stored
         elif job.outcome != "unknown":
