@@ -127,7 +127,7 @@ case "${1:-}" in
     aws)
         shift
         ./setup.sh local
-        exec .venv/bin/python -m cron.aws_deploy "$@"
+        exec .venv/bin/python -m deploy.aws "$@"
         ;;
     -h|--help|"") usage; [ -n "${1:-}" ] || exit 2 ;;
     *) echo "deploy.sh: unknown target ${1}" >&2; usage >&2; exit 2 ;;

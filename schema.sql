@@ -81,6 +81,9 @@ CREATE INDEX IF NOT EXISTS work_items_recently_completed
 -- Recent arrivals, for the scaler's sizing of the stream.
 CREATE INDEX IF NOT EXISTS work_items_created
     ON work_items (created_at);
+-- Failed items, newest first, for the dashboard (however many items the file holds).
+CREATE INDEX IF NOT EXISTS work_items_failed
+    ON work_items (created_at) WHERE state = 'failed';
 
 -- Items per state, kept by triggers in the same transaction as the change, so the
 -- backlog and /stats cost one row read however many items the file holds.
@@ -143,7 +146,8 @@ CREATE TABLE IF NOT EXISTS workers (
 );
 
 -- The scaler (cron/scale.py) on this endpoint's host: its last run and its circuit breaker.
--- Written by the scaler, shown by GET /stats.
+-- The scaler posts each run to its endpoint (PUT /internal/scaler/runs/<run>, the scaler key), which
+-- writes it here through its single writer; GET /stats shows it, and the scaler reads it back there.
 CREATE TABLE IF NOT EXISTS scaler (
     node_id              TEXT PRIMARY KEY,
     last_run_at          REAL,
@@ -153,6 +157,121 @@ CREATE TABLE IF NOT EXISTS scaler (
     last_failure_at      REAL,
     last_error           TEXT,
     breaker_reset_at     REAL                         -- set by `python -m cron.scale --reset-breaker`
+);
+
+-- The scaler's decision of every run, as it posted it (endpoint/scaler_record.py). Kept for the
+-- retention period (--retention-days; 7 days when results are kept forever) and at most
+-- SCALER_RUNS_KEPT rows (endpoint/store.py), newest first on the dashboard.
+CREATE TABLE IF NOT EXISTS scaler_runs (
+    run_id                TEXT PRIMARY KEY,             -- the scaler's name for the run
+    recorded_at           REAL NOT NULL,                -- first posted (this endpoint's clock)
+    updated_at            REAL NOT NULL,
+    reason                TEXT NOT NULL,                -- the policy's reason, with the breaker's status
+    needed                INTEGER NOT NULL CHECK (needed >= 0),     -- workers the policy sized for
+    decided               INTEGER NOT NULL CHECK (decided >= 0),    -- launches the policy asked for
+    allowed               INTEGER NOT NULL CHECK (allowed >= 0),    -- what the circuit breaker let through
+    launched              INTEGER NOT NULL DEFAULT 0 CHECK (launched >= 0),   -- instances started
+    provisioned           INTEGER NOT NULL DEFAULT 0 CHECK (provisioned >= 0),
+    terminated            INTEGER NOT NULL DEFAULT 0 CHECK (terminated >= 0), -- by reconcile, this run
+    ready                 INTEGER NOT NULL CHECK (ready >= 0),      -- the cluster's workers as this run saw them
+    booting               INTEGER NOT NULL CHECK (booting >= 0),
+    breaker               TEXT NOT NULL CHECK (breaker IN ('closed', 'half-open', 'open')),
+    launch_failures       INTEGER NOT NULL DEFAULT 0 CHECK (launch_failures >= 0),
+    provisioning_failures INTEGER NOT NULL DEFAULT 0 CHECK (provisioning_failures >= 0),
+    errors                TEXT NOT NULL DEFAULT '[]',   -- JSON list of this run's failures (details: operator only)
+    events_applied        INTEGER NOT NULL DEFAULT 0    -- the run's outcomes applied to the breaker so far
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS scaler_runs_recorded
+    ON scaler_runs (recorded_at);
+
+-- Counters that only grow, kept in the same transaction as what they count, so that they survive
+-- restarts (GET /metrics: dw_*_total). Triggers keep the item counts; endpoint/store.py adds the
+-- deliveries, give-backs and the scaler's figures. A file older than these counters starts them
+-- from the items it holds.
+CREATE TABLE IF NOT EXISTS event_counts (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL CHECK (value >= 0)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO event_counts (name, value)  -- the guard spares the count at every later start
+    SELECT 'enqueued', count(*) FROM work_items WHERE NOT EXISTS (SELECT 1 FROM event_counts WHERE name = 'enqueued');
+INSERT OR IGNORE INTO event_counts (name, value)
+    SELECT 'completed', items FROM state_counts WHERE state = 'completed';
+INSERT OR IGNORE INTO event_counts (name, value)
+    SELECT 'failed', items FROM state_counts WHERE state = 'failed';
+INSERT OR IGNORE INTO event_counts (name, value)
+    SELECT 'delivered', count(*) FROM work_items INDEXED BY work_items_delivered
+    WHERE delivered_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM event_counts WHERE name = 'delivered');
+INSERT OR IGNORE INTO event_counts (name, value)
+    VALUES ('given_back', 0), ('lease_expired', 0), ('scaler_runs', 0), ('scaler_launched', 0),
+           ('scaler_provisioned', 0), ('scaler_terminated', 0), ('scaler_launch_failures', 0),
+           ('scaler_provisioning_failures', 0);
+
+CREATE TRIGGER IF NOT EXISTS work_items_enqueued AFTER INSERT ON work_items
+BEGIN
+    UPDATE event_counts SET value = value + 1 WHERE name = 'enqueued';
+END;
+CREATE TRIGGER IF NOT EXISTS work_items_failed AFTER UPDATE OF state ON work_items
+    WHEN NEW.state = 'failed' AND OLD.state <> 'failed'
+BEGIN
+    UPDATE event_counts SET value = value + 1 WHERE name = 'failed';
+END;
+-- Only the requeue of expired leases sets lease_confirmed on an item that leaves 'running' (a
+-- release sets neither; a claim and a renewal keep it running).
+CREATE TRIGGER IF NOT EXISTS work_items_lease_expired AFTER UPDATE OF lease_confirmed ON work_items
+    WHEN OLD.state = 'running' AND NEW.state IN ('pending', 'failed')
+BEGIN
+    UPDATE event_counts SET value = value + 1 WHERE name = 'lease_expired';
+END;
+
+-- Job run time (the worker's duration_s) and time from enqueue to completion, as histograms:
+-- the items per bucket (le: the bucket's upper bound in seconds, 1e999 for +Inf) and the sum of
+-- their values, added at each completion (GET /metrics cumulates them; the dashboard takes
+-- percentiles from the difference of two samples).
+CREATE TABLE IF NOT EXISTS duration_buckets (
+    histogram TEXT NOT NULL CHECK (histogram IN ('job_run', 'time_to_result')),
+    le        REAL NOT NULL,
+    items     INTEGER NOT NULL DEFAULT 0,
+    total_s   REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (histogram, le)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO duration_buckets (histogram, le)
+    SELECT histogram.name, bound.le
+    FROM (SELECT 'job_run' AS name UNION ALL SELECT 'time_to_result') AS histogram,
+         (SELECT 0.005 AS le UNION ALL SELECT 0.01 UNION ALL SELECT 0.025 UNION ALL SELECT 0.05
+          UNION ALL SELECT 0.1 UNION ALL SELECT 0.25 UNION ALL SELECT 0.5 UNION ALL SELECT 1
+          UNION ALL SELECT 2.5 UNION ALL SELECT 5 UNION ALL SELECT 10 UNION ALL SELECT 30
+          UNION ALL SELECT 60 UNION ALL SELECT 120 UNION ALL SELECT 300 UNION ALL SELECT 600
+          UNION ALL SELECT 1800 UNION ALL SELECT 3600 UNION ALL SELECT 1e999) AS bound;
+
+CREATE TRIGGER IF NOT EXISTS work_items_completed AFTER UPDATE OF state ON work_items
+    WHEN NEW.state = 'completed' AND OLD.state <> 'completed'
+BEGIN
+    UPDATE event_counts SET value = value + 1 WHERE name = 'completed';
+    UPDATE duration_buckets SET items = items + 1, total_s = total_s + NEW.duration_s
+        WHERE histogram = 'job_run' AND NEW.duration_s IS NOT NULL
+          AND le = (SELECT min(le) FROM duration_buckets WHERE histogram = 'job_run' AND le >= NEW.duration_s);
+    UPDATE duration_buckets SET items = items + 1, total_s = total_s + max(0, NEW.completed_at - NEW.created_at)
+        WHERE histogram = 'time_to_result'
+          AND le = (SELECT min(le) FROM duration_buckets
+                    WHERE histogram = 'time_to_result' AND le >= NEW.completed_at - NEW.created_at);
+END;
+
+-- Per-minute samples for the dashboard's charts, written by the endpoint's maintenance thread
+-- through the single writer, kept for the retention period (--retention-days; 7 days when
+-- results are kept forever). Totals are event_counts at that minute (per-minute rates are
+-- differences); durations holds duration_buckets' items then, as JSON
+-- {"job_run": [items per bucket], "time_to_result": [...]}, bucket order as in that table.
+CREATE TABLE IF NOT EXISTS samples (
+    at                   INTEGER PRIMARY KEY,   -- unix seconds, a whole minute
+    enqueued_total       INTEGER NOT NULL,
+    completed_total      INTEGER NOT NULL,
+    failed_total         INTEGER NOT NULL,
+    delivered_total      INTEGER NOT NULL,
+    pending              INTEGER NOT NULL,
+    running              INTEGER NOT NULL,
+    oldest_pending_age_s REAL NOT NULL,
+    workers_heard_from   INTEGER NOT NULL,
+    durations            TEXT NOT NULL
 );
 
 PRAGMA user_version = 3;

@@ -45,7 +45,7 @@ case "${1:-local}" in
     aws)
         shift
         ensure_venv requirements.txt
-        exec .venv/bin/python -m cron.aws_setup "$@"
+        exec .venv/bin/python -m deploy.aws_setup "$@"
         ;;
     *)
         echo "usage: ./setup.sh [local|dev|aws [options]]" >&2

@@ -28,10 +28,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_endpoint(*extra_args: str) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+def running_endpoint(*extra_args: str, port: int = 0) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     """Yields (base URL, server process, data directory); the server runs in its own process group."""
     with tempfile.TemporaryDirectory(prefix="dw-bench-") as directory:
-        port = free_port()
+        port = port or free_port()
         process = subprocess.Popen(
             [sys.executable, "-m", "endpoint", "--port", str(port), "--db", f"{directory}/a.sqlite3",
              "--log-level", "WARNING", *extra_args],

@@ -62,6 +62,9 @@ class ClusterView:
     workers_booting: int  # launched, not yet ready: already capacity on the way
     own_workers: int  # launched by this scaler (ready or booting), counted against its share
     peer_workers: int = 0  # launched by the peer's scaler
+    # Jobs a worker runs at once, as the fleet's workers report it (processes x lanes of their
+    # hashing kernel), averaged over those that reported; None before any did.
+    reported_slots_per_worker: float | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class Policy:
     max_workers: int = 4  # cluster-wide, across both scalers
     endpoint_index: int = 0  # 0 or 1: which share of max_workers is this scaler's
     max_launch_per_tick: int = 4
-    slots_per_worker: int = 1  # jobs a worker runs at once: its cores (set it to the instance's vCPUs)
+    slots_per_worker: int = 1  # jobs a worker runs at once until workers report theirs (ClusterView)
     default_job_duration_s: float = 1.0  # until jobs have been measured
 
 
@@ -105,9 +108,15 @@ def arrival_rate(endpoints: tuple[EndpointLoad, ...], *, taken_only: bool = Fals
                for e in endpoints if e.arrival_window_s > 0)
 
 
-def workers_needed(backlog: int, duration_s: float, policy: Policy, arrivals_per_s: float = 0.0) -> int:
+def slots_per_worker(view: ClusterView, policy: Policy) -> float:
+    """The capacity the workers report, else the configured one."""
+    return view.reported_slots_per_worker or float(policy.slots_per_worker)
+
+
+def workers_needed(backlog: int, duration_s: float, policy: Policy, arrivals_per_s: float = 0.0,
+                   slots: float | None = None) -> int:
     """Workers that keep up with `arrivals_per_s` and also finish `backlog` jobs of
-    `duration_s` within the target time."""
+    `duration_s` within the target time, each running `slots` jobs at once (default the policy's)."""
     backlog = max(backlog, 0)
     if backlog == 0 and arrivals_per_s <= 0:
         return 0
@@ -116,7 +125,7 @@ def workers_needed(backlog: int, duration_s: float, policy: Policy, arrivals_per
     # A job runs on one slot: the backlog can use at most one slot per job, however short the target.
     drain_slots = min(float(backlog), backlog * duration_s / policy.target_drain_s)
     # Less a hair, so that an exact whole number of workers is not rounded up by float error.
-    workers = math.ceil((stream_slots + drain_slots) / policy.slots_per_worker - 1e-9)
+    workers = math.ceil((stream_slots + drain_slots) / (slots or policy.slots_per_worker) - 1e-9)
     return min(policy.max_workers, max(1, workers))
 
 
@@ -125,7 +134,7 @@ def busy_floor(view: ClusterView, policy: Policy) -> tuple[int, str]:
     (the caller checks the wait): one more than there are, within the cap; 0 while a slot is free."""
     current = view.workers_ready + view.workers_booting
     running = sum(e.running for e in view.endpoints)
-    slots = current * policy.slots_per_worker
+    slots = math.ceil(current * slots_per_worker(view, policy) - 1e-9)
     if current == 0 or running < slots:
         return 0, ""
     floor = min(policy.max_workers, current + 1)
@@ -143,7 +152,7 @@ def decide(view: ClusterView, policy: Policy) -> Decision:
     if backlog and (oldest >= policy.scale_after_s or current == 0):
         # Recent arrivals still pending are part of the backlog: a burst is not also a stream.
         rate = arrival_rate(view.endpoints, taken_only=True)
-        needed = workers_needed(backlog, duration, policy, rate)
+        needed = workers_needed(backlog, duration, policy, rate, slots_per_worker(view, policy))
         sizing = (f"{backlog} pending x {duration:.3g}s needs {needed} worker(s) to drain in "
                   f"{policy.target_drain_s:.0f}s" + (f" beside {rate:.3g} jobs/s arriving" if rate > 0 else ""))
         floor, busy = busy_floor(view, policy)
@@ -153,7 +162,7 @@ def decide(view: ClusterView, policy: Policy) -> Decision:
         # The backlog does not count yet, but arrivals that alone need more workers than there are
         # will build a queue: launch for them now rather than after the threshold.
         rate = arrival_rate(view.endpoints)
-        needed = workers_needed(0, duration, policy, rate)
+        needed = workers_needed(0, duration, policy, rate, slots_per_worker(view, policy))
         waited = (f"oldest item has waited {oldest:.0f}s, under the {policy.scale_after_s:.0f}s threshold"
                   if backlog else "nothing pending")
         stream = f"{rate:.3g} jobs/s arriving x {duration:.3g}s needs {needed} worker(s)"
@@ -161,6 +170,8 @@ def decide(view: ClusterView, policy: Policy) -> Decision:
             return Decision(0, needed, waited + (f"; {stream}, {current} there" if rate > 0 else ""))
         sizing = f"{waited}, but {stream}"
     sizing += f"; {view.workers_ready} ready, {view.workers_booting} booting"
+    if view.reported_slots_per_worker:
+        sizing += f", {view.reported_slots_per_worker:.3g} jobs at once per worker as reported"
     missing = needed - current
     if missing <= 0:
         return Decision(0, needed, f"{sizing}: enough")

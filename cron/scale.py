@@ -9,14 +9,16 @@ one host never overlap. Each run:
    ready workers that neither endpoint has heard from for --silence-deadline (while the peer
    does not answer, see Scaler.verdict); resumes the provisioning of its own workers that a
    killed earlier run left unprovisioned;
-3. reads this endpoint's queue from its SQLite file and the peer's from its /stats;
+3. reads this endpoint's queue and its own circuit breaker from the endpoint's /stats, and the
+   peer's queue from the peer's (both with the scaler key, which also lists the workers heard from);
 4. asks the policy (cron/policy.py) how many workers to launch, limited by the circuit
    breaker, then launches and provisions them; a worker that fails provisioning is
    terminated at once;
-5. records the decision and the breaker in the endpoint's SQLite file, for GET /stats.
+5. posts the decision, and what became of each launch, to its endpoint (cron/state.py), which
+   records it and shows it in GET /stats and on its dashboard.
 
-Every setting is checked before the run does anything (SETTINGS; `./deploy.sh aws` takes the
-knobs in HOST_KNOBS from the same table). Ctrl-C or SIGTERM ends a run at once, and a failed
+Every setting is checked before the run does anything (cron/config.py; `./deploy.sh aws` takes
+the knobs it hands to the hosts from the same table). Ctrl-C or SIGTERM ends a run at once, and a failed
 run ends, with a log line that says which instances it leaves running and how to end them.
 """
 
@@ -37,117 +39,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cron.cluster import (
-    API_ERRORS,
-    CLUSTER_SETTING,
-    REGION_SETTING,
-    ClusterUsageError,
-    check_state_cluster,
-    read_state,
-    resolve_region,
-)
-from cron.interrupts import Interrupted, exit_now, parallel, stop_on_signals
+from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
+from cloud.aws import API_ERRORS, ClusterUsageError, check_state_cluster, read_state, resolve_region
+from cloud.ssh import HostKeyPins
+from cron.config import parse_args
 from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide
-from cron.providers import Node, Provider, ProviderError
+from cron.providers import Machine, Provider, ProviderError
 from cron.providers.local import LocalProvider
-from cron.provision import HostKeyPins, WorkerInstall
-from cron.settings import Setting, add_settings, check_settings, choice, seconds, text, whole
-from cron.state import Breaker, StateStore
-from endpoint.secret import peer_key, read_secret, worker_key
-from endpoint.store import open_read_only, read_stats
+from cron.provision import WorkerInstall
+from cron.state import Breaker, EndpointUnreachable, RunRecord, ScalerState, reset_breaker
+from endpoint.secret import read_secret, scaler_key, worker_key
 
 log = logging.getLogger("cron.scale")
 
-# An endpoint lists the workers it heard from within at most a day (GET /stats?workers_within=).
-LONGEST_DEADLINE = 86_400 - 120
-
-# name -> setting; `python -m cron.scale --help` shows them with their defaults.
-SETTINGS: dict[str, Setting] = {
-    # this endpoint and its peer
-    "node_id": Setting("DW_NODE_ID", "a", text, "this endpoint's id"),
-    "endpoint_index": Setting("DW_ENDPOINT_INDEX", "0", whole(0, 1),
-                              "which share of --max-workers (and of an ssh host list) is this scaler's: 0 or 1"),
-    "db": Setting("DW_DB", "", text, "this endpoint's SQLite file (default <state-dir>/<node-id>.sqlite3)"),
-    "url": Setting("DW_SELF_URL", "http://127.0.0.1:5000", text, "this endpoint's URL, for the workers it heard from"),
-    "peer": Setting("DW_PEER_URL", "", text, "the other endpoint's URL, for its /stats"),
-    "state_dir": Setting("DW_STATE_DIR", "var", text, "lock, host keys, local workers"),
-    "secret_file": Setting("DW_SECRET_FILE", "", text,
-                           "the cluster secret; workers get the worker key derived from it "
-                           "(default <state-dir>/secret)"),
-    # the policy
-    "max_workers": Setting("DW_MAX_WORKERS", "4", whole(0), "cluster-wide maximum, across both endpoints' scalers"),
-    "scale_after": Setting("DW_SCALE_AFTER", "30", seconds(0, inclusive=True),
-                           "seconds the oldest pending item waits before the backlog counts (not on an empty cluster)"),
-    "target_drain": Setting("DW_TARGET_DRAIN", "30", seconds(0), "seconds to drain the backlog in"),
-    "max_launch_per_tick": Setting("DW_MAX_LAUNCH_PER_TICK", "4", whole(0), "launches per run; 0: reconcile only"),
-    "slots_per_worker": Setting("DW_SLOTS_PER_WORKER", "1", whole(1), "jobs one worker runs at once (its vCPUs)"),
-    "default_job_duration": Setting("DW_DEFAULT_JOB_DURATION", "1", seconds(0),
-                                    "seconds a job is assumed to take until jobs were measured"),
-    # reconcile and the circuit breaker
-    "ready_deadline": Setting("DW_READY_DEADLINE", "300", seconds(0),
-                              "terminate a worker not ready this many seconds after launch"),
-    "silence_deadline": Setting("DW_SILENCE_DEADLINE", "180", seconds(0, maximum=LONGEST_DEADLINE),
-                                "terminate a ready worker neither endpoint heard from for this many seconds"),
-    "partition_deadline": Setting("DW_PARTITION_DEADLINE", "900", seconds(0, maximum=LONGEST_DEADLINE),
-                                  "while the peer does not answer: terminate a ready worker this endpoint did "
-                                  "not hear from for this many seconds, and whose host does not answer either"),
-    "breaker_threshold": Setting("DW_BREAKER_THRESHOLD", "3", whole(1),
-                                 "consecutive launch/provisioning failures that stop launching"),
-    "breaker_cooldown": Setting("DW_BREAKER_COOLDOWN", "600", seconds(0, inclusive=True),
-                                "seconds between trial launches while the breaker is open"),
-    # the workers
-    "provider": Setting("DW_PROVIDER", "local", choice("local", "ssh", "ec2"), "where workers run: local, ssh or ec2"),
-    "idle_timeout": Setting("DW_IDLE_TIMEOUT", "60", seconds(0), "seconds a worker waits for work before it exits"),
-    "worker_processes": Setting("DW_WORKER_PROCESSES", "0", whole(0),
-                                "jobs a worker runs at once; 0: one per core (local provider: --slots-per-worker)"),
-    "worker_service": Setting("DW_WORKER_SERVICE", "systemd", choice("systemd", "process"),
-                              "how ssh/ec2 workers run: a systemd unit, or a detached process (hosts without systemd)"),
-    "worker_exit_command": Setting("DW_WORKER_EXIT_COMMAND", "", text,
-                                   "with --worker-service process: run after an idle exit"),
-    "ssh_user": Setting("DW_SSH_USER", "ec2-user", text, "the login on the hosts reached over SSH"),
-    "ssh_key": Setting("DW_SSH_KEY", "", text, "ssh and ec2: private key for SSH to workers (ec2: default setup's)"),
-    "remote_python": Setting("DW_REMOTE_PYTHON", "python3", text, "the Python (3.9 or newer) that runs the workers"),
-    "ssh_hosts": Setting("DW_SSH_HOSTS", "", text, "ssh: comma-separated worker hosts"),
-    "cluster": CLUSTER_SETTING,
-    "region": REGION_SETTING,
-    "aws_state": Setting("DW_AWS_STATE", "", text, "ec2 (required there): the state file of ./setup.sh aws"),
-    "instance_type": Setting("DW_INSTANCE_TYPE", "c7i.large", text, "ec2: the workers' instance type"),
-    "ami": Setting("DW_AMI", "", text, "ec2: image id (default: the latest Amazon Linux 2023)"),
-    "test_ssh_addresses": Setting("DW_TEST_SSH_ADDRESSES", "", text,
-                                  "TEST ONLY: SSH addresses given to new instances instead of their IPs"),
-    "log_level": Setting("DW_LOG_LEVEL", "INFO", choice("DEBUG", "INFO", "WARNING", "ERROR", fold=str.upper),
-                         "DEBUG, INFO, WARNING or ERROR"),
-    "every": Setting("", "0", seconds(0, inclusive=True), "repeat every S seconds instead of running once (0: once)"),
-}
-# The knobs `./deploy.sh aws` takes with these very entries and hands to the endpoint hosts' scalers.
-HOST_KNOBS = ("max_workers", "scale_after", "target_drain", "max_launch_per_tick", "slots_per_worker",
-              "default_job_duration", "ready_deadline", "silence_deadline", "partition_deadline", "breaker_threshold",
-              "breaker_cooldown", "idle_timeout", "worker_processes", "worker_exit_command", "instance_type")
-
-
 class SettingsError(Exception):
     """A file the settings name is missing or unusable; the scaler did nothing."""
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cron.scale", description=__doc__.splitlines()[0])
-    add_settings(parser, SETTINGS)
-    parser.add_argument("--endpoint", action="append", dest="endpoints", metavar="URL",
-                        help="an endpoint's URL as workers reach it, once per endpoint [DW_ENDPOINTS, comma-separated]")
-    parser.add_argument("--terminate-all", action="store_true", help="terminate every worker of the cluster, then exit")
-    parser.add_argument("--reset-breaker", action="store_true", help="close the circuit breaker, then exit")
-    args = parser.parse_args(argv)
-    check_settings(parser, SETTINGS, args)
-    if args.partition_deadline < args.silence_deadline:
-        parser.error(f"--partition-deadline ({args.partition_deadline:g}) must be at least --silence-deadline "
-                     f"({args.silence_deadline:g})")
-    if args.provider == "ec2" and not args.aws_state:
-        parser.error("--provider ec2 needs --aws-state (DW_AWS_STATE): the state file of ./setup.sh aws")
-    if not args.endpoints:
-        args.endpoints = [url.strip() for url in os.environ.get("DW_ENDPOINTS", "").split(",") if url.strip()]
-    args.db = args.db or f"{args.state_dir}/{args.node_id}.sqlite3"
-    args.secret_file = args.secret_file or f"{args.state_dir}/secret"
-    return args
 
 
 def cluster_secret(args: argparse.Namespace) -> str:
@@ -158,18 +64,12 @@ def cluster_secret(args: argparse.Namespace) -> str:
                             f"--secret-file (DW_SECRET_FILE), the file ./deploy.sh created") from exc
 
 
-def check_database(args: argparse.Namespace) -> None:
-    if not Path(args.db).is_file():
-        raise SettingsError(f"no endpoint database at {args.db}: pass the endpoint's --db (DW_DB), or start the "
-                            f"endpoint first (it creates the file)")
-
-
 def worker_install(args: argparse.Namespace) -> WorkerInstall:
     key = worker_key(cluster_secret(args))
-    return WorkerInstall(endpoints=tuple(args.endpoints), secret=key, worker_id="",
+    return WorkerInstall(endpoints=tuple(args.endpoints), worker_key=key, worker_id="",
                          idle_timeout=args.idle_timeout, processes=args.worker_processes,
                          service=args.worker_service, exit_command=args.worker_exit_command,
-                         python=args.remote_python)
+                         python=args.remote_python, kernel=args.worker_kernel)
 
 
 def make_provider(args: argparse.Namespace) -> Provider:
@@ -177,7 +77,7 @@ def make_provider(args: argparse.Namespace) -> Provider:
     if args.provider == "local":
         return LocalProvider(state_dir / "workers", args.endpoints, lambda: worker_key(cluster_secret(args)),
                              processes_per_worker=args.slots_per_worker, idle_timeout=args.idle_timeout,
-                             log_dir=state_dir / "log")
+                             log_dir=state_dir / "log", kernel=args.worker_kernel)
     pins = HostKeyPins(state_dir / "known_hosts.json")
     if args.provider == "ssh":
         from cron.providers.ssh import SshProvider
@@ -190,6 +90,7 @@ def make_provider(args: argparse.Namespace) -> Provider:
 
 def ec2_provider(args: argparse.Namespace, pins: HostKeyPins) -> Provider:
     """Everything about the cluster comes from setup's state file, checked before any API call."""
+    from cloud.ec2 import Launch
     from cron.providers.ec2 import Ec2Provider, Ec2Settings
 
     setup = read_state(args.aws_state)
@@ -204,10 +105,8 @@ def ec2_provider(args: argparse.Namespace, pins: HostKeyPins) -> Provider:
     region = resolve_region(args.region, setup.get("region", ""), args.aws_state)
     test_addresses = [address.strip() for address in args.test_ssh_addresses.split(",") if address.strip()]
     settings = Ec2Settings(
-        cluster=args.cluster, region=region.name, key_name=setup["key_name"],
-        key_path=Path(args.ssh_key or setup["key_path"]), security_group_id=setup["security_group_id"],
-        subnet_ids=tuple(setup.get("subnet_ids", ())), instance_type=args.instance_type, ami=args.ami,
-        ssh_user=args.ssh_user, ssh_timeout=args.ready_deadline,
+        launch=Launch.from_state(setup, args.cluster, region.name), key_path=Path(args.ssh_key or setup["key_path"]),
+        instance_type=args.instance_type, ami=args.ami, ssh_user=args.ssh_user, ssh_timeout=args.ready_deadline,
         test_addresses=tuple(test_addresses[args.endpoint_index::2]))
     return Ec2Provider(settings, lambda: worker_install(args), pins, args.node_id)
 
@@ -241,7 +140,8 @@ def exclusive_run(lock_path: Path) -> Iterator[bool]:
 
 
 def fetch_stats(url: str, key: str, workers_within: float = 0, timeout: float = 3.0) -> dict | None:
-    """An endpoint's /stats with the details (the workers it heard from) that the peer key opens."""
+    """An endpoint's /stats with the details (the workers it heard from, the breaker's last error) that the
+    scaler key opens."""
     query = f"?workers_within={max(1, int(workers_within))}" if workers_within else ""
     request = urllib.request.Request(f"{url.rstrip('/')}/stats{query}", headers={"Authorization": f"Bearer {key}"})
     try:
@@ -265,15 +165,28 @@ def load_of(stats: dict) -> EndpointLoad:
 def cluster_view(own_stats: dict, peer_stats: dict | None, fleet: Fleet, node_id: str) -> ClusterView:
     """What the policy sees. A worker in doubt (see Scaler.verdict) is no capacity for this
     endpoint's queue, but it runs and bills: it still counts against its scaler's share."""
-    nodes = fleet.nodes
+    machines = fleet.machines
     return ClusterView(
         endpoints=(load_of(own_stats),) + ((load_of(peer_stats),) if peer_stats else ()),
         peer_reachable=peer_stats is not None,
-        workers_ready=sum(node.ready and node.node_id not in fleet.in_doubt for node in nodes),
-        workers_booting=sum(not node.ready for node in nodes),
-        own_workers=sum(node.owner == node_id for node in nodes),
-        peer_workers=sum(node.owner != node_id for node in nodes),
+        workers_ready=sum(machine.ready and machine.machine_id not in fleet.in_doubt for machine in machines),
+        workers_booting=sum(not machine.ready for machine in machines),
+        own_workers=sum(machine.owner == node_id for machine in machines),
+        peer_workers=sum(machine.owner != node_id for machine in machines),
+        reported_slots_per_worker=reported_capacity(machines, [own_stats] + ([peer_stats] if peer_stats else [])),
     )
+
+
+def reported_capacity(machines: list[Machine], answers: list[dict]) -> float | None:
+    """The mean of the jobs at once that the fleet's workers reported to either endpoint (the
+    workers list of /stats with the peer key), None if none has reported yet."""
+    reported: dict[str, int] = {}
+    for stats in answers:
+        for worker in stats.get("workers", []):
+            if worker.get("capacity"):
+                reported[worker["id"]] = max(reported.get(worker["id"], 0), int(worker["capacity"]))
+    capacities = [reported[machine.machine_id] for machine in machines if machine.machine_id in reported]
+    return sum(capacities) / len(capacities) if capacities else None
 
 
 @dataclass(frozen=True)
@@ -288,7 +201,7 @@ class Hearing:
 class Fleet:
     """The cluster's workers after reconcile, and those of them in doubt (not counted as capacity)."""
 
-    nodes: list[Node]
+    machines: list[Machine]
     in_doubt: frozenset[str] = frozenset()
 
 
@@ -296,13 +209,13 @@ class Fleet:
 KEEP, PROVISION, TERMINATE, PROBE = "keep", "provision", "terminate", "probe"
 
 
-def host_answers(node: Node, timeout: float = 3.0) -> bool:
+def host_answers(machine: Machine, timeout: float = 3.0) -> bool:
     """Whether the worker's host accepts a connection on its SSH port from here. A local worker
     (no address) runs on this machine."""
-    if not node.address:
+    if not machine.address:
         return True
     try:
-        with socket.create_connection((node.address, 22), timeout=timeout):
+        with socket.create_connection((machine.address, 22), timeout=timeout):
             return True
     except OSError:
         return False
@@ -314,45 +227,47 @@ class Scaler:
         self.provider = provider
         self.policy = make_policy(args)
         self.breaker = Breaker(args.breaker_threshold, args.breaker_cooldown)
-        self.state = StateStore(args.db, args.node_id, self.breaker)
-        self.endpoint_key = peer_key(cluster_secret(args))  # for the endpoints' /stats details
+        self.key = scaler_key(cluster_secret(args))  # for the endpoints' /stats details and this run's record
+        self.record = RunRecord(args.url, self.key, args.node_id, self.breaker)
         # What this run knows runs, for the report when it is interrupted or fails.
-        self.known: list[Node] = []
-        self.unprovisioned: dict[str, Node] = {}
+        self.known: list[Machine] = []
+        self.unprovisioned: dict[str, Machine] = {}
         self.launch_under_way = False
 
     def run_once(self) -> Decision:
         args = self.args
-        own_stats = self._own_queue()
         window = args.partition_deadline + 60
-        peer_stats = fetch_stats(args.peer, self.endpoint_key, window) if args.peer else None
+        own_stats = fetch_stats(args.url, self.key, window)
+        peer_stats = fetch_stats(args.peer, self.key, window) if args.peer else None
+        self.record = RunRecord(args.url, self.key, args.node_id, self.breaker)
         self.known = self.provider.list()
-        fleet = self.reconcile(self.known, self._hearing(peer_stats, window))
-        self.known = fleet.nodes
+        fleet = self.reconcile(self.known, self._hearing(own_stats, peer_stats))
+        self.known = fleet.machines
+        if own_stats is None:
+            raise EndpointUnreachable(f"this endpoint ({args.url}) does not answer /stats, so its queue and the "
+                                      f"circuit breaker are unknown: reconciled only, launched nothing")
         decision = decide(cluster_view(own_stats, peer_stats, fleet, args.node_id), self.policy)
-        state = self.state.load()
-        allowance, breaker_status = self.breaker.allowance(state, time.time())
-        launch = decision.launch if allowance is None else min(decision.launch, allowance)
+        self.record_decision(decision, ScalerState.from_stats(own_stats), fleet)
+        if self.record.fields["allowed"]:
+            self.launch(self.record.fields["allowed"])
+        self.record.flush()  # not after Ctrl-C: a stop does not wait for the endpoint
+        return decision
+
+    def record_decision(self, decision: Decision, state: ScalerState, fleet: Fleet) -> None:
+        """Limit the decision by the circuit breaker, log it and post it to the endpoint."""
+        allowance, breaker, breaker_status = self.breaker.allowance(state)
         summary = decision.reason
         if allowance is not None:
             summary += f" [circuit breaker {breaker_status}]"
             log.warning("circuit breaker %s; last error: %s", breaker_status, state.last_error)
         log.info("decision: %s", summary)
-        self.state.record_run(summary, breaker_open=allowance == 0)
-        if launch:
-            self.launch(launch)
-        return decision
+        ready = sum(machine.ready for machine in fleet.machines)
+        self.record.decided(summary, needed=decision.needed, decided=decision.launch,
+                            allowed=decision.launch if allowance is None else min(decision.launch, allowance),
+                            ready=ready, booting=len(fleet.machines) - ready, breaker=breaker)
 
-    def _own_queue(self) -> dict:
-        conn = open_read_only(self.args.db)
-        try:
-            return read_stats(conn, self.args.node_id)
-        finally:
-            conn.close()
-
-    def _hearing(self, peer_stats: dict | None, window: float) -> Hearing | None:
+    def _hearing(self, own: dict | None, peer_stats: dict | None) -> Hearing | None:
         """None unless this endpoint answered: without its view nothing is judged silent."""
-        own = fetch_stats(self.args.url, self.endpoint_key, window)
         if own is None or "workers" not in own:
             return None
         answers = [own] + ([peer_stats] if peer_stats and "workers" in peer_stats else [])
@@ -363,7 +278,7 @@ class Scaler:
                 heard[worker["id"]] = min(ago, heard.get(worker["id"], ago))
         return Hearing(heard, from_both=not self.args.peer or len(answers) == 2)
 
-    def verdict(self, node: Node, now: float, hearing: Hearing | None) -> tuple[str, str]:
+    def verdict(self, machine: Machine, now: float, hearing: Hearing | None) -> tuple[str, str]:
         """What to do with one worker, and why.
 
         A ready worker that no endpoint heard from for --silence-deadline is dead or hung. While the
@@ -375,14 +290,14 @@ class Scaler:
         which it does not serve either way, and terminated after --partition-deadline.
         """
         args = self.args
-        age = now - node.launched_at
-        if not node.ready:
+        age = now - machine.launched_at
+        if not machine.ready:
             if age > args.ready_deadline:
                 return TERMINATE, f"not ready {age:.0f}s after launch"
-            return (PROVISION, "") if node.owner == args.node_id else (KEEP, "")
+            return (PROVISION, "") if machine.owner == args.node_id else (KEEP, "")
         if hearing is None:
             return KEEP, ""
-        silent = min(age, hearing.seconds_since.get(node.node_id, age))
+        silent = min(age, hearing.seconds_since.get(machine.machine_id, age))
         if silent <= args.silence_deadline:
             return KEEP, ""
         if hearing.from_both:
@@ -392,37 +307,38 @@ class Scaler:
                                f"(--partition-deadline), nor its host from here, and the peer does not answer")
         return PROBE, f"this endpoint has not heard from it for {silent:.0f}s and the peer does not answer"
 
-    def reconcile(self, nodes: list[Node], hearing: Hearing | None) -> Fleet:
+    def reconcile(self, machines: list[Machine], hearing: Hearing | None) -> Fleet:
         now = time.time()
-        verdicts = {node.node_id: self.verdict(node, now, hearing) for node in nodes}
-        probed = [node for node in nodes if verdicts[node.node_id][0] == PROBE]
+        verdicts = {machine.machine_id: self.verdict(machine, now, hearing) for machine in machines}
+        probed = [machine for machine in machines if verdicts[machine.machine_id][0] == PROBE]
         in_doubt = set()
-        for node, answers in zip(probed, parallel(host_answers, probed), strict=True):
-            reason = verdicts[node.node_id][1]
+        for machine, answers in zip(probed, parallel(host_answers, probed), strict=True):
+            reason = verdicts[machine.machine_id][1]
             if answers:
-                verdicts[node.node_id] = TERMINATE, f"{reason}, although its host answers here: dead or hung"
+                verdicts[machine.machine_id] = TERMINATE, f"{reason}, although its host answers here: dead or hung"
             else:
-                in_doubt.add(node.node_id)
+                in_doubt.add(machine.machine_id)
                 log.warning("%s: %s, nor its host from here; not counted as capacity, terminated after "
-                            "%.0fs (--partition-deadline) unless heard from", node.node_id, reason,
+                            "%.0fs (--partition-deadline) unless heard from", machine.machine_id, reason,
                             self.args.partition_deadline)
-        kept = [node for node in nodes if verdicts[node.node_id][0] in (KEEP, PROBE)]
-        for node in nodes:
-            action, reason = verdicts[node.node_id]
-            if action == TERMINATE and not self._terminate(node, reason):
-                kept.append(node)  # still running as far as we know: it keeps counting against the cap
-        unprovisioned = [node for node in nodes if verdicts[node.node_id][0] == PROVISION]
+        kept = [machine for machine in machines if verdicts[machine.machine_id][0] in (KEEP, PROBE)]
+        for machine in machines:
+            action, reason = verdicts[machine.machine_id]
+            if action == TERMINATE and not self._terminate(machine, reason):
+                kept.append(machine)  # still running as far as we know: it keeps counting against the cap
+        unprovisioned = [machine for machine in machines if verdicts[machine.machine_id][0] == PROVISION]
         if unprovisioned:
-            log.info("resuming provisioning of %s", ", ".join(node.node_id for node in unprovisioned))
+            log.info("resuming provisioning of %s", ", ".join(machine.machine_id for machine in unprovisioned))
             kept += self.provision_all(unprovisioned)
         return Fleet(kept, frozenset(in_doubt))
 
-    def _terminate(self, node: Node, reason: str) -> bool:
+    def _terminate(self, machine: Machine, reason: str) -> bool:
         try:
-            self.provider.terminate([node], reason)
+            self.provider.terminate([machine], reason)
         except ProviderError as exc:
             log.error("reconcile: %s", exc)
             return False
+        self.record.terminated()
         return True
 
     def launch(self, count: int) -> None:
@@ -432,39 +348,40 @@ class Scaler:
         intent = f"{self.args.cluster}-{self.args.node_id}-{secrets.token_hex(6)}"
         self.launch_under_way = True
         try:
-            nodes = self.provider.launch(count, self.args.node_id, intent)
+            machines = self.provider.launch(count, self.args.node_id, intent)
         except ProviderError as exc:
             log.error("launch failed: %s", exc)
-            self.state.record_failure(f"launch: {exc}")
+            self.record.failure("launch_failure", f"launch: {exc}")
             return
         finally:
             self.launch_under_way = False
-        self.known += nodes
-        self.provision_all(nodes)
+        self.record.launched(len(machines))
+        self.known += machines
+        self.provision_all(machines)
 
-    def provision_all(self, nodes: list[Node]) -> list[Node]:
-        """Provision in parallel; a node that fails is terminated and counts against the breaker."""
-        self.unprovisioned.update({node.node_id: node for node in nodes})
+    def provision_all(self, machines: list[Machine]) -> list[Machine]:
+        """Provision in parallel; a machine that fails is terminated and counts against the breaker."""
+        self.unprovisioned.update({machine.machine_id: machine for machine in machines})
 
-        def attempt(node: Node) -> Node | None:
+        def attempt(machine: Machine) -> Machine | None:
             try:
-                ready = self.provider.provision(node)
+                ready = self.provider.provision(machine)
             except Exception as exc:  # noqa: BLE001 -- any failure: terminate it, count it, go on
-                log.error("provisioning %s failed: %s", node.node_id, exc)
-                self.state.record_failure(f"provisioning {node.node_id}: {exc}")
-                if not self._terminate(node, "provisioning failed"):
-                    return node  # not terminated: it still counts against the cap
-                self._forget(node)
+                log.error("provisioning %s failed: %s", machine.machine_id, exc)
+                self.record.failure("provisioning_failure", f"provisioning {machine.machine_id}: {exc}")
+                if not self._terminate(machine, "provisioning failed"):
+                    return machine  # not terminated: it still counts against the cap
+                self._forget(machine)
                 return None
-            self.state.record_success()
-            self.unprovisioned.pop(node.node_id, None)
+            self.record.success()
+            self.unprovisioned.pop(machine.machine_id, None)
             return ready
 
-        return [node for node in parallel(attempt, nodes) if node is not None]
+        return [machine for machine in parallel(attempt, machines) if machine is not None]
 
-    def _forget(self, node: Node) -> None:
-        self.unprovisioned.pop(node.node_id, None)
-        self.known = [known for known in self.known if known.node_id != node.node_id]
+    def _forget(self, machine: Machine) -> None:
+        self.unprovisioned.pop(machine.machine_id, None)
+        self.known = [known for known in self.known if known.machine_id != machine.machine_id]
 
     def left_running(self) -> str:
         """What this scaler leaves running, for a run that is interrupted or fails."""
@@ -476,7 +393,7 @@ class Scaler:
             parts.append(f"launched by this run and not provisioned: {', '.join(sorted(self.unprovisioned))} (running "
                          f"and billing; the next run provisions them, or terminates them "
                          f"{self.args.ready_deadline:.0f}s after launch)")
-        ids = sorted({node.node_id for node in self.known})
+        ids = sorted({machine.machine_id for machine in self.known})
         parts.append(f"{len(ids)} worker(s) of the cluster known to run: {', '.join(ids) or 'none'}")
         return "; ".join(parts) + (". `python -m cron.scale --terminate-all` with this run's settings terminates "
                                    "every worker of the cluster")
@@ -499,7 +416,7 @@ def run_guarded(scaler: Scaler) -> bool:
     """One run; a failure is logged with what keeps running, and must not end an --every loop."""
     try:
         scaler.run_once()
-    except (ProviderError, *API_ERRORS) as exc:
+    except (ProviderError, EndpointUnreachable, *API_ERRORS) as exc:
         log.error("scaling run failed: %s. %s", exc, scaler.left_running())
         return False
     except Exception:  # noqa: BLE001 -- a bug: its traceback is what helps
@@ -509,22 +426,25 @@ def run_guarded(scaler: Scaler) -> bool:
 
 
 def terminate_all(provider: Provider) -> int:
-    nodes = provider.list()
-    provider.terminate(nodes, "terminate-all requested")
-    log.info("terminated %d worker(s)", len(nodes))
+    machines = provider.list()
+    provider.terminate(machines, "terminate-all requested")
+    log.info("terminated %d worker(s)", len(machines))
     return 0
 
 
 def run(args: argparse.Namespace, scaler_ref: list[Scaler]) -> int:
     if args.reset_breaker:
-        check_database(args)
-        StateStore(args.db, args.node_id).reset_breaker()
+        try:
+            reset_breaker(args.url, scaler_key(cluster_secret(args)))
+        except EndpointUnreachable as exc:
+            log.error("the circuit breaker was not reset: %s (the endpoint keeps the breaker: start it, or pass "
+                      "its --url)", exc)
+            return 1
         log.info("circuit breaker reset")
         return 0
     provider = make_provider(args)
     if args.terminate_all:
         return terminate_all(provider)
-    check_database(args)
     scaler_ref.append(Scaler(args, provider))
     return run_loop(args, scaler_ref[0])
 

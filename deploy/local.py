@@ -226,6 +226,12 @@ dynamic-workload is running locally:
   scalers     up to {args.max_workers} worker(s), launched as work arrives (more once it waits {args.scale_after}s),
               each exiting after {args.idle_timeout}s idle (logs: {state}/log/scaler-*.log, worker-*.log)
   services    {restarts}
+  dashboard   {urls['a']}/   {urls['b']}/   (both endpoints on each; worker ids, errors and failed items at /details)
+  metrics     {urls['a']}/metrics   {urls['b']}/metrics   (Prometheus text format)
+
+The dashboard's /details asks for a login: any user name, and the operator key as the password, which
+  .venv/bin/python -m endpoint.operator_key --secret-file {state}/secret
+prints (it is derived from the cluster secret; keep it as you keep that file).
 
 Try it:
   curl -X PUT "{urls['a']}/enqueue?iterations=10" -d "data=Hello"

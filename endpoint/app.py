@@ -1,7 +1,9 @@
 """The endpoint's HTTP API: Bottle routes, each a plain function.
 
 Public (clients, unauthenticated):   PUT /enqueue, POST /pullCompleted, GET /work/<id>, GET /stats
-Worker (the worker key):             POST /internal/claim, /internal/work/<id>/{renew,release,result}
+Worker (the worker key):             POST /internal/claims, /internal/claims/cancel, /internal/leases/{renew,release},
+                                     /internal/results (batches); /internal/claim, /internal/work/<id>/{renew,release,
+                                     result} (one job)
 Peer (the peer key):                 POST /internal/peer/take-completed, /internal/peer/give-back,
                                      GET /internal/peer/work/<id>
 Both keys are derived from the cluster secret (endpoint/secret.py); neither opens the other's routes.
@@ -27,11 +29,15 @@ from typing import Any
 import bottle
 from bottle import HTTPError, HTTPResponse, request, response
 
+from endpoint import dashboard, scaler_record
+from endpoint.bridge import HOLD_HEADER
 from endpoint.inputs import InputError, payload_from, positive_int, query_params
+from endpoint.metrics import Metrics
 from endpoint.peer import Peer, PeerUnavailable
 from endpoint.pulls import DELIVERY_TOKEN_PATTERN, DeliveryInProgress, Pulled, Pulls
-from endpoint.secret import peer_key, worker_key
+from endpoint.secret import operator_key, peer_key, scaler_key, worker_key
 from endpoint.store import (
+    Claim,
     Delivered,
     DeliveryTokenExpired,
     DiskFull,
@@ -40,6 +46,7 @@ from endpoint.store import (
     OutcomeUnknown,
     Store,
     StoreUnavailable,
+    WorkerReport,
     owner_of,
 )
 
@@ -56,6 +63,13 @@ LEASE_LOST = {
     LeaseAnswer.LEASED_ELSEWHERE: "the item is leased to another attempt",
     LeaseAnswer.NOT_LEASED: "the lease expired and nobody holds the item now (a result is still accepted)",
 }
+# Batches of the worker API: items per request, and the longest a claim may wait for work (well
+# below the idle timeouts of proxies and of the worker's own HTTP client, which adds this to its own).
+MAX_BATCH_ITEMS = 1000
+MAX_CLAIM_JOBS = 256
+MAX_CLAIM_WAIT_S = 30.0
+JOBS_CONTENT_TYPE = "application/x-dw-jobs"
+KERNEL_PATTERN = re.compile(r"[a-z0-9_]{1,16}")
 _TIMESTAMP_FIELDS = ("created_at", "claimed_at", "lease_expires_at", "completed_at", "delivered_at")
 
 
@@ -117,6 +131,129 @@ def claim_token_of(fields: dict[str, Any]) -> str | None:
     return token
 
 
+def bounded_int(fields: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = fields.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InputError(400, f"field {name!r} must be an integer from {low} to {high}")
+    return value
+
+
+def bounded_seconds(fields: dict[str, Any], name: str, high: float) -> float:
+    value = fields.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+        raise InputError(400, f"field {name!r} must be a number of seconds from 0 to {high:g}")
+    return float(value)
+
+
+def attempt_of(fields: dict[str, Any]) -> int:
+    attempt = fields.get("attempt")
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or not 1 <= attempt < 2**31:
+        raise InputError(400, "field 'attempt' must be a positive integer")
+    return attempt
+
+
+def result_of(fields: dict[str, Any]) -> tuple[str, float | None]:
+    result = fields.get("result")
+    if not isinstance(result, str) or not RESULT_PATTERN.fullmatch(result):
+        raise InputError(400, "field 'result' must be 128 lowercase hex digits")
+    duration = fields.get("duration_s")
+    if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
+                                 or not 0 <= duration < 1e7):
+        raise InputError(400, "field 'duration_s' must be a number of seconds, 0 or more")
+    return result, duration
+
+
+def batch_items(fields: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The list field `name` of a batch request: 1 to MAX_BATCH_ITEMS objects, each with a work id."""
+    items = fields.get(name)
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH_ITEMS:
+        raise InputError(400, f"field {name!r} must be a list of 1 to {MAX_BATCH_ITEMS} objects")
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not 1 <= len(item["id"]) <= 64:
+            raise InputError(400, f"{name}[{index}] must be an object with an 'id' of 1-64 characters")
+    return items
+
+
+def checked_items(items: list[dict[str, Any]], name: str, check: Callable[[dict[str, Any]], Any]) -> list[Any]:
+    """check(item) for every item; the first bad one refuses the whole batch, naming it (nothing is changed)."""
+    checked = []
+    for index, item in enumerate(items):
+        try:
+            checked.append(check(item))
+        except InputError as exc:
+            raise InputError(exc.status, f"{name}[{index}]: {exc.message}") from None
+    return checked
+
+
+def worker_report(fields: dict[str, Any]) -> WorkerReport | None:
+    """What a claiming worker says of itself (optional, all three fields or none)."""
+    if "kernel" not in fields:
+        return None
+    kernel = fields["kernel"]
+    if not isinstance(kernel, str) or not KERNEL_PATTERN.fullmatch(kernel):
+        raise InputError(400, "field 'kernel' must be 1-16 characters of [a-z0-9_]")
+    processes = bounded_int(fields, "processes", 0, 1, 4096)
+    return WorkerReport(kernel, processes, bounded_int(fields, "capacity", 0, 1, 1 << 20))
+
+
+def jobs_response(claims: list[Claim], pending: int, waited: bool, lease_seconds: float,
+                  hold: str = "") -> HTTPResponse:
+    """A batch of jobs: one line of JSON that describes them, then their payloads back to back. With
+    `hold`, the request reader holds the answer until work arrives (endpoint/bridge.py)."""
+    manifest = {
+        "jobs": [{"id": claim.work_id, "iterations": claim.iterations, "attempt": claim.attempt,
+                  "payload_bytes": len(claim.payload)} for claim in claims],
+        "lease_seconds": lease_seconds,
+        "pending": pending,
+        "waited": waited,
+    }
+    body = b"".join([json.dumps(manifest).encode(), b"\n", *(claim.payload for claim in claims)])
+    headers = {"Content-Type": JOBS_CONTENT_TYPE, **({HOLD_HEADER.decode(): hold} if hold else {})}
+    return HTTPResponse(body, status=200, headers=headers)
+
+
+def claim_jobs(store: Store, fields: dict[str, Any], limits: Limits) -> HTTPResponse:
+    token = claim_token_of(fields)
+    if token is None:
+        raise InputError(400, "field 'claim' is required: the worker's name for this claim")
+    max_bytes = bounded_int(fields, "max_bytes", limits.max_payload_bytes, 1, 1 << 31)
+    batch = store.claim_batch(fields["worker"], token, bounded_int(fields, "max_jobs", 1, 1, MAX_CLAIM_JOBS),
+                              max_bytes, bounded_seconds(fields, "wait_s", MAX_CLAIM_WAIT_S), worker_report(fields))
+    return jobs_response(batch.claims, batch.pending, batch.waited, store.lease_seconds, batch.hold)
+
+
+def cancel_claim(store: Store, fields: dict[str, Any]) -> HTTPResponse:
+    token = claim_token_of(fields)
+    if token is None:
+        raise InputError(400, "field 'claim' is required")
+    return json_response({"released": store.cancel_claim(fields["worker"], token)})
+
+
+def lease_batch(fields: dict[str, Any]) -> list[tuple[str, int]]:
+    items = batch_items(fields, "leases")
+    return list(zip((item["id"] for item in items), checked_items(items, "leases", attempt_of), strict=True))
+
+
+def renew_leases(store: Store, fields: dict[str, Any]) -> HTTPResponse:
+    answers = store.renew_batch(fields["worker"], lease_batch(fields))
+    return json_response({"answers": [answer.value for answer in answers], "lease_seconds": store.lease_seconds})
+
+
+def release_leases(store: Store, fields: dict[str, Any]) -> HTTPResponse:
+    answers = store.release_batch(fields["worker"], lease_batch(fields))
+    return json_response({"answers": [answer.value for answer in answers]})
+
+
+def submit_results(store: Store, fields: dict[str, Any], metrics: Metrics) -> HTTPResponse:
+    """Each result on its own: "done" (stored), "completed" (the item had a result already: the first
+    stored wins, ours is dropped) or "no_such_item"."""
+    items = batch_items(fields, "results")
+    checked = checked_items(items, "results", result_of)
+    answers = store.complete_batch(fields["worker"], [(item["id"], result, duration)
+                                                      for item, (result, duration) in zip(items, checked, strict=True)])
+    for answer in answers:
+        metrics.result_answer(answer)
+    return json_response({"answers": [answer.value for answer in answers]})
 def delivery_token(params: dict[str, str]) -> str | None:
     """pullCompleted's optional `delivery` query parameter: the client's name for this pull."""
     token = params.get("delivery")
@@ -179,9 +316,10 @@ def store_unavailable(exc: Exception) -> HTTPResponse:
 
 
 def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None,
-             instance_id: str = "") -> bottle.Bottle:
+             instance_id: str = "", metrics: Metrics | None = None) -> bottle.Bottle:
     """`secret` is the cluster secret; callers present the key derived from it for their role."""
     app = JsonBottle()
+    metrics = metrics or Metrics(store)
 
     def client_errors(route: Callable[..., Any]) -> Callable[..., Any]:
         """Turn input and store errors into their HTTP answers."""
@@ -229,15 +367,15 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
 
         return decorator
 
-    endpoint_key = peer_key(secret)
+    endpoint_key, scalers_key = peer_key(secret), scaler_key(secret)
     worker_only, peer_only = requires(worker_key(secret)), requires(endpoint_key)
 
     def details_allowed() -> bool:
-        """Whether the caller presented the peer key (endpoints, their scalers), which opens the details of the
-        public answers: worker ids (instance ids, host names) and the scaler's last error. Any other key: 403."""
-        holds = presents(endpoint_key)
+        """Whether the caller presented the peer key (the endpoints) or the scaler key, which open the details of
+        the public answers: worker ids (instance ids, host names) and the scaler's last error. Any other key: 403."""
+        holds = presents(endpoint_key) or presents(scalers_key)
         if holds is False:
-            raise InputError(403, "wrong credentials: the details need the peer key")
+            raise InputError(403, "wrong credentials: the details need the peer key or the scaler key")
         return bool(holds)
 
     def public_item(view: dict[str, Any], detailed: bool) -> dict[str, Any]:
@@ -322,12 +460,6 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             raise InputError(400, "field 'worker' must be 1-128 characters of [A-Za-z0-9._:@-]")
         return fields
 
-    def attempt_of(fields: dict[str, Any]) -> int:
-        attempt = fields.get("attempt")
-        if not isinstance(attempt, int) or isinstance(attempt, bool) or not 1 <= attempt < 2**31:
-            raise InputError(400, "field 'attempt' must be a positive integer")
-        return attempt
-
     def lease_answer(work_id: str, answer: LeaseAnswer, done: dict[str, Any]) -> HTTPResponse:
         return lease_response(store.node_id, work_id, answer, done)
 
@@ -371,17 +503,42 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
     @client_errors
     def submit_result(work_id: str) -> HTTPResponse:
         fields = worker_request()
-        result = fields.get("result")
-        if not isinstance(result, str) or not RESULT_PATTERN.fullmatch(result):
-            raise InputError(400, "field 'result' must be 128 lowercase hex digits")
-        duration = fields.get("duration_s")
-        if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
-                                     or not 0 <= duration < 1e7):
-            raise InputError(400, "field 'duration_s' must be a number of seconds, 0 or more")
+        result, duration = result_of(fields)
         answer = store.complete(work_id, fields["worker"], result, duration)
+        metrics.result_answer(answer)
         if answer is LeaseAnswer.COMPLETED:
             return json_response({"stored": False})  # the first result stored wins; a repeat is no error
         return lease_answer(work_id, answer, {"stored": True})
+
+    @app.route("/internal/claims", method="POST")
+    @worker_only
+    @client_errors
+    def claims() -> HTTPResponse:
+        return claim_jobs(store, worker_request(), limits)
+
+    @app.route("/internal/claims/cancel", method="POST")
+    @worker_only
+    @client_errors
+    def claims_cancel() -> HTTPResponse:
+        return cancel_claim(store, worker_request())
+
+    @app.route("/internal/leases/renew", method="POST")
+    @worker_only
+    @client_errors
+    def leases_renew() -> HTTPResponse:
+        return renew_leases(store, worker_request())
+
+    @app.route("/internal/leases/release", method="POST")
+    @worker_only
+    @client_errors
+    def leases_release() -> HTTPResponse:
+        return release_leases(store, worker_request())
+
+    @app.route("/internal/results", method="POST")
+    @worker_only
+    @client_errors
+    def results() -> HTTPResponse:
+        return submit_results(store, worker_request(), metrics)
 
     # -- peer API ------------------------------------------------------------------------
 
@@ -411,4 +568,7 @@ def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None
             return json_response({"error": f"no work item {work_id!r}"}, 404)
         return json_response(item_view(item))
 
+    scaler_record.add_routes(app, store.history, requires(scalers_key), client_errors)
+    metrics.add_routes(app)
+    dashboard.add_routes(app, store, peer, operator_key(secret), peer_only, client_errors, instance_id)
     return app

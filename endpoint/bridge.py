@@ -15,11 +15,12 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
 from endpoint.inputs import InputError
@@ -31,9 +32,29 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+Observe = Callable[[dict[str, Any], int, float], None]  # (environ, status, seconds since the headers arrived)
 
 # Sent by the server's supervisor to the app process before it stops it (endpoint/server.py).
 STOP_READING = signal.SIGUSR1
+# An answer the app asks to hold back until there is news (a claim that waits for work): the app
+# sets this header to "<generation> <seconds> <holder>"; the reader takes it off and sends the answer
+# once `news` moved past that generation, the seconds passed, or the server stops. It waits on the
+# event loop, so a held answer holds none of the app's threads.
+HOLD_HEADER = b"x-hold-for-news"
+# A held answer goes out this long after the news, not at once: work that arrives in a stream
+# (an enqueue every millisecond) then reaches the waiting worker as a batch, one claim for many
+# jobs, rather than one claim per job.
+GATHER_S = 0.005
+
+
+class News(Protocol):
+    """What held answers wait for (endpoint/waiting.py's WorkSignal)."""
+
+    def listen(self, since: int, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (from any thread) once the generation is past `since`; returns an unlisten."""
+
+    def leave(self, holder: str) -> None:
+        """The answer held for `holder` is sent."""
 _JSON = (b"content-type", b"application/json")
 # The body is complete when the app sees it: it reads the length it got, not what was announced.
 _BODY_HEADERS = frozenset({"CONTENT_LENGTH", "TRANSFER_ENCODING"})
@@ -48,9 +69,14 @@ class ReadLimits:
 class RequestReader:
     """Reads each request completely, then answers it with the WSGI app on one of `threads` threads."""
 
-    def __init__(self, app: WsgiApp, limits: ReadLimits, threads: int) -> None:
+    def __init__(self, app: WsgiApp, limits: ReadLimits, threads: int, observe: Observe | None = None,
+                 news: News | None = None) -> None:
         self.app = app
         self.limits = limits
+        self.observe = observe or _ignore
+        self.news = news
+        self.holding: set[asyncio.Future[None]] = set()
+        self.stopping = False  # once stopping, answers are no longer held: the server drains
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="request")
         self.finished = _Finished()
         self.reading: dict[asyncio.Task[Any], Callable[[InputError], None]] = {}
@@ -61,12 +87,14 @@ class RequestReader:
             return
         if scope["type"] != "http":
             return
+        started = time.perf_counter()
         try:
             body = await self._read_in_time(scope, receive)
         except InputError as refusal:
             await _send(send, error_answer(refusal.status, refusal.message, close=True))
+            self.observe({"REQUEST_METHOD": scope["method"]}, refusal.status, time.perf_counter() - started)
             return
-        await self._answer(wsgi_environ(scope, body), send)
+        await self._answer(wsgi_environ(scope, body), send, receive, started)
 
     async def _read_in_time(self, scope: Scope, receive: Receive) -> bytes:
         # A timer that cancels this task, rather than asyncio.wait_for, which runs the read as a
@@ -104,6 +132,9 @@ class RequestReader:
         each request in progress before it exits, so a slow client would hold it up."""
         for stop in list(self.reading.values()):
             stop(InputError(503, "the endpoint is shutting down: send the request again"))
+        self.stopping = True
+        for held in list(self.holding):  # held answers go out now
+            _resolve(held)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -116,12 +147,13 @@ class RequestReader:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _answer(self, environ: dict[str, Any], send: Send) -> None:
+    async def _answer(self, environ: dict[str, Any], send: Send, receive: Receive, started: float) -> None:
         """The app answers on a thread of the pool, and that thread hands the answer to the server
         itself: granian's `send` of a complete response is plain synchronous Rust (it returns an
         awaitable that is already done), so the answer does not wait for the event loop. The
         loop hears afterwards that the request is over, many requests at a time under load."""
         finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        held: list[tuple[Answer, str]] = []
 
         def run() -> None:
             try:
@@ -130,12 +162,49 @@ class RequestReader:
                 log.exception("request failed: %s %s", environ["REQUEST_METHOD"], environ["PATH_INFO"])
                 answer = error_answer(500, "internal error")
             try:
-                _send_now(send, answer)
+                answer, hold = _without_hold(answer)
+                if hold and self.news is not None:
+                    held.append((answer, hold))  # sent from the event loop, after the hold
+                else:
+                    _send_now(send, answer)
             finally:
                 self.finished.add(finished)
+            self.observe(environ, answer[0], time.perf_counter() - started)
 
         self.pool.submit(run)
         await finished
+        if held:
+            answer, hold = held[0]
+            await self._hold(hold, receive)
+            _send_now(send, answer)
+
+    async def _hold(self, hold: str, receive: Receive) -> None:
+        """Until news past the generation, the time is up, the client goes away, or the server stops.
+        A client that went away (its worker was killed) is no longer one to tell the news to."""
+        assert self.news is not None
+        generation, seconds, holder = hold.split(" ", 2)
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(float(seconds), _resolve, woken)
+        unlisten = self.news.listen(int(generation), lambda: loop.call_soon_threadsafe(
+            loop.call_later, GATHER_S, _resolve, woken))
+        # The body has been read: the next message of the request is the client's disconnect.
+        gone = asyncio.ensure_future(receive())
+        gone.add_done_callback(lambda _: _resolve(woken))
+        self.holding.add(woken)
+        try:
+            if not self.stopping:
+                await woken
+        finally:
+            timer.cancel()
+            unlisten()
+            gone.cancel()
+            self.holding.discard(woken)
+            self.news.leave(holder)
+
+
+def _ignore(environ: dict[str, Any], status: int, seconds: float) -> None:
+    pass
 
 
 class _Finished:
@@ -256,6 +325,20 @@ def error_answer(status: int, message: str, close: bool = False) -> Answer:
     # close: the rest of a refused body may still be on its way, so the connection cannot be reused.
     headers = [_JSON, (b"connection", b"close")] if close else [_JSON]
     return status, headers, json.dumps({"error": message}).encode()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _without_hold(answer: Answer) -> tuple[Answer, str]:
+    """The answer without the hold header, and that header's value ("": not to be held)."""
+    status, headers, content = answer
+    hold = next((value.decode("latin-1") for name, value in headers if name == HOLD_HEADER), "")
+    if not hold:
+        return answer, ""
+    return (status, [(name, value) for name, value in headers if name != HOLD_HEADER], content), hold
 
 
 async def _send(send: Send, answer: Answer) -> None:

@@ -1,4 +1,5 @@
-"""The endpoint's settings: one table, read as command-line flags with environment fallbacks.
+"""The endpoint's settings: one table, read as command-line flags with environment fallbacks
+(the pattern of every program, cli/settings.py).
 
 `python -m endpoint --port 5001` and `DW_PORT=5001 python -m endpoint` are the same. The
 server runs the app in a worker process, which reads the very same table from the
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+
+from cli.settings import Setting, add_settings, check_settings, environment, read_environment
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Settings:
     max_connections: int
     header_timeout: float
     body_timeout: float
+    max_waiting_claims: int
     max_payload_bytes: int
     max_iterations: int
     max_top: int
@@ -41,60 +44,61 @@ class Settings:
         return self.db or f"var/{self.node_id}.sqlite3"
 
 
-# name -> (environment variable, default, type, help)
-OPTIONS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
-    "host": ("DW_HOST", "127.0.0.1", str, "listen address"),
-    "port": ("DW_PORT", "5000", int, "listen port"),
-    "node_id": ("DW_NODE_ID", "a", str, "this endpoint's id, the prefix of its work ids (a-z, 0-9)"),
-    "peer": ("DW_PEER_URL", "", str, "base URL of the other endpoint, e.g. http://10.0.0.2:5000"),
-    "db": ("DW_DB", "", str, "SQLite file (default var/<node-id>.sqlite3)"),
-    "secret_file": ("DW_SECRET_FILE", "", str, "file holding the cluster secret (or put the secret in DW_SECRET)"),
-    "threads": ("DW_THREADS", "16", int, "threads that answer requests once they have been read"),
-    "max_connections": ("DW_MAX_CONNECTIONS", "1024", int,
-                        "open client connections at most; more wait in the listen queue"),
-    "header_timeout": ("DW_HEADER_TIMEOUT", "10", float,
-                       "seconds a client has to send a request's headers; also how long an idle "
-                       "kept-alive connection stays open"),
-    "body_timeout": ("DW_BODY_TIMEOUT", "30", float,
-                     "seconds a client has to send a request's body once its headers arrived (408 after)"),
-    "max_payload_bytes": ("DW_MAX_PAYLOAD_BYTES", str(4 * 1024 * 1024), int, "largest payload accepted"),
-    "max_iterations": ("DW_MAX_ITERATIONS", "100000000", int, "largest iterations accepted"),
-    "max_top": ("DW_MAX_TOP", "1000", int, "largest pullCompleted top accepted"),
-    "lease_seconds": ("DW_LEASE_SECONDS", "30", float, "a claim lasts this long unless the worker renews it"),
-    "max_attempts": ("DW_MAX_ATTEMPTS", "3", int, "claims an item gets before an expired lease fails it"),
-    "synchronous": ("DW_SYNCHRONOUS", "FULL", str.upper,
-                    "SQLite synchronous: FULL puts every acknowledged write on disk; NORMAL may lose the last "
-                    "writes on power loss"),
-    "retention_days": ("DW_RETENTION_DAYS", "7", float,
-                       "delete results this many days after pullCompleted delivered them; 0 keeps them forever"),
-    "log_level": ("DW_LOG_LEVEL", "INFO", str.upper, "DEBUG, INFO, WARNING or ERROR"),
-    "instance_id": ("DW_INSTANCE_ID", "", str,
-                    "any id for this run, reported in GET /stats, so that whoever started it can tell it is "
-                    "this process that answers (./deploy.sh local passes a fresh random one)"),
+# name -> Setting(environment variable, default, type, help)
+OPTIONS: dict[str, Setting] = {
+    "host": Setting("DW_HOST", "127.0.0.1", str, "listen address"),
+    "port": Setting("DW_PORT", "5000", int, "listen port"),
+    "node_id": Setting("DW_NODE_ID", "a", str, "this endpoint's id, the prefix of its work ids (a-z, 0-9)"),
+    "peer": Setting("DW_PEER_URL", "", str, "base URL of the other endpoint, e.g. http://10.0.0.2:5000"),
+    "db": Setting("DW_DB", "", str, "SQLite file (default var/<node-id>.sqlite3)"),
+    "secret_file": Setting("DW_SECRET_FILE", "", str,
+                           "file holding the cluster secret (or put the secret in DW_SECRET)"),
+    "threads": Setting("DW_THREADS", "16", int, "threads that answer requests once they have been read"),
+    "max_connections": Setting("DW_MAX_CONNECTIONS", "1024", int,
+                               "open client connections at most; more wait in the listen queue"),
+    "header_timeout": Setting("DW_HEADER_TIMEOUT", "10", float,
+                              "seconds a client has to send a request's headers; also how long an idle "
+                              "kept-alive connection stays open"),
+    "body_timeout": Setting("DW_BODY_TIMEOUT", "30", float,
+                            "seconds a client has to send a request's body once its headers arrived (408 after)"),
+    "max_waiting_claims": Setting("DW_MAX_WAITING_CLAIMS", "512", int,
+                                  "workers' claims that may wait for work at once, each holding a connection (at "
+                                  "most --max-connections; 0: claims never wait, workers poll)"),
+    "max_payload_bytes": Setting("DW_MAX_PAYLOAD_BYTES", str(4 * 1024 * 1024), int, "largest payload accepted"),
+    "max_iterations": Setting("DW_MAX_ITERATIONS", "100000000", int, "largest iterations accepted"),
+    "max_top": Setting("DW_MAX_TOP", "1000", int, "largest pullCompleted top accepted"),
+    "lease_seconds": Setting("DW_LEASE_SECONDS", "30", float, "a claim lasts this long unless the worker renews it"),
+    "max_attempts": Setting("DW_MAX_ATTEMPTS", "3", int, "claims an item gets before an expired lease fails it"),
+    "synchronous": Setting("DW_SYNCHRONOUS", "FULL", str.upper,
+                           "SQLite synchronous: FULL puts every acknowledged write on disk; NORMAL may lose the last "
+                           "writes on power loss"),
+    "retention_days": Setting("DW_RETENTION_DAYS", "7", float,
+                              "delete results this many days after pullCompleted delivered them; 0 keeps them forever"),
+    "log_level": Setting("DW_LOG_LEVEL", "INFO", str.upper, "DEBUG, INFO, WARNING or ERROR"),
+    "instance_id": Setting("DW_INSTANCE_ID", "", str,
+                           "any id for this run, reported in GET /stats, so that whoever started it can tell it is "
+                           "this process that answers (./deploy.sh local passes a fresh random one)"),
 }
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ) -> Settings:
     parser = argparse.ArgumentParser(prog="python -m endpoint", description="Run one dynamic-workload endpoint.")
-    for name, (env, default, kind, help_text) in OPTIONS.items():
-        # A string default goes through `kind` too, so a bad environment value is a usage error, not a traceback.
-        parser.add_argument(_flag(name), dest=name, type=kind, default=environ.get(env, default),
-                            help=f"{help_text} [{env}, default {default or 'none'}]")
-    return _checked(Settings(**vars(parser.parse_args(argv))))
+    add_settings(parser, OPTIONS, environ=environ)
+    args = parser.parse_args(argv)
+    check_settings(parser, OPTIONS, args, environ=environ)
+    return _checked(Settings(**vars(args)))
 
 
 def from_env(environ: Mapping[str, str] = os.environ) -> Settings:
-    return _checked(Settings(**{name: kind(environ.get(env, default))
-                                for name, (env, default, kind, _) in OPTIONS.items()}))
+    try:
+        return _checked(Settings(**read_environment(OPTIONS, environ)))
+    except ValueError as exc:
+        raise SystemExit(f"endpoint: {exc}") from None
 
 
 def export(settings: Settings) -> dict[str, str]:
     """The environment that makes `from_env` return these settings."""
-    return {OPTIONS[field.name][0]: str(getattr(settings, field.name)) for field in fields(settings)}
+    return environment(OPTIONS, {field.name: getattr(settings, field.name) for field in fields(settings)})
 
 
 def _checked(settings: Settings) -> Settings:
@@ -104,6 +108,8 @@ def _checked(settings: Settings) -> Settings:
     for name in ("threads", "max_connections", "max_payload_bytes", "max_iterations", "max_top", "max_attempts"):
         if getattr(settings, name) < 1:
             problems.append(f"{name} must be at least 1")
+    if not 0 <= settings.max_waiting_claims <= settings.max_connections:
+        problems.append("max_waiting_claims must be from 0 to max_connections")
     for name in ("header_timeout", "body_timeout"):
         if not 0 < getattr(settings, name) <= 3600:
             problems.append(f"{name} must be more than 0 and at most 3600 seconds")

@@ -135,7 +135,14 @@ class Peer:
         except _NotFound:
             return None
 
-    def _call(self, method: str, path: str) -> Any:
+    def get_json(self, path: str, timeout: float | None = None) -> Any:
+        """A GET of one of the peer's routes (the dashboard's figures); PeerUnavailable without an answer."""
+        try:
+            return self._call("GET", path, timeout)
+        except _NotFound as exc:
+            raise PeerUnavailable(f"the peer has no {path}") from exc
+
+    def _call(self, method: str, path: str, timeout: float | None = None) -> Any:
         if time.monotonic() < self._down_until:
             raise PeerUnavailable("peer marked down after a recent failure")
         request = urllib.request.Request(
@@ -145,7 +152,7 @@ class Peer:
             headers={"Authorization": f"Bearer {self._key}"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout or self._timeout) as response:
                 self.node_id = response.headers.get("X-Node-Id") or self.node_id
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:

@@ -5,6 +5,9 @@ it for its role: workers hold the worker key, which opens the worker routes and 
 the endpoints present the peer key to each other. The derivation is one-way (HMAC-SHA256),
 so a worker -- an instance that may be compromised -- cannot compute the peer key and take
 the users' results through the peer routes. One secret to deploy, least privilege to hand out.
+Two more roles: the scaler key (each host's scaler posts its runs to its endpoint and reads the
+endpoints' /stats with it, and can take no results) and the operator key (a person's, for the
+dashboard's details; it opens no /internal route).
 """
 
 from __future__ import annotations
@@ -25,6 +28,16 @@ def worker_key(cluster_secret: str) -> str:
 def peer_key(cluster_secret: str) -> str:
     """The key endpoints present to each other: opens the peer routes only."""
     return _derive(cluster_secret, "peer")
+
+
+def scaler_key(cluster_secret: str) -> str:
+    """The key a scaler presents: opens the scaler routes and the details of /stats, nothing else."""
+    return _derive(cluster_secret, "scaler")
+
+
+def operator_key(cluster_secret: str) -> str:
+    """The operator's password for the dashboard's details (HTTP Basic); opens no internal route."""
+    return _derive(cluster_secret, "operator")
 
 
 def _derive(cluster_secret: str, role: str) -> str:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from endpoint.history import History, count_event
+from endpoint.waiting import WorkSignal
 from endpoint.writer import (
     DEFAULT_WAIT_S,
     DiskFull,
@@ -35,8 +37,9 @@ from endpoint.writer import (
     is_disk_full,
 )
 
-__all__ = ["DiskFull", "OutcomeUnknown", "StoreUnavailable", "Store", "Claim", "ClientDelivery", "Delivered",
-           "DeliveryTokenExpired", "Enqueued", "LeaseAnswer", "IdempotencyKeyReused", "owner_of"]
+__all__ = ["DiskFull", "OutcomeUnknown", "StoreUnavailable", "Store", "Claim", "ClaimBatch", "ClientDelivery",
+           "Delivered", "DeliveryTokenExpired", "Enqueued", "LeaseAnswer", "IdempotencyKeyReused", "WorkerReport",
+           "owner_of"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ UNDELIVERED_SQL = ("SELECT seq FROM work_items INDEXED BY work_items_undelivered
 UNDELIVERED_COUNT_SQL = ("SELECT count(*) FROM work_items INDEXED BY work_items_undelivered "
                          "WHERE state = 'completed' AND delivered_at IS NULL")
 PRUNE_BATCH = 1000
+REPORTS_KEPT_S = 86_400.0  # what a worker reported of itself is forgotten after a day without word
 IDEMPOTENCY_TTL_S = 86_400.0  # an Idempotency-Key is remembered this long after its first use
 DELIVERY_TOKEN_TTL_S = 86_400.0  # a client's delivery token of pullCompleted: repeatable this long after first use
 CLIENT_DELIVERY_PREFIX = "client:"  # delivery_id of results taken under a client's token (peers send 32 hex)
@@ -105,12 +109,52 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class ClaimBatch:
+    claims: list[Claim]
+    pending: int  # items still pending after this claim
+    waited: bool = True  # False: the claim could not wait (too many waiting), so its worker backs off
+    hold: str = ""  # for endpoint/bridge.py: "<generation> <seconds> <worker>" to hold the answer
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What a worker says of itself in its claims: its hashing kernel and how many jobs it runs at once."""
+
+    kernel: str
+    processes: int
+    capacity: int  # processes x lanes
+
+
+@dataclass(frozen=True)
 class Delivered:
     work_id: str
     result: str
     completed_at: float
 
 
+def _pending_count(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT items FROM state_counts WHERE state = 'pending'").fetchone()[0]
+
+
+def _within_bytes(candidates: list[tuple[int, int]], max_bytes: int) -> list[int]:
+    """The seqs of the first candidates (seq, payload bytes) whose payloads fit into `max_bytes`
+    together (0: no bound); the first one always, however large it is."""
+    chosen, total = [], 0
+    for seq, size in candidates:
+        total += size
+        if chosen and max_bytes and total > max_bytes:
+            break
+        chosen.append(seq)
+    return chosen
+
+
+def _kernel_counts(workers: list[dict[str, Any]]) -> dict[str, int]:
+    """Workers per hashing kernel ("unknown": not reported since this endpoint started)."""
+    counts: dict[str, int] = {}
+    for worker in workers:
+        kernel = worker["kernel"] or "unknown"
+        counts[kernel] = counts.get(kernel, 0) + 1
+    return counts
 @dataclass(frozen=True)
 class ClientDelivery:
     """What a pull under a client's delivery token holds: this endpoint's part, and the peer's."""
@@ -246,6 +290,7 @@ class Store:
         worker_seen_window: float = 120.0,
         retention_days: float = 7.0,
         write_wait_s: float = DEFAULT_WAIT_S,
+        max_waiting_claims: int = 8,
         delivery_token_ttl_s: float = DELIVERY_TOKEN_TTL_S,
     ) -> None:
         if not NODE_ID_PATTERN.fullmatch(node_id):
@@ -274,6 +319,8 @@ class Store:
         # workers could not renew either: their leases get a grace, as after a restart (_requeue_expired).
         self._leases_checked_at = time.time()
         self._pause_s = max(3 * maintenance_interval, lease_seconds / 3)
+        self._reports: dict[str, tuple[float, WorkerReport]] = {}  # in memory: every claim repeats them
+        self._work_signal = WorkSignal(max_waiting_claims)
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._set_aside_orphaned_wal()
@@ -287,6 +334,8 @@ class Store:
                                "start the endpoint again once there is room") from exc
             raise
         self._writer = Writer(self.path, self._connect, self._synchronous, write_wait_s)
+        self.history = History(self._writer, self._reader, node_id, retention_days)
+        self._sample_history()  # at once: the first sample is the baseline of what this run will count
         self._stopping = threading.Event()
         self._maintenance = threading.Thread(
             target=self._maintain, args=(maintenance_interval,), name="store-maintenance", daemon=True
@@ -369,6 +418,7 @@ class Store:
         return conn
 
     def close(self) -> None:
+        self._work_signal.close()
         self._stopping.set()
         self._maintenance.join(timeout=10)
         try:
@@ -384,17 +434,19 @@ class Store:
     def _maintain(self, interval: float) -> None:
         # Leases expire and worker contacts are recorded even when no worker calls in.
         next_prune = 0.0
-        def check_leases(conn: sqlite3.Connection) -> float:
+        def check_leases(conn: sqlite3.Connection) -> tuple[float, int]:
             now = time.time()
-            self._requeue_expired(conn, now)
-            return now
+            return now, self._requeue_expired(conn, now)
 
         while not self._stopping.wait(interval):
             try:
-                self._leases_checked_at = self._writer.run(check_leases, durable=False)
+                self._leases_checked_at, requeued = self._writer.run(check_leases, durable=False)
+                if requeued:
+                    self._work_signal.notify(requeued)
                 self._flush_contacts()
+                self._sample_history()
                 if time.monotonic() >= next_prune:
-                    pruned = (self.prune_idempotency_keys() + self.prune_client_deliveries()
+                    pruned = (self.prune_idempotency_keys() + self.prune_client_deliveries() + self.history.prune()
                               + (self.prune_delivered() if self.retention_s else 0))
                     # A full batch means more are due: come back next round, not in a minute.
                     next_prune = time.monotonic() + (0 if pruned >= PRUNE_BATCH else 60)
@@ -402,6 +454,12 @@ class Store:
                 log.debug("store maintenance waits for disk space")  # the writer says so in the log
             except Exception:  # noqa: BLE001 -- keep maintaining; the next round retries
                 log.exception("store maintenance failed")
+
+    def _sample_history(self) -> None:
+        try:
+            self.history.sample_if_due(self.stats)
+        except (StoreUnavailable, OutcomeUnknown) as exc:  # a gap in the charts; the next minute tries again
+            log.debug("no sample this minute: %s", exc)
 
     def prune_delivered(self, now: float | None = None) -> int:
         """Delete results delivered more than the retention period ago, a batch at a time (so
@@ -487,7 +545,10 @@ class Store:
             return lambda conn: conn.execute("DELETE FROM work_items WHERE id = ? AND state = 'pending'",
                                              (enqueued.work_id,))
 
-        return self._writer.run(op, undo=undo)
+        enqueued = self._writer.run(op, undo=undo)
+        if not enqueued.replayed:
+            self._work_signal.notify(1)
+        return enqueued
 
     def take_completed(self, limit: int, delivery_id: str) -> list[Delivered]:
         """Mark up to `limit` undelivered results delivered and return them, newest first.
@@ -502,7 +563,9 @@ class Store:
             earlier = conn.execute(TAKEN_BEFORE_SQL, (delivery_id,)).fetchall()
             if earlier:
                 return earlier, self._note_replay(delivery_id)
-            return conn.execute(TAKE_SQL, (time.time(), delivery_id, limit)).fetchall(), self._replays_of(delivery_id)
+            taken = conn.execute(TAKE_SQL, (time.time(), delivery_id, limit)).fetchall()
+            count_event(conn, "delivered", len(taken))
+            return taken, self._replays_of(delivery_id)
 
         def undo(taken: tuple[list[tuple[str, str, float]], int]) -> WriteOp[Any] | None:
             rows, replays = taken
@@ -535,6 +598,7 @@ class Store:
             if conn.execute("SELECT 1 FROM work_items WHERE delivery_id = ? LIMIT 1", (delivery_id,)).fetchone():
                 raise DeliveryTokenExpired(token)
             local = _delivered(conn.execute(TAKE_SQL, (now, delivery_id, limit)).fetchall())
+            count_event(conn, "delivered", len(local))
             peer_limit = limit - len(local) if fill_up else 0
             conn.execute("INSERT INTO client_deliveries (token, created_at, peer_limit, peer_part) VALUES (?, ?, ?, ?)",
                          (token, now, peer_limit, None if peer_limit else "[]"))
@@ -574,8 +638,10 @@ class Store:
                 return 0
             if forget_token is not None:
                 conn.execute("DELETE FROM client_deliveries WHERE token = ?", (forget_token,))
-            return conn.execute("UPDATE work_items SET delivered_at = NULL, delivery_id = NULL WHERE delivery_id = ?",
-                                (delivery_id,)).rowcount
+            given_back = conn.execute("UPDATE work_items SET delivered_at = NULL, delivery_id = NULL "
+                                      "WHERE delivery_id = ?", (delivery_id,)).rowcount
+            count_event(conn, "given_back", given_back)
+            return given_back
 
         return op
 
@@ -607,6 +673,14 @@ class Store:
             conn.row_factory = None
         return dict(row) if row else None
 
+    def failed_items(self, limit: int) -> list[dict[str, Any]]:
+        """The latest failed items (from their own index), newest first."""
+        rows = self._reader().execute(
+            "SELECT id, attempts, failed_reason, created_at, worker_id FROM work_items INDEXED BY work_items_failed "
+            "WHERE state = 'failed' ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+        return [dict(zip(("id", "attempts", "failed_reason", "created_at", "worker_id"), row, strict=True))
+                for row in rows]
+
     def stats(self, worker_seen_window: float | None = None) -> dict[str, Any]:
         figures = read_stats(self._reader(), self.node_id, worker_seen_window or self.worker_seen_window)
         with self._contacts_lock:
@@ -619,132 +693,228 @@ class Store:
             ago = round(now - seen, 3)
             if worker["last_seen_s_ago"] is None or ago < worker["last_seen_s_ago"]:
                 worker["last_seen_s_ago"] = ago
+        with self._contacts_lock:
+            reports = dict(self._reports)
+        for worker_id, worker in known.items():
+            _, report = reports.get(worker_id, (0.0, None))
+            worker["kernel"] = report.kernel if report else None
+            worker["processes"] = report.processes if report else None
+            worker["capacity"] = report.capacity if report else None
         figures["workers"] = sorted(known.values(), key=lambda worker: worker["id"])
+        figures["kernels"] = _kernel_counts(figures["workers"])
+        figures["capacity_reported"] = sum(worker["capacity"] or 0 for worker in figures["workers"])
+        figures["waiting_claims"] = self._work_signal.waiters
         figures["disk_full"] = self._writer.disk_full
         return figures
 
     # -- worker API --------------------------------------------------------------------
 
-    def claim(self, worker_id: str, claim_token: str | None = None) -> Claim | None:
-        """Lease the oldest pending item to `worker_id`, or None when there is none.
+    def claim_batch(self, worker_id: str, claim_token: str | None = None, max_jobs: int = 1,
+                    max_bytes: int = 0, wait_s: float = 0.0, report: WorkerReport | None = None) -> ClaimBatch:
+        """Lease up to `max_jobs` of the oldest pending items to `worker_id` (their payloads at most
+        `max_bytes` together, 0: no bound; always one, however large). When there is none, the
+        claim waits up to `wait_s` seconds for work to arrive and then answers with nothing, and
+        its worker claims again (see endpoint/waiting.py).
 
+        With other claims waiting, one claim takes only its share of what is pending, so a worker
+        with many free lanes does not take a shallow queue that idle workers would start as soon.
         A worker names each claim with a token and repeats it when it got no answer: if that
-        claim was made, the repeat gets the same lease back (with a fresh lease time) instead
-        of leaving it to expire. The lease runs from when the claim is written, not from when
-        the request arrived. A claim whose caller heard "outcome unknown" is given back when it
-        commits, without using an attempt.
+        claim was made, the repeat gets the same leases back (with a fresh lease time) instead of
+        leaving them to expire. Each lease runs from when the claim is written. A claim whose
+        caller heard "outcome unknown" is given back when it commits, without using attempts.
         """
-        self._record_contact(worker_id, time.time())
-        conn = self._reader()
-        # Most polls of an idle queue end here, without a trip through the writer.
-        if claim_token is None and conn.execute(
-                "SELECT 1 FROM work_items WHERE state = 'pending' LIMIT 1").fetchone() is None:
-            return None
+        self._record_contact(worker_id, time.time(), report)
+        generation = self._work_signal.generation  # before looking: work that comes after wakes the wait
+        batch = self._claim_now(worker_id, claim_token, max_jobs, max_bytes)
+        if batch.claims or wait_s <= 0 or self._work_signal.is_cancelled(worker_id, claim_token):
+            return batch
+        if not self._work_signal.admit():
+            return ClaimBatch([], batch.pending, waited=False)
+        # Answered (empty) once work arrives or the wait is over, by the request reader, which holds
+        # the answer on its event loop (endpoint/bridge.py). Woken, the claim takes nothing itself:
+        # its worker claims again at once, so a claim whose worker died while it waited (nobody
+        # would hear its answer) never holds a lease.
+        return ClaimBatch([], batch.pending, hold=f"{generation} {wait_s:g} {worker_id}")
 
-        def op(conn: sqlite3.Connection) -> Claim | None:
+    @property
+    def work_signal(self) -> WorkSignal:
+        """What claims wait for: the request reader holds their answers until it moves."""
+        return self._work_signal
+
+    def _claim_now(self, worker_id: str, claim_token: str | None, max_jobs: int, max_bytes: int) -> ClaimBatch:
+        conn = self._reader()
+        # Most claims of an idle queue end here, without a trip through the writer.
+        if conn.execute("SELECT 1 FROM work_items WHERE state = 'pending' LIMIT 1").fetchone() is None and (
+                claim_token is None or conn.execute(
+                    "SELECT 1 FROM work_items INDEXED BY work_items_leased WHERE state = 'running' AND claim_token = ?"
+                    " LIMIT 1", (claim_token,)).fetchone() is None):
+            return ClaimBatch([], 0)
+        # The workers waiting meanwhile (or just woken, claiming again) get their share of what is pending.
+        others = self._work_signal.sharers(worker_id)
+
+        def op(conn: sqlite3.Connection) -> ClaimBatch:
+            if self._work_signal.is_cancelled(worker_id, claim_token):
+                return ClaimBatch([], _pending_count(conn))
             now = time.time()
-            earlier = self._claimed_before(conn, worker_id, claim_token, now) if claim_token else None
-            if earlier is not None:
-                return earlier
+            earlier = self._claimed_before(conn, worker_id, claim_token, now) if claim_token else []
+            if earlier:
+                return ClaimBatch(earlier, _pending_count(conn))
             self._requeue_expired(conn, now)
+            pending = _pending_count(conn)
+            share = min(max_jobs, max(1, -(-pending // (others + 1))))
+            candidates = conn.execute(
+                """SELECT seq, payload_bytes FROM work_items INDEXED BY work_items_pending WHERE state = 'pending'
+                   ORDER BY created_at LIMIT ?""", (share,)).fetchall()
+            chosen = _within_bytes(candidates, max_bytes)
+            if not chosen:
+                return ClaimBatch([], pending)
             rows = conn.execute(
-                """
+                f"""
                 UPDATE work_items
                 SET state = 'running', attempts = attempts + 1, worker_id = ?, claimed_at = ?,
                     lease_expires_at = ?, lease_confirmed = 1, claim_token = ?
-                WHERE seq = (SELECT seq FROM work_items INDEXED BY work_items_pending WHERE state = 'pending'
-                             ORDER BY created_at LIMIT 1)
+                WHERE seq IN ({','.join('?' * len(chosen))}) AND state = 'pending'
                 RETURNING seq, id, iterations, attempts, lease_expires_at
                 """,
-                (worker_id, now, now + self.lease_seconds, claim_token),
+                (worker_id, now, now + self.lease_seconds, claim_token, *chosen),
             ).fetchall()
-            return self._claim_of(conn, rows[0]) if rows else None
+            rows.sort(key=lambda row: chosen.index(row[0]))  # oldest first, as chosen
+            return ClaimBatch([self._claim_of(conn, row) for row in rows], pending - len(rows))
 
-        def undo(claim: Claim | None) -> WriteOp[Any] | None:
-            if claim is None:
+        def undo(batch: ClaimBatch) -> WriteOp[Any] | None:
+            if not batch.claims:
                 return None
-            # Not if the lease was renewed or handed out again meanwhile (the worker has it after all).
-            return lambda conn: self._release(conn, claim.work_id, claim.attempt, worker_id, claim.lease_expires_at)
+
+            # Not a lease renewed or handed out again meanwhile (the worker has it after all).
+            def give_back(conn: sqlite3.Connection) -> None:
+                for claim in batch.claims:
+                    self._release(conn, claim.work_id, claim.attempt, worker_id, claim.lease_expires_at)
+                self._work_signal.notify(len(batch.claims))
+
+            return give_back
 
         return self._writer.run(op, durable=False, undo=undo)
 
-    def _claimed_before(self, conn: sqlite3.Connection, worker_id: str, claim_token: str,
-                        now: float) -> Claim | None:
+    def claim(self, worker_id: str, claim_token: str | None = None) -> Claim | None:
+        """The oldest pending item leased to `worker_id`, or None (claim_batch of one, no waiting)."""
+        claims = self.claim_batch(worker_id, claim_token).claims
+        return claims[0] if claims else None
+
+    def cancel_claim(self, worker_id: str, claim_token: str) -> int:
+        """A worker's claim named `claim_token` is off: if it waits, it ends without taking anything;
+        what it took is given back, the attempts not counted. Returns the items given back."""
+        self._record_contact(worker_id, time.time())
+        self._work_signal.cancel(worker_id, claim_token)
+
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                """UPDATE work_items SET state = 'pending', attempts = attempts - 1, lease_expires_at = NULL
+                   WHERE seq IN (SELECT seq FROM work_items INDEXED BY work_items_leased
+                                 WHERE state = 'running' AND claim_token = ? AND worker_id = ?)""",
+                (claim_token, worker_id)).rowcount
+
+        released = self._writer.run(op, durable=False)
+        if released:
+            self._work_signal.notify(released)
+        return released
+
+    def _claimed_before(self, conn: sqlite3.Connection, worker_id: str, claim_token: str, now: float) -> list[Claim]:
         rows = conn.execute(
             """
             UPDATE work_items SET lease_expires_at = ?, lease_confirmed = 1
-            WHERE seq = (SELECT seq FROM work_items INDEXED BY work_items_leased
-                         WHERE state = 'running' AND claim_token = ? AND worker_id = ?)
+            WHERE seq IN (SELECT seq FROM work_items INDEXED BY work_items_leased
+                          WHERE state = 'running' AND claim_token = ? AND worker_id = ?)
             RETURNING seq, id, iterations, attempts, lease_expires_at
             """,
             (now + self.lease_seconds, claim_token, worker_id),
         ).fetchall()
-        return self._claim_of(conn, rows[0]) if rows else None
+        rows.sort()  # by seq: the order in which they were enqueued
+        return [self._claim_of(conn, row) for row in rows]
 
     def _claim_of(self, conn: sqlite3.Connection, row: tuple[int, str, int, int, float]) -> Claim:
         seq, work_id, iterations, attempt, expires = row
         (payload,) = conn.execute("SELECT data FROM payloads WHERE seq = ?", (seq,)).fetchone()
         return Claim(work_id, iterations, attempt, self.lease_seconds, payload, expires)
 
-    def renew(self, work_id: str, attempt: int, worker_id: str) -> LeaseAnswer:
-        """Extend a lease from now (the time of the write); otherwise say why the lease is not this worker's."""
+    def renew_batch(self, worker_id: str, leases: list[tuple[str, int]]) -> list[LeaseAnswer]:
+        """Extend each lease (work id, attempt) from now, the time of the write; otherwise say why
+        that lease is not this worker's. One answer per lease, in order."""
         self._record_contact(worker_id, time.time())
 
-        def op(conn: sqlite3.Connection) -> LeaseAnswer:
-            renewed = conn.execute(
-                """
-                UPDATE work_items SET lease_expires_at = ?, lease_confirmed = 1
-                WHERE id = ? AND state = 'running' AND attempts = ? AND worker_id = ?
-                """,
-                (time.time() + self.lease_seconds, work_id, attempt, worker_id),
-            ).rowcount
-            return LeaseAnswer.DONE if renewed else self._why_not_held(conn, work_id)
+        def op(conn: sqlite3.Connection) -> list[LeaseAnswer]:
+            expires = time.time() + self.lease_seconds
+            answers = []
+            for work_id, attempt in leases:
+                renewed = conn.execute(
+                    """UPDATE work_items SET lease_expires_at = ?, lease_confirmed = 1
+                       WHERE id = ? AND state = 'running' AND attempts = ? AND worker_id = ?""",
+                    (expires, work_id, attempt, worker_id)).rowcount
+                answers.append(LeaseAnswer.DONE if renewed else self._why_not_held(conn, work_id))
+            return answers
 
         return self._writer.run(op, durable=False)
+
+    def renew(self, work_id: str, attempt: int, worker_id: str) -> LeaseAnswer:
+        return self.renew_batch(worker_id, [(work_id, attempt)])[0]
+
+    def release_batch(self, worker_id: str, leases: list[tuple[str, int]]) -> list[LeaseAnswer]:
+        """Give leased items back at once (the worker is stopping); their attempts are not counted."""
+        self._record_contact(worker_id, time.time())
+
+        def op(conn: sqlite3.Connection) -> list[LeaseAnswer]:
+            return [LeaseAnswer.DONE if self._release(conn, work_id, attempt, worker_id)
+                    else self._why_not_held(conn, work_id) for work_id, attempt in leases]
+
+        answers = self._writer.run(op, durable=False)
+        if LeaseAnswer.DONE in answers:
+            self._work_signal.notify(answers.count(LeaseAnswer.DONE))
+        return answers
 
     def release(self, work_id: str, attempt: int, worker_id: str) -> LeaseAnswer:
-        """Give a leased item back at once (the worker is stopping); the attempt is not counted."""
+        return self.release_batch(worker_id, [(work_id, attempt)])[0]
+
+    def complete_batch(self, worker_id: str, results: list[tuple[str, str, float | None]]) -> list[LeaseAnswer]:
+        """Store results (work id, result, duration): for each DONE, COMPLETED if the item already
+        had one (kept: the first result stored wins), or NO_SUCH_ITEM. Whatever became of the lease:
+        a late result still counts, the work is deterministic. One transaction, one fsync."""
         self._record_contact(worker_id, time.time())
 
-        def op(conn: sqlite3.Connection) -> LeaseAnswer:
-            if self._release(conn, work_id, attempt, worker_id):
-                return LeaseAnswer.DONE
-            return self._why_not_held(conn, work_id)
-
-        return self._writer.run(op, durable=False)
-
-    def complete(self, work_id: str, worker_id: str, result: str, duration_s: float | None) -> LeaseAnswer:
-        """Store a result: DONE, COMPLETED if the item already had one (kept), or NO_SUCH_ITEM.
-        Whatever became of the lease: a late result still counts, the work is deterministic."""
-        self._record_contact(worker_id, time.time())
-
-        def op(conn: sqlite3.Connection) -> LeaseAnswer:
+        def op(conn: sqlite3.Connection) -> list[LeaseAnswer]:
             now = time.time()
-            rows = conn.execute(
-                """
-                UPDATE work_items
-                SET state = 'completed', result = ?, completed_at = ?, duration_s = ?,
-                    worker_id = ?, lease_expires_at = NULL, failed_reason = NULL
-                WHERE id = ? AND state <> 'completed'
-                RETURNING seq
-                """,
-                (result, now, duration_s, worker_id, work_id),
-            ).fetchall()
-            if not rows:
-                return self._why_not_held(conn, work_id)
-            conn.execute("DELETE FROM payloads WHERE seq = ?", (rows[0][0],))
-            conn.execute(
-                """
-                INSERT INTO workers (worker_id, first_seen_at, last_seen_at, jobs_completed)
-                VALUES (?, ?, ?, 1)
-                ON CONFLICT (worker_id) DO UPDATE
-                SET last_seen_at = excluded.last_seen_at, jobs_completed = jobs_completed + 1
-                """,
-                (worker_id, now, now),
-            )
-            return LeaseAnswer.DONE
+            answers = []
+            for work_id, result, duration_s in results:
+                rows = conn.execute(
+                    """
+                    UPDATE work_items
+                    SET state = 'completed', result = ?, completed_at = ?, duration_s = ?,
+                        worker_id = ?, lease_expires_at = NULL, failed_reason = NULL
+                    WHERE id = ? AND state <> 'completed'
+                    RETURNING seq
+                    """,
+                    (result, now, duration_s, worker_id, work_id),
+                ).fetchall()
+                if not rows:
+                    answers.append(self._why_not_held(conn, work_id))
+                    continue
+                conn.execute("DELETE FROM payloads WHERE seq = ?", (rows[0][0],))
+                answers.append(LeaseAnswer.DONE)
+            stored = answers.count(LeaseAnswer.DONE)
+            if stored:
+                conn.execute(
+                    """
+                    INSERT INTO workers (worker_id, first_seen_at, last_seen_at, jobs_completed)
+                    VALUES (?, ?, ?, ?)
+                    ON CONFLICT (worker_id) DO UPDATE
+                    SET last_seen_at = excluded.last_seen_at, jobs_completed = jobs_completed + excluded.jobs_completed
+                    """,
+                    (worker_id, now, now, stored),
+                )
+            return answers
 
         return self._writer.run(op)
+
+    def complete(self, work_id: str, worker_id: str, result: str, duration_s: float | None) -> LeaseAnswer:
+        return self.complete_batch(worker_id, [(work_id, result, duration_s)])[0]
 
     # -- internals ---------------------------------------------------------------------
 
@@ -768,7 +938,7 @@ class Store:
         return {"completed": LeaseAnswer.COMPLETED, "running": LeaseAnswer.LEASED_ELSEWHERE}.get(
             row[0], LeaseAnswer.NOT_LEASED)
 
-    def _requeue_expired(self, conn: sqlite3.Connection, now: float) -> None:
+    def _requeue_expired(self, conn: sqlite3.Connection, now: float) -> int:
         paused_s = now - self._leases_checked_at
         if paused_s > self._pause_s:
             # The endpoint has not run for a while (see __init__): expiring leases now would take the jobs of
@@ -776,10 +946,10 @@ class Store:
             log.warning("leases not checked for %.1f s (the endpoint was paused or its writer stuck): every "
                         "running lease gets %g s from now, as after a restart", paused_s, self.lease_seconds)
             conn.execute(self._grace_sql(now))
-            return
+            return 0
         # A lease carried over a restart (or a pause) and never renewed since (lease_confirmed = 0) is given
         # back without counting: its worker may have given up while the endpoint was down.
-        conn.execute(
+        return conn.execute(
             """
             UPDATE work_items
             SET state = CASE WHEN lease_confirmed = 1 AND attempts >= :max_attempts THEN 'failed' ELSE 'pending' END,
@@ -790,17 +960,21 @@ class Store:
             WHERE state = 'running' AND lease_expires_at < :now
             """,
             {"max_attempts": self.max_attempts, "now": now},
-        )
+        ).rowcount
 
-    def _record_contact(self, worker_id: str, now: float) -> None:
+    def _record_contact(self, worker_id: str, now: float, report: WorkerReport | None = None) -> None:
         # Kept in memory and written every maintenance round: an idle worker polls often,
         # and a write per empty poll would cost an fsync each.
         with self._contacts_lock:
             self._contacts[worker_id] = now
+            if report is not None:
+                self._reports[worker_id] = (now, report)
 
     def _flush_contacts(self) -> None:
         with self._contacts_lock:
             contacts, self._contacts = self._contacts, {}
+            forgotten = time.time() - REPORTS_KEPT_S
+            self._reports = {worker: seen for worker, seen in self._reports.items() if seen[0] > forgotten}
         if not contacts:
             return
 

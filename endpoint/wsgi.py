@@ -16,6 +16,7 @@ from endpoint.app import Limits, make_app
 from endpoint.bridge import STOP_READING, ReadLimits, RequestReader
 from endpoint.config import from_env
 from endpoint.inputs import FORM_OVERHEAD_BYTES
+from endpoint.metrics import Metrics
 from endpoint.peer import Peer
 from endpoint.secret import peer_key, read_secret
 from endpoint.server import held_data_lock
@@ -32,16 +33,18 @@ def create_app() -> RequestReader:
     held_data_lock().wait_as_writer()  # an earlier app process of this server may still be exiting
     store = Store(settings.db_path, settings.node_id, lease_seconds=settings.lease_seconds,
                   max_attempts=settings.max_attempts, synchronous=settings.synchronous,
-                  retention_days=settings.retention_days)
+                  retention_days=settings.retention_days, max_waiting_claims=settings.max_waiting_claims)
     atexit.register(store.close)
     _exit_with_parent(store)
     peer = Peer(settings.peer, peer_key(secret)) if settings.peer else None
     limits = Limits(settings.max_payload_bytes, settings.max_iterations, settings.max_top)
     log.info("endpoint %s serving on http://%s:%d (db %s, peer %s)", settings.node_id, settings.host,
              settings.port, store.path, settings.peer or "none")
-    app = make_app(store, secret, limits, peer, settings.instance_id)
+    metrics = Metrics(store)
+    app = make_app(store, secret, limits, peer, settings.instance_id, metrics)
     read_limits = ReadLimits(settings.max_payload_bytes + FORM_OVERHEAD_BYTES, settings.body_timeout)
-    return RequestReader(app, read_limits, settings.threads)
+    # Claims that wait for work are held on the reader's event loop, not on the app's threads.
+    return RequestReader(app, read_limits, settings.threads, metrics.observe_request, news=store.work_signal)
 
 
 def _exit_with_parent(store: Store) -> None:

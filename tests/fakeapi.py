@@ -10,6 +10,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 
+from conftest import reply
+
 ERROR_PAGE = b"Internal Server Error: upstream connect error"
 
 
@@ -28,11 +30,7 @@ class BrokenApi:
                 if mode == "hang":
                     api._release.wait(120)
                     return
-                self.send_response(500)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(ERROR_PAGE)))
-                self.end_headers()
-                self.wfile.write(ERROR_PAGE)
+                reply(self, 500, "text/plain", ERROR_PAGE)
 
             do_GET = do_POST  # noqa: N815
 

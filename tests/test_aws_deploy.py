@@ -4,7 +4,7 @@ Ctrl-C says which instances run and bill and how to remove them.
 
 The scripts run as the user runs them (`./deploy.sh aws ...`, real processes); the
 assertions look at "AWS" (moto) through boto3. Where a deploy must reach its endpoint
-instances, they are fake hosts (network namespaces, tests/cloudhosts.py) without an sshd,
+instances, they are fake hosts (network namespaces, tests/fakehosts.py) without an sshd,
 i.e. instances whose SSH never answers.
 """
 
@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloudhosts import (
-    HostNetwork,
+from fakeaws import (
     MotoServer,
     aws_fixture,  # noqa: F401 -- fixture "aws"
-    host_network_fixture,  # noqa: F401 -- fixture "host_network"
     moto_server_fixture,  # noqa: F401 -- fixture "moto_server"
+)
+from fakehosts import (
+    HostNetwork,
+    host_network_fixture,  # noqa: F401 -- fixture "host_network"
 )
 
 from conftest import PYTHON, REPO, wait_for
@@ -74,7 +76,7 @@ class Aws:
         return self.run("./deploy.sh", "aws", *args, **options)
 
     def setup(self, *args: str, **options: Any) -> subprocess.CompletedProcess[str]:
-        return self.run(PYTHON, "-m", "cron.aws_setup", "--allowed-cidr", CIDR, *args, **options)
+        return self.run(PYTHON, "-m", "deploy.aws_setup", "--allowed-cidr", CIDR, *args, **options)
 
     def ec2(self, region: str = "us-east-1") -> Any:
         import boto3
@@ -154,7 +156,7 @@ def test_wildcard_cluster_names_are_refused_and_touch_no_other_cluster(cloud: Aw
     commands = [
         ["./deploy.sh", "aws", "--destroy", f"--cluster={name}"],
         ["./deploy.sh", "aws", f"--cluster={name}"],
-        [PYTHON, "-m", "cron.aws_setup", "--destroy", f"--cluster={name}"],
+        [PYTHON, "-m", "deploy.aws_setup", "--destroy", f"--cluster={name}"],
         [PYTHON, "-m", "cron.scale", "--provider", "ec2", "--aws-state", str(state), f"--cluster={name}",
          "--terminate-all"],
     ]

@@ -18,7 +18,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from cloudhosts import FakeHost, HostNetwork, MotoServer, public_key_from_private, require_root
+from fakeaws import MotoServer
+from fakehosts import (
+    FakeHost,
+    HostNetwork,
+    public_key_from_private,
+    require_root,
+)
 
 from conftest import REPO, reference, wait_for
 
@@ -37,6 +43,11 @@ def run_script(args: list[str], env: dict[str, str], timeout: float = 600) -> su
     completed = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert completed.returncode == 0, f"{args} failed:\n{completed.stdout}\n{completed.stderr}"
     return completed
+
+
+def modes(host: FakeHost, *paths: str) -> list[int]:
+    """The permission bits of files in the host's install folder."""
+    return [(host.root_dir / "dynamic-workload" / path).stat().st_mode & 0o777 for path in paths]
 
 
 def run_scaler(host: FakeHost) -> subprocess.Popen[str]:
@@ -91,6 +102,8 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
                 assert requests.get(f"{url}/stats", timeout=10).json()["pending"] == 0
             secret_file = endpoints[0].root_dir / "dynamic-workload" / "secret"
             assert secret_file.stat().st_mode & 0o077 == 0
+            for host in endpoints:  # data and logs owner-only, also the log the shell opens
+                assert modes(host, "var", "var/log", "var/log/endpoint.log") == [0o700, 0o700, 0o600]
 
             # a burst of jobs at both endpoints
             expected = {}
@@ -107,6 +120,8 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
             launched = live_instances(ec2, "worker")
             assert 1 <= len(launched) <= 2, outputs
             assert all(any(tag["Key"] == "dw:ready" for tag in instance["Tags"]) for instance in launched), outputs
+            for host in endpoints:  # the crontab line's log, opened by its shell
+                assert modes(host, "var/log/scaler.log") == [0o600]
 
             results: dict[str, str] = {}
             deadline = time.monotonic() + 120
@@ -123,6 +138,8 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
             launched_hosts = [host for host in workers
                               if (host.root_dir / "dynamic-workload" / "worker.env").exists()]
             assert len(launched_hosts) == len(launched)
+            for host in launched_hosts:
+                assert modes(host, "worker.log", "worker.pid", "secret") == [0o600, 0o600, 0o600]
             wait_for(lambda: all((host.root_dir / "dynamic-workload" / "idle-exit-ran").exists()
                                  for host in launched_hosts), timeout=60, what="the idle workers' exit action")
             time.sleep(4)  # past the silence deadline

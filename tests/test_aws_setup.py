@@ -1,4 +1,4 @@
-"""`./setup.sh aws` (cron.aws_setup) against moto's server: what it creates, that re-runs change
+"""`./setup.sh aws` (deploy.aws_setup) against moto's server: what it creates, that re-runs change
 nothing or exactly what changed, what it refuses, and that --destroy removes its own resources
 and nothing else. The module runs as the subprocess setup.sh starts; the assertions look at
 "AWS" (moto) through boto3.
@@ -14,18 +14,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 from botocore.exceptions import ClientError
-from cloudhosts import MotoServer
 from fakeapi import BrokenApi
+from fakeaws import MotoServer, moto_server_fixture  # noqa: F401 -- fixture "moto_server"
 
 from conftest import REPO, wait_for
-from cron import aws_setup
+from deploy import aws_setup, cluster, iam, network
 
 PYTHON = sys.executable
 CIDR = "203.0.113.7/32"
@@ -36,18 +35,6 @@ STATE_KEYS = {"cluster", "region", "vpc_id", "subnet_ids", "security_group_id", 
               "created_at", "updated_at"}
 # Talk to the local moto server directly, whatever proxy the environment names.
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-# --- moto's server, one per module, reset before every test ------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    server = MotoServer(tmp_path_factory.mktemp("moto"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class Aws:
@@ -83,7 +70,7 @@ class Aws:
         return {name: value for name, value in env.items() if value is not None}
 
     def run(self, *args: str, expect: int | None = 0, **env: str | None) -> subprocess.CompletedProcess[str]:
-        completed = subprocess.run([PYTHON, "-m", "cron.aws_setup", *args], cwd=REPO, env=self.env(**env),
+        completed = subprocess.run([PYTHON, "-m", "deploy.aws_setup", *args], cwd=REPO, env=self.env(**env),
                                    capture_output=True, text=True, timeout=90)
         if expect is not None:
             assert completed.returncode == expect, (f"exit {completed.returncode}, expected {expect}:\n"
@@ -127,9 +114,10 @@ class Aws:
 
 
 @pytest.fixture
-def aws(moto: MotoServer, tmp_path: Path) -> Aws:
-    moto.reset()
-    return Aws(moto.url, tmp_path)
+def aws(moto_server: MotoServer, tmp_path: Path) -> Aws:
+    """moto's server of the session (tests/fakeaws.py), reset: every test starts from nothing."""
+    moto_server.reset()
+    return Aws(moto_server.url, tmp_path)
 
 
 def ingress(group: dict) -> set[tuple[str, int, int, str]]:
@@ -259,23 +247,23 @@ def test_public_address_discovery_only_when_enabled(monkeypatch: pytest.MonkeyPa
 
     args = aws_setup.parse_args(["--cluster", "dw"])
     args.allowed_cidr = ""
-    monkeypatch.setattr(aws_setup.urllib.request, "urlopen", answer)
+    monkeypatch.setattr(network.urllib.request, "urlopen", answer)
     monkeypatch.delenv("DW_DISCOVER_IP", raising=False)
-    with pytest.raises(aws_setup.UsageError, match="--allowed-cidr"):
-        aws_setup.resolve_allowed_cidr(args, {})
+    with pytest.raises(cluster.UsageError, match="--allowed-cidr"):
+        network.resolve_allowed_cidr(args, {})
     assert asked == []
-    assert aws_setup.resolve_allowed_cidr(args, {"allowed_cidr": CIDR}) == CIDR  # a re-run keeps the record
+    assert network.resolve_allowed_cidr(args, {"allowed_cidr": CIDR}) == CIDR  # a re-run keeps the record
 
     monkeypatch.setenv("DW_DISCOVER_IP", "1")
-    assert aws_setup.resolve_allowed_cidr(args, {}) == "198.51.100.23/32"
+    assert network.resolve_allowed_cidr(args, {}) == "198.51.100.23/32"
     assert asked == [("https://checkip.amazonaws.com", 3)]
 
     def unreachable(url: str, timeout: float) -> FakeResponse:
         raise OSError("timed out")
 
-    monkeypatch.setattr(aws_setup.urllib.request, "urlopen", unreachable)
-    with pytest.raises(aws_setup.UsageError, match="--allowed-cidr"):
-        aws_setup.resolve_allowed_cidr(args, {})
+    monkeypatch.setattr(network.urllib.request, "urlopen", unreachable)
+    with pytest.raises(cluster.UsageError, match="--allowed-cidr"):
+        network.resolve_allowed_cidr(args, {})
 
 
 def test_anywhere_only_when_asked(aws: Aws) -> None:
@@ -379,7 +367,7 @@ def test_endpoint_policy_allows_only_what_the_scaler_needs(aws: Aws) -> None:
 
 
 def test_pass_role_only_for_an_existing_worker_role(aws: Aws) -> None:
-    trust = json.dumps(aws_setup.EC2_TRUST_POLICY)
+    trust = json.dumps(iam.EC2_TRUST_POLICY)
     arn = aws.iam.create_role(RoleName="dw-worker", AssumeRolePolicyDocument=trust,
                               Tags=[{"Key": "dw:cluster", "Value": "dw"}])["Role"]["Arn"]
     aws.setup()
@@ -453,12 +441,12 @@ def test_security_group_deletion_waits_for_terminating_instances() -> None:
         now[0] += seconds
 
     ec2 = FakeEc2(busy=3)
-    aws_setup.delete_security_group(ec2, "security group dw-sg", "sg-1", timeout=60, sleep=sleep, clock=lambda: now[0])
+    network.delete_security_group(ec2, "security group dw-sg", "sg-1", timeout=60, sleep=sleep, clock=lambda: now[0])
     assert ec2.calls == 4 and sleeps == [2.0, 4.0, 8.0]
 
     now[0], sleeps[:] = 0.0, []
-    with pytest.raises(aws_setup.SetupError, match="still in use"):
-        aws_setup.delete_security_group(FakeEc2(busy=1000), "security group dw-sg", "sg-1", timeout=60,
+    with pytest.raises(cluster.SetupError, match="still in use"):
+        network.delete_security_group(FakeEc2(busy=1000), "security group dw-sg", "sg-1", timeout=60,
                                         sleep=sleep, clock=lambda: now[0])
     assert 45 <= sum(sleeps) <= 60
 
@@ -627,7 +615,7 @@ def test_ctrl_c_stops_setup_at_once_and_says_what_exists(aws: Aws) -> None:
 
 
 def test_help_shows_the_defaults() -> None:
-    completed = subprocess.run([PYTHON, "-m", "cron.aws_setup", "--help"], cwd=REPO, capture_output=True, text=True,
+    completed = subprocess.run([PYTHON, "-m", "deploy.aws_setup", "--help"], cwd=REPO, capture_output=True, text=True,
                                timeout=30)
     for shown in ("[DW_CLUSTER, default dw]", "[DW_HTTP_PORT, default 5000]", "[DW_KEY_TYPE, default ed25519]",
                   "[DW_AWS_DIR, default var/aws]", "--destroy", "--allow-anywhere"):

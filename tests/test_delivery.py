@@ -80,7 +80,7 @@ def test_concurrent_pulls_at_both_endpoints_deliver_each_result_once(
 
 def test_worker_killed_mid_job_is_replaced_and_the_result_appears_once(services: Services) -> None:
     a, b = services.endpoint_pair(extra_args=("--lease-seconds", "2"))
-    first = services.worker([a, b], worker_id="doomed")
+    first = services.worker([a, b], worker_id="doomed", extra_args=("--kernel", "python"))  # still running at the kill
     payload = b"long job"
     iterations = 3_000_000  # seconds of hashing: the kill lands mid-job
     work_id = a.enqueue(payload, iterations)

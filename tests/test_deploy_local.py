@@ -22,6 +22,7 @@ import requests
 
 from conftest import REPO, free_port, group_members, pid_alive, reference, wait_for
 from deploy.supervise import Failed, RestartPolicy, Service, Supervisor
+from endpoint.secret import operator_key
 
 BANNER_END = "Ctrl-C stops everything"
 
@@ -171,6 +172,17 @@ def test_deploy_local_serves_a_job_and_stops_everything(tmp_path: Path, deployme
     work_id = deployment.enqueue(deployment.url_b, b"Hello", 10)
     assert deployment.pull_until(1) == [{"id": work_id, "result": reference(b"Hello", 10)}]
     assert (deployment.state / "secret").stat().st_mode & 0o077 == 0, "the secret file must be private"
+    # The dashboard's URLs, and a command that prints the operator key: the key itself in no output or log.
+    output = deployment.output()
+    assert f"dashboard   {deployment.url_a}/   {deployment.url_b}/" in output
+    command = f".venv/bin/python -m endpoint.operator_key --secret-file {deployment.state}/secret"
+    assert command in output
+    key = subprocess.run(command.split(), cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+    assert key == operator_key((deployment.state / "secret").read_text().strip())
+    details = requests.get(f"{deployment.url_a}/details", auth=("operator", key), timeout=10)
+    assert details.status_code == 200 and 'id="endpoint-b"' in details.text
+    logs = [path.read_text(errors="replace") for path in (deployment.state / "log").glob("*.log")]
+    assert all(key not in text for text in [output, *logs])
 
     assert deployment.stop(stop_signal) == (130 if stop_signal == signal.SIGINT else 143)
     assert processes_of(deployment.state) == []
@@ -515,8 +527,8 @@ def running_item(deployment: Deployment, work_id: str) -> dict | None:
 
 def test_restarts_during_a_long_job_do_not_use_up_its_attempts(tmp_path: Path, deployments: list[Deployment]) -> None:
     # A short lease, so that a lease left behind by a stop expires (and would count) within the test;
-    # the job (10^8 iterations, about a minute) outlasts every run of the deployment.
-    env = {"DW_LEASE_SECONDS": "3"}
+    # the job (10^8 iterations, about a minute of Python hashing) outlasts every run of the deployment.
+    env = {"DW_LEASE_SECONDS": "3", "DW_WORKER_KERNEL": "python"}
     ports = (free_port(), free_port())
     state = tmp_path / "state"
     work_id = ""

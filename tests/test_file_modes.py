@@ -44,8 +44,8 @@ def test_an_endpoint_and_a_scaler_started_by_hand_create_owner_only_files(open_u
                                 headers={"Content-Type": "application/octet-stream"}, timeout=10)
         assert response.status_code == 200, response.text
         run = services.start("scaler", [
-            PYTHON, "-m", "cron.scale", "--provider", "local", "--node-id", "a", "--db", str(endpoint.db),
-            "--url", endpoint.url, "--endpoint", endpoint.url, "--state-dir", str(state),
+            PYTHON, "-m", "cron.scale", "--provider", "local", "--node-id", "a", "--url", endpoint.url,
+            "--endpoint", endpoint.url, "--state-dir", str(state),
             "--secret-file", str(secret_file), "--scale-after", "0", "--idle-timeout", "5"])
         assert run.process is not None and run.process.wait(60) == 0, run.log()
         assert len(drain([endpoint], 1)) == 1  # the worker it launched ran the job

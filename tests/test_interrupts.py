@@ -1,4 +1,4 @@
-"""cron/interrupts.py in real processes: a signal raises Interrupted at once, also while threads
+"""cli/interrupts.py in real processes: a signal raises Interrupted at once, also while threads
 wait; a step marked as not to be cut in half finishes first; a second signal ends the process."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def wait_for_line(process: subprocess.Popen[str], expected: str) -> None:
 
 PREAMBLE = """
 import os, sys, time, threading
-from cron.interrupts import Interrupted, deferred_signals, exit_now, parallel, stop_on_signals
+from cli.interrupts import Interrupted, deferred_signals, exit_now, parallel, stop_on_signals
 stop_on_signals()
 """
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import requests
 
-from conftest import WORKER_AUTH, Endpoint, Services, free_port, wait_for
+from conftest import WORKER_AUTH, Endpoint, Services, free_port, reply, wait_for
 
 
 def complete(endpoint: Endpoint, payload: bytes) -> str:
@@ -50,11 +50,7 @@ def fake_peer(behaviour: str, target: str = "") -> Iterator[str]:
                 state["dropped"] += 1
                 self.close_connection = True  # the peer took the results; its answer never arrives
                 return
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            reply(self, 200, "application/json", body)
 
     port = free_port()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)

@@ -503,3 +503,42 @@ def test_the_scaler_feeds_the_running_count_of_stats_to_the_policy() -> None:
              "recent_job_duration_s": 0.000129}
     assert load_of(stats).running == 3
     assert load_of({"pending": 0, "oldest_pending_age_s": 0.0}).running == 0  # an older peer without the field
+
+
+# --- capacity the workers report ---------------------------------------------------------------------------------
+
+def test_the_capacity_workers_report_sizes_the_fleet_instead_of_slots_per_worker() -> None:
+    # 1,600 jobs of 1 s to drain in 100 s need 16 slots: 8 workers of 2 slots, or 1 worker of 16 lanes.
+    backlog = load(1600, age=100.0)
+    assert decide(view(backlog), POLICY).needed == 8
+    reported = replace(view(backlog, ready=1, own=1), reported_slots_per_worker=16.0)
+    decision = decide(reported, POLICY)
+    assert (decision.needed, decision.launch) == (1, 0)
+    assert "16 jobs at once per worker as reported" in decision.reason
+    bigger = replace(view(load(4800, age=100.0), ready=1, own=1), reported_slots_per_worker=16.0)
+    assert (decide(bigger, POLICY).needed, decide(bigger, POLICY).launch) == (3, 1)  # the peer launches one
+
+
+def test_busy_slots_count_the_reported_capacity() -> None:
+    # 2 workers of 16 lanes with 20 jobs running: slots are free, so no worker is added for busy slots.
+    running = load(5, age=100.0, running=20)
+    free = replace(view(running, ready=2, own=2), reported_slots_per_worker=16.0)
+    assert decide(free, POLICY).launch == 0
+    # With the configured 2 slots per worker, the same 20 running jobs fill every slot: one more worker.
+    assert decide(view(running, ready=2, own=2), POLICY).launch == 1
+
+
+def test_the_scaler_takes_the_capacity_its_fleets_workers_reported() -> None:
+    from cron.providers import Machine
+    from cron.scale import Fleet, cluster_view
+
+    nodes = [Machine("i-1", "a", 0.0, ready=True), Machine("i-2", "b", 0.0, ready=True),
+             Machine("i-3", "a", 0.0, ready=True)]
+    stats = {"pending": 0, "oldest_pending_age_s": 0.0,
+             "workers": [{"id": "i-1", "capacity": 16}, {"id": "gone", "capacity": 64},
+                         {"id": "i-3", "capacity": None}]}
+    peer = {"pending": 0, "oldest_pending_age_s": 0.0, "workers": [{"id": "i-2", "capacity": 4}]}
+    assert cluster_view(stats, peer, Fleet(nodes), "a").reported_slots_per_worker == 10.0
+    assert cluster_view(stats, None, Fleet(nodes), "a").reported_slots_per_worker == 16.0
+    quiet = {"pending": 0, "oldest_pending_age_s": 0.0, "workers": []}
+    assert cluster_view(quiet, None, Fleet(nodes), "a").reported_slots_per_worker is None

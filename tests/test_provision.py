@@ -1,6 +1,6 @@
-"""Provisioning a worker over SSH (cron/provision.py) on fake hosts: real sshd, SFTP and worker.
+"""Provisioning a worker over SSH (cron/provision.py, cloud/ssh.py) on fake hosts: real sshd, SFTP and worker.
 
-Every host is a network namespace of tests/cloudhosts.py with its own address and home; the
+Every host is a network namespace of tests/fakehosts.py with its own address and home; the
 endpoint listens on the bridge's gateway address, where the workers inside the namespaces
 reach it. Workers run as detached processes (service "process"); their exit command is a
 harmless `touch` of a file.
@@ -15,26 +15,16 @@ from pathlib import Path
 
 import paramiko
 import pytest
-from cloudhosts import (
+from fakehosts import (
     FakeHost,
     HostNetwork,
     host_network_fixture,  # noqa: F401 -- fixture "host_network"
     ssh_keypair,
 )
 
+from cloud.ssh import REMOTE_DIR_NAME, HostKeyPins, SshError, SshTarget, ssh_session, wait_for_ssh
 from conftest import WORKER_KEY, Endpoint, Services, pid_alive, reference, wait_for
-from cron.provision import (
-    REMOTE_DIR_NAME,
-    HostKeyPins,
-    ProvisionError,
-    SshTarget,
-    WorkerInstall,
-    provision_worker,
-    ssh_session,
-    stop_worker,
-    wait_for_ssh,
-    worker_running,
-)
+from cron.provision import ProvisionError, WorkerInstall, provision_worker, stop_worker, worker_running
 
 REMOTE_PYTHON = "/usr/bin/python3"
 TARGET_SECONDS = 2.0  # the project's target from "SSH answers" to "worker running"
@@ -54,15 +44,27 @@ def client_key(tmp_path: Path) -> tuple[Path, str]:
 
 
 @pytest.fixture
+def pins(tmp_path: Path) -> HostKeyPins:
+    return HostKeyPins(tmp_path / "known_hosts.json")
+
+
+def sshd_host(network: HostNetwork, name: str, client_key: tuple[Path, str]) -> FakeHost:
+    """A fake host whose sshd takes the client key."""
+    host = network.add_host(name)
+    host.start_sshd(client_key[1])
+    return host
+
+
+@pytest.fixture
 def endpoint(services: Services, host_network: HostNetwork) -> Endpoint:
     """An endpoint on the gateway address, so that workers in the namespaces reach it."""
     return services.endpoint("a", host=host_network.gateway)
 
 
 def install(endpoint: Endpoint, host: FakeHost, *, worker_id: str = "w1", idle_timeout: float = 300) -> WorkerInstall:
-    return WorkerInstall(endpoints=(endpoint.url,), secret=WORKER_KEY, worker_id=worker_id, idle_timeout=idle_timeout,
-                         processes=1, service="process", exit_command=f"touch {exit_marker(host)}",
-                         python=REMOTE_PYTHON)
+    return WorkerInstall(endpoints=(endpoint.url,), worker_key=WORKER_KEY, worker_id=worker_id,
+                         idle_timeout=idle_timeout, processes=1, service="process",
+                         exit_command=f"touch {exit_marker(host)}", python=REMOTE_PYTHON)
 
 
 def exit_marker(host: FakeHost) -> Path:
@@ -131,11 +133,9 @@ def provision_timed(what: str, host: FakeHost, key: Path, pins: HostKeyPins, set
 
 
 def test_provisioned_worker_runs_serves_the_endpoint_and_keeps_the_secret_private(
-        host_network: HostNetwork, endpoint: Endpoint, client_key: tuple[Path, str], tmp_path: Path) -> None:
-    key, public = client_key
-    host = host_network.add_host("worker-1")
-    host.start_sshd(public)
-    pins = HostKeyPins(tmp_path / "known_hosts.json")
+        host_network: HostNetwork, endpoint: Endpoint, client_key: tuple[Path, str], pins: HostKeyPins) -> None:
+    key = client_key[0]
+    host = sshd_host(host_network, "worker-1", client_key)
 
     took = provision_timed("first", host, key, pins, install(endpoint, host))
     pid = worker_pid(host)
@@ -153,6 +153,9 @@ def test_provisioned_worker_runs_serves_the_endpoint_and_keeps_the_secret_privat
     assert f"DW_SECRET_FILE={secret_file}" in settings
     assert WORKER_KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
     assert WORKER_KEY.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+    # the log and the pid file, made by the shell before the worker runs: owner-only all the same
+    for made_by_the_shell in ("worker.log", "worker.pid"):
+        assert (remote_dir(host) / made_by_the_shell).stat().st_mode & 0o777 == 0o600, made_by_the_shell
 
     # provisioning the same host again replaces the worker: one worker afterwards, a new one
     provision_timed("again", host, key, pins, install(endpoint, host))
@@ -224,11 +227,9 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
 
 
 def test_stop_worker_and_worker_running_round_trip(host_network: HostNetwork, endpoint: Endpoint,
-                                                   client_key: tuple[Path, str], tmp_path: Path) -> None:
-    key, public = client_key
-    host = host_network.add_host("round-trip")
-    host.start_sshd(public)
-    pins = HostKeyPins(tmp_path / "known_hosts.json")
+                                                   client_key: tuple[Path, str], pins: HostKeyPins) -> None:
+    key = client_key[0]
+    host = sshd_host(host_network, "round-trip", client_key)
     machine = target(host, key)
 
     assert not worker_running(machine, pins, "process")  # never provisioned
@@ -251,11 +252,9 @@ def test_stop_worker_and_worker_running_round_trip(host_network: HostNetwork, en
 
 
 def test_idle_provisioned_worker_finishes_its_work_exits_and_runs_its_exit_command(
-        host_network: HostNetwork, endpoint: Endpoint, client_key: tuple[Path, str], tmp_path: Path) -> None:
-    key, public = client_key
-    host = host_network.add_host("idle")
-    host.start_sshd(public)
-    pins = HostKeyPins(tmp_path / "known_hosts.json")
+        host_network: HostNetwork, endpoint: Endpoint, client_key: tuple[Path, str], pins: HostKeyPins) -> None:
+    key = client_key[0]
+    host = sshd_host(host_network, "idle", client_key)
     work_id = endpoint.enqueue(b"one job before idling", 5000)
 
     provision_timed("idle worker", host, key, pins, install(endpoint, host, worker_id="idle-1", idle_timeout=1.5))
@@ -284,7 +283,7 @@ def test_unreachable_host_fails_with_provision_error(host_network: HostNetwork, 
         provision_worker(target(refusing, wrong_key, "i-refusing"), pins, install(endpoint, refusing))
     assert not remote_dir(silent).exists() and not remote_dir(refusing).exists()
     started = time.monotonic()
-    with pytest.raises(ProvisionError, match="did not answer"):
+    with pytest.raises(SshError, match="did not answer"):
         wait_for_ssh(silent.address, timeout=1)
     assert time.monotonic() - started < 5
 
@@ -303,7 +302,8 @@ def test_only_machines_that_are_ours_to_end_power_off_when_idle() -> None:
 
 @pytest.mark.parametrize("kind", ["missing", "directory", "empty", "public key", "garbage", "passphrase"])
 def test_an_unusable_ssh_key_is_a_provisioning_error_that_says_so(kind: str, tmp_path: Path) -> None:
-    """Not a crash of the scaler run: the providers handle ProvisionError (the ssh provider's list() included)."""
+    """Not a crash of the scaler run: cron/provision.py turns it into a ProvisionError, which the providers handle
+    (the ssh provider's list() included)."""
     path = tmp_path / "key"
     if kind == "directory":
         path.mkdir()
@@ -316,6 +316,6 @@ def test_an_unusable_ssh_key_is_a_provisioning_error_that_says_so(kind: str, tmp
     elif kind == "passphrase":
         paramiko.RSAKey.generate(2048).write_private_key_file(str(path), password="a passphrase")
     pins = HostKeyPins(tmp_path / "known_hosts.json")
-    with pytest.raises(ProvisionError, match="cannot load the SSH key"), \
+    with pytest.raises(SshError, match="cannot load the SSH key"), \
             ssh_session(SshTarget("m-1", "127.0.0.1", "root", path, port=9), pins):
         pass

@@ -38,8 +38,8 @@ def flags_in_help(command: list[str]) -> set[str]:
 
 
 @pytest.mark.parametrize(("heading", "command"), [
-    ("Options of `./setup.sh aws`", [PYTHON, "-m", "cron.aws_setup"]),
-    ("Options of `./deploy.sh aws`", [PYTHON, "-m", "cron.aws_deploy"]),
+    ("Options of `./setup.sh aws`", [PYTHON, "-m", "deploy.aws_setup"]),
+    ("Options of `./deploy.sh aws`", [PYTHON, "-m", "deploy.aws"]),
     ("The scaler's settings, all of them", [PYTHON, "-m", "cron.scale"]),
 ])
 def test_the_readme_lists_exactly_the_options(heading: str, command: list[str]) -> None:

@@ -1,7 +1,7 @@
 """The scaler (`python -m cron.scale`) as cron runs it, against moto's EC2 and fake instances.
 
 Real endpoints, real scaler processes, a real EC2 API (moto's server on 127.0.0.1) and real
-"instances": sshd in network namespaces (tests/cloudhosts.py) that the scaler provisions over
+"instances": sshd in network namespaces (tests/fakehosts.py) that the scaler provisions over
 SSH. moto's instance addresses are never contacted: --test-ssh-addresses hands each new
 instance a fake host's address instead (scaler 0 the even positions, scaler 1 the odd ones).
 Workers run as detached processes whose exit command only touches a file. The endpoints
@@ -28,21 +28,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloudhosts import (
-    FakeHost,
-    HostNetwork,
+from fakeapi import BrokenApi
+from fakeaws import (
     MotoServer,
     aws_fixture,  # noqa: F401 -- fixture "aws"
-    host_network_fixture,  # noqa: F401 -- fixture "host_network"
     moto_server_fixture,  # noqa: F401 -- fixture "moto_server"
+)
+from fakehosts import (
+    FakeHost,
+    HostNetwork,
+    host_network_fixture,  # noqa: F401 -- fixture "host_network"
     public_key_from_private,
     ssh_keypair,
     write_private_key,
 )
-from fakeapi import BrokenApi
 
+from cloud.ssh import REMOTE_DIR_NAME, HostKeyPins, SshTarget
 from conftest import PYTHON, SECRET, WORKER_KEY, Endpoint, Service, Services, free_port, pid_alive, wait_for
-from cron.provision import REMOTE_DIR_NAME, HostKeyPins, SshTarget, stop_worker
+from cron.provision import stop_worker
 
 CLUSTER = "dwtest"
 AMI = "ami-12c6146b"  # one of moto's images
@@ -55,6 +58,9 @@ DEFAULTS: dict[str, object] = {
     "max_workers": 1, "scale_after": 0, "target_drain": 1, "default_job_duration": 1, "slots_per_worker": 1,
     "worker_processes": 1, "max_launch_per_tick": 2, "idle_timeout": 300, "ready_deadline": 30,
     "silence_deadline": 300, "breaker_threshold": 3, "breaker_cooldown": 600,
+    # One lane per worker, as these tests count one pending item per worker; and Python's speed,
+    # which keeps BIG_JOB running for the whole test.
+    "worker_kernel": "python",
 }
 
 
@@ -179,7 +185,7 @@ class Scalers:
         assert addresses and all(address.startswith("10.231.") for address in addresses), addresses
         cloud = self.cloud
         args = [PYTHON, "-m", "cron.scale", "--node-id", node.node_id, "--endpoint-index", str(index),
-                "--db", str(node.db), "--url", node.url, "--peer", peer_url or (peer.url if peer else ""),
+                "--url", node.url, "--peer", peer_url or (peer.url if peer else ""),
                 "--state-dir", str(self.state_dir(node)), "--secret-file", str(cloud.secret_file),
                 "--provider", "ec2", "--cluster", CLUSTER, "--aws-state", str(cloud.aws_state),
                 "--ssh-key", str(cloud.key), "--ssh-user", "root", "--remote-python", "/usr/bin/python3",
@@ -208,8 +214,8 @@ class Scalers:
         return run
 
     def reset_breaker(self, node: Endpoint) -> Service:
-        args = [PYTHON, "-m", "cron.scale", "--reset-breaker", "--db", str(node.db), "--node-id", node.node_id,
-                "--state-dir", str(self.state_dir(node))]
+        args = [PYTHON, "-m", "cron.scale", "--reset-breaker", "--url", node.url, "--node-id", node.node_id,
+                "--state-dir", str(self.state_dir(node)), "--secret-file", str(self.cloud.secret_file)]
         return self.wait(self.services.start(f"reset-{node.node_id}", args, env=self.cloud.env))
 
     @staticmethod
@@ -643,21 +649,18 @@ def test_a_signal_stops_a_scaler_run_at_once_and_names_what_it_launched(
 
 @pytest.fixture
 def plain_files(tmp_path: Path) -> dict[str, str]:
-    """A database file and a secret file that exist, and paths that do not."""
-    database = tmp_path / "a.sqlite3"
-    database.write_bytes(b"")
+    """A secret file that exists, and paths that do not."""
     secret = tmp_path / "secret"
     secret.write_text(SECRET + "\n")
     other_cluster = tmp_path / "other.json"
     other_cluster.write_text(json.dumps({"cluster": "other", "region": "us-east-1", "key_name": "k",
                                          "key_path": str(tmp_path / "k.pem"), "security_group_id": "sg-1"}))
-    return {"db": str(database), "secret": str(secret), "missing": str(tmp_path / "missing"),
+    return {"secret": str(secret), "missing": str(tmp_path / "missing"),
             "other": str(other_cluster)}
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--secret-file", "{missing}"], "cannot read the cluster secret from {missing} (No such file or directory)"),
-    (["--db", "{missing}"], "no endpoint database at {missing}"),
     (["--log-level", "chatty"], "--log-level must be one of DEBUG, INFO, WARNING, ERROR, not 'chatty'"),
     (["--provider", "ec2"], "--provider ec2 needs --aws-state (DW_AWS_STATE)"),
     (["--provider", "ec2", "--aws-state", "{missing}"], "no state file {missing}"),
@@ -671,7 +674,7 @@ def plain_files(tmp_path: Path) -> dict[str, str]:
 def test_bad_settings_and_missing_files_are_named_before_any_api_call(
         args: list[str], message: str, plain_files: dict[str, str], tmp_path: Path) -> None:
     with BrokenApi("500") as api:
-        defaults = ["--db", plain_files["db"], "--secret-file", plain_files["secret"], "--state-dir", str(tmp_path)]
+        defaults = ["--secret-file", plain_files["secret"], "--state-dir", str(tmp_path)]
         command = [PYTHON, "-m", "cron.scale", *defaults, *(arg.format(**plain_files) for arg in args)]
         env = {**os.environ, "AWS_ENDPOINT_URL": api.url, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
                "AWS_DEFAULT_REGION": "us-east-1"}
@@ -751,7 +754,7 @@ def test_two_local_scalers_at_once_never_exceed_the_cap(services: Services, loca
 
     def command(node: Endpoint, index: int, peer: Endpoint) -> list[str]:
         args = [PYTHON, "-m", "cron.scale", "--provider", "local", "--node-id", node.node_id,
-                "--endpoint-index", str(index), "--db", str(node.db), "--url", node.url, "--peer", peer.url,
+                "--endpoint-index", str(index), "--url", node.url, "--peer", peer.url,
                 "--endpoint", a.url, "--endpoint", b.url, "--state-dir", str(local_state),
                 "--secret-file", str(secret_file), "--log-level", "INFO"]
         for name, value in {**DEFAULTS, "max_workers": cap}.items():
@@ -805,7 +808,7 @@ def test_local_scaler_survives_a_record_the_other_scaler_is_writing(services: Se
     torn.write_text("")  # what the peer's record is between write_text's truncate and its write
     try:
         run = services.start("local-scaler-a", [
-            PYTHON, "-m", "cron.scale", "--provider", "local", "--node-id", "a", "--db", str(a.db), "--url", a.url,
+            PYTHON, "-m", "cron.scale", "--provider", "local", "--node-id", "a", "--url", a.url,
             "--endpoint", a.url, "--state-dir", str(local_state), "--secret-file", str(secret_file)])
         Scalers.wait(run)
         assert torn.exists()  # not deleted either: it may be the record of a live worker

@@ -7,10 +7,15 @@ scalers run as `python -m cron.scale --provider ssh`, as cron would run them.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
-from cloudhosts import HostNetwork, host_network_fixture, ssh_keypair  # noqa: F401 -- fixture "host_network"
+from fakehosts import (
+    HostNetwork,
+    host_network_fixture,  # noqa: F401 -- fixture "host_network"
+    ssh_keypair,
+)
 
 from conftest import PYTHON, REPO, SECRET, Services, drain, reference, wait_for
 
@@ -21,7 +26,7 @@ def scaler(node: str, index: int, hosts: list[str], key: Path, endpoints: list, 
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET)
     command = [PYTHON, "-m", "cron.scale", "--provider", "ssh", "--node-id", node, "--endpoint-index", str(index),
-               "--db", str(own.db), "--url", own.url, "--peer", peer.url,
+               "--url", own.url, "--peer", peer.url,
                "--endpoint", endpoints[0].url, "--endpoint", endpoints[1].url,
                "--ssh-hosts", ",".join(hosts), "--ssh-user", "root", "--ssh-key", str(key),
                "--worker-service", "process", "--remote-python", "/usr/bin/python3", "--worker-processes", "1",
@@ -45,6 +50,10 @@ def running_workers(host_dirs: list[Path]) -> list[int]:
 
 def test_ssh_provider_uses_each_scalers_own_hosts_and_stops_them(services: Services, host_network: HostNetwork,
                                                                   tmp_path: Path) -> None:
+    # The workers' hosts have no compiler: provisioning ships the kernel built here (as the endpoint
+    # hosts build it at deploy).
+    built = subprocess.run(["sh", str(REPO / "worker" / "build_kernel.sh")], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
     key, public = ssh_keypair(tmp_path / "client")
     hosts = [host_network.add_host(f"own-{index}") for index in range(4)]
     for host in hosts:
@@ -52,8 +61,9 @@ def test_ssh_provider_uses_each_scalers_own_hosts_and_stops_them(services: Servi
     addresses = [host.address for host in hosts]
     a, b = services.endpoint_pair(host=host_network.gateway)
     expected = {}
-    # 40 jobs of about 0.5 s to drain within 2 s: the backlog asks for the whole cap of 4 workers.
-    for index in range(40):
+    # 160 jobs of 1,000,000 iterations to drain within 2 s: the backlog asks for the whole cap of 4
+    # workers, also once the first workers report that each runs up to 8 of them at once.
+    for index in range(160):
         payload = f"ssh job {index}".encode()
         expected[(a, b)[index % 2].enqueue(payload, 1_000_000)] = reference(payload, 1_000_000)
 
@@ -67,6 +77,14 @@ def test_ssh_provider_uses_each_scalers_own_hosts_and_stops_them(services: Servi
 
     results = {item["id"]: item["result"] for item in drain([a, b], len(expected), timeout=180)}
     assert results == expected
+    for host in hosts:
+        installed = host.root_dir / "dynamic-workload"
+        shipped = (installed / "worker" / "sha512_lanes.so").read_bytes()
+        assert shipped == (REPO / "worker" / "sha512_lanes.so").read_bytes()
+        log = (installed / "worker.log").read_text()
+        assert re.search(r"hashing kernel: (avx512|avx2|scalar), \d+ lane\(s\) per group: chosen", log), log
+    kernels = a.stats(public=True)["kernels"]
+    assert set(kernels) <= {"avx512", "avx2", "scalar"} and sum(kernels.values()) >= 1, kernels
 
     # --terminate-all stops the cluster's workers: here the worker service on every host, while
     # the machines themselves (their sshd) stay.

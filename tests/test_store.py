@@ -389,7 +389,12 @@ def test_a_version_2_file_is_rebuilt_with_the_constraints_and_keeps_every_row(tm
             indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
             triggers = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
         assert {"work_items_undelivered", "work_items_pending", "work_items_leased"} <= indexes
-        assert len(triggers) == 3
+        assert triggers == {"work_items_count_insert", "work_items_count_update", "work_items_count_delete",
+                            "work_items_enqueued", "work_items_completed", "work_items_failed",
+                            "work_items_lease_expired"}  # the counters' triggers made again after the rebuild
+        counted = store.history.counters()  # started from the rows the old file holds
+        assert (counted["enqueued"], counted["completed"], counted["failed"]) == \
+            (len(states), counts["completed"], counts["failed"])
         with pytest.raises(sqlite3.IntegrityError):
             store._writer.run(lambda conn: conn.execute(
                 "UPDATE work_items SET result = NULL WHERE state = 'completed'"))

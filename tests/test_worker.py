@@ -11,12 +11,11 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, WORKER_ENV, Endpoint, Services, drain, free_port, reference, wait_for
+from conftest import PYTHON, REPO, WORKER_ENV, Endpoint, Services, drain, free_port, reference, wait_for
 from worker.hashing import CHECK_EVERY, work
 
 
@@ -69,10 +68,11 @@ def test_worker_alternates_between_endpoints(services: Services, pair: tuple[End
     for index in range(20):
         a.enqueue(f"a{index}".encode(), 10)
         b.enqueue(f"b{index}".encode(), 10)
-    services.worker([a, b], processes=1)
+    services.worker([a, b], processes=1, extra_args=("--kernel", "python"))  # one lane: one job at a time
     wait_for(lambda: a.stats()["completed"] + b.stats()["completed"] >= 10, timeout=30, what="ten jobs done")
-    # Strict alternation: after ten jobs neither endpoint can be more than one job ahead.
-    assert abs(a.stats()["completed"] - b.stats()["completed"]) <= 2
+    # Each endpoint's claimer asks for the free lane, both at once: neither endpoint is starved.
+    done_a, done_b = a.stats()["completed"], b.stats()["completed"]
+    assert min(done_a, done_b) >= 0.3 * (done_a + done_b), (done_a, done_b)
 
 
 def test_idle_worker_exits_and_runs_its_exit_action(services: Services, tmp_path: Path) -> None:
@@ -89,10 +89,11 @@ def test_idle_worker_exits_and_runs_its_exit_action(services: Services, tmp_path
 
 
 def test_worker_code_is_python_3_9_syntax() -> None:
-    """The worker runs on the machines' own python3: Amazon Linux 2023 ships 3.9."""
+    """The worker (and the settings code it ships with) runs on the machines' own python3: Amazon Linux 2023
+    ships 3.9."""
     import ast
 
-    for source in sorted((Path(__file__).resolve().parent.parent / "worker").glob("*.py")):
+    for source in sorted(path for folder in ("worker", "cli") for path in (REPO / folder).glob("*.py")):
         ast.parse(source.read_text(), filename=str(source), feature_version=(3, 9))
 
 
@@ -140,41 +141,40 @@ def test_a_finished_hash_is_kept_even_when_cancelled_after_its_last_digest() -> 
 
 class FakeEndpoint:
     """An HTTP server standing in for an endpoint, answering the worker routes by a script and
-    recording what the worker did (and when), so that a test can time a claim or a release."""
+    recording what the worker did (and when), so that a test can time a release."""
 
-    def __init__(self, job_iterations: int, claim_delay: float = 0.0, release_delay: float = 0.0,
-                 on_result: Callable[[], object] = lambda: None) -> None:
-        self.events: list[tuple[str, float, object]] = []
+    def __init__(self, job_iterations: int, release_delay: float = 0.0) -> None:
+        self.events: list[tuple[str, float]] = []
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def log_message(self, *args: object) -> None:
                 pass
 
             def do_POST(self) -> None:  # noqa: N802 -- the stdlib's naming
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                fields = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 action = self.path.rsplit("/", 1)[-1]
-                if action == "claim":
-                    handed_out = any(event == "claim" for event, _, _ in fake.events)
-                    fake.events.append(("claim", time.monotonic(), None))
+                fake.events.append((action, time.monotonic()))
+                if action == "claims":
+                    handed_out = sum(event == "claims" for event, _ in fake.events) > 1
+                    jobs = [] if handed_out else [{"id": "a-00000000000000aa", "iterations": job_iterations,
+                                                   "attempt": 1, "payload_bytes": 8}]
                     if handed_out:
-                        self.answer(204)
-                        return
-                    time.sleep(claim_delay)
-                    self.answer(200, b"fake job", {"X-Work-Id": "a-00000000000000aa", "X-Attempt": "1",
-                                                   "X-Iterations": str(job_iterations), "X-Lease-Seconds": "30"})
+                        time.sleep(min(fields["wait_s"], 1.0))
+                    manifest = {"jobs": jobs, "lease_seconds": 30, "pending": 0, "waited": True}
+                    self.answer(json.dumps(manifest).encode() + b"\n" + (b"" if handed_out else b"fake job"))
                     return
-                fake.events.append((action, time.monotonic(), on_result() if action == "result" else None))
                 if action == "release":
                     time.sleep(release_delay)
-                body = {"result": {"stored": True}, "release": {"released": True}}.get(action, {"lease_seconds": 30})
-                self.answer(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
-                fake.events.append((f"{action} answered", time.monotonic(), None))
+                items = fields.get("leases") or fields.get("results") or []
+                self.answer(json.dumps({"answers": ["done"] * len(items), "released": 0,
+                                        "lease_seconds": 30}).encode())
+                fake.events.append((f"{action} answered", time.monotonic()))
 
-            def answer(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-                self.send_response(status)
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
+            def answer(self, body: bytes) -> None:
+                self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -185,46 +185,28 @@ class FakeEndpoint:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def actions(self) -> list[str]:
-        return [event for event, _, _ in self.events]
+        return [event for event, _ in self.events]
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
 
 
-def test_no_idle_exit_while_a_claim_is_on_its_way(services: Services, tmp_path: Path) -> None:
-    """The slot counts as busy from the start of its claim: the job that claim brings is run and its
-    result posted before the idle worker exits, instead of being handed back (or orphaned)."""
-    marker = tmp_path / "exit-action-ran"
-    fake = FakeEndpoint(job_iterations=1000, claim_delay=3.0, on_result=marker.exists)
-    try:
-        worker = services.start("worker", [PYTHON, "-m", "worker", "--endpoint", fake.url, "--processes", "1",
-                                           "--idle-timeout", "1", "--poll-interval", "0.1",
-                                           "--exit-command", f"touch {marker}"], WORKER_ENV)
-        wait_for(lambda: not worker.running(), timeout=30, what="the idle worker to exit")
-    finally:
-        fake.close()
-    assert worker.process is not None and worker.process.returncode == 0
-    assert "result" in fake.actions() and "release" not in fake.actions(), fake.actions()
-    (exit_action_had_run,) = [seen for event, _, seen in fake.events if event == "result"]
-    assert not exit_action_had_run  # the exit action came after the job, not during its claim
-    assert marker.exists()
-
-
-def test_a_stopping_worker_waits_for_its_slots_to_give_their_jobs_back(services: Services) -> None:
-    """Stopped while a claim is on its way: the job arrives, and the worker gives it back before it
-    exits, however long the claim and the release take (each well within the HTTP timeout)."""
-    fake = FakeEndpoint(job_iterations=500_000_000, claim_delay=6.0, release_delay=6.0)
+def test_a_stopping_worker_gives_its_jobs_back_before_it_exits(services: Services) -> None:
+    """Stopped while it computes: the worker gives the job back before it exits, however long the
+    release takes (well within the HTTP timeout)."""
+    fake = FakeEndpoint(job_iterations=500_000_000, release_delay=6.0)
     try:
         worker = services.start("worker", [PYTHON, "-m", "worker", "--endpoint", fake.url, "--processes", "1",
                                            "--poll-interval", "0.1"], WORKER_ENV)
-        wait_for(lambda: "claim" in fake.actions(), what="the worker to send its claim")
-        time.sleep(0.5)
+        wait_for(lambda: "claims" in fake.actions(), what="the worker to claim")
+        time.sleep(1.0)
         worker.signal_group(signal.SIGTERM)
         wait_for(lambda: not worker.running(), timeout=60, what="the worker to stop")
         exited_at = time.monotonic()
     finally:
         fake.close()
     assert worker.process is not None and worker.process.returncode == 128 + signal.SIGTERM
-    answered = [at for event, at, _ in fake.events if event == "release answered"]
+    answered = [at for event, at in fake.events if event == "release answered"]
     assert answered and answered[0] <= exited_at, fake.actions()
+    assert "results" not in fake.actions()

@@ -269,7 +269,9 @@ class Lanes(Generic[T]):
     should tell that thread, which cancels between steps.
     """
 
-    def __init__(self, kernel: Kernel, groups: int = 1) -> None:
+    def __init__(self, kernel: Kernel, groups: int = 1, single: Kernel | None = None) -> None:
+        """`single`: a kernel for the moments when one lane alone is busy (a scalar chain is faster
+        than one lane of a vector), run on the same buffers."""
         if groups < 1:
             raise ValueError("groups must be at least 1")
         self.kernel = kernel
@@ -277,6 +279,7 @@ class Lanes(Generic[T]):
         self._digests = bytearray(DIGEST_SIZE * self.capacity)
         self._remaining = array("Q", bytes(8 * self.capacity))
         self._advance = kernel.bind(self._digests, self._remaining)
+        self._advance_single = single.bind(self._digests, self._remaining) if single is not None else None
         self._jobs: list[T | None] = [None] * self.capacity
         self._occupied = [False] * self.capacity
         self._free = list(range(self.capacity - 1, -1, -1))
@@ -333,8 +336,10 @@ class Lanes(Generic[T]):
         with their results (hex). With `stop_on_finish` a group stops early, right after one of
         its lanes finished, so that its lane can be refilled: use it while jobs are waiting."""
         finished, self._done = self._done, []
-        if len(self._free) < self.capacity and max_steps > 0:
-            self._advance(max_steps, stop_on_finish)
+        busy = self.capacity - len(self._free)
+        if busy and max_steps > 0:
+            alone = busy == 1 and self._advance_single is not None
+            (self._advance_single if alone else self._advance)(max_steps, stop_on_finish)
             for lane, job in enumerate(self._jobs):
                 if self._occupied[lane] and self._remaining[lane] == 0:
                     finished.append((job, self._digests[lane * DIGEST_SIZE:(lane + 1) * DIGEST_SIZE].hex()))

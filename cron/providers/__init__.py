@@ -15,8 +15,11 @@ class ProviderError(Exception):
 
 
 @dataclass(frozen=True)
-class Node:
-    node_id: str  # instance id, process id or host name
+class Machine:
+    """A worker machine: an EC2 instance, a host of the ssh provider, or a local worker process.
+    (A node is an endpoint, a or b; its scaler is the machine's owner.)"""
+
+    machine_id: str  # instance id, host name or local worker id; also the worker's id
     owner: str  # the endpoint whose scaler launched it (its share of the cap pays for it)
     launched_at: float  # unix seconds
     ready: bool  # provisioned: the worker was started and confirmed running
@@ -24,18 +27,18 @@ class Node:
 
 
 class Provider(Protocol):
-    def list(self) -> list[Node]:
+    def list(self) -> list[Machine]:
         """This cluster's live workers, ready or still booting."""
         ...
 
-    def launch(self, count: int, owner: str, intent: str) -> list[Node]:
+    def launch(self, count: int, owner: str, intent: str) -> list[Machine]:
         """Start `count` machines. `intent` names this launch decision: retrying the same
         intent must not start more (EC2 turns it into ClientTokens)."""
         ...
 
-    def provision(self, node: Node) -> Node:
-        """Install and start the worker, confirm it runs, and mark the node ready."""
+    def provision(self, machine: Machine) -> Machine:
+        """Install and start the worker, confirm it runs, and mark the machine ready."""
         ...
 
-    def terminate(self, nodes: Sequence[Node], reason: str) -> None:
+    def terminate(self, machines: Sequence[Machine], reason: str) -> None:
         ...

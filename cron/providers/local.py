@@ -16,7 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from cron.providers import Node, ProviderError
+from cli.settings import environment
+from cron.providers import Machine, ProviderError
+from worker.config import SECRET_ENV
+from worker.config import SETTINGS as WORKER_SETTINGS
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -46,12 +49,14 @@ def _private(path: Path, mode: int) -> BinaryIO:
 
 class LocalProvider:
     def __init__(self, state_dir: Path, endpoints: Sequence[str], worker_key: Callable[[], str], *,
-                 processes_per_worker: int = 1, idle_timeout: float = 60.0, log_dir: Path | None = None) -> None:
+                 processes_per_worker: int = 1, idle_timeout: float = 60.0, log_dir: Path | None = None,
+                 kernel: str = "auto") -> None:
         """`worker_key` is asked for at the first launch only: listing and terminating need no secret."""
         self.state_dir = state_dir
         self.endpoints = list(endpoints)
         self.processes_per_worker = processes_per_worker
         self.idle_timeout = idle_timeout
+        self.kernel = kernel
         self.log_dir = log_dir or state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.key_file = state_dir / "worker-key"
@@ -74,30 +79,31 @@ class LocalProvider:
                 os.unlink(temporary)  # only left if writing or renaming failed
         self._key_written = True
 
-    def list(self) -> list[Node]:
-        nodes = []
+    def list(self) -> list[Machine]:
+        machines = []
         for record_path in sorted(self.state_dir.glob("*.json")):
             try:
                 record = json.loads(record_path.read_text())
             except (OSError, ValueError):
                 continue  # gone meanwhile, or not ours to judge
             if self._alive(record):
-                nodes.append(Node(record["id"], record["owner"], record["launched_at"], ready=True))
+                machines.append(Machine(record["id"], record["owner"], record["launched_at"], ready=True))
             else:
                 record_path.unlink(missing_ok=True)  # it exited (idle) or was killed
-        return nodes
+        return machines
 
-    def launch(self, count: int, owner: str, intent: str) -> list[Node]:
+    def launch(self, count: int, owner: str, intent: str) -> list[Machine]:
         self._write_key()
-        nodes = []
+        machines = []
         for _ in range(count):
             worker_id = f"local-{owner}-{secrets.token_hex(4)}"
             command = [sys.executable, "-m", "worker", "--worker-id", worker_id,
-                       "--processes", str(self.processes_per_worker), "--idle-timeout", str(self.idle_timeout)]
+                       "--processes", str(self.processes_per_worker), "--idle-timeout", str(self.idle_timeout),
+                       "--kernel", self.kernel]
             for endpoint in self.endpoints:
                 command += ["--endpoint", endpoint]
-            env = {**os.environ, "DW_SECRET_FILE": str(self.key_file)}
-            env.pop("DW_SECRET", None)
+            env = {**os.environ, **environment(WORKER_SETTINGS, {"secret_file": self.key_file})}
+            env.pop(SECRET_ENV, None)
             self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             with _private(self.log_dir / f"worker-{worker_id}.log", os.O_APPEND) as log_file:
                 try:
@@ -115,16 +121,16 @@ class LocalProvider:
                 record_file.write(json.dumps(record).encode())
             os.replace(temporary, self.state_dir / f"{worker_id}.json")
             log.info("started local worker %s (pid %d)", worker_id, process.pid)
-            nodes.append(Node(worker_id, owner, record["launched_at"], ready=True))
-        return nodes
+            machines.append(Machine(worker_id, owner, record["launched_at"], ready=True))
+        return machines
 
-    def provision(self, node: Node) -> Node:
-        return node  # a local worker starts fully configured
+    def provision(self, machine: Machine) -> Machine:
+        return machine  # a local worker starts fully configured
 
-    def terminate(self, nodes: Sequence[Node], reason: str) -> None:
+    def terminate(self, machines: Sequence[Machine], reason: str) -> None:
         records = []
-        for node in nodes:
-            record_path = self.state_dir / f"{node.node_id}.json"
+        for machine in machines:
+            record_path = self.state_dir / f"{machine.machine_id}.json"
             if record_path.exists():
                 records.append((record_path, json.loads(record_path.read_text())))
         for _, record in records:

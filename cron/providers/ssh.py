@@ -13,34 +13,30 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cron.providers import Node, ProviderError
-from cron.provision import (
-    HostKeyPins,
-    ProvisionError,
-    SshTarget,
-    WorkerInstall,
-    provision_worker,
-    stop_worker,
-    worker_running,
-)
+from cloud.ssh import HostKeyPins, SshTarget
+from cron.providers import Machine, ProviderError
+from cron.provision import ProvisionError, WorkerInstall, provision_worker, stop_worker, worker_running
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class SshProvider:
-    def __init__(self, hosts: Sequence[str], endpoint_index: int, owner: str, user: str, key_path: Path,
-                 install: WorkerInstall, pins: HostKeyPins) -> None:
-        self.hosts = list(hosts)
-        self.own_hosts = self.hosts[endpoint_index::2]
-        self.owner = owner
-        self.user = user
-        self.key_path = key_path
-        self.install = install
-        self.pins = pins
-        self._free: list[str] = []
+    hosts: Sequence[str]
+    endpoint_index: int  # this scaler's share: hosts endpoint_index, endpoint_index + 2, ...
+    owner: str
+    user: str
+    key_path: Path
+    install: WorkerInstall
+    pins: HostKeyPins
+    _free: list[str] = field(default_factory=list)  # this scaler's hosts that answered without a worker
+
+    def __post_init__(self) -> None:
+        self.hosts = list(self.hosts)
+        self.own_hosts = self.hosts[self.endpoint_index::2]
 
     def _target(self, host: str) -> SshTarget:
         return SshTarget(host, host, self.user, self.key_path)
@@ -53,32 +49,32 @@ class SshProvider:
             log.warning("host %s unreachable: %s", host, exc)
             return None
 
-    def list(self) -> list[Node]:
+    def list(self) -> list[Machine]:
         with ThreadPoolExecutor(max_workers=8) as pool:
             states = dict(zip(self.hosts, pool.map(self._probe, self.hosts), strict=True))
         self._free = [host for host in self.own_hosts if states[host] is False]
         now = time.time()
-        return [Node(host, self.owner if host in self.own_hosts else "peer", now, ready=True, address=host)
+        return [Machine(host, self.owner if host in self.own_hosts else "peer", now, ready=True, address=host)
                 for host, running in states.items() if running]
 
-    def launch(self, count: int, owner: str, intent: str) -> list[Node]:
+    def launch(self, count: int, owner: str, intent: str) -> list[Machine]:
         if not self._free:
             self.list()
         chosen, self._free = self._free[:count], self._free[count:]
         if len(chosen) < count:
             log.warning("only %d of this scaler's hosts are free for the %d worker(s) wanted", len(chosen), count)
-        return [Node(host, owner, time.time(), ready=False, address=host) for host in chosen]
+        return [Machine(host, owner, time.time(), ready=False, address=host) for host in chosen]
 
-    def provision(self, node: Node) -> Node:
-        took = provision_worker(self._target(node.node_id), self.pins,
-                                replace(self.install, worker_id=node.node_id))
-        log.info("worker running on %s after %.2fs", node.node_id, took)
-        return replace(node, ready=True)
+    def provision(self, machine: Machine) -> Machine:
+        took = provision_worker(self._target(machine.machine_id), self.pins,
+                                replace(self.install, worker_id=machine.machine_id))
+        log.info("worker running on %s after %.2fs", machine.machine_id, took)
+        return replace(machine, ready=True)
 
-    def terminate(self, nodes: Sequence[Node], reason: str) -> None:
-        for node in nodes:
-            log.info("stopping the worker on %s: %s", node.node_id, reason)
+    def terminate(self, machines: Sequence[Machine], reason: str) -> None:
+        for machine in machines:
+            log.info("stopping the worker on %s: %s", machine.machine_id, reason)
             try:
-                stop_worker(self._target(node.node_id), self.pins, self.install.service)
+                stop_worker(self._target(machine.machine_id), self.pins, self.install.service)
             except ProvisionError as exc:
-                raise ProviderError(f"stopping the worker on {node.node_id} failed: {exc}") from exc
+                raise ProviderError(f"stopping the worker on {machine.machine_id} failed: {exc}") from exc

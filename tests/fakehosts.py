@@ -1,11 +1,11 @@
-"""Test machinery for the cloud half: fake EC2 instances and a fake EC2 API.
+"""Fake hosts for the tests: network namespaces with real OpenSSH sshd, and client keys.
 
-A fake instance (FakeHost) is a network namespace of its own with one address on a Linux bridge
+A fake host or instance (FakeHost) is a network namespace of its own with one address on a Linux bridge
 that HostNetwork creates in the root namespace (10.231.N.0/24, the bridge itself is 10.231.N.1),
 running a real OpenSSH sshd with its own host key, log and SFTP start folder (`root_dir`, the
 host's "home"; logins also get HOME and the working folder set to it). Hosts reach each other
-and the root namespace's bridge address; nothing is routed or NATed anywhere else. The EC2 API
-is moto's server on 127.0.0.1 (MotoServer).
+and the root namespace's bridge address; nothing is routed or NATed anywhere else. The fake
+EC2 API that launches "instances" such hosts stand in for is tests/fakeaws.py.
 
 Like conftest.py, every process is started in a process group of its own and stopped at
 teardown; HostNetwork.close() also kills whatever else still runs inside its namespaces and
@@ -28,21 +28,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import wait_for
+from conftest import kill_group, wait_for
 
 PYTHON = sys.executable
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 SUBNET_PREFIX = "10.231"
 FIRST_HOST = 10  # hosts get 10.231.N.10, .11, ...
+# The lock's name is older than this module's: runs of older checkouts at the same time take the same one.
 LOCK_FILE = Path(tempfile.gettempdir()) / "dw-cloudhosts-subnet.lock"
 
 # Runs every login command in the host's own folder: sshd itself always starts in the real
@@ -59,11 +58,6 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check and result.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
     return result
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
 
 
 def tcp_open(address: str, port: int, timeout: float = 0.5) -> bool:
@@ -166,7 +160,7 @@ class FakeHost:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(process.pid)
+            kill_group(process.pid)
             process.communicate()
             raise
         result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
@@ -235,9 +229,9 @@ class FakeHost:
             return
         pid = self.sshd.pid
         session_pids = [p for p in self.pids() if p != pid and _parent_chain_contains(p, pid)]
-        _kill_group(pid)
+        kill_group(pid)
         for child in session_pids:
-            _kill_group(child)
+            kill_group(child)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -273,7 +267,7 @@ class FakeHost:
     def kill_all(self) -> None:
         """SIGKILL to every process group we started here and to every process still in the namespace."""
         for process in self.processes:
-            _kill_group(process.pid)
+            kill_group(process.pid)
         for _ in range(50):
             remaining = self.pids()
             if not remaining:
@@ -413,107 +407,6 @@ def _disable_ipv6(interface: str) -> None:
         Path(f"/proc/sys/net/ipv6/conf/{interface}/disable_ipv6").write_text("1")
 
 
-# --- moto ---------------------------------------------------------------------------------------
-
-_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
-
-
-class MotoServer:
-    """moto's server on 127.0.0.1:<free port> (or on `host`, e.g. a HostNetwork's gateway, so that
-    processes inside the fake hosts reach it too), in a process group of its own."""
-
-    def __init__(self, directory: str | Path, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
-        self.host = host
-        self.log_path = Path(directory) / "moto-server.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        for _attempt in range(3):  # the free port may be taken between choosing and binding it
-            self.port = _free_port()
-            with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(
-                    [PYTHON, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
-                    env={**os.environ, **self._server_env()}, stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                wait_for(self._answers, timeout, "moto server to answer")
-                return
-            except RuntimeError:  # it exited: try another port
-                self.stop()
-            except BaseException:
-                self.stop()
-                raise
-        raise AssertionError(f"moto server did not start:\n{self.log()}")
-
-    @staticmethod
-    def _server_env() -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_EC2_METADATA_DISABLED": "true", "PYTHONUNBUFFERED": "1"}
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def _answers(self) -> bool:
-        if self.process is None or self.process.poll() is not None:
-            raise RuntimeError("moto server exited")
-        try:
-            with _NO_PROXY_OPENER.open(f"{self.url}/moto-api/", timeout=2) as response:
-                return response.status < 500
-        except urllib.error.HTTPError as error:
-            return error.code < 500
-        except OSError:
-            return False
-
-    def env(self) -> dict[str, str]:
-        """What a boto3 client or a child process needs to talk to this server and nothing else."""
-        return {
-            "AWS_ENDPOINT_URL": self.url,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254 for credentials
-        }
-
-    def client(self, service: str) -> Any:
-        """A boto3 client for this server (explicit settings: the process environment plays no part)."""
-        import boto3
-
-        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="testing",
-                            aws_secret_access_key="testing")
-
-    def reset(self) -> None:
-        """Forgets all state (instances, key pairs, tags...)."""
-        request = urllib.request.Request(f"{self.url}/moto-api/reset", data=b"", method="POST")
-        with _NO_PROXY_OPENER.open(request, timeout=30) as response:
-            assert response.status == 200, response.status
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            _kill_group(self.process.pid)
-            self.process.wait(10)
-        _kill_group(self.process.pid)  # anything else left in its group
-        self.process = None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # --- fixtures -----------------------------------------------------------------------------------
 
 def require_root() -> None:
@@ -524,7 +417,7 @@ def require_root() -> None:
             pytest.skip(f"fake hosts need {tool}")
 
 
-# Each fixture is registered under its name= and also bound to that name. A test module imports
+# The fixture is registered under its name= and also bound to that name. A test module imports
 # `host_network_fixture` (marked noqa F401; no import shadowed by the test's argument, which
 # ruff's F811 would flag) or `host_network`; either way pytest sees the fixture.
 
@@ -539,23 +432,4 @@ def host_network_fixture(tmp_path: Path) -> Iterator[HostNetwork]:
         network.close()
 
 
-@pytest.fixture(name="moto_server", scope="session")
-def moto_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    """One moto server for the whole session; use `aws` in tests to start each test from empty state."""
-    server = MotoServer(tmp_path_factory.mktemp("moto"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(name="aws")
-def aws_fixture(moto_server: MotoServer) -> dict[str, str]:
-    """Resets moto, then returns the environment variables that point boto3 at it (a fresh dict per test)."""
-    moto_server.reset()
-    return moto_server.env()
-
-
 host_network = host_network_fixture
-moto_server = moto_server_fixture
-aws = aws_fixture

@@ -23,49 +23,50 @@ import argparse
 import json
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cron import aws_setup
-from cron.aws_setup import SetupError
-from cron.cluster import (
-    AWS_DIR_SETTING,
-    CLUSTER_SETTING,
-    REGION_SETTING,
-    STATE_FILE_SETTING,
-    ClusterUsageError,
-    Region,
-    api_step,
+from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
+from cli.settings import Setting, add_settings, check_settings, choice, environment, seconds, text
+from cloud.aws import CLUSTER_SETTING, REGION_SETTING, ClusterUsageError, Region, api_step, client, read_state
+from cloud.ec2 import (
+    Ec2Error,
+    Launch,
+    Tag,
     cluster_instances,
-    ec2_client,
-    left_running,
-    read_state,
+    image,
     tags_of,
+    wait_until,
 )
-from cron.interrupts import Interrupted, exit_now, parallel, stop_on_signals
-from cron.providers import ProviderError
-from cron.providers.ec2 import DEFAULT_AMI_PARAMETER, Ec2Settings, latest_ami, run_instances, ssm_client
-from cron.provision import (
-    EndpointInstall,
-    HostKeyPins,
-    SshTarget,
-    ensure_remote_python,
-    provision_endpoint,
-    wait_for_ssh,
+from cloud.ssh import HostKeyPins, SshError, SshTarget, wait_for_ssh
+from cron.config import HOST_KNOBS, check_deadlines
+from cron.config import SETTINGS as SCALER_SETTINGS
+from deploy.cluster import (
+    AWS_DIR_SETTING,
+    DESTROY_COMMAND,
+    STATE_FILE_SETTING,
+    SetupError,
+    announce,
+    cluster_flag,
+    cluster_region,
+    make_clients,
+    settings_for,
 )
-from cron.scale import HOST_KNOBS
-from cron.scale import SETTINGS as SCALER_SETTINGS
-from cron.settings import Setting, add_settings, check_settings, choice, environment_of, seconds, text
+from deploy.destroy import destroy_summary, left_running, remove_resources, terminate_cluster
+from deploy.install import EndpointInstall, InstallError, ensure_remote_python, install_endpoint, wheelhouse_for
+from endpoint.config import OPTIONS as ENDPOINT_SETTINGS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NODES = ("a", "b")
-DESTROY = "./deploy.sh aws --destroy"
+# TEST ONLY: the tests' fake endpoint instances' SSH addresses, by node; the names of the variables
+# (moto's URL, fake credentials) that the endpoint hosts' scalers are handed as they are here.
+TEST_ENDPOINT_ADDRESSES = "DW_TEST_ENDPOINT_ADDRESSES"
+TEST_AWS_ENV = "DW_TEST_AWS_ENV"
 
 SETTINGS: dict[str, Setting] = {
     "cluster": CLUSTER_SETTING,
@@ -105,15 +106,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="terminate every instance of the cluster, then remove what setup created")
     args = parser.parse_args(argv)
     check_settings(parser, SETTINGS, args)
-    if args.partition_deadline < args.silence_deadline:
-        parser.error(f"--partition-deadline ({args.partition_deadline:g}) must be at least --silence-deadline "
-                     f"({args.silence_deadline:g})")
+    check_deadlines(parser, args)
     args.state_file = args.state_file or f"{args.aws_dir}/{args.cluster}.json"
     return args
 
 
-def step(message: str) -> None:
-    print(f"==> {message}", flush=True)
+@contextmanager
+def deploy_step(what: str) -> Iterator[None]:
+    """A failure of AWS, EC2, SSH or the host's install, as a DeployError that names `what`."""
+    try:
+        with api_step(what, DeployError):
+            yield
+    except (Ec2Error, SshError, InstallError) as exc:
+        raise DeployError(f"{what}: {exc}") from exc
 
 
 def secret_for(args: argparse.Namespace) -> str:
@@ -127,7 +132,7 @@ def secret_for(args: argparse.Namespace) -> str:
             with os.fdopen(descriptor, "w") as file:
                 file.write(secrets.token_hex(32) + "\n")
             os.link(temporary, path)  # fails if another run made it meanwhile: that one is used
-            step(f"cluster secret created in {path} (mode 0600)")
+            announce(f"cluster secret created in {path} (mode 0600)")
         except FileExistsError:
             pass
         finally:
@@ -146,7 +151,7 @@ def test_addresses(name: str) -> list[str]:
 def existing_endpoints(ec2: Any, cluster: str) -> dict[str, dict]:
     found: dict[str, list[dict]] = {}
     for instance in cluster_instances(ec2, cluster, "endpoint", ("pending", "running", "stopping", "stopped")):
-        found.setdefault(tags_of(instance).get("dw:node", "?"), []).append(instance)
+        found.setdefault(tags_of(instance).get(Tag.NODE, "?"), []).append(instance)
     for node, instances in found.items():
         if len(instances) > 1:
             ids = ", ".join(instance["InstanceId"] for instance in instances)
@@ -160,105 +165,77 @@ def endpoint_instances(args: argparse.Namespace, ec2: Any, setup: dict) -> dict[
     stopped = [node for node, instance in running.items() if instance["State"]["Name"] in ("stopping", "stopped")]
     if stopped:
         ids = [running[node]["InstanceId"] for node in stopped]
-        step(f"starting stopped endpoint instance(s) {', '.join(ids)}")
-        ec2.get_waiter("instance_stopped").wait(InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 60})
+        announce(f"starting stopped endpoint instance(s) {', '.join(ids)}")
+        wait_until(ec2, "stopped", ids)
         ec2.start_instances(InstanceIds=ids)
     missing = [node for node in NODES if node not in running]
     if not missing:
-        step("endpoint instances already running: " + ", ".join(running[node]["InstanceId"] for node in NODES))
+        announce("endpoint instances already running: " + ", ".join(running[node]["InstanceId"] for node in NODES))
         return running
-    image = args.ami or latest_ami(ssm_client(setup["region"]), DEFAULT_AMI_PARAMETER)
+    ami = image(args.ami, setup["region"])
     for node in missing:
-        running[node] = launch_endpoint(args, ec2, setup, node, image)
+        running[node] = launch_endpoint(args, ec2, setup, node, ami)
     return running
 
 
 def launch_endpoint(args: argparse.Namespace, ec2: Any, setup: dict, node: str, image: str) -> dict:
-    step(f"launching endpoint {node} ({args.endpoint_instance_type}, {image})")
-    tags = {"dw:cluster": args.cluster, "dw:role": "endpoint", "dw:node": node,
-            "Name": f"{args.cluster}-endpoint-{node}"}
-    pool = test_addresses("DW_TEST_ENDPOINT_ADDRESSES")
+    announce(f"launching endpoint {node} ({args.endpoint_instance_type}, {image})")
+    tags = {Tag.ROLE: "endpoint", Tag.NODE: node, "Name": f"{args.cluster}-endpoint-{node}"}
+    pool = test_addresses(TEST_ENDPOINT_ADDRESSES)
     if pool:
-        tags["dw:test-address"] = pool[NODES.index(node)]
+        tags[Tag.TEST_ADDRESS] = pool[NODES.index(node)]
+    launch = Launch.from_state(setup, args.cluster, setup["region"])
     for attempt in range(7):
         try:
             # An endpoint that shuts down stops (keeping its disk and queue); workers terminate.
-            (instance,) = run_instances(ec2, ec2_settings(args, setup), image=image,
-                                        instance_type=args.endpoint_instance_type, count=1, tags=tags,
-                                        shutdown_behavior="stop",
-                                        # this deploy run's decision; a re-run finds the
-                                        # instance by its tags instead of relaunching it
-                                        intent=f"{args.cluster}-endpoint-{node}-{secrets.token_hex(6)}",
-                                        instance_profile_arn=setup["endpoint_instance_profile_arn"])
+            (instance,) = launch.run(ec2, image=image, instance_type=args.endpoint_instance_type, count=1,
+                                     tags=tags, shutdown_behavior="stop",
+                                     # this deploy run's decision; a re-run finds the
+                                     # instance by its tags instead of relaunching it
+                                     intent=f"{args.cluster}-endpoint-{node}-{secrets.token_hex(6)}",
+                                     instance_profile_arn=setup["endpoint_instance_profile_arn"])
             return instance
-        except ProviderError as exc:
+        except Ec2Error as exc:
             # EC2 learns of a new instance profile some seconds after IAM made it.
             if "iaminstanceprofile" not in str(exc).lower().replace(" ", "") or attempt == 6:
                 raise DeployError(f"launching endpoint {node}: {exc}") from exc
-            step("the new instance profile is not visible to EC2 yet; retrying in 10 s")
+            announce("the new instance profile is not visible to EC2 yet; retrying in 10 s")
             time.sleep(10)
     raise AssertionError("unreachable")
 
 
-def ec2_settings(args: argparse.Namespace, setup: dict) -> Ec2Settings:
-    return Ec2Settings(cluster=args.cluster, region=setup["region"], key_name=setup["key_name"],
-                       key_path=Path(setup["key_path"]), security_group_id=setup["security_group_id"],
-                       subnet_ids=tuple(setup.get("subnet_ids", ())))
-
-
 def addresses(instance: dict) -> tuple[str, str]:
     """(address this machine reaches it at, address the cluster reaches it at)."""
-    test_address = tags_of(instance).get("dw:test-address")
+    test_address = tags_of(instance).get(Tag.TEST_ADDRESS)
     if test_address:
         return test_address, test_address
     private = instance.get("PrivateIpAddress", "")
     return instance.get("PublicIpAddress") or private, private
 
 
-_wheels_lock = threading.Lock()  # both endpoints' provisioning may want the same folder at once
-
-
-def wheelhouse_for(args: argparse.Namespace, version: str, machine: str) -> Path:
-    """Wheels of requirements.txt for the hosts' Python, downloaded here once: the hosts
-    install offline, so they need no access to the package index."""
-    folder = Path(args.aws_dir) / "wheels" / f"cp{version.replace('.', '')}-{machine}"
-    stamp = folder / ".requirements"
-    wanted = (REPO_ROOT / "requirements.txt").read_text()
-    with _wheels_lock:
-        if stamp.exists() and stamp.read_text() == wanted:
-            return folder
-        step(f"downloading wheels for Python {version} on {machine} into {folder}")
-        platforms = [f"manylinux{tag}_{machine}" for tag in ("2014", "_2_17", "_2_28", "_2_34")]
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-                   "--only-binary=:all:", "--implementation", "cp", "--python-version", version,
-                   "-r", str(REPO_ROOT / "requirements.txt"), "-d", str(folder)]
-        for platform in platforms:
-            command += ["--platform", platform]
-        if subprocess.run(command).returncode != 0:
-            raise DeployError(f"downloading wheels for Python {version}/{machine} (is the package index reachable "
-                              f"from here?)")
-        stamp.write_text(wanted)
-    return folder
-
-
 def endpoint_settings(args: argparse.Namespace, node: str, private: dict[str, str], setup: dict) -> dict[str, str]:
-    port = str(setup.get("http_port", 5000))
+    """The environment of an endpoint host's endpoint and scaler, named by their own tables."""
+    port = setup.get("http_port", 5000)
     peer = NODES[1 - NODES.index(node)]
-    settings = {
-        "DW_NODE_ID": node, "DW_HOST": "0.0.0.0", "DW_PORT": port,
-        "DW_PEER_URL": f"http://{private[peer]}:{port}", "DW_DB": f"var/{node}.sqlite3",
-        # the scaler
-        "DW_PROVIDER": "ec2", "DW_ENDPOINT_INDEX": str(NODES.index(node)), "DW_SELF_URL": f"http://127.0.0.1:{port}",
-        "DW_ENDPOINTS": ",".join(f"http://{private[name]}:{port}" for name in NODES),
-        "DW_CLUSTER": args.cluster, "AWS_DEFAULT_REGION": setup["region"], "DW_SSH_USER": args.ssh_user,
-        "DW_WORKER_SERVICE": args.service, "DW_REMOTE_PYTHON": args.remote_python,
-        **environment_of(SETTINGS, args, HOST_KNOBS),
+    both = {"node_id": node, "peer": f"http://{private[peer]}:{port}"}
+    scaler = {
+        **both, "provider": "ec2", "endpoint_index": NODES.index(node), "url": f"http://127.0.0.1:{port}",
+        "endpoints": [f"http://{private[name]}:{port}" for name in NODES], "cluster": args.cluster,
+        "ssh_user": args.ssh_user, "worker_service": args.service, "remote_python": args.remote_python,
+        **{name: getattr(args, name) for name in HOST_KNOBS},
     }
     if args.ami:
-        settings["DW_AMI"] = args.ami
-    # TEST ONLY: the fake worker instances' addresses, and the tests' moto server instead of AWS.
-    names = ["DW_TEST_SSH_ADDRESSES"] + os.environ.get("DW_TEST_AWS_ENV", "").split(",")
-    for name in (name.strip() for name in names):
+        scaler["ami"] = args.ami
+    # TEST ONLY: the fake worker instances' addresses.
+    test_ssh = SCALER_SETTINGS["test_ssh_addresses"].env
+    if test_ssh in os.environ:
+        scaler["test_ssh_addresses"] = os.environ[test_ssh]
+    # DW_DB, the endpoint's data file, is the variable the scaler reads it from too.
+    endpoint = {**both, "host": "0.0.0.0", "port": port, "db": f"var/{node}.sqlite3"}
+    settings = {**environment(ENDPOINT_SETTINGS, endpoint),
+                **environment(SCALER_SETTINGS, scaler), "AWS_DEFAULT_REGION": setup["region"]}
+    # TEST ONLY: the tests' moto server instead of AWS.
+    for name in (name.strip() for name in os.environ.get(TEST_AWS_ENV, "").split(",")):
         if name and name in os.environ:
             settings[name] = os.environ[name]
     return settings
@@ -290,11 +267,11 @@ def check_setup(args: argparse.Namespace, setup: dict) -> None:
 
 def start_endpoints(args: argparse.Namespace, ec2: Any, setup: dict) -> dict[str, dict]:
     """The endpoint instances, running, as EC2 describes them now (with their addresses)."""
-    with api_step("EC2 API", DeployError):
+    with deploy_step("EC2 API"):
         instances = endpoint_instances(args, ec2, setup)
-        step("waiting for the endpoint instances to get their addresses")
+        announce("waiting for the endpoint instances to get their addresses")
         ids = [instances[node]["InstanceId"] for node in NODES]
-        ec2.get_waiter("instance_running").wait(InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 60})
+        wait_until(ec2, "running", ids)
         fresh = {instance["InstanceId"]: instance for instance in cluster_instances(ec2, args.cluster, "endpoint")}
     return {node: fresh[instances[node]["InstanceId"]] for node in NODES}
 
@@ -307,31 +284,29 @@ def provision_endpoints(args: argparse.Namespace, setup: dict, secret: str, inst
                for node in NODES}
 
     def provision(node: str) -> str:
-        step(f"endpoint {node}: waiting for SSH on {public[node]}")
+        announce(f"endpoint {node}: waiting for SSH on {public[node]}")
         wait_for_ssh(public[node], timeout=args.ready_timeout, what=f"within {args.ready_timeout:g}s (--ready-timeout)")
         version, machine = ensure_remote_python(targets[node], pins, args.endpoint_python)
-        install = EndpointInstall(settings=endpoint_settings(args, node, private, setup), secret=secret,
-                                  worker_key=Path(setup["key_path"]), aws_state=setup,
-                                  wheelhouse=wheelhouse_for(args, version, machine), service=args.service,
-                                  cron=args.cron_install, python=args.endpoint_python)
-        step(f"endpoint {node}: uploading code and wheels, installing, starting the service and the scaler")
-        return provision_endpoint(targets[node], pins, install)
+        install = EndpointInstall(settings=endpoint_settings(args, node, private, setup), cluster_secret=secret,
+                                  ssh_key=Path(setup["key_path"]), aws_state=setup,
+                                  wheelhouse=wheelhouse_for(Path(args.aws_dir), version, machine),
+                                  service=args.service, cron=args.cron_install, python=args.endpoint_python)
+        announce(f"endpoint {node}: uploading code and wheels, installing, starting the service and the scaler")
+        return install_endpoint(targets[node], pins, install)
 
-    try:
+    with deploy_step("provisioning"):
         bases = dict(zip(NODES, parallel(provision, NODES), strict=True))
-    except ProviderError as exc:
-        raise DeployError(f"provisioning: {exc}") from exc
     port = setup.get("http_port", 5000)
     for node in NODES:
         stats = wait_for_stats(f"http://{public[node]}:{port}", args.ready_timeout)
-        step(f"endpoint {node} answers: {stats['pending']} pending, installed in {bases[node]}")
+        announce(f"endpoint {node} answers: {stats['pending']} pending, installed in {bases[node]}")
     return public
 
 
 def deploy(args: argparse.Namespace, setup: dict, region: Region) -> None:
-    step(f"deploying cluster {args.cluster} in {region.name} (region from {region.source})")
+    announce(f"deploying cluster {args.cluster} in {region.name} (region from {region.source})")
     secret = secret_for(args)
-    instances = start_endpoints(args, ec2_client(region.name), setup)
+    instances = start_endpoints(args, client("ec2", region.name), setup)
     public = provision_endpoints(args, setup, secret, instances)
     url_a, url_b = (f"http://{public[node]}:{setup.get('http_port', 5000)}" for node in NODES)
     print(f"""
@@ -339,6 +314,12 @@ dynamic-workload runs on EC2 (cluster {args.cluster}, region {region.name}):
   endpoint a  {url_a}   ({instances['a']['InstanceId']})
   endpoint b  {url_b}   ({instances['b']['InstanceId']})
   workers     launched by the scalers' cron (up to {args.max_workers}); they power off after {args.idle_timeout:g}s idle
+  dashboard   {url_a}/   {url_b}/   (both endpoints on each; worker ids, errors and failed items at /details)
+  metrics     {url_a}/metrics   {url_b}/metrics   (Prometheus text format)
+
+The dashboard's /details asks for a login: any user name, and the operator key as the password, which
+  .venv/bin/python -m endpoint.operator_key --secret-file {Path(args.aws_dir) / f"{args.cluster}-secret"}
+prints (it is derived from the cluster secret; keep it as you keep that file).
 
 Try it:
   curl -X PUT "{url_a}/enqueue?iterations=10" -d "data=Hello"
@@ -350,51 +331,25 @@ Tear it all down:  {destroy_command(args)}
 
 
 def destroy_command(args: argparse.Namespace) -> str:
-    flags = aws_setup.cluster_flag(args.cluster)
+    flags = cluster_flag(args.cluster)
     if args.region:
         flags += f" --region {args.region}"
-    return DESTROY + flags
-
-
-def terminate_all(ec2: Any, cluster: str, role: str | None) -> list[str]:
-    """Terminate the cluster's instances (of one role, or all) and wait until they are gone."""
-    ids = [instance["InstanceId"] for instance in cluster_instances(ec2, cluster, role)]
-    what = f"{role} instance(s)" if role else "instance(s)"
-    if not ids:
-        step(f"no {what} of cluster {cluster} found")
-        return []
-    step(f"terminating {len(ids)} {what} of cluster {cluster}: {', '.join(ids)}")
-    for start in range(0, len(ids), 100):
-        ec2.terminate_instances(InstanceIds=ids[start:start + 100])
-    ec2.get_waiter("instance_terminated").wait(InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 120})
-    return ids
-
-
-def terminate_cluster(ec2: Any, cluster: str) -> list[str]:
-    with api_step("terminating the cluster's instances", DeployError):
-        # The endpoints first: their scalers' cron jobs could otherwise launch workers behind us.
-        terminated = terminate_all(ec2, cluster, "endpoint")
-        for _ in range(3):  # then the workers, until a listing finds none
-            more = terminate_all(ec2, cluster, None)
-            terminated += more
-            if not more:
-                break
-    return terminated
+    return DESTROY_COMMAND + flags
 
 
 def destroy(args: argparse.Namespace, state: dict, region: Region) -> int:
     record = f"state file {args.state_file}" if state else f"no state file {args.state_file}"
-    step(f"destroying cluster {args.cluster} in region {region.name} (region from {region.source}; {record})")
-    terminated = terminate_cluster(ec2_client(region.name), args.cluster)
+    announce(f"destroying cluster {args.cluster} in region {region.name} (region from {region.source}; {record})")
+    terminated = terminate_cluster(client("ec2", region.name), args.cluster)
     for name in (f"{args.cluster}-secret", f"{args.cluster}-known_hosts.json"):
         (Path(args.aws_dir) / name).unlink(missing_ok=True)
-    step("removing what ./setup.sh aws created")
-    settings = aws_setup.settings_for(args, region.name)
-    removed = aws_setup.remove_resources(*aws_setup.make_clients(region.name), settings, state)
+    announce("removing what ./setup.sh aws created")
+    settings = settings_for(args, region.name)
+    removed = remove_resources(*make_clients(region.name), settings, state)
     if terminated:
         removed.insert(0, f"{len(terminated)} instance(s) ({', '.join(terminated)})")
-    status, summary = aws_setup.destroy_summary(args.cluster, region, removed, DESTROY)
-    step(summary)
+    status, summary = destroy_summary(args.cluster, region, removed, DESTROY_COMMAND)
+    announce(summary)
     return status
 
 
@@ -419,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         state = read_state(args.state_file)
         if not args.destroy:
             check_setup(args, state)  # before the region: without setup's record, that is what to say
-        region = aws_setup.cluster_region(args, state)
+        region = cluster_region(args, state)
         if args.destroy:
             return destroy(args, state, region)
         deploy(args, state, region)

@@ -1,4 +1,4 @@
-"""The cloud test machinery works: fake hosts with sshd in network namespaces, and moto's EC2."""
+"""The tests' fakes work: fake hosts with sshd in network namespaces (fakehosts.py), and moto's EC2 (fakeaws.py)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,17 @@ from typing import Any
 import boto3
 import paramiko
 import pytest
-from cloudhosts import (
+from fakeaws import (
+    MotoServer,
+    aws_fixture,  # noqa: F401 -- fixture "aws"
+    moto_server_fixture,  # noqa: F401 -- fixture "moto_server"
+)
+from fakehosts import (
     PYTHON,
     FakeHost,
     HostNetwork,
-    MotoServer,
-    aws_fixture,  # noqa: F401 -- fixture "aws"
     host_network_fixture,  # noqa: F401 -- fixture "host_network"
     link_names,
-    moto_server_fixture,  # noqa: F401 -- fixture "moto_server"
     netns_list,
     public_key_from_private,
     require_root,

@@ -1,13 +1,13 @@
-"""What names an AWS cluster, the same in every command (setup, deploy, the scaler): its name,
-its region, its state file, and how its instances are found and reported.
+"""What every AWS command (setup, deploy, the scaler) knows of a cluster alike: its name, its
+region, setup's record of it, and how AWS is asked (clients, retries, errors).
 
 - A cluster name is checked before anything else, against one strict pattern. EC2 tag filters
   treat `*` and `?` as wildcards, so a filter built from `orp?` would match cluster `orph`;
-  no filter here is ever built from a value that holds one.
+  no filter is ever built from a value that holds one (cloud/ec2.py).
 - The region: `--region`, else the one the state file records, else the AWS configuration's
   (AWS_PROFILE, AWS_DEFAULT_REGION, ~/.aws/config), resolved by botocore as boto3 does. A
   `--region` that differs from the state file's is refused: the cluster is in the recorded one.
-- Every report of what is left names the cluster and the region it looked in.
+- Setup's record (the state file, JSON) is read here; it is written by deploy/cluster.py.
 """
 
 from __future__ import annotations
@@ -27,17 +27,11 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 
-from cron.interrupts import parallel
-from cron.settings import Setting
+from cli.settings import Setting
 
-TAG_CLUSTER = "dw:cluster"
-TAG_ROLE = "dw:role"
 # Letters, digits and dashes; the name goes into IAM names (`<cluster>-endpoint`, at most 64).
 CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,39}")
 REGION_NAME = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
-# Every state an instance that still exists can be in; "billed" leaves out the ones on their way out.
-LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
-BILLED_STATES = ("pending", "running", "stopping", "stopped")
 # What a failed or interrupted API call raises; a non-XML answer (an HTTP 500 from a proxy)
 # is a parser error, which botocore does not count among its own.
 API_ERRORS = (BotoCoreError, ClientError, ResponseParserError)
@@ -47,10 +41,6 @@ ACCESS_ERRORS = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation
 
 class ClusterUsageError(ValueError):
     """The command line, the environment or the state file is wrong; nothing was changed."""
-
-
-class SearchError(Exception):
-    """A search across regions could not be made."""
 
 
 def cluster_name(value: str) -> str:
@@ -66,57 +56,12 @@ def region_name(value: str) -> str:
     return value
 
 
-# The settings every AWS command shares (see cron/settings.py).
+# The settings every AWS command shares (see cli/settings.py).
 CLUSTER_SETTING = Setting("DW_CLUSTER", "dw", cluster_name,
                           "the cluster: name prefix and dw:cluster tag of everything it has")
 REGION_SETTING = Setting("", "", region_name,
                          "AWS region; default: the state file's, else the AWS configuration's "
                          "(AWS_PROFILE, AWS_DEFAULT_REGION, ~/.aws/config)")
-AWS_DIR_SETTING = Setting("DW_AWS_DIR", "var/aws", str, "where setup keeps the private key and the state file")
-STATE_FILE_SETTING = Setting("DW_AWS_STATE", "", str,
-                             "the record of what setup created (default <aws-dir>/<cluster>.json)")
-
-
-# --- filters and listings ----------------------------------------------------------------------
-
-
-def tag_filter(key: str, *values: str) -> dict[str, Any]:
-    """An EC2 filter on exact values: never one with a wildcard in it."""
-    for value in values:
-        if "*" in value or "?" in value:
-            raise ValueError(f"refusing to filter on {key}={value!r}: EC2 would take * and ? as wildcards")
-    return {"Name": key, "Values": list(values)}
-
-
-def instance_filters(cluster: str, role: str | None = None, states: tuple[str, ...] = LIVE_STATES) -> list[dict]:
-    filters = [tag_filter(f"tag:{TAG_CLUSTER}", cluster_name(cluster)), tag_filter("instance-state-name", *states)]
-    if role:
-        filters.append(tag_filter(f"tag:{TAG_ROLE}", role))
-    return filters
-
-
-def describe_instances(ec2: Any, filters: list[dict]) -> list[dict]:
-    instances = []
-    for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
-        for reservation in page["Reservations"]:
-            instances += reservation["Instances"]
-    return instances
-
-
-def cluster_instances(ec2: Any, cluster: str, role: str | None = None,
-                      states: tuple[str, ...] = LIVE_STATES) -> list[dict]:
-    return describe_instances(ec2, instance_filters(cluster, role, states))
-
-
-def tags_of(resource: dict) -> dict[str, str]:
-    return {tag["Key"]: tag["Value"] for tag in resource.get("Tags", [])}
-
-
-def describe(instance: dict) -> str:
-    """`i-0abc (endpoint a, running)`."""
-    tags = tags_of(instance)
-    role = " ".join(part for part in (tags.get(TAG_ROLE, "untagged"), tags.get("dw:node", "")) if part)
-    return f"{instance['InstanceId']} ({role}, {instance['State']['Name']})"
 
 
 # --- clients, errors -----------------------------------------------------------------------------
@@ -131,9 +76,9 @@ def aws_config(quick: bool = False) -> Config:
     return Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=10, read_timeout=30)
 
 
-def ec2_client(region: str, quick: bool = False) -> Any:
+def client(service: str, region: str, quick: bool = False) -> Any:
     # AWS_ENDPOINT_URL (the tests' moto server) is honoured by botocore itself.
-    return boto3.session.Session(region_name=region).client("ec2", config=aws_config(quick))
+    return boto3.session.Session(region_name=region).client(service, config=aws_config(quick))
 
 
 def error_code(exc: Exception) -> str:
@@ -225,46 +170,3 @@ def check_state_cluster(state: dict, cluster: str, path: str | Path) -> None:
     recorded = state.get("cluster", cluster)
     if recorded != cluster:
         raise ClusterUsageError(f"the state file {path} belongs to cluster {recorded}, not {cluster}")
-
-
-# --- what is left ----------------------------------------------------------------------------------
-
-
-def left_running(cluster: str, region: str, remedy: str) -> str:
-    """What of the cluster still runs (and bills), asked of EC2 quickly, and how to remove it."""
-    try:
-        instances = cluster_instances(ec2_client(region, quick=True), cluster, states=BILLED_STATES)
-    except API_ERRORS as exc:
-        return (f"Could not list the instances of cluster {cluster} in {region} ({api_error_text(exc)}); any that "
-                f"run are billed. {remedy}")
-    if not instances:
-        return f"No instance of cluster {cluster} runs in {region}."
-    return (f"{len(instances)} instance(s) of cluster {cluster} in {region} are running and billing: "
-            f"{', '.join(describe(instance) for instance in instances)}. {remedy}")
-
-
-def found_elsewhere(cluster: str, searched: str) -> dict[str, list[str]]:
-    """The cluster's instances and key pair in the regions other than `searched`: a destroy that
-    finds nothing where it looked says where the cluster is instead. SearchError if the regions
-    cannot be listed: then nobody knows whether there is anything elsewhere."""
-    session = boto3.session.Session()  # one session: the service model is loaded once, not per region
-    try:
-        regions = [entry["RegionName"] for entry in
-                   session.client("ec2", region_name=searched, config=aws_config()).describe_regions()["Regions"]]
-    except API_ERRORS as exc:
-        raise SearchError(f"the other regions could not be searched: {api_error_text(exc)}") from exc
-    # Clients are made here, one after the other (a session is not thread-safe); they are used in threads.
-    clients = {region: session.client("ec2", region_name=region, config=aws_config(quick=True))
-               for region in regions if region != searched}
-
-    def look(region: str) -> tuple[str, list[str]]:
-        ec2 = clients[region]
-        try:
-            found = [describe(instance) for instance in cluster_instances(ec2, cluster, states=BILLED_STATES)]
-            pairs = ec2.describe_key_pairs(Filters=[tag_filter("key-name", f"{cluster}-key"),
-                                                    tag_filter(f"tag:{TAG_CLUSTER}", cluster)])["KeyPairs"]
-        except API_ERRORS:  # a region this account cannot use
-            return region, []
-        return region, found + [f"key pair {pair['KeyName']}" for pair in pairs]
-
-    return {region: found for region, found in parallel(look, clients) if found}

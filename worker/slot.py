@@ -1,0 +1,106 @@
+"""A slot: one process that hashes the jobs its supervisor hands it, one job per lane of its kernel.
+
+The slot gets ("run", job) and ("cancel", key) over a pipe and answers ("done", key,
+result, seconds); it talks to an endpoint only when its supervisor died (SIGKILL), to give back
+the jobs it held, which nobody else would. A lane whose chain ends takes the next
+job at once, so jobs of different lengths share the vector; with one job alone the slot runs
+the scalar kernel, faster for a single chain than one lane of a vector (worker/native.py).
+Between kernel calls (a few milliseconds each; ctypes releases the GIL meanwhile) it reads its
+pipe, so a cancelled job stops within one call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from worker.client import EndpointClient, EndpointDown, Job, Rejected
+from worker.native import CHECK_EVERY, Kernel, Lanes, select_kernel
+
+log = logging.getLogger("worker")
+
+IDLE_POLL_S = 0.5  # an idle slot looks this often whether its supervisor is still there
+
+
+def slot_kernels(choice: str, library: str) -> tuple[Kernel, Kernel | None]:
+    """The slot's kernel for its lanes, and the one for a job alone (None: the same)."""
+    kernel = select_kernel(choice, library or None)
+    if choice != "auto" or kernel.lanes == 1:
+        return kernel, None
+    single = select_kernel("scalar", library or None)
+    return kernel, (single if single.native else None)
+
+
+class Slot:
+    def __init__(self, conn: Connection, kernel: Kernel, single: Kernel | None, parent_pid: int) -> None:
+        self.conn = conn
+        self.lanes: Lanes[Any] = Lanes(kernel, single=single)
+        self.started: dict[Any, float] = {}
+        self.jobs: dict[Any, Job] = {}
+        self.parent_pid = parent_pid
+
+    def run(self) -> list[Job]:
+        """Until told to stop (returns nothing), or until the supervisor died: returns the jobs held."""
+        while os.getppid() == self.parent_pid:  # a slot whose supervisor died must not keep computing
+            idle = self.lanes.busy() == 0
+            try:
+                if not self.read_messages(IDLE_POLL_S if idle else 0.0):
+                    return []
+            except (EOFError, OSError):
+                break  # the supervisor is gone
+            for key, result in self.lanes.step(CHECK_EVERY, stop_on_finish=True):
+                self.jobs.pop(key, None)
+                self.conn.send(("done", key, result, time.perf_counter() - self.started.pop(key)))
+        return list(self.jobs.values())
+
+    def read_messages(self, timeout: float) -> bool:
+        """Every message waiting (the first up to `timeout`); False when told to stop."""
+        while self.conn.poll(timeout):
+            timeout = 0.0
+            message = self.conn.recv()
+            if message[0] == "stop":
+                return False
+            if message[0] == "run":
+                job: Job = message[1]
+                self.started[job.key] = time.perf_counter()
+                self.jobs[job.key] = job
+                self.lanes.submit(job.key, job.payload, job.iterations)
+            elif message[0] == "cancel":
+                self.lanes.cancel(message[1])
+                self.started.pop(message[1], None)
+                self.jobs.pop(message[1], None)
+        return True
+
+
+def give_back_orphaned(jobs: list[Job], worker_key: str, worker_id: str) -> None:
+    """The supervisor died: give back the jobs this slot held, once each (no time for patience)."""
+    for url in sorted({job.endpoint for job in jobs}):
+        client = EndpointClient(url, worker_key, worker_id)
+        try:
+            client.release([job for job in jobs if job.endpoint == url])
+            log.info("supervisor gone: gave back %d job(s) to %s", sum(job.endpoint == url for job in jobs), url)
+        except (EndpointDown, Rejected) as exc:
+            log.warning("supervisor gone: could not give back jobs to %s (their leases will expire): %s", url, exc)
+        finally:
+            client.close()
+
+
+def run_slot(index: int, conn: Connection, kernel_choice: str, library: str, log_level: int,
+             worker_key: str, worker_id: str) -> None:
+    # Ctrl-C and a group-wide SIGTERM reach every process; the supervisor alone decides when slots
+    # stop (and a slot whose supervisor died notices by itself).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s worker[{index}]: %(message)s")
+    if index:  # slot 0 logs the choice; the others make the same one
+        logging.getLogger("worker").setLevel(max(log_level, logging.ERROR))
+    kernel, single = slot_kernels(kernel_choice, library)
+    logging.getLogger("worker").setLevel(log_level)
+    conn.send(("ready", kernel.name, kernel.lanes, kernel.reason))
+    orphaned = Slot(conn, kernel, single, os.getppid()).run()
+    if orphaned:
+        give_back_orphaned(orphaned, worker_key, worker_id)
