@@ -36,6 +36,9 @@ from bench.soak_check import Check, Report, Row, read_rows
 from bench.soak_cluster import NODES, Cluster, load_average
 from bench.soak_faults import KINDS, Faults
 from bench.soak_load import History, Load, send
+from endpoint.config import OPTIONS as ENDPOINT_OPTIONS
+
+DEFAULT_MAX_ATTEMPTS = int(ENDPOINT_OPTIONS["max_attempts"].default)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,6 +140,25 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
+def wait_lines(report: Report) -> list[str]:
+    """How long clients waited: for an enqueue's acknowledgement, and for the result."""
+    lines = [f"{'what clients waited for, s':58} {'jobs':>6} {'p50':>7} {'p95':>7} {'max':>7}"]
+    rows = [("enqueue acknowledged (first send -> 200, repeats included)", report.enqueue_waits)]
+    rows += [(f"result (acknowledged -> handed out): {name}", report.latencies.get(name, []))
+             for name in ("all", *sorted(key for key in report.latencies if key != "all"))]
+    for name, values in rows:
+        if values:
+            lines.append(f"  {name:56} {len(values):6d} {percentile(values, 0.5):7.1f} "
+                         f"{percentile(values, 0.95):7.1f} {max(values):7.1f}")
+    return lines
+
+
+def attempts_used(attempts: Counter[int]) -> str:
+    over = sum(jobs for used, jobs in attempts.items() if used > DEFAULT_MAX_ATTEMPTS)
+    return (", ".join(f"{used} -> {jobs}" for used, jobs in sorted(attempts.items()))
+            + f"; more than the default limit ({DEFAULT_MAX_ATTEMPTS}): {over}")
+
+
 def table(args: argparse.Namespace, report: Report, history: History, faults: Faults, drained: str,
           left: list[str], cleanup: list[str], progress: Progress, deploy_status: int | None) -> list[str]:
     lines = [f"soak: {args.minutes:g} min of load and faults (seed {args.seed}, lease {args.lease_seconds:g} s, "
@@ -169,13 +191,9 @@ def table(args: argparse.Namespace, report: Report, history: History, faults: Fa
               f"left something behind: {len(report.left_behind)}",
               f"  {'enqueues with an unknown outcome (504, no answer; no key)':56} {report.unknown:6d}  {unknown_note}",
               f"  {'results handed out by pullCompleted':56} {report.received:6d}  in {history.pulls} answered "
-              f"pulls; unaccounted for: {len(report.unexpected)}", "",
-              f"{'time to result (acknowledged -> handed out), s':58} {'jobs':>6} {'p50':>7} {'p95':>7} {'max':>7}"]
-    for name in ("all", *sorted(key for key in report.latencies if key != "all")):
-        values = report.latencies.get(name, [])
-        if values:
-            lines.append(f"  {name:56} {len(values):6d} {percentile(values, 0.5):7.1f} "
-                         f"{percentile(values, 0.95):7.1f} {max(values):7.1f}")
+              f"pulls; unaccounted for: {len(report.unexpected)}",
+              f"  {'attempts a completed job used -> jobs':56} {'':6}  {attempts_used(report.attempts)}", "",
+              *wait_lines(report)]
     lines += ["", f"{'errors clients saw':58} {'count':>6}"]
     for (operation, label), count in sorted(history.errors.items()):
         lines.append(f"  {operation + ': ' + label:56} {count:6d}")
@@ -201,6 +219,10 @@ def summary(report: Report, history: History, faults: Faults, left: list[str]) -
             "unknown": report.unknown, "unknown_stored": report.unknown_stored, "received": report.received,
             "errors": {f"{operation}: {label}": count for (operation, label), count in history.errors.items()},
             "processes_left": left, "failed": report.failed or bool(left),
+            "attempts": {str(used): jobs for used, jobs in sorted(report.attempts.items())},
+            "enqueue_wait": {"jobs": len(report.enqueue_waits), "p50": percentile(report.enqueue_waits, 0.5),
+                             "p95": percentile(report.enqueue_waits, 0.95), "max": max(report.enqueue_waits)}
+            if report.enqueue_waits else {},
             "latency": {name: {"jobs": len(values), "p50": percentile(values, 0.5), "p95": percentile(values, 0.95),
                                "max": max(values)} for name, values in report.latencies.items() if values}}
 

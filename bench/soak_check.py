@@ -72,13 +72,14 @@ class Row:
     completed_at: float | None
     failed_reason: str | None
     payload: bytes | None
+    attempts: int
 
 
 def read_rows(db: Path, node: str) -> dict[str, Row]:
     conn = sqlite3.connect(db)
     try:
         rows = conn.execute("SELECT id, iterations, state, result, delivered_at, delivery_id, completed_at, "
-                            "failed_reason, data FROM work_items LEFT JOIN payloads USING (seq)").fetchall()
+                            "failed_reason, data, attempts FROM work_items LEFT JOIN payloads USING (seq)").fetchall()
     finally:
         conn.close()
     return {row[0]: Row(node, *row) for row in rows}
@@ -101,6 +102,8 @@ class Report:
     unknown_stored: int = 0
     by_form: Counter[str] = field(default_factory=Counter)
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    enqueue_waits: list[float] = field(default_factory=list)  # first request sent -> acknowledged, repeats included
+    attempts: Counter[int] = field(default_factory=Counter)  # attempts a completed job used -> jobs
 
     @property
     def failed(self) -> bool:
@@ -149,6 +152,8 @@ class Check:
                          for work_id, count in ids.items() if count > 1]
         for job in acknowledged:
             report.by_form[f"{job.form} ({job.client})"] += 1
+            assert job.acknowledged_at is not None
+            report.enqueue_waits.append(job.acknowledged_at - job.sent_at)
             self._acknowledged(job)
         accounted = {job.work_id for job in acknowledged}
         for work_id in self._extras(accounted):
@@ -181,6 +186,7 @@ class Check:
             report.wrong.append(f"{where}: stored result {row.result} is not the reference {expected}")
             return
         report.completed_right += 1
+        report.attempts[row.attempts] += 1
         if len(items) > 1:
             report.duplicated.append(f"{where}: handed out {len(items)} times ({', '.join(i.node for i in items)})")
         for item in items:
