@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--minutes", type=float, default=10.0, help="load and faults for this long (default 10)")
     add("--rate", type=float, default=3.0, help="enqueues per second, both endpoints together (default 3)")
     add("--curl-share", type=float, default=0.25, help="share of requests sent by curl itself (default 0.25)")
-    add("--max-iterations", type=int, default=4_000_000, help="the longest jobs (default 4,000,000: seconds)")
+    add("--max-iterations", type=int, default=16_000_000,
+        help="the longest jobs (default 16,000,000: several seconds with the native kernel)")
     add("--lease-seconds", type=float, default=10.0, help="the endpoints' lease, DW_LEASE_SECONDS (default 10)")
     add("--max-attempts", type=int, default=10,
         help="the endpoints' DW_MAX_ATTEMPTS (default 10: the soak kills worker slots far more often than a "
@@ -210,7 +211,7 @@ def table(args: argparse.Namespace, report: Report, history: History, faults: Fa
     return lines
 
 
-def summary(report: Report, history: History, faults: Faults, left: list[str]) -> dict:
+def summary(report: Report, history: History, faults: Faults, left: list[str], deploy_status: int | None) -> dict:
     return {"faults": dict(Counter(fault.kind for fault in faults.injected)), "unavailable": faults.unavailable,
             "acknowledged": report.acknowledged, "completed_right": report.completed_right,
             "lost": report.lost, "duplicated": report.duplicated, "wrong": report.wrong,
@@ -218,7 +219,7 @@ def summary(report: Report, history: History, faults: Faults, left: list[str]) -
             "unexpected": report.unexpected, "left_behind": report.left_behind, "refused": report.refused,
             "unknown": report.unknown, "unknown_stored": report.unknown_stored, "received": report.received,
             "errors": {f"{operation}: {label}": count for (operation, label), count in history.errors.items()},
-            "processes_left": left, "failed": report.failed or bool(left),
+            "processes_left": left, "failed": report.failed or bool(left), "deploy_status": deploy_status,
             "attempts": {str(used): jobs for used, jobs in sorted(report.attempts.items())},
             "enqueue_wait": {"jobs": len(report.enqueue_waits), "p50": percentile(report.enqueue_waits, 0.5),
                              "p95": percentile(report.enqueue_waits, 0.95), "max": max(report.enqueue_waits)}
@@ -249,6 +250,10 @@ def terminate_as_interrupt(signum: int, _frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, terminate_as_interrupt)
+    # Started in the background by a shell (`... &`), the soak inherits SIGINT ignored, and so would
+    # ./deploy.sh local, which then could not be stopped with its Ctrl-C at the end. A handler of our
+    # own is reset to the default in every program the soak starts.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     root = Path(tempfile.mkdtemp(prefix="dw-soak-"))
     progress = Progress()
     rng = random.Random(args.seed)
@@ -285,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if faults.threads[0].ident is not None:
             faults.stop()
-        load.pull_deadline = 0.0
-        load.pulling.clear()
+        load.abandon()  # a no-op after a run that ended as it should
         deploy_status, left = cluster.stop()
         rows = read_data_files(cluster, root / "data")
         cleanup = cluster.close()
@@ -297,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Check(history, load.shared_payload, rows, readable).run()
     print("\n".join(table(args, report, history, faults, drained, left, cleanup, progress, deploy_status)))
     if args.summary:
-        args.summary.write_text(json.dumps(summary(report, history, faults, left), indent=1))
+        args.summary.write_text(json.dumps(summary(report, history, faults, left, deploy_status), indent=1))
     failed = report.failed or bool(left)
     if args.keep or failed:
         print(f"the soak's files (logs, data files): {root}")

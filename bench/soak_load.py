@@ -223,6 +223,7 @@ class Load:
         self.used_iterations: set[int] = set()
         self.enqueuing = threading.Event()
         self.pulling = threading.Event()
+        self.abandoned = threading.Event()  # the soak was interrupted: no client repeats anything
         self.pool = ThreadPoolExecutor(max_workers=24, thread_name_prefix="enqueue")
         self.threads: list[threading.Thread] = []
         self.pullers_per_node = pullers_per_node
@@ -298,6 +299,13 @@ class Load:
         self.enqueuing.clear()
         self.pool.shutdown(wait=True)
 
+    def abandon(self) -> None:
+        """Every client stops at its next turn, repeats included (the soak was interrupted)."""
+        self.abandoned.set()
+        self.enqueuing.clear()
+        self.pull_deadline = 0.0
+        self.pulling.clear()
+
     def stop_pulls(self, grace_s: float = 60.0) -> None:
         self.pull_deadline = time.monotonic() + grace_s
         self.pulling.clear()
@@ -349,7 +357,8 @@ class Load:
             answer = send(self.urls[job.node], "PUT", target, body, headers)
             self._answered(job, answer)
             final = answer.status is not None and 400 <= answer.status < 500
-            if job.outcome == "acknowledged" or not job.key or final or time.monotonic() > deadline:
+            if (job.outcome == "acknowledged" or not job.key or final or time.monotonic() > deadline
+                    or self.abandoned.is_set()):
                 return
             if job.outcome == "refused" and answer.status == 507:
                 return  # nothing stored; the client goes to the other endpoint

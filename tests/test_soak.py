@@ -17,10 +17,12 @@ from conftest import PYTHON, REPO
 @pytest.mark.slow
 def test_a_one_minute_soak_loses_duplicates_and_leaves_nothing(tmp_path: Path) -> None:
     summary_path = tmp_path / "summary.json"
-    done = subprocess.run(
-        [PYTHON, "-m", "bench.soak", "--minutes", "1", "--lease-seconds", "5", "--fault-gap", "3", "--fault-hold", "4",
-         "--worker-fault-gap", "5", "--max-iterations", "2000000", "--summary", str(summary_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    soak = [PYTHON, "-m", "bench.soak", "--minutes", "1", "--lease-seconds", "5", "--fault-gap", "3",
+            "--fault-hold", "4", "--worker-fault-gap", "5", "--max-iterations", "8000000",
+            "--summary", str(summary_path)]
+    # Started as `... &` from a script starts it: SIGINT ignored. Its Ctrl-C must stop the deployment all the same.
+    done = subprocess.run(["bash", "-c", 'trap "" INT; exec "$@"', "soak", *soak], cwd=REPO, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     output = f"{done.stdout}\n--- stderr ---\n{done.stderr}"
     assert done.returncode == 0, output
     summary = json.loads(summary_path.read_text())
@@ -32,4 +34,7 @@ def test_a_one_minute_soak_loses_duplicates_and_leaves_nothing(tmp_path: Path) -
     for problem in ("lost", "duplicated", "wrong", "unexpected", "left_behind", "window_unreadable", "processes_left"):
         assert summary[problem] == [], output
     assert summary["failed"] is False
+    assert summary["deploy_status"] == 130, output  # stopped by its Ctrl-C, not killed after the wait
+    assert sum(summary["attempts"].values()) == summary["completed_right"], output
+    assert summary["enqueue_wait"]["jobs"] == summary["acknowledged"], output
     assert "verdict: OK" in done.stdout
