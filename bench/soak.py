@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from types import FrameType
 
-from bench.soak_check import Check, Report, Row, read_rows
+from bench.soak_check import SIZE_CLASSES, Check, Report, Row, read_rows
 from bench.soak_cluster import NODES, Cluster, load_average
 from bench.soak_faults import KINDS, Faults
 from bench.soak_load import History, Load, send
@@ -50,9 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-iterations", type=int, default=16_000_000,
         help="the longest jobs (default 16,000,000: several seconds with the native kernel)")
     add("--lease-seconds", type=float, default=10.0, help="the endpoints' lease, DW_LEASE_SECONDS (default 10)")
-    add("--max-attempts", type=int, default=10,
-        help="the endpoints' DW_MAX_ATTEMPTS (default 10: the soak kills worker slots far more often than a "
-             "fleet sees, and a job whose slot is killed 3 times is failed by design)")
+    add("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
+        help=f"the endpoints' DW_MAX_ATTEMPTS (default {DEFAULT_MAX_ATTEMPTS}, the endpoint's own: no fault of the "
+             "soak may cost a job its attempts but a worker dying with jobs it has not handed to a slot)")
     add("--fault-gap", type=float, default=20.0, help="mean seconds between cluster faults (default 20)")
     add("--fault-hold", type=float, default=15.0, help="mean seconds a link cut or a full disk lasts (default 15)")
     add("--worker-fault-gap", type=float, default=15.0, help="mean seconds between worker kills (default 15)")
@@ -144,9 +144,9 @@ def percentile(values: list[float], share: float) -> float:
 def wait_lines(report: Report) -> list[str]:
     """How long clients waited: for an enqueue's acknowledgement, and for the result."""
     lines = [f"{'what clients waited for, s':58} {'jobs':>6} {'p50':>7} {'p95':>7} {'max':>7}"]
-    rows = [("enqueue acknowledged (first send -> 200, repeats included)", report.enqueue_waits)]
-    rows += [(f"result (acknowledged -> handed out): {name}", report.latencies.get(name, []))
-             for name in ("all", *sorted(key for key in report.latencies if key != "all"))]
+    rows = [("an enqueue's 200 (from its first send, repeats included)", report.enqueue_waits),
+            ("the result (from the 200 to pullCompleted), all jobs", report.latencies.get("all", []))]
+    rows += [(f"  {name}", report.latencies.get(name, [])) for name in SIZE_CLASSES]
     for name, values in rows:
         if values:
             lines.append(f"  {name:56} {len(values):6d} {percentile(values, 0.5):7.1f} "

@@ -111,10 +111,14 @@ class Report:
                     or self.window_unreadable)
 
 
+SIZE_BOUNDS = (SHORT_ITERATIONS, 100_000, 1_000_000)  # the longest jobs of each class but the last
+SIZE_CLASSES = (*(f"{low + 1:,}-{high:,} iterations"
+                  for low, high in zip((0, *SIZE_BOUNDS[:-1]), SIZE_BOUNDS, strict=True)),
+                f"over {SIZE_BOUNDS[-1]:,} iterations")
+
+
 def size_class(iterations: int) -> str:
-    if iterations <= SHORT_ITERATIONS:
-        return f"1-{SHORT_ITERATIONS:,} iterations"
-    return "1,001-100,000 iterations" if iterations <= 100_000 else "over 100,000 iterations"
+    return SIZE_CLASSES[sum(iterations > bound for bound in SIZE_BOUNDS)]
 
 
 class Check:
