@@ -297,102 +297,129 @@ DONE, READY, ARRIVAL, IDLE, TICK = range(5)
 
 
 def simulate(jobs: list[Job], scalers: Scalers, cluster: Cluster = CLUSTER) -> Result:
-    jobs = sorted(jobs, key=lambda job: job.arrival)
-    events: list[tuple[float, int, int, int]] = []  # (time, kind, sequence, job or worker index)
-    sequence = 0
+    return Simulation(jobs, scalers, cluster).run()
 
-    def schedule(time: float, kind: int, index: int) -> None:
-        nonlocal sequence
-        heapq.heappush(events, (time, kind, sequence, index))
-        sequence += 1
 
-    for index, job in enumerate(jobs):
-        schedule(job.arrival, ARRIVAL, index)
-    schedule(0.0, TICK, 0)
-    queues: tuple[deque[int], deque[int]] = (deque(), deque())  # pending job indexes per endpoint
-    recent: tuple[deque[tuple[float, float]], deque[tuple[float, float]]] = (deque(), deque())  # (end, duration)
-    arrived: tuple[deque[float], deque[float]] = (deque(), deque())  # arrival times per endpoint
-    workers: list[Worker] = []
-    alive: list[Worker] = []  # in launch order: free slots of older workers are used first
-    worker_of: dict[int, Worker] = {}  # running job -> its worker
-    result = Result()
-    unfinished = len(jobs)
+class Simulation:
+    """One run of the event queue: each event kind has its handler, then free slots take pending jobs."""
 
-    def recently_queued(queue: deque[int], now: float) -> int:
+    def __init__(self, jobs: list[Job], scalers: Scalers, cluster: Cluster) -> None:
+        self.jobs = sorted(jobs, key=lambda job: job.arrival)
+        self.scalers = scalers
+        self.cluster = cluster
+        self.events: list[tuple[float, int, int, int]] = []  # (time, kind, sequence, job or worker index)
+        self.sequence = 0
+        self.queues: tuple[deque[int], deque[int]] = (deque(), deque())  # pending job indexes per endpoint
+        # (end, duration) of the jobs completed recently, per endpoint
+        self.recent: tuple[deque[tuple[float, float]], deque[tuple[float, float]]] = (deque(), deque())
+        self.arrived: tuple[deque[float], deque[float]] = (deque(), deque())  # arrival times per endpoint
+        self.workers: list[Worker] = []
+        self.alive: list[Worker] = []  # in launch order: free slots of older workers are used first
+        self.worker_of: dict[int, Worker] = {}  # running job -> its worker
+        self.result = Result()
+        self.unfinished = len(self.jobs)
+
+    def schedule(self, time: float, kind: int, index: int) -> None:
+        heapq.heappush(self.events, (time, kind, self.sequence, index))
+        self.sequence += 1
+
+    def run(self) -> Result:
+        for index, job in enumerate(self.jobs):
+            self.schedule(job.arrival, ARRIVAL, index)
+        self.schedule(0.0, TICK, 0)
+        handlers = {ARRIVAL: self.arrival, DONE: self.done, READY: self.ready, IDLE: self.idle, TICK: self.tick}
+        while self.events:
+            now, kind, _, index = heapq.heappop(self.events)
+            handlers[kind](now, index)
+            self.dispatch(now)
+        assert self.unfinished == 0 and not self.alive
+        return self.result
+
+    def arrival(self, now: float, index: int) -> None:
+        self.queues[index % 2].append(index)
+        self.arrived[index % 2].append(now)
+
+    def done(self, now: float, index: int) -> None:
+        job, worker = self.jobs[index], self.worker_of.pop(index)
+        worker.running -= 1
+        worker.last_work = now
+        self.result.latencies.append(now - job.arrival)
+        self.recent[index % 2].append((now, job.duration))
+        self.unfinished -= 1
+        if not worker.running:
+            self.schedule(now + IDLE_TIMEOUT_S, IDLE, worker.id)
+
+    def ready(self, now: float, index: int) -> None:
+        self.workers[index].last_work = now
+        self.schedule(now + IDLE_TIMEOUT_S, IDLE, index)
+
+    def idle(self, now: float, index: int) -> None:
+        worker = self.workers[index]
+        if worker.exited_at is None and not worker.running and now - worker.last_work >= IDLE_TIMEOUT_S - 1e-9:
+            worker.exited_at = now
+            self.alive.remove(worker)
+            self.result.worker_seconds += max(MIN_BILLING_S, now - worker.launched_at)
+
+    def tick(self, now: float, _: int) -> None:
+        for owner, count in enumerate(self.scalers(self.snapshot(now))):
+            for _ in range(count):
+                self.launch(now, owner)
+        if len(self.alive) > self.cluster.max_workers:
+            raise AssertionError(f"{len(self.alive)} workers alive at {now:.0f}s, over the cap of "
+                                 f"{self.cluster.max_workers}")
+        if self.unfinished or self.alive:
+            self.schedule(now + self.cluster.tick_s, TICK, 0)
+
+    def snapshot(self, now: float) -> Snapshot:
+        """What the scalers see: each endpoint's figures over its windows, and the cluster."""
+        for window in self.recent:
+            while window and window[0][0] < now - STATS_WINDOW_S:
+                window.popleft()
+        for times in self.arrived:
+            while times and times[0] < now - ARRIVAL_WINDOW_S:
+                times.popleft()
+        loads = tuple(self.load(now, queue, window, times)
+                      for queue, window, times in zip(self.queues, self.recent, self.arrived, strict=True))
+        ready = sum(worker.ready_at <= now for worker in self.alive)
+        owned = (sum(worker.owner == 0 for worker in self.alive), sum(worker.owner == 1 for worker in self.alive))
+        return Snapshot(now, (loads[0], loads[1]), ready, len(self.alive) - ready, owned)
+
+    def load(self, now: float, queue: deque[int], window: deque[tuple[float, float]],
+             times: deque[float]) -> EndpointLoad:
+        return EndpointLoad(
+            pending=len(queue), oldest_pending_age_s=now - self.jobs[queue[0]].arrival if queue else 0.0,
+            recent_jobs=len(window), recent_job_duration_s=sum(d for _, d in window) / len(window) if window else None,
+            recent_arrivals=len(times), recent_arrivals_pending=self.recently_queued(queue, now),
+            arrival_window_s=ARRIVAL_WINDOW_S)
+
+    def recently_queued(self, queue: deque[int], now: float) -> int:
         """Pending jobs that arrived within the arrival window: the newest of the queue."""
         count = 0
         for index in reversed(queue):
-            if jobs[index].arrival < now - ARRIVAL_WINDOW_S:
+            if self.jobs[index].arrival < now - ARRIVAL_WINDOW_S:
                 break
             count += 1
         return count
 
-    def dispatch(now: float) -> None:
-        for worker in alive:
+    def launch(self, now: float, owner: int) -> None:
+        worker = Worker(len(self.workers), owner, launched_at=now, ready_at=now + self.cluster.boot_s)
+        self.workers.append(worker)
+        self.alive.append(worker)
+        self.schedule(worker.ready_at, READY, worker.id)
+        self.result.launches += 1
+
+    def dispatch(self, now: float) -> None:
+        queues = self.queues
+        for worker in self.alive:
             while worker.running < SLOTS_PER_WORKER and worker.ready_at <= now and (queues[0] or queues[1]):
-                if not queues[1] or (queues[0] and jobs[queues[0][0]].arrival <= jobs[queues[1][0]].arrival):
+                if not queues[1] or (queues[0] and self.jobs[queues[0][0]].arrival <= self.jobs[queues[1][0]].arrival):
                     index = queues[0].popleft()
                 else:
                     index = queues[1].popleft()
                 worker.running += 1
                 worker.last_work = now
-                worker_of[index] = worker
-                schedule(now + jobs[index].duration, DONE, index)
-
-    while events:
-        now, kind, _, index = heapq.heappop(events)
-        if kind == ARRIVAL:
-            queues[index % 2].append(index)
-            arrived[index % 2].append(now)
-        elif kind == DONE:
-            job, worker = jobs[index], worker_of.pop(index)
-            worker.running -= 1
-            worker.last_work = now
-            result.latencies.append(now - job.arrival)
-            recent[index % 2].append((now, job.duration))
-            unfinished -= 1
-            if not worker.running:
-                schedule(now + IDLE_TIMEOUT_S, IDLE, worker.id)
-        elif kind == READY:
-            workers[index].last_work = now
-            schedule(now + IDLE_TIMEOUT_S, IDLE, index)
-        elif kind == IDLE:
-            worker = workers[index]
-            if worker.exited_at is None and not worker.running and now - worker.last_work >= IDLE_TIMEOUT_S - 1e-9:
-                worker.exited_at = now
-                alive.remove(worker)
-                result.worker_seconds += max(MIN_BILLING_S, now - worker.launched_at)
-        elif kind == TICK:
-            for window in recent:
-                while window and window[0][0] < now - STATS_WINDOW_S:
-                    window.popleft()
-            for times in arrived:
-                while times and times[0] < now - ARRIVAL_WINDOW_S:
-                    times.popleft()
-            loads = tuple(
-                EndpointLoad(pending=len(queue), oldest_pending_age_s=now - jobs[queue[0]].arrival if queue else 0.0,
-                             recent_jobs=len(window),
-                             recent_job_duration_s=sum(d for _, d in window) / len(window) if window else None,
-                             recent_arrivals=len(times), recent_arrivals_pending=recently_queued(queue, now),
-                             arrival_window_s=ARRIVAL_WINDOW_S)
-                for queue, window, times in zip(queues, recent, arrived, strict=True))
-            ready = sum(worker.ready_at <= now for worker in alive)
-            owned = (sum(worker.owner == 0 for worker in alive), sum(worker.owner == 1 for worker in alive))
-            snap = Snapshot(now, (loads[0], loads[1]), ready, len(alive) - ready, owned)
-            for owner, count in enumerate(scalers(snap)):
-                for _ in range(count):
-                    worker = Worker(len(workers), owner, launched_at=now, ready_at=now + cluster.boot_s)
-                    workers.append(worker)
-                    alive.append(worker)
-                    schedule(worker.ready_at, READY, worker.id)
-                    result.launches += 1
-            if len(alive) > cluster.max_workers:
-                raise AssertionError(f"{len(alive)} workers alive at {now:.0f}s, over the cap of {cluster.max_workers}")
-            if unfinished or alive:
-                schedule(now + cluster.tick_s, TICK, 0)
-        dispatch(now)
-    assert unfinished == 0 and not alive
-    return result
+                self.worker_of[index] = worker
+                self.schedule(now + self.jobs[index].duration, DONE, index)
 
 
 # --- figures -----------------------------------------------------------------------------------------------------

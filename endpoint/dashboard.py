@@ -15,15 +15,10 @@ error) are for the operator. Their password is the operator key, derived from th
 
 from __future__ import annotations
 
-import base64
-import binascii
 import bisect
-import hmac
 import json
 import math
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
@@ -35,6 +30,7 @@ from endpoint import charts
 from endpoint.history import HISTOGRAMS
 from endpoint.inputs import positive_int, query_params
 from endpoint.peer import Peer, PeerUnavailable
+from endpoint.routing import Context
 from endpoint.store import Store
 
 VIEWS = Path(__file__).resolve().parent / "views"
@@ -45,7 +41,6 @@ DEFAULT_REFRESH_S = 10
 RECENT_RUNS = 12
 FAILED_SHOWN = 20
 QUANTILES = (0.5, 0.9, 0.99)
-REALM = 'Basic realm="dynamic-workload operator", charset="UTF-8"'
 HEADERS = {
     "Content-Type": "text/html; charset=utf-8",
     # Nothing runs and nothing is fetched: the page is its own HTML, CSS and SVG.
@@ -54,7 +49,6 @@ HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 # -- the figures of one endpoint ---------------------------------------------------------------
@@ -235,70 +229,48 @@ def seconds(value: float | None) -> str:
     return f"{value / 3600:.1f} h"
 
 
-def operator_password(authorization: str) -> str | None:
-    """The password of an HTTP Basic Authorization header, or None if it is not one."""
-    scheme, _, encoded = authorization.partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    _, colon, password = decoded.partition(":")
-    return password if colon else None
+def add_routes(app: bottle.Bottle) -> None:
+    app.route("/", "GET", dashboard)
+    app.route("/details", "GET", details, auth="operator")
+    app.route("/internal/peer/dashboard", "GET", peer_dashboard, auth="peer")
 
 
-def add_routes(app: bottle.Bottle, store: Store, peer: Peer | None, operator_key: str, peer_only: Decorator,
-               client_errors: Decorator, instance_id: str = "") -> None:
-    asking = ThreadPoolExecutor(2, thread_name_prefix="dashboard-peer")
+def dashboard(ctx: Context) -> HTTPResponse:
+    return page(ctx, detailed=False)
 
-    def peer_view() -> dict[str, Any]:
-        assert peer is not None
+
+def details(ctx: Context) -> HTTPResponse:
+    return page(ctx, detailed=True)
+
+
+def peer_dashboard(ctx: Context) -> HTTPResponse:
+    return HTTPResponse(json.dumps(figures(ctx.store, ctx.instance_id)), status=200,
+                        headers={"Content-Type": "application/json"})
+
+
+def page(ctx: Context, detailed: bool) -> HTTPResponse:
+    params = query_params(request.query_string)
+    refresh = positive_int(params, "refresh", 3600) if "refresh" in params else DEFAULT_REFRESH_S
+    now = time.time()
+    asked = ctx.peer_asking.submit(peer_view, ctx.peer) if ctx.peer is not None else None
+    views = [figures(ctx.store, ctx.instance_id, now)]
+    if asked is not None:
         try:
-            view = peer.get_json("/internal/peer/dashboard", PEER_TIMEOUT_S)
-        except PeerUnavailable as exc:
-            return {"node": peer.node_id or "peer", "error": f"the peer ({peer.base_url}) does not answer: {exc}"}
-        if not isinstance(view, dict) or "windows" not in view:
-            return {"node": peer.node_id or "peer", "error": f"the peer ({peer.base_url}) gave no dashboard figures"}
-        return view
+            views.append(asked.result(PEER_TIMEOUT_S + 0.5))
+        except FutureTimeout:
+            views.append({"node": "peer", "error": "the peer did not answer in time"})
+    views.sort(key=lambda view: view["node"])
+    if not detailed:
+        views = [view if "error" in view else public(view) for view in views]
+    headers = {**HEADERS, "Cache-Control": "no-store" if detailed else "no-cache"}
+    return HTTPResponse(render(views, detailed, max(refresh, 2), now), status=200, headers=headers)
 
-    def page(detailed: bool) -> HTTPResponse:
-        params = query_params(request.query_string)
-        refresh = positive_int(params, "refresh", 3600) if "refresh" in params else DEFAULT_REFRESH_S
-        now = time.time()
-        asked = asking.submit(peer_view) if peer is not None else None
-        views = [figures(store, instance_id, now)]
-        if asked is not None:
-            try:
-                views.append(asked.result(PEER_TIMEOUT_S + 0.5))
-            except FutureTimeout:
-                views.append({"node": "peer", "error": "the peer did not answer in time"})
-        views.sort(key=lambda view: view["node"])
-        if not detailed:
-            views = [view if "error" in view else public(view) for view in views]
-        headers = {**HEADERS, "Cache-Control": "no-store" if detailed else "no-cache"}
-        return HTTPResponse(render(views, detailed, max(refresh, 2), now), status=200, headers=headers)
 
-    @app.route("/", method="GET")
-    @client_errors
-    def dashboard() -> HTTPResponse:
-        return page(detailed=False)
-
-    @app.route("/details", method="GET")
-    @client_errors
-    def details() -> HTTPResponse:
-        password = operator_password(request.get_header("Authorization", ""))
-        if password is None or not hmac.compare_digest(password.encode(), operator_key.encode()):
-            # 401 with a challenge, so that a browser asks for the password (again).
-            message = ("the details need the operator key (HTTP Basic: any user name, the operator key as the "
-                       "password; `python -m endpoint.operator_key` prints it)")
-            return HTTPResponse(json.dumps({"error": message}), status=401,
-                                headers={"Content-Type": "application/json", "WWW-Authenticate": REALM})
-        return page(detailed=True)
-
-    @app.route("/internal/peer/dashboard", method="GET")
-    @peer_only
-    @client_errors
-    def peer_dashboard() -> HTTPResponse:
-        return HTTPResponse(json.dumps(figures(store, instance_id)), status=200,
-                            headers={"Content-Type": "application/json"})
+def peer_view(peer: Peer) -> dict[str, Any]:
+    try:
+        view = peer.get_json("/internal/peer/dashboard", PEER_TIMEOUT_S)
+    except PeerUnavailable as exc:
+        return {"node": peer.node_id or "peer", "error": f"the peer ({peer.base_url}) does not answer: {exc}"}
+    if not isinstance(view, dict) or "windows" not in view:
+        return {"node": peer.node_id or "peer", "error": f"the peer ({peer.base_url}) gave no dashboard figures"}
+    return view

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from endpoint.routing import JSON_ERRORS, Context
 from endpoint.store import STATES, LeaseAnswer, Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -95,10 +96,15 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def add_routes(self, app: bottle.Bottle) -> None:
-        @app.route("/metrics", method="GET")
-        def metrics() -> HTTPResponse:
-            return HTTPResponse(self.render(), status=200, headers={"Content-Type": CONTENT_TYPE})
+
+
+def add_routes(app: bottle.Bottle) -> None:
+    # Not JSON_ERRORS: a scrape that fails is the scraper's error (500), not a write to retry.
+    app.route("/metrics", "GET", metrics_page, skip=[JSON_ERRORS])
+
+
+def metrics_page(ctx: Context) -> HTTPResponse:
+    return HTTPResponse(ctx.metrics.render(), status=200, headers={"Content-Type": CONTENT_TYPE})
 
 
 class StoreCollector(Collector):

@@ -14,36 +14,34 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from typing import Any
 
 import bottle
 from bottle import HTTPResponse, request
 
-from endpoint.history import BREAKER_STATES, ERROR_CHARS, EVENT_KINDS, History, ScalerEvent, ScalerRun
+from endpoint.history import BREAKER_STATES, ERROR_CHARS, EVENT_KINDS, ScalerEvent, ScalerRun
 from endpoint.inputs import InputError
+from endpoint.routing import Context, json_response
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_EVENTS = 1000
 MAX_REASON_CHARS = 2000
 COUNT_FIELDS = ("needed", "decided", "allowed", "ready", "booting", "launched", "provisioned", "terminated")
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
-def add_routes(app: bottle.Bottle, history: History, scaler_only: Decorator, client_errors: Decorator) -> None:
-    @app.route("/internal/scaler/runs/<run_id>", method="PUT")
-    @scaler_only
-    @client_errors
-    def record_run(run_id: str) -> HTTPResponse:
-        history.record_run(scaler_run(run_id, json_object(request.body.read())))
-        return HTTPResponse(json.dumps({"recorded": True}), status=200, headers={"Content-Type": "application/json"})
+def add_routes(app: bottle.Bottle) -> None:
+    app.route("/internal/scaler/runs/<run_id>", "PUT", record_run, auth="scaler")
+    app.route("/internal/scaler/reset-breaker", "POST", reset_breaker, auth="scaler")
 
-    @app.route("/internal/scaler/reset-breaker", method="POST")
-    @scaler_only
-    @client_errors
-    def reset_breaker() -> HTTPResponse:
-        history.reset_breaker()
-        return HTTPResponse(json.dumps({"reset": True}), status=200, headers={"Content-Type": "application/json"})
+
+def record_run(ctx: Context, run_id: str) -> HTTPResponse:
+    ctx.store.history.record_run(scaler_run(run_id, json_object(request.body.read())))
+    return json_response({"recorded": True})
+
+
+def reset_breaker(ctx: Context) -> HTTPResponse:
+    ctx.store.history.reset_breaker()
+    return json_response({"reset": True})
 
 
 def json_object(body: bytes) -> dict[str, Any]:

@@ -482,27 +482,21 @@ class Store:
         return pruned
 
     def prune_idempotency_keys(self, now: float | None = None) -> int:
-        cutoff = (now or time.time()) - IDEMPOTENCY_TTL_S
-
-        def op(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                """DELETE FROM idempotency_keys WHERE key IN
-                   (SELECT key FROM idempotency_keys WHERE created_at < ? ORDER BY created_at LIMIT ?)""",
-                (cutoff, PRUNE_BATCH),
-            ).rowcount
-
-        return self._writer.run(op, durable=False)
+        return self._prune_created_before("idempotency_keys", "key", (now or time.time()) - IDEMPOTENCY_TTL_S)
 
     def prune_client_deliveries(self, now: float | None = None) -> int:
         """Forget delivery tokens first used longer ago than their lifetime; their results stay delivered."""
         cutoff = (now or time.time()) - self.delivery_token_ttl_s
+        return self._prune_created_before("client_deliveries", "token", cutoff)
+
+    def _prune_created_before(self, table: str, key: str, cutoff: float) -> int:
+        """Delete at most PRUNE_BATCH of `table`'s oldest rows created before `cutoff` (the table and
+        its key column are this module's constants, never input)."""
+        statement = (f"DELETE FROM {table} WHERE {key} IN "
+                     f"(SELECT {key} FROM {table} WHERE created_at < ? ORDER BY created_at LIMIT ?)")
 
         def op(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                """DELETE FROM client_deliveries WHERE token IN
-                   (SELECT token FROM client_deliveries WHERE created_at < ? ORDER BY created_at LIMIT ?)""",
-                (cutoff, PRUNE_BATCH),
-            ).rowcount
+            return conn.execute(statement, (cutoff, PRUNE_BATCH)).rowcount
 
         return self._writer.run(op, durable=False)
 

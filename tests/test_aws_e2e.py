@@ -57,6 +57,15 @@ def run_scaler(host: FakeHost) -> subprocess.Popen[str]:
     return host.run(["sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def start_beside_the_service(host: FakeHost) -> subprocess.CompletedProcess[str]:
+    """A second endpoint started by hand on the host, with the service's own settings (issue 13)."""
+    base = host.root_dir / "dynamic-workload"
+    command = f"cd {base} && set -a && . ./dw.env && set +a && exec .venv/bin/python -m endpoint"
+    second = host.run(["sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = second.communicate(timeout=60)[0]
+    return subprocess.CompletedProcess(second.args, second.returncode, output)
+
+
 @pytest.mark.slow
 def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
     require_root()
@@ -104,6 +113,10 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
             assert secret_file.stat().st_mode & 0o077 == 0
             for host in endpoints:  # data and logs owner-only, also the log the shell opens
                 assert modes(host, "var", "var/log", "var/log/endpoint.log") == [0o700, 0o700, 0o600]
+            second = start_beside_the_service(endpoints[0])
+            assert second.returncode == 1, second.stdout
+            assert "is in use by another endpoint" in second.stdout and "a.sqlite3" in second.stdout, second.stdout
+            assert requests.get(f"{urls[0]}/stats", timeout=10).json()["pending"] == 0  # the service still serves
 
             # a burst of jobs at both endpoints
             expected = {}
