@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the longest jobs (default 16,000,000: several seconds with the native kernel)")
     add("--lease-seconds", type=float, default=10.0, help="the endpoints' lease, DW_LEASE_SECONDS (default 10)")
     add("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
-        help=f"the endpoints' DW_MAX_ATTEMPTS (default {DEFAULT_MAX_ATTEMPTS}, the endpoint's own: no fault of the "
-             "soak may cost a job its attempts but a worker dying with jobs it has not handed to a slot)")
+        help=f"the endpoints' DW_MAX_ATTEMPTS (default {DEFAULT_MAX_ATTEMPTS}, the endpoint's own: the soak's faults "
+             "cost attempts only where a lease could not be given back, see the README)")
     add("--fault-gap", type=float, default=20.0, help="mean seconds between cluster faults (default 20)")
     add("--fault-hold", type=float, default=15.0, help="mean seconds a link cut or a full disk lasts (default 15)")
     add("--worker-fault-gap", type=float, default=15.0, help="mean seconds between worker kills (default 15)")
