@@ -21,10 +21,18 @@ def test_a_one_minute_soak_loses_duplicates_and_leaves_nothing(tmp_path: Path) -
             "--fault-hold", "4", "--worker-fault-gap", "5", "--max-iterations", "8000000",
             "--summary", str(summary_path)]
     # Started as `... &` from a script starts it: SIGINT ignored. Its Ctrl-C must stop the deployment all the same.
-    done = subprocess.run(["bash", "-c", 'trap "" INT; exec "$@"', "soak", *soak], cwd=REPO, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    output = f"{done.stdout}\n--- stderr ---\n{done.stderr}"
-    assert done.returncode == 0, output
+    with subprocess.Popen(["bash", "-c", 'trap "" INT; exec "$@"', "soak", *soak], cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          # Its directory (kept when it fails) under the test's own.
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)}) as soak_process:
+        try:
+            stdout, stderr = soak_process.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            soak_process.terminate()  # the soak stops its deployment and what it started, then exits
+            stdout, stderr = soak_process.communicate(timeout=300)
+            pytest.fail(f"the soak did not end within 900 s:\n{stdout}\n--- stderr ---\n{stderr}")
+    output = f"{stdout}\n--- stderr ---\n{stderr}"
+    assert soak_process.returncode == 0, output
     summary = json.loads(summary_path.read_text())
     expected_kinds = set(KINDS) - set(summary["unavailable"])
     if os.geteuid() == 0:
@@ -37,4 +45,4 @@ def test_a_one_minute_soak_loses_duplicates_and_leaves_nothing(tmp_path: Path) -
     assert summary["deploy_status"] == 130, output  # stopped by its Ctrl-C, not killed after the wait
     assert sum(summary["attempts"].values()) == summary["completed_right"], output
     assert summary["enqueue_wait"]["jobs"] == summary["acknowledged"], output
-    assert "verdict: OK" in done.stdout
+    assert "verdict: OK" in stdout
