@@ -35,10 +35,11 @@ from types import FrameType
 from bench.soak_check import SIZE_CLASSES, Check, Report, Row, read_rows
 from bench.soak_cluster import NODES, Cluster, load_average
 from bench.soak_faults import KINDS, Faults
-from bench.soak_load import History, Load, send
+from bench.soak_load import SHORT_ITERATIONS, History, Load, send
 from endpoint.config import OPTIONS as ENDPOINT_OPTIONS
 
 DEFAULT_MAX_ATTEMPTS = int(ENDPOINT_OPTIONS["max_attempts"].default)
+MAX_ITERATIONS = int(ENDPOINT_OPTIONS["max_iterations"].default)  # what the endpoints accept
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,9 +65,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--summary", type=Path, default=None, help="also write the figures as JSON to this file")
     add("--keep", action="store_true", help="keep the soak's directory (logs, data files) afterwards")
     args = parser.parse_args(argv)
+    problem = bad_option(args)
+    if problem:
+        parser.error(problem)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1_000_000)
     return args
+
+
+def bad_option(args: argparse.Namespace) -> str:
+    """What is wrong with the options, or ''."""
+    positive = ("minutes", "rate", "lease_seconds", "max_attempts", "fault_gap", "fault_hold", "worker_fault_gap",
+                "max_workers", "every", "drain_timeout")
+    for name in positive:
+        if not getattr(args, name) > 0:
+            return f"--{name.replace('_', '-')} must be more than 0, not {getattr(args, name)}"
+    if not 0 <= args.curl_share <= 1:
+        return f"--curl-share must be between 0 and 1, not {args.curl_share}"
+    if not SHORT_ITERATIONS < args.max_iterations <= MAX_ITERATIONS:
+        return f"--max-iterations must be {SHORT_ITERATIONS + 1:,} to {MAX_ITERATIONS:,}, not {args.max_iterations:,}"
+    if args.disk_mib < 16:
+        return f"--disk-mib must be at least 16 (the data files and their WAL), not {args.disk_mib}"
+    return ""
 
 
 class Progress:

@@ -46,3 +46,14 @@ def test_a_one_minute_soak_loses_duplicates_and_leaves_nothing(tmp_path: Path) -
     assert sum(summary["attempts"].values()) == summary["completed_right"], output
     assert summary["enqueue_wait"]["jobs"] == summary["acknowledged"], output
     assert "verdict: OK" in stdout
+
+
+@pytest.mark.parametrize("option", [("--minutes", "0"), ("--rate", "-1"), ("--lease-seconds", "nan"),
+                                    ("--max-attempts", "0"), ("--curl-share", "1.5"), ("--max-iterations", "1000"),
+                                    ("--max-iterations", "100000001"), ("--disk-mib", "8"), ("--minutes", "ten")])
+def test_bad_options_are_refused_before_anything_starts(option: tuple[str, str], tmp_path: Path) -> None:
+    done = subprocess.run([PYTHON, "-m", "bench.soak", *option], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 2, done.stderr
+    assert option[0] in done.stderr and "usage:" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no directory made, so nothing started
