@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 usage() {
     cat <<'EOF'
 usage: ./deploy.sh local [--max-workers N] [--idle-timeout S] [--scale-after S]
-                         [--port-a P] [--port-b P] [--every S] [--max-restarts N]
+                         [--port-a P] [--port-b P] [--every S] [--max-restarts N] [--tls]
        ./deploy.sh aws [--destroy] [options: ./deploy.sh aws --help]
 
   --max-workers N   most workers at once, across both endpoints' scalers (default 2; at least 1)
@@ -23,6 +23,8 @@ usage: ./deploy.sh local [--max-workers N] [--idle-timeout S] [--scale-after S]
   --every S         seconds between scaling decisions (default 2; more than 0; cron uses 60 on EC2)
   --max-restarts N  restarts in a row of an endpoint or scaler that keeps exiting before the
                     deployment gives up (default 5; 0: no restarts)
+  --tls             HTTPS on every hop: a private CA (made once, var/tls/ca.pem) signs the
+                    endpoints' certificates; clients use curl --cacert var/tls/ca.pem
 
 Data, logs and the cluster secret go to $DW_STATE_DIR (default var/).
 That folder is made owner-only (0700), and so is all that the deployment writes. One
@@ -58,8 +60,10 @@ check_seconds() {
 
 deploy_local() {
     local max_workers=2 idle_timeout=30 scale_after=2 port_a=5000 port_b=5001 every=2 max_restarts=5
+    local tls=() scheme=http
     while [ $# -gt 0 ]; do
         case "$1" in
+            --tls) tls=(--tls) scheme=https; shift ;;
             --max-workers|--idle-timeout|--scale-after|--port-a|--port-b|--every|--max-restarts)
                 [ $# -ge 2 ] || bad_option "$1 needs a value"
                 local name=${1#--}
@@ -83,7 +87,7 @@ deploy_local() {
     # Payloads, results, logs and keys: nobody but this user reads what the deployment writes.
     umask 077
     local state=${DW_STATE_DIR:-var}
-    local url_a="http://127.0.0.1:$port_a" url_b="http://127.0.0.1:$port_b"
+    local url_a="$scheme://127.0.0.1:$port_a" url_b="$scheme://127.0.0.1:$port_b"
     mkdir -p "$state/log"
     chmod 700 "$state"
     # One deployment per state directory: its files have one writer each. The lock (fd 9, which
@@ -119,7 +123,7 @@ EOF
     # process's place (exec), so it keeps the PID and the lock on fd 9, which it does not pass on.
     exec .venv/bin/python -m deploy.local --state-dir="$state" --port-a "$port_a" --port-b "$port_b" \
         --max-workers "$max_workers" --idle-timeout "$idle_timeout" --scale-after "$scale_after" \
-        --every "$every" --max-restarts "$max_restarts"
+        --every "$every" --max-restarts "$max_restarts" "${tls[@]}"
 }
 
 case "${1:-}" in

@@ -5,7 +5,8 @@
 -- gains what it lacks. user_version (last line) is bumped whenever a change needs more than
 -- that; the endpoint refuses a file written by a newer schema than its own. A file older than
 -- version 3 has its work_items table rebuilt from the definition below first (SQLite cannot add
--- CHECK constraints to an existing table), in the same transaction (endpoint/store.py).
+-- CHECK constraints to an existing table), in the same transaction (endpoint/store.py); a later
+-- one gains the plain columns added since (version 4: client_key) by ALTER TABLE ... ADD COLUMN.
 --
 -- Times are unix seconds (REAL). Work item states, RQ-style, each explicit:
 --   pending   -> running    a worker claimed it under a lease
@@ -42,6 +43,7 @@ CREATE TABLE IF NOT EXISTS work_items (
     delivered_at     REAL,                         -- when pullCompleted handed it out (once)
     delivery_id      TEXT,                         -- that pullCompleted call, so a retried take repeats itself
     failed_reason    TEXT,
+    client_key       TEXT,                         -- id of the client key that enqueued it (client keys on); else NULL
     -- The states' invariants, so that no bug can store what the states do not allow.
     CHECK ((state = 'completed') = (result IS NOT NULL)),
     CHECK (result IS NULL OR (length(result) = 128 AND result NOT GLOB '*[^0-9a-f]*')),
@@ -70,6 +72,9 @@ CREATE INDEX IF NOT EXISTS work_items_leased
 -- would otherwise walk work_items_recently_completed, i.e. the whole delivered history.
 CREATE INDEX IF NOT EXISTS work_items_undelivered
     ON work_items (completed_at) WHERE state = 'completed' AND delivered_at IS NULL;
+-- The same per client key (NULL with client keys off): a key takes only the results of its own items.
+CREATE INDEX IF NOT EXISTS work_items_undelivered_by_client
+    ON work_items (client_key, completed_at) WHERE state = 'completed' AND delivered_at IS NULL;
 CREATE INDEX IF NOT EXISTS work_items_delivery
     ON work_items (delivery_id) WHERE delivery_id IS NOT NULL;
 -- Retention: delivered results, oldest first, for pruning.
@@ -136,6 +141,17 @@ CREATE TABLE IF NOT EXISTS client_deliveries (
 CREATE INDEX IF NOT EXISTS client_deliveries_created
     ON client_deliveries (created_at);
 
+-- Client keys of the public API (endpoint/client_keys.py), when the endpoint has them on. Only a
+-- hash of each key is kept: SHA-256 of the whole key, which is 256 random bits, so no salt or
+-- slow hash is needed. A revoked key is kept (revoked_at), so that its items still name it.
+CREATE TABLE IF NOT EXISTS client_keys (
+    id         TEXT PRIMARY KEY CHECK (length(id) = 16 AND id NOT GLOB '*[^0-9a-f]*'),
+    name       TEXT NOT NULL,
+    key_hash   TEXT NOT NULL UNIQUE CHECK (length(key_hash) = 64 AND key_hash NOT GLOB '*[^0-9a-f]*'),
+    created_at REAL NOT NULL,
+    revoked_at REAL
+) WITHOUT ROWID;
+
 -- Workers that contacted this endpoint (claim, lease renewal, result, or an empty poll).
 -- The scaler reads it to find instances that stopped contacting both endpoints.
 CREATE TABLE IF NOT EXISTS workers (
@@ -144,6 +160,10 @@ CREATE TABLE IF NOT EXISTS workers (
     last_seen_at   REAL NOT NULL,
     jobs_completed INTEGER NOT NULL DEFAULT 0
 );
+-- /stats lists the workers heard from lately; rows of workers not heard from for the history's
+-- retention period are deleted (a fleet replaced daily leaves a thousand ids a day).
+CREATE INDEX IF NOT EXISTS workers_last_seen
+    ON workers (last_seen_at);
 
 -- The scaler (cron/scale.py) on this endpoint's host: its last run and its circuit breaker.
 -- The scaler posts each run to its endpoint (PUT /internal/scaler/runs/<run>, the scaler key), which
@@ -274,4 +294,4 @@ CREATE TABLE IF NOT EXISTS samples (
     durations            TEXT NOT NULL
 );
 
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;

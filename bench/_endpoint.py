@@ -9,11 +9,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cli.tls import urlopen
 from endpoint.secret import worker_key
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,21 +28,23 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_endpoint(*extra_args: str, port: int = 0) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    """Yields (base URL, server process, data directory); the server runs in its own process group."""
+def running_endpoint(*extra_args: str, port: int = 0,
+                     ca_file: str = "", node: str = "a") -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """Yields (base URL, server process, data directory with <node>.sqlite3); the server runs in its own
+    process group. With `--tls-cert` among the arguments the URL is https, checked against `ca_file`."""
     with tempfile.TemporaryDirectory(prefix="dw-bench-") as directory:
         port = port or free_port()
         process = subprocess.Popen(
-            [sys.executable, "-m", "endpoint", "--port", str(port), "--db", f"{directory}/a.sqlite3",
-             "--log-level", "WARNING", *extra_args],
+            [sys.executable, "-m", "endpoint", "--port", str(port), "--node-id", node,
+             "--db", f"{directory}/{node}.sqlite3", "--log-level", "WARNING", *extra_args],
             cwd=REPO, env={**os.environ, "DW_SECRET": SECRET}, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
+        url = f"{'https' if '--tls-cert' in extra_args else 'http'}://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 20
             while True:
                 try:
-                    urllib.request.urlopen(f"{url}/stats", timeout=1).read()
+                    urlopen(f"{url}/stats", 1, ca_file).read()
                     break
                 except OSError:
                     if time.monotonic() > deadline or process.poll() is not None:

@@ -13,6 +13,7 @@ folder).
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -120,6 +121,22 @@ def wait_for_ssh(address: str, port: int = 22, timeout: float = 300.0, what: str
             time.sleep(min(1.0, remaining))
 
 
+def load_key(path: Path) -> paramiko.PKey:
+    """The private key in `path`, loaded once per version of the file: loading an RSA key checks it,
+    about 0.2 s of CPU each time, which a scaler provisioning a hundred workers would spend per session."""
+    try:
+        stat = os.stat(path)
+        return _load_key(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    except (OSError, ValueError, TypeError, paramiko.SSHException, paramiko.UnknownKeyType) as exc:
+        # Missing, not a private key, a passphrase wanted, or a type paramiko does not know.
+        raise SshError(f"cannot load the SSH key {path}: {exc!r}") from exc
+
+
+@functools.lru_cache(maxsize=8)
+def _load_key(path: str, _inode: int, _mtime_ns: int, _size: int) -> paramiko.PKey:
+    return paramiko.PKey.from_path(path)  # a failure is not cached: it is raised
+
+
 @contextmanager
 def ssh_session(target: SshTarget, pins: HostKeyPins, timeout: float = 15.0) -> Iterator[paramiko.SSHClient]:
     client = paramiko.SSHClient()
@@ -127,11 +144,7 @@ def ssh_session(target: SshTarget, pins: HostKeyPins, timeout: float = 15.0) -> 
     try:
         # The key loaded by its own type: given a file name, paramiko tries every key type on a refused key
         # and reports the last parse error ("encountered RSA key, expected OPENSSH key"), not the refusal.
-        try:
-            key = paramiko.PKey.from_path(target.key_path)
-        except (OSError, ValueError, TypeError, paramiko.SSHException, paramiko.UnknownKeyType) as exc:
-            # Missing, not a private key, a passphrase wanted, or a type paramiko does not know.
-            raise SshError(f"cannot load the SSH key {target.key_path}: {exc!r}") from exc
+        key = load_key(target.key_path)
         client.connect(target.address, target.port, username=target.user, pkey=key,
                        timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
                        look_for_keys=False, allow_agent=False)

@@ -26,6 +26,9 @@ SETTINGS: dict[str, Setting] = {
     "peer": Setting("DW_PEER_URL", "", text, "the other endpoint's URL, for its /stats"),
     "endpoints": Setting("DW_ENDPOINTS", "", text, "an endpoint's URL as workers reach it, once per endpoint",
                          many=True),
+    "tls_ca": Setting("DW_TLS_CA", "", text,
+                      "CA certificate the endpoints' HTTPS is checked against, by this scaler and by its workers "
+                      "(default: the system's CAs)"),
     "state_dir": Setting("DW_STATE_DIR", "var", text, "lock, host keys, local workers"),
     "secret_file": Setting("DW_SECRET_FILE", "", text,
                            "the cluster secret; workers get the worker key derived from it "
@@ -51,6 +54,8 @@ SETTINGS: dict[str, Setting] = {
                                  "consecutive launch/provisioning failures that stop launching"),
     "breaker_cooldown": Setting("DW_BREAKER_COOLDOWN", "600", seconds(0, inclusive=True),
                                 "seconds between trial launches while the breaker is open"),
+    "provision_parallel": Setting("DW_PROVISION_PARALLEL", "32", whole(1),
+                                  "workers provisioned at once (SSH sessions in parallel)"),
     # the workers
     "provider": Setting("DW_PROVIDER", "local", choice("local", "ssh", "ec2"), "where workers run: local, ssh or ec2"),
     "idle_timeout": Setting("DW_IDLE_TIMEOUT", "60", seconds(0), "seconds a worker waits for work before it exits"),

@@ -40,6 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a worker host needs of this checkout: the worker and the settings code it reads its table with.
 WORKER_CODE = ("worker", "cli")
 SERVICE_NAME = "dw-worker"
+CA_FILE = "ca.pem"  # the cluster CA's certificate, beside the worker's settings
 KERNEL_LIBRARY = "sha512_lanes.so"  # worker/native.py's LIBRARY_PATH, built on the endpoint hosts at deploy
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class WorkerInstall:
     # Only for machines that are ours to end (EC2 workers): with systemd, an idle exit powers off.
     poweroff_on_idle: bool = False
     kernel: str = "auto"  # the worker's hashing kernel (worker/native.py)
+    # The cluster CA's certificate (PEM), which the worker checks https endpoints against; public.
+    ca_certificate: str = ""
 
 
 @contextmanager
@@ -77,10 +80,12 @@ def _session(target: SshTarget, pins: HostKeyPins, timeout: float = 15.0) -> Ite
         raise ProvisionError(str(exc)) from exc
 
 
-def worker_settings(install: WorkerInstall, secret_path: str = "") -> str:
+def worker_settings(install: WorkerInstall, install_dir: str, secret_path: str = "") -> str:
     """The worker's environment file, named by the worker's own table (worker/config.py)."""
     values = {"endpoints": install.endpoints, "worker_id": install.worker_id,
               "idle_timeout": install.idle_timeout, "exit_command": install.exit_command}
+    if install.ca_certificate:
+        values["tls_ca"] = f"{install_dir}/{CA_FILE}"
     if secret_path:  # systemd hands the key over as a credential instead
         values["secret_file"] = secret_path
     if install.processes:
@@ -126,15 +131,17 @@ def provision_worker(target: SshTarget, pins: HostKeyPins, install: WorkerInstal
                 sftp.put(str(source), f"{base}/{folder}/{source.name}")
         upload_kernel(sftp, f"{base}/worker")
         upload_text(sftp, f"{base}/secret", install.worker_key + "\n", mode=0o600)
+        if install.ca_certificate:
+            upload_text(sftp, f"{base}/{CA_FILE}", install.ca_certificate, mode=0o644)
         if install.service == "systemd":
             install_dir = f"/opt/{REMOTE_DIR_NAME}"
-            upload_text(sftp, f"{base}/worker.env", worker_settings(install))
+            upload_text(sftp, f"{base}/worker.env", worker_settings(install, install_dir))
             upload_text(sftp, f"{base}/{SERVICE_NAME}.service",
                         systemd_unit(install_dir, install.python, install.poweroff_on_idle))
             sftp.close()
             run(client, _systemd_start_script(base, install_dir))
         elif install.service == "process":
-            upload_text(sftp, f"{base}/worker.env", worker_settings(install, f"{base}/secret"))
+            upload_text(sftp, f"{base}/worker.env", worker_settings(install, base, f"{base}/secret"))
             sftp.close()
             run(client, _process_start_script(base, install.python))
         else:

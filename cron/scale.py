@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
+from cli.tls import urlopen
 from cloud.aws import API_ERRORS, ClusterUsageError, check_state_cluster, read_state, resolve_region
 from cloud.ssh import HostKeyPins
 from cron.config import parse_args
@@ -69,7 +70,18 @@ def worker_install(args: argparse.Namespace) -> WorkerInstall:
     return WorkerInstall(endpoints=tuple(args.endpoints), worker_key=key, worker_id="",
                          idle_timeout=args.idle_timeout, processes=args.worker_processes,
                          service=args.worker_service, exit_command=args.worker_exit_command,
-                         python=args.remote_python, kernel=args.worker_kernel)
+                         python=args.remote_python, kernel=args.worker_kernel, ca_certificate=ca_certificate(args))
+
+
+def ca_certificate(args: argparse.Namespace) -> str:
+    """The CA the workers are to check the endpoints against, read before any launch."""
+    if not args.tls_ca:
+        return ""
+    try:
+        return Path(args.tls_ca).read_text()
+    except OSError as exc:
+        raise SettingsError(f"cannot read the CA certificate {args.tls_ca} ({exc.strerror}): pass --tls-ca "
+                            f"(DW_TLS_CA), the file ./deploy.sh wrote") from exc
 
 
 def make_provider(args: argparse.Namespace) -> Provider:
@@ -77,7 +89,7 @@ def make_provider(args: argparse.Namespace) -> Provider:
     if args.provider == "local":
         return LocalProvider(state_dir / "workers", args.endpoints, lambda: worker_key(cluster_secret(args)),
                              processes_per_worker=args.slots_per_worker, idle_timeout=args.idle_timeout,
-                             log_dir=state_dir / "log", kernel=args.worker_kernel)
+                             log_dir=state_dir / "log", kernel=args.worker_kernel, tls_ca=args.tls_ca)
     pins = HostKeyPins(state_dir / "known_hosts.json")
     if args.provider == "ssh":
         from cron.providers.ssh import SshProvider
@@ -139,13 +151,13 @@ def exclusive_run(lock_path: Path) -> Iterator[bool]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def fetch_stats(url: str, key: str, workers_within: float = 0, timeout: float = 3.0) -> dict | None:
+def fetch_stats(url: str, key: str, workers_within: float = 0, timeout: float = 3.0, ca_file: str = "") -> dict | None:
     """An endpoint's /stats with the details (the workers it heard from, the breaker's last error) that the
     scaler key opens."""
     query = f"?workers_within={max(1, int(workers_within))}" if workers_within else ""
     request = urllib.request.Request(f"{url.rstrip('/')}/stats{query}", headers={"Authorization": f"Bearer {key}"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urlopen(request, timeout, ca_file) as response:
             return json.loads(response.read())
     except (OSError, ValueError) as exc:
         log.warning("%s/stats unreachable: %s", url, exc)
@@ -228,7 +240,8 @@ class Scaler:
         self.policy = make_policy(args)
         self.breaker = Breaker(args.breaker_threshold, args.breaker_cooldown)
         self.key = scaler_key(cluster_secret(args))  # for the endpoints' /stats details and this run's record
-        self.record = RunRecord(args.url, self.key, args.node_id, self.breaker)
+        ca_certificate(args)  # a CA file that cannot be read is refused before the run does anything
+        self.record = RunRecord(args.url, self.key, args.node_id, self.breaker, args.tls_ca)
         # What this run knows runs, for the report when it is interrupted or fails.
         self.known: list[Machine] = []
         self.unprovisioned: dict[str, Machine] = {}
@@ -237,9 +250,9 @@ class Scaler:
     def run_once(self) -> Decision:
         args = self.args
         window = args.partition_deadline + 60
-        own_stats = fetch_stats(args.url, self.key, window)
-        peer_stats = fetch_stats(args.peer, self.key, window) if args.peer else None
-        self.record = RunRecord(args.url, self.key, args.node_id, self.breaker)
+        own_stats = fetch_stats(args.url, self.key, window, ca_file=args.tls_ca)
+        peer_stats = fetch_stats(args.peer, self.key, window, ca_file=args.tls_ca) if args.peer else None
+        self.record = RunRecord(args.url, self.key, args.node_id, self.breaker, args.tls_ca)
         self.known = self.provider.list()
         fleet = self.reconcile(self.known, self._hearing(own_stats, peer_stats))
         self.known = fleet.machines
@@ -377,7 +390,8 @@ class Scaler:
             self.unprovisioned.pop(machine.machine_id, None)
             return ready
 
-        return [machine for machine in parallel(attempt, machines) if machine is not None]
+        return [machine for machine in parallel(attempt, machines, self.args.provision_parallel)
+                if machine is not None]
 
     def _forget(self, machine: Machine) -> None:
         self.unprovisioned.pop(machine.machine_id, None)
@@ -435,7 +449,7 @@ def terminate_all(provider: Provider) -> int:
 def run(args: argparse.Namespace, scaler_ref: list[Scaler]) -> int:
     if args.reset_breaker:
         try:
-            reset_breaker(args.url, scaler_key(cluster_secret(args)))
+            reset_breaker(args.url, scaler_key(cluster_secret(args)), args.tls_ca)
         except EndpointUnreachable as exc:
             log.error("the circuit breaker was not reset: %s (the endpoint keeps the breaker: start it, or pass "
                       "its --url)", exc)

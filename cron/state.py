@@ -24,6 +24,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from cli.tls import urlopen
+
 log = logging.getLogger("cron.scale")
 
 POST_TIMEOUT_S = 10.0  # longer than the endpoint's own wait for its writer (5 s)
@@ -67,13 +69,13 @@ class Breaker:
 
 
 def call(url: str, key: str, method: str, body: dict[str, Any] | None = None,
-         timeout: float = POST_TIMEOUT_S) -> dict[str, Any]:
+         timeout: float = POST_TIMEOUT_S, ca_file: str = "") -> dict[str, Any]:
     """One call to the scaler's routes of its endpoint; EndpointUnreachable when it gets no good answer."""
     data = json.dumps(body).encode() if body is not None else b""
     request = urllib.request.Request(url, data=data, method=method, headers={
         "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urlopen(request, timeout, ca_file) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         detail = exc.read(500).decode(errors="replace")
@@ -82,16 +84,17 @@ def call(url: str, key: str, method: str, body: dict[str, Any] | None = None,
         raise EndpointUnreachable(f"{method} {url}: {exc}") from exc
 
 
-def reset_breaker(endpoint_url: str, key: str) -> None:
-    call(f"{endpoint_url.rstrip('/')}/internal/scaler/reset-breaker", key, "POST")
+def reset_breaker(endpoint_url: str, key: str, ca_file: str = "") -> None:
+    call(f"{endpoint_url.rstrip('/')}/internal/scaler/reset-breaker", key, "POST", ca_file=ca_file)
 
 
 class RunRecord:
     """One run's record, posted to the endpoint as the run goes on (from the provisioning threads too)."""
 
-    def __init__(self, endpoint_url: str, key: str, node_id: str, breaker: Breaker) -> None:
+    def __init__(self, endpoint_url: str, key: str, node_id: str, breaker: Breaker, ca_file: str = "") -> None:
         self.url = f"{endpoint_url.rstrip('/')}/internal/scaler/runs/{node_id}-{secrets.token_hex(8)}"
         self.key = key
+        self.ca_file = ca_file
         self.breaker = breaker
         self.fields: dict[str, Any] = {"launched": 0, "provisioned": 0, "terminated": 0, "events": []}
         self.decided_yet = False
@@ -138,7 +141,7 @@ class RunRecord:
 
     def _post(self) -> None:
         try:
-            call(self.url, self.key, "PUT", self.fields)
+            call(self.url, self.key, "PUT", self.fields, ca_file=self.ca_file)
         except EndpointUnreachable as exc:
             self.unposted = True
             log.warning("this run's record was not written (the next post of this run repeats it): %s", exc)

@@ -26,7 +26,6 @@ import secrets
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
 from cli.settings import Setting, add_settings, check_settings, choice, environment, seconds, text
+from cli.tls import urlopen
 from cloud.aws import CLUSTER_SETTING, REGION_SETTING, ClusterUsageError, Region, api_step, client, read_state
 from cloud.ec2 import (
     Ec2Error,
@@ -58,6 +58,7 @@ from deploy.cluster import (
     make_clients,
     settings_for,
 )
+from deploy.cluster_ca import Pem, ensure_ca, issue
 from deploy.destroy import destroy_summary, left_running, remove_resources, terminate_cluster
 from deploy.install import EndpointInstall, InstallError, ensure_remote_python, install_endpoint, wheelhouse_for
 from endpoint.config import OPTIONS as ENDPOINT_SETTINGS
@@ -84,6 +85,8 @@ SETTINGS: dict[str, Setting] = {
     "endpoint_python": Setting("DW_ENDPOINT_PYTHON", "python3.11", text,
                                "Python (3.10 or newer) for the endpoints' venv; installed on the host if missing"),
     "remote_python": SCALER_SETTINGS["remote_python"],
+    "client_keys": Setting("DW_CLIENT_KEYS", "off", choice("on", "off", fold=str.lower),
+                           "on: the clients' routes need a client key (python -m endpoint.client_keys)"),
     "ready_timeout": Setting("DW_READY_TIMEOUT", "600", seconds(0),
                              "seconds to wait for each endpoint's SSH, and then for its /stats"),
     # The scaler's knobs, with the scaler's own entries: a value accepted here is accepted there.
@@ -104,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_settings(parser, SETTINGS, DEFAULTS)
     parser.add_argument("--destroy", action="store_true",
                         help="terminate every instance of the cluster, then remove what setup created")
+    parser.add_argument("--no-tls", dest="tls", action="store_false",
+                        help="plain HTTP on the endpoints' port (default: HTTPS on every hop, with the cluster's "
+                             "own CA in <aws-dir>/<cluster>-ca.pem)")
     args = parser.parse_args(argv)
     check_settings(parser, SETTINGS, args)
     check_deadlines(parser, args)
@@ -217,10 +223,11 @@ def endpoint_settings(args: argparse.Namespace, node: str, private: dict[str, st
     """The environment of an endpoint host's endpoint and scaler, named by their own tables."""
     port = setup.get("http_port", 5000)
     peer = NODES[1 - NODES.index(node)]
-    both = {"node_id": node, "peer": f"http://{private[peer]}:{port}"}
+    scheme = "https" if args.tls else "http"
+    both = {"node_id": node, "peer": f"{scheme}://{private[peer]}:{port}"}
     scaler = {
-        **both, "provider": "ec2", "endpoint_index": NODES.index(node), "url": f"http://127.0.0.1:{port}",
-        "endpoints": [f"http://{private[name]}:{port}" for name in NODES], "cluster": args.cluster,
+        **both, "provider": "ec2", "endpoint_index": NODES.index(node), "url": f"{scheme}://127.0.0.1:{port}",
+        "endpoints": [f"{scheme}://{private[name]}:{port}" for name in NODES], "cluster": args.cluster,
         "ssh_user": args.ssh_user, "worker_service": args.service, "remote_python": args.remote_python,
         **{name: getattr(args, name) for name in HOST_KNOBS},
     }
@@ -231,7 +238,7 @@ def endpoint_settings(args: argparse.Namespace, node: str, private: dict[str, st
     if test_ssh in os.environ:
         scaler["test_ssh_addresses"] = os.environ[test_ssh]
     # DW_DB, the endpoint's data file, is the variable the scaler reads it from too.
-    endpoint = {**both, "host": "0.0.0.0", "port": port, "db": f"var/{node}.sqlite3"}
+    endpoint = {**both, "host": "0.0.0.0", "port": port, "db": f"var/{node}.sqlite3", "client_keys": args.client_keys}
     settings = {**environment(ENDPOINT_SETTINGS, endpoint),
                 **environment(SCALER_SETTINGS, scaler), "AWS_DEFAULT_REGION": setup["region"]}
     # TEST ONLY: the tests' moto server instead of AWS.
@@ -241,13 +248,14 @@ def endpoint_settings(args: argparse.Namespace, node: str, private: dict[str, st
     return settings
 
 
-def wait_for_stats(url: str, timeout: float) -> dict:
-    """The endpoint's /stats, asked until it answers; DeployError once `timeout` is over (to the second)."""
+def wait_for_stats(url: str, timeout: float, ca_file: str = "") -> dict:
+    """The endpoint's /stats, asked until it answers (an https one checked against `ca_file`); DeployError once
+    `timeout` is over (to the second)."""
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
         try:
-            with urllib.request.urlopen(f"{url}/stats", timeout=max(0.1, min(5.0, remaining))) as response:
+            with urlopen(f"{url}/stats", max(0.1, min(5.0, remaining)), ca_file) as response:
                 return json.loads(response.read())
         except (OSError, ValueError) as exc:
             remaining = deadline - time.monotonic()
@@ -276,7 +284,34 @@ def start_endpoints(args: argparse.Namespace, ec2: Any, setup: dict) -> dict[str
     return {node: fresh[instances[node]["InstanceId"]] for node in NODES}
 
 
-def provision_endpoints(args: argparse.Namespace, setup: dict, secret: str, instances: dict[str, dict]) -> dict:
+def ca_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The cluster CA's certificate (handed to clients) and its key (0600, never leaves this machine)."""
+    folder = Path(args.aws_dir)
+    return folder / f"{args.cluster}-ca.pem", folder / f"{args.cluster}-ca-key.pem"
+
+
+def cluster_ca(args: argparse.Namespace) -> Pem | None:
+    if not args.tls:
+        return None
+    certificate, key = ca_paths(args)
+    try:
+        ca, made = ensure_ca(certificate, key, f"cluster {args.cluster}")
+    except ValueError as exc:
+        raise DeployError(f"the cluster CA: {exc}") from exc
+    if made:
+        announce(f"cluster CA created: {certificate} (its key {key}, mode 0600, stays on this machine)")
+    return ca
+
+
+def endpoint_names(instance: dict) -> list[str]:
+    """Every address an endpoint is reached at: by clients (public), by the peer and the workers (private)."""
+    names = [*addresses(instance), instance.get("PublicIpAddress", ""), instance.get("PrivateIpAddress", ""),
+             instance.get("PublicDnsName", ""), instance.get("PrivateDnsName", "")]
+    return [name for name in dict.fromkeys(names) if name]
+
+
+def provision_endpoints(args: argparse.Namespace, setup: dict, secret: str, instances: dict[str, dict],
+                        ca: Pem | None) -> dict:
     public = {node: addresses(instances[node])[0] for node in NODES}
     private = {node: addresses(instances[node])[1] for node in NODES}
     pins = HostKeyPins(Path(args.aws_dir) / f"{args.cluster}-known_hosts.json")
@@ -290,15 +325,18 @@ def provision_endpoints(args: argparse.Namespace, setup: dict, secret: str, inst
         install = EndpointInstall(settings=endpoint_settings(args, node, private, setup), cluster_secret=secret,
                                   ssh_key=Path(setup["key_path"]), aws_state=setup,
                                   wheelhouse=wheelhouse_for(Path(args.aws_dir), version, machine),
-                                  service=args.service, cron=args.cron_install, python=args.endpoint_python)
+                                  service=args.service, cron=args.cron_install, python=args.endpoint_python,
+                                  # a fresh key for this host alone, made here and kept nowhere else
+                                  tls=issue(ca, endpoint_names(instances[node])) if ca else None,
+                                  ca_certificate=ca.certificate.decode() if ca else "")
         announce(f"endpoint {node}: uploading code and wheels, installing, starting the service and the scaler")
         return install_endpoint(targets[node], pins, install)
 
     with deploy_step("provisioning"):
         bases = dict(zip(NODES, parallel(provision, NODES), strict=True))
-    port = setup.get("http_port", 5000)
     for node in NODES:
-        stats = wait_for_stats(f"http://{public[node]}:{port}", args.ready_timeout)
+        stats = wait_for_stats(endpoint_url(args, public[node], setup), args.ready_timeout,
+                               str(ca_paths(args)[0]) if ca else "")
         announce(f"endpoint {node} answers: {stats['pending']} pending, installed in {bases[node]}")
     return public
 
@@ -306,9 +344,16 @@ def provision_endpoints(args: argparse.Namespace, setup: dict, secret: str, inst
 def deploy(args: argparse.Namespace, setup: dict, region: Region) -> None:
     announce(f"deploying cluster {args.cluster} in {region.name} (region from {region.source})")
     secret = secret_for(args)
+    ca = cluster_ca(args)
     instances = start_endpoints(args, client("ec2", region.name), setup)
-    public = provision_endpoints(args, setup, secret, instances)
-    url_a, url_b = (f"http://{public[node]}:{setup.get('http_port', 5000)}" for node in NODES)
+    public = provision_endpoints(args, setup, secret, instances, ca)
+    url_a, url_b = (endpoint_url(args, public[node], setup) for node in NODES)
+    curl = f"curl --cacert {ca_paths(args)[0]}" if ca else "curl"
+    if args.client_keys == "on":
+        curl += ' -H "Authorization: Bearer $KEY"'
+    keys = client_keys_help(args, url_a, url_b) if args.client_keys == "on" else ""
+    tls = (f"  TLS         every hop (no plain HTTP on port {setup.get('http_port', 5000)}); the cluster CA is "
+           f"{ca_paths(args)[0]}\n" if ca else "")
     print(f"""
 dynamic-workload runs on EC2 (cluster {args.cluster}, region {region.name}):
   endpoint a  {url_a}   ({instances['a']['InstanceId']})
@@ -316,18 +361,30 @@ dynamic-workload runs on EC2 (cluster {args.cluster}, region {region.name}):
   workers     launched by the scalers' cron (up to {args.max_workers}); they power off after {args.idle_timeout:g}s idle
   dashboard   {url_a}/   {url_b}/   (both endpoints on each; worker ids, errors and failed items at /details)
   metrics     {url_a}/metrics   {url_b}/metrics   (Prometheus text format)
-
+{tls}
 The dashboard's /details asks for a login: any user name, and the operator key as the password, which
   .venv/bin/python -m endpoint.operator_key --secret-file {Path(args.aws_dir) / f"{args.cluster}-secret"}
 prints (it is derived from the cluster secret; keep it as you keep that file).
 
-Try it:
-  curl -X PUT "{url_a}/enqueue?iterations=10" -d "data=Hello"
-  curl -X POST "{url_b}/pullCompleted?top=5"
-  curl "{url_a}/stats"
+{keys}Try it:
+  {curl} -X PUT "{url_a}/enqueue?iterations=10" -d "data=Hello"
+  {curl} -X POST "{url_b}/pullCompleted?top=5"
+  {curl} "{url_a}/stats"
 
 Tear it all down:  {destroy_command(args)}
 """, flush=True)
+
+
+def client_keys_help(args: argparse.Namespace, url_a: str, url_b: str) -> str:
+    ca = f" --tls-ca {ca_paths(args)[0]}" if args.tls else ""
+    return (f"Client keys are on: the clients' routes need one. Make one (shown once) with\n"
+            f"  KEY=$(.venv/bin/python -m endpoint.client_keys --endpoint {url_a} --endpoint {url_b} "
+            f"--secret-file {Path(args.aws_dir) / f'{args.cluster}-secret'}{ca} create <name>)\n"
+            f"(list and revoke <id> with the same settings).\n\n")
+
+
+def endpoint_url(args: argparse.Namespace, address: str, setup: dict) -> str:
+    return f"{'https' if args.tls else 'http'}://{address}:{setup.get('http_port', 5000)}"
 
 
 def destroy_command(args: argparse.Namespace) -> str:
@@ -341,7 +398,8 @@ def destroy(args: argparse.Namespace, state: dict, region: Region) -> int:
     record = f"state file {args.state_file}" if state else f"no state file {args.state_file}"
     announce(f"destroying cluster {args.cluster} in region {region.name} (region from {region.source}; {record})")
     terminated = terminate_cluster(client("ec2", region.name), args.cluster)
-    for name in (f"{args.cluster}-secret", f"{args.cluster}-known_hosts.json"):
+    for name in (f"{args.cluster}-secret", f"{args.cluster}-known_hosts.json", f"{args.cluster}-ca.pem",
+                 f"{args.cluster}-ca-key.pem", f"{args.cluster}-ca-key.pem.lock"):
         (Path(args.aws_dir) / name).unlink(missing_ok=True)
     announce("removing what ./setup.sh aws created")
     settings = settings_for(args, region.name)

@@ -25,6 +25,8 @@ from cli.settings import environment
 from cloud.ssh import HostKeyPins, SshTarget, mkdirs, remote_base, run, ssh_session, unit_file, upload_text
 from cron.config import SETTINGS as SCALER_SETTINGS
 from deploy.cluster import announce
+from deploy.cluster_ca import Pem
+from endpoint.config import OPTIONS as ENDPOINT_SETTINGS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENDPOINT_SERVICE = "dw-endpoint"
@@ -50,6 +52,9 @@ class EndpointInstall:
     service: str = "systemd"  # or "process" for hosts without systemd
     cron: str = "crontab"  # or "file": write the entry to <base>/crontab, for hosts without cron
     python: str = "python3"
+    # HTTPS: this endpoint's certificate and key (made for this host alone) and the cluster CA's certificate.
+    tls: Pem | None = None
+    ca_certificate: str = ""
 
 
 def ensure_remote_python(target: SshTarget, pins: HostKeyPins, python: str = "python3.11") -> tuple[str, str]:
@@ -86,7 +91,7 @@ def install_endpoint(target: SshTarget, pins: HostKeyPins, install: EndpointInst
         # The endpoint reads DW_SECRET_FILE too: the two tables name it alike.
         settings = {**install.settings, **environment(SCALER_SETTINGS, {
             "secret_file": f"{base}/secret", "ssh_key": f"{base}/worker-key.pem",
-            "aws_state": f"{base}/aws-state.json", "state_dir": f"{base}/var"})}
+            "aws_state": f"{base}/aws-state.json", "state_dir": f"{base}/var"}), **_upload_tls(sftp, base, install)}
         aws_state = {**install.aws_state, "key_path": f"{base}/worker-key.pem"}
         upload_text(sftp, f"{base}/aws-state.json", json.dumps(aws_state, indent=1), mode=0o600)
         upload_text(sftp, f"{base}/dw.env",
@@ -96,6 +101,19 @@ def install_endpoint(target: SshTarget, pins: HostKeyPins, install: EndpointInst
         sftp.close()
         run(client, _endpoint_setup_script(base, install), timeout=600)
     return base
+
+
+def _upload_tls(sftp: paramiko.SFTPClient, base: str, install: EndpointInstall) -> dict[str, str]:
+    """The endpoint's certificate and key (0600) and the CA's certificate, in tls/; the settings that name them
+    (DW_TLS_CA: the endpoint checks its peer with it, the scaler its endpoints, and hands it to the workers)."""
+    if install.tls is None:
+        return {}
+    mkdirs(sftp, f"{base}/tls", mode=0o700)
+    upload_text(sftp, f"{base}/tls/endpoint-key.pem", install.tls.key.decode(), mode=0o600)
+    upload_text(sftp, f"{base}/tls/endpoint.pem", install.tls.certificate.decode(), mode=0o600)
+    upload_text(sftp, f"{base}/tls/ca.pem", install.ca_certificate)
+    return environment(ENDPOINT_SETTINGS, {"tls_cert": f"{base}/tls/endpoint.pem",
+                                           "tls_key": f"{base}/tls/endpoint-key.pem", "tls_ca": f"{base}/tls/ca.pem"})
 
 
 def _upload_code(sftp: paramiko.SFTPClient, base: str) -> None:

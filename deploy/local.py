@@ -22,10 +22,11 @@ import secrets
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from cli.tls import urlopen
+from deploy.cluster_ca import LOOPBACK_NAMES, ensure_ca, issue, write_private
 from deploy.supervise import Confirm, Failed, Interrupted, RestartPolicy, Service, Supervisor, signals
 
 NODES = ("a", "b")
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("--max-workers", "--idle-timeout", "--scale-after", "--every"):
         add(name, required=True)
     add("--max-restarts", type=int, default=RestartPolicy.max_restarts)
+    add("--tls", action="store_true", help="HTTPS on every hop, with the cluster CA in <state-dir>/tls/")
     return parser.parse_args(argv)
 
 
@@ -76,25 +78,26 @@ class Output:
             pass
 
 
-def stats_of(url: str) -> dict | None:
+def stats_of(url: str, ca_file: str = "") -> dict | None:
     """An endpoint's /stats, or None while it does not answer with one."""
     try:
-        with urllib.request.urlopen(f"{url}/stats", timeout=2) as response:
+        with urlopen(f"{url}/stats", 2, ca_file) as response:
             stats = json.load(response)
     except (OSError, http.client.HTTPException, ValueError):  # refused, timed out, cut off, not JSON
         return None
     return stats if isinstance(stats, dict) else {}
 
 
-def peer_urls_for_tests() -> dict[str, str] | None:
+def peer_urls_for_tests(scheme: str) -> dict[str, str] | None:
     """Test only (bench/soak.py): DW_TEST_PEER_URLS, the peer URL of A's endpoint and scaler, then B's, e.g.
-    through proxies that can cut the link between the endpoints. Workers and clients reach them directly."""
+    through proxies that can cut the link between the endpoints. Workers and clients reach them directly.
+    `scheme` is what the endpoints speak (https with --tls)."""
     given = os.environ.get("DW_TEST_PEER_URLS", "")
     if not given:
         return None
     urls = given.split(",")
-    if len(urls) != len(NODES) or not all(url.startswith("http://") for url in urls):
-        raise SystemExit(f"deploy.sh local: DW_TEST_PEER_URLS must be two http:// URLs, A's peer then B's, "
+    if len(urls) != len(NODES) or not all(url.startswith(f"{scheme}://") for url in urls):
+        raise SystemExit(f"deploy.sh local: DW_TEST_PEER_URLS must be two {scheme}:// URLs, A's peer then B's, "
                          f"comma-separated, not {given!r}")
     return dict(zip(NODES, urls, strict=True))
 
@@ -103,9 +106,11 @@ class LocalDeployment:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.state = Path(args.state_dir)
-        self.urls = {"a": f"http://127.0.0.1:{args.port_a}", "b": f"http://127.0.0.1:{args.port_b}"}
+        self.tls = LocalTls(self.state / "tls") if args.tls else None
+        scheme = "https" if self.tls else "http"
+        self.urls = {"a": f"{scheme}://127.0.0.1:{args.port_a}", "b": f"{scheme}://127.0.0.1:{args.port_b}"}
         # How each node's endpoint and scaler reach the other endpoint.
-        self.peer_urls = peer_urls_for_tests() or {"a": self.urls["b"], "b": self.urls["a"]}
+        self.peer_urls = peer_urls_for_tests(scheme) or {"a": self.urls["b"], "b": self.urls["a"]}
         # A fresh id for this run's endpoints, which they report in /stats: whatever answers on
         # our ports with another id (or none) is not ours. Restarts keep it.
         self.instance_id = secrets.token_hex(8)
@@ -117,6 +122,10 @@ class LocalDeployment:
         self.scalers = [Service(f"scaler-{node}", self._scaler_command(node), self._log(f"scaler-{node}"), env)
                         for node in NODES]
 
+    @property
+    def _ca_file(self) -> str:
+        return str(self.tls.ca) if self.tls else ""
+
     def _log(self, name: str) -> Path:
         return self.state / "log" / f"{name}.log"
 
@@ -125,8 +134,9 @@ class LocalDeployment:
 
     def _endpoint_command(self, node: str) -> list[str]:
         port = self.args.port_a if node == "a" else self.args.port_b
+        tls = self.tls.endpoint_args(node) if self.tls else []
         return [sys.executable, "-m", "endpoint", "--node-id", node, "--port", str(port), "--peer", self._peer(node),
-                "--db", str(self.state / f"{node}.sqlite3"), "--instance-id", self.instance_id]
+                "--db", str(self.state / f"{node}.sqlite3"), "--instance-id", self.instance_id, *tls]
 
     def _scaler_command(self, node: str) -> list[str]:
         # One scaler per endpoint, as on EC2 (there: a cron entry on each endpoint host).
@@ -135,13 +145,14 @@ class LocalDeployment:
                 "--endpoint-index", str(NODES.index(node)), "--url", self.urls[node], "--peer", self._peer(node),
                 "--endpoint", self.urls["a"], "--endpoint", self.urls["b"], "--provider", "local",
                 "--state-dir", str(self.state), "--max-workers", args.max_workers,
-                "--idle-timeout", args.idle_timeout, "--scale-after", args.scale_after]
+                "--idle-timeout", args.idle_timeout, "--scale-after", args.scale_after,
+                *(["--tls-ca", str(self.tls.ca)] if self.tls else [])]
 
     def _confirmer(self, node: str) -> Confirm:
         url = self.urls[node]
 
         def confirm() -> tuple[bool, str]:
-            stats = stats_of(url)
+            stats = stats_of(url, self._ca_file)
             if stats is None:
                 return False, f"no answer at {url}/stats"
             if stats.get("instance_id") != self.instance_id:
@@ -152,6 +163,8 @@ class LocalDeployment:
     # --- a run ------------------------------------------------------------------------------------------------------
 
     def run(self) -> int:
+        if self.tls:
+            self.tls.prepare(self.output.say)
         signals.install()
         status = 1
         try:
@@ -204,7 +217,7 @@ class LocalDeployment:
             url = self.urls[node]
             while True:
                 self.supervisor.check(restart=False)
-                stats = stats_of(url)
+                stats = stats_of(url, self._ca_file)
                 if stats is not None and stats.get("instance_id") != self.instance_id:
                     raise Failed(f"something else answers on {url}, not the endpoint this run started")
                 if stats is not None and ready(stats):
@@ -217,6 +230,10 @@ class LocalDeployment:
     def _banner(self) -> None:
         args, urls, state = self.args, self.urls, self.state
         wait = int(float(args.scale_after) + 3.999)
+        curl = f"curl --cacert {self.tls.ca}" if self.tls else "curl"
+        tls = (f"  TLS         every hop: the endpoints' certificates are signed by the cluster CA {self.tls.ca}\n"
+               f"              (its key {self.tls.ca_key} never leaves this machine); no plain HTTP on the ports\n"
+               if self.tls else "")
         restarts = (f"restarted when they exit (at most {args.max_restarts} times in a row; "
                     f"see {state}/log/deploy.log)" if args.max_restarts else "not restarted (--max-restarts 0)")
         self.output.show(f"""\
@@ -228,17 +245,17 @@ dynamic-workload is running locally:
   services    {restarts}
   dashboard   {urls['a']}/   {urls['b']}/   (both endpoints on each; worker ids, errors and failed items at /details)
   metrics     {urls['a']}/metrics   {urls['b']}/metrics   (Prometheus text format)
-
+{tls}
 The dashboard's /details asks for a login: any user name, and the operator key as the password, which
   .venv/bin/python -m endpoint.operator_key --secret-file {state}/secret
 prints (it is derived from the cluster secret; keep it as you keep that file).
 
 Try it:
-  curl -X PUT "{urls['a']}/enqueue?iterations=10" -d "data=Hello"
-  curl -X PUT "{urls['b']}/enqueue?iterations=3" -F "data=@README.md"
+  {curl} -X PUT "{urls['a']}/enqueue?iterations=10" -d "data=Hello"
+  {curl} -X PUT "{urls['b']}/enqueue?iterations=3" -F "data=@README.md"
   sleep {wait}
-  curl -X POST "{urls['a']}/pullCompleted?top=5"
-  curl "{urls['b']}/stats"
+  {curl} -X POST "{urls['a']}/pullCompleted?top=5"
+  {curl} "{urls['b']}/stats"
 
 Ctrl-C stops everything.
 """)
@@ -264,6 +281,33 @@ Ctrl-C stops everything.
                            start_new_session=True, timeout=60, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             self.output.say(f"stopping the workers failed ({exc}); see {self.state}/workers/")
+
+
+class LocalTls:
+    """The cluster CA (made once) and fresh certificates for both endpoints at each start, all in one folder.
+
+    Both endpoints listen on 127.0.0.1, so their certificates name the loopback addresses."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.ca = folder / "ca.pem"
+        self.ca_key = folder / "ca-key.pem"
+
+    def prepare(self, say: Callable[[str], None]) -> None:
+        try:
+            ca, made = ensure_ca(self.ca, self.ca_key, "local")
+        except ValueError as exc:
+            raise SystemExit(f"deploy.sh local: {exc}") from None
+        if made:
+            say(f"cluster CA created: {self.ca} (its key {self.ca_key}, mode 0600)")
+        for node in NODES:
+            pem = issue(ca, LOOPBACK_NAMES)
+            write_private(self.folder / f"{node}.pem", pem.certificate)
+            write_private(self.folder / f"{node}-key.pem", pem.key)
+
+    def endpoint_args(self, node: str) -> list[str]:
+        return ["--tls-cert", str(self.folder / f"{node}.pem"), "--tls-key", str(self.folder / f"{node}-key.pem"),
+                "--tls-ca", str(self.ca)]
 
 
 def main(argv: list[str] | None = None) -> int:

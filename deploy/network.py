@@ -1,9 +1,10 @@
 """The cluster's network: the allowed address range, the default VPC and its subnets, and the
 security group `<cluster>-sg` that endpoints and workers share.
 
-The group lets the HTTP port and SSH in from one allowed CIDR only (your own address,
-normally), and all TCP from the group itself (workers <-> endpoints, endpoint <-> endpoint, the
-scalers' SSH to workers). The rules setup adds carry the description prefix "dw:<cluster> "; a
+The group lets the endpoints' port and SSH in from one allowed CIDR only (your own address,
+normally), and the same two ports from the group itself: the endpoints' port for workers ->
+endpoints and endpoint <-> endpoint, SSH for the scalers -> workers. Nothing else is open. The
+rules setup adds carry the description prefix "dw:<cluster> "; a
 re-run with another allowed CIDR or HTTP port revokes those and adds the new ones. Rules added
 by hand are kept. A CIDR that spans a large part of the internet is refused unless
 --allow-anywhere; one nobody on the internet connects from is refused or warned about.
@@ -178,8 +179,10 @@ def wanted_rules(cluster: str, group_id: str, cidr: str, http_port: int) -> list
     return [
         Rule(http_port, http_port, cidr, prefix + "HTTP from the allowed CIDR"),
         Rule(22, 22, cidr, prefix + "SSH from the allowed CIDR"),
-        # endpoint <-> worker, endpoint <-> endpoint, and the scalers' SSH to the workers
-        Rule(0, 65535, group_id, prefix + "all TCP within the cluster"),
+        # Within the cluster only what it uses: workers and the peer reach the endpoints' port (HTTPS with
+        # TLS on), the scalers reach the workers' SSH (provisioning, and the probe of a silent worker).
+        Rule(http_port, http_port, group_id, prefix + "endpoints' port within the cluster"),
+        Rule(22, 22, group_id, prefix + "SSH within the cluster"),
     ]
 
 

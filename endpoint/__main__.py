@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+from pathlib import Path
 
 from granian.constants import HTTPModes, Interfaces
 from granian.http import HTTP1Settings
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level.lower(),
         respawn_failed_workers=True,
         websockets=False,
+        # With a certificate, the port speaks TLS only (1.3, granian's minimum): no plain HTTP.
+        ssl_cert=Path(settings.tls_cert) if settings.tls else None,
+        ssl_key=Path(settings.tls_key) if settings.tls else None,
     ).serve()
     return 0
 

@@ -12,6 +12,8 @@ Scaler (the scaler key):      endpoint/scaler_record.py  the scaler's runs and i
 Operator and anybody:         endpoint/dashboard.py    GET /, GET /details (the operator key), and the peer's
                                                        GET /internal/peer/dashboard
 Anybody:                      endpoint/metrics.py      GET /metrics
+Operator (client keys):       endpoint/client_key_api.py  GET /internal/client-keys, PUT and DELETE
+                                                       /internal/client-keys/<id>
 
 Each route module's add_routes(app) names the role a route needs (`auth="worker"`); the plugins of
 endpoint/routing.py check the key, turn errors into JSON answers and pass each route the app's
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import bottle
 
-from endpoint import dashboard, metrics, peer_api, public_api, routing, scaler_record, worker_api
+from endpoint import client_key_api, dashboard, metrics, peer_api, public_api, routing, scaler_record, worker_api
 from endpoint.metrics import Metrics
 from endpoint.peer import Peer
 from endpoint.pulls import Pulls
@@ -36,14 +38,15 @@ from endpoint.routing import Context, JsonBottle, Keys, Limits
 from endpoint.store import Store
 
 __all__ = ["Limits", "make_app"]
-ROUTE_MODULES = (public_api, worker_api, peer_api, scaler_record, metrics, dashboard)
+ROUTE_MODULES = (public_api, worker_api, peer_api, scaler_record, metrics, dashboard, client_key_api)
 
 
 def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None,
-             instance_id: str = "", metrics: Metrics | None = None) -> bottle.Bottle:
-    """`secret` is the cluster secret; callers present the key derived from it for their role."""
+             instance_id: str = "", metrics: Metrics | None = None, client_keys: bool = False) -> bottle.Bottle:
+    """`secret` is the cluster secret; callers present the key derived from it for their role. With
+    `client_keys`, the clients' routes need a client key (endpoint/routing.py's ClientKeys)."""
     context = Context(store=store, limits=limits, keys=Keys.from_secret(secret), metrics=metrics or Metrics(store),
-                      pulls=Pulls(store, peer), peer=peer, instance_id=instance_id)
+                      pulls=Pulls(store, peer), peer=peer, instance_id=instance_id, client_keys=client_keys)
     app = JsonBottle()
     routing.install(app, context)
     for module in ROUTE_MODULES:

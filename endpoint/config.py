@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from cli.settings import Setting, add_settings, check_settings, environment, read_environment
+from cli.tls import client_context, is_https
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,14 @@ class Settings:
     retention_days: float
     log_level: str
     instance_id: str
+    tls_cert: str
+    tls_key: str
+    tls_ca: str
+    client_keys: str
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
     @property
     def db_path(self) -> str:
@@ -78,6 +88,15 @@ OPTIONS: dict[str, Setting] = {
     "instance_id": Setting("DW_INSTANCE_ID", "", str,
                            "any id for this run, reported in GET /stats, so that whoever started it can tell it is "
                            "this process that answers (./deploy.sh local passes a fresh random one)"),
+    "tls_cert": Setting("DW_TLS_CERT", "", str,
+                        "PEM certificate (chain) to serve HTTPS with, together with --tls-key; then the port "
+                        "serves no plain HTTP"),
+    "tls_key": Setting("DW_TLS_KEY", "", str, "PEM private key of --tls-cert (keep it 0600)"),
+    "tls_ca": Setting("DW_TLS_CA", "", str,
+                      "CA certificate the peer's HTTPS certificate is checked against (default: the system's CAs)"),
+    "client_keys": Setting("DW_CLIENT_KEYS", "off", str.lower,
+                           "on: enqueue, pullCompleted and /work/<id> need a client key (python -m "
+                           "endpoint.client_keys), and a key pulls only its own results; off: open to anybody"),
 }
 
 
@@ -105,6 +124,8 @@ def _checked(settings: Settings) -> Settings:
     problems = []
     if settings.synchronous not in ("FULL", "NORMAL", "EXTRA"):
         problems.append("synchronous must be FULL, NORMAL or EXTRA")
+    if settings.client_keys not in ("on", "off"):
+        problems.append("client_keys must be on or off")
     for name in ("threads", "max_connections", "max_payload_bytes", "max_iterations", "max_top", "max_attempts"):
         if getattr(settings, name) < 1:
             problems.append(f"{name} must be at least 1")
@@ -117,6 +138,28 @@ def _checked(settings: Settings) -> Settings:
         problems.append("lease_seconds must be positive")
     if settings.retention_days < 0:
         problems.append("retention_days must be 0 (keep forever) or more")
+    problems += _tls_problems(settings)
     if problems:
         raise SystemExit("endpoint: " + "; ".join(problems))
     return settings
+
+
+def _tls_problems(settings: Settings) -> list[str]:
+    """A certificate and a key together, that belong together; with TLS on, an https peer: the peer
+    key never travels in clear text."""
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        return ["tls_cert and tls_key go together: give both, or neither"]
+    problems = []
+    if settings.tls:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(settings.tls_cert, settings.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"tls_cert {settings.tls_cert} with tls_key {settings.tls_key} is unusable: {exc}")
+        if settings.peer and not is_https(settings.peer):
+            problems.append(f"with TLS on, the peer must be an https:// URL, not {settings.peer}")
+    if settings.tls_ca:
+        try:
+            client_context(settings.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"tls_ca {settings.tls_ca} is no usable CA certificate: {exc}")
+    return problems

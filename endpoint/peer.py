@@ -13,6 +13,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from cli.tls import client_context, is_https
 from endpoint.store import Delivered
 
 log = logging.getLogger(__name__)
@@ -44,57 +45,64 @@ class Peer:
     those results undelivered again, before this endpoint takes anything else from it.
     """
 
-    def __init__(self, base_url: str, key: str, timeout: float = 3.0, retry_after: float = 5.0) -> None:
+    def __init__(self, base_url: str, key: str, timeout: float = 3.0, retry_after: float = 5.0,
+                 ca_file: str = "") -> None:
         self.base_url = base_url.rstrip("/")
+        # An https peer is checked against the cluster's CA (or the system's): certificate and host name.
+        self._tls = client_context(ca_file) if is_https(base_url) else None
         self._key = key
         self._timeout = timeout
         self._retry_after = retry_after
         self._down_until = 0.0
         self._lock = threading.Lock()
-        self._unanswered: collections.deque[tuple[str, int]] = collections.deque()
-        self._carried: list[Delivered] = []
+        # Per client key (None: client keys off): a key is handed only the results of its own items.
+        self._unanswered: dict[str | None, collections.deque[tuple[str, int]]] = collections.defaultdict(
+            collections.deque)
+        self._carried: dict[str | None, list[Delivered]] = collections.defaultdict(list)
         self._to_give_back: dict[str, None] = {}  # tokens of takes whose answer was lost, oldest first
         self.node_id: str | None = None  # the peer's, from its answers: which ids are its own
 
-    def take_completed(self, limit: int) -> list[Delivered]:
-        """Up to `limit` results the peer marks delivered to us; fewer (maybe none) if it is unreachable.
+    def take_completed(self, limit: int, client: str | None = None) -> list[Delivered]:
+        """Up to `limit` results the peer marks delivered to us -- of the items client key `client` enqueued,
+        or with client keys off (None) of those enqueued without; fewer (maybe none) if it is unreachable.
 
         Never raises: this endpoint's own results are already taken when this is called."""
         with self._lock:
-            taken, self._carried = self._carried[:limit], self._carried[limit:]
+            carried, unanswered = self._carried[client], self._unanswered[client]
+            taken, carried[:] = carried[:limit], carried[limit:]
             if time.monotonic() < self._down_until:
                 return taken  # failed moments ago: its log line is written, retry after the pause
             try:
                 self._give_back_pending()
-                while self._unanswered and len(taken) < limit:
-                    token, original_limit = self._unanswered[0]
-                    items = self._take(token, original_limit)
-                    self._unanswered.popleft()
+                while unanswered and len(taken) < limit:
+                    token, original_limit = unanswered[0]
+                    items = self._take(token, original_limit, client)
+                    unanswered.popleft()
                     room = limit - len(taken)
                     taken += items[:room]
-                    self._carried += items[room:]
+                    carried += items[room:]
                 if len(taken) < limit:
                     token = secrets.token_hex(16)
-                    self._unanswered.append((token, limit - len(taken)))
-                    taken += self._take(token, limit - len(taken))
-                    self._unanswered.pop()
+                    unanswered.append((token, limit - len(taken)))
+                    taken += self._take(token, limit - len(taken), client)
+                    unanswered.pop()
             except PeerUnavailable as exc:  # _call marked it down, unless it already was
                 log.warning("peer %s: pullCompleted fill-up incomplete (%d take(s) to replay): %s",
-                            self.base_url, len(self._unanswered), exc)
+                            self.base_url, len(unanswered), exc)
             except Exception as exc:  # noqa: BLE001 -- a malformed answer: answer with what we have
                 log.warning("peer %s: unusable answer to a take (%d to replay): %s",
-                            self.base_url, len(self._unanswered), exc)
+                            self.base_url, len(unanswered), exc)
                 self._mark_down()
             return taken
 
-    def take_exactly(self, token: str, limit: int) -> list[Delivered]:
+    def take_exactly(self, token: str, limit: int, client: str | None = None) -> list[Delivered]:
         """One take of up to `limit` results under `token`; a repeat of the token returns what the first
         returned. Raises PeerUnavailable when there is no answer (the peer may have taken them)."""
         with self._lock:
             try:
                 # A token given back is taken afresh afterwards, never replayed into a second answer.
                 self._give_back_pending()
-                return self._take(token, limit)
+                return self._take(token, limit, client)
             except PeerUnavailable:
                 raise
             except Exception as exc:  # noqa: BLE001 -- a malformed answer
@@ -123,8 +131,8 @@ class Peer:
                                 answer["given_back"])
             del self._to_give_back[token]
 
-    def _take(self, token: str, limit: int) -> list[Delivered]:
-        query = urllib.parse.urlencode({"top": limit, "delivery": token})
+    def _take(self, token: str, limit: int, client: str | None) -> list[Delivered]:
+        query = urllib.parse.urlencode({"top": limit, "delivery": token, **({"client": client} if client else {})})
         items = self._call("POST", f"/internal/peer/take-completed?{query}")
         return [Delivered(str(item["id"]), str(item["result"]), float(item["completed_at"])) for item in items]
 
@@ -152,7 +160,7 @@ class Peer:
             headers={"Authorization": f"Bearer {self._key}"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self._timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout or self._timeout, context=self._tls) as response:
                 self.node_id = response.headers.get("X-Node-Id") or self.node_id
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:

@@ -13,6 +13,7 @@ import bottle
 from bottle import HTTPResponse, request
 
 from endpoint.inputs import InputError, positive_int, query_params
+from endpoint.key_store import KEY_ID_PATTERN
 from endpoint.public_api import item_view
 from endpoint.routing import Context, json_response
 from endpoint.store import owner_of
@@ -29,7 +30,7 @@ def add_routes(app: bottle.Bottle) -> None:
 def take_completed(ctx: Context) -> HTTPResponse:
     params = query_params(request.query_string)
     top = positive_int(params, "top", ctx.limits.max_top)
-    taken = ctx.store.take_completed(top, peer_delivery_token(params))
+    taken = ctx.store.take_completed(top, peer_delivery_token(params), client_key(params))
     return json_response([{"id": item.work_id, "result": item.result, "completed_at": item.completed_at}
                           for item in taken])
 
@@ -44,6 +45,14 @@ def work_status(ctx: Context, work_id: str) -> HTTPResponse:
     if item is None:
         return json_response({"error": f"no work item {work_id!r}"}, 404)
     return json_response(item_view(item))
+
+
+def client_key(params: dict[str, str]) -> str | None:
+    """The client key (its id) whose results the peer takes; none: those of items enqueued without one."""
+    key_id = params.get("client")
+    if key_id is not None and not KEY_ID_PATTERN.fullmatch(key_id):
+        raise InputError(400, "query parameter 'client' must be 16 hex digits (a client key's id)")
+    return key_id
 
 
 def peer_delivery_token(params: dict[str, str]) -> str:

@@ -16,7 +16,7 @@ from bottle import HTTPResponse, request
 from endpoint.inputs import InputError, payload_from, positive_int, query_params
 from endpoint.peer import PeerUnavailable
 from endpoint.pulls import DELIVERY_TOKEN_PATTERN, Pulled
-from endpoint.routing import Context, details_allowed, json_response
+from endpoint.routing import Context, client_of, details_allowed, json_response
 from endpoint.store import owner_of
 
 # Printable ASCII without space, quote, backslash or comma (two headers joined by a comma are refused).
@@ -25,9 +25,10 @@ _TIMESTAMP_FIELDS = ("created_at", "claimed_at", "lease_expires_at", "completed_
 
 
 def add_routes(app: bottle.Bottle) -> None:
-    app.route("/enqueue", "PUT", enqueue)
-    app.route("/pullCompleted", "POST", pull_completed)
-    app.route("/work/<work_id>", "GET", work_status)
+    # With client keys on, these three need one (endpoint/routing.py's ClientKeys).
+    app.route("/enqueue", "PUT", enqueue, client=True)
+    app.route("/pullCompleted", "POST", pull_completed, client=True)
+    app.route("/work/<work_id>", "GET", work_status, client=True, details=True)
     app.route("/stats", "GET", stats)
 
 
@@ -39,7 +40,8 @@ def enqueue(ctx: Context) -> HTTPResponse:
     body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
     # Not request.content_type: Bottle lower-cases it, and multipart boundaries are case-sensitive.
     payload = payload_from(body, environ.get("CONTENT_TYPE", ""), params, ctx.limits.max_payload_bytes)
-    enqueued = ctx.store.enqueue(payload, iterations, idempotency_key(request.get_header("Idempotency-Key")))
+    enqueued = ctx.store.enqueue(payload, iterations, idempotency_key(request.get_header("Idempotency-Key")),
+                                 client=client_of())
     answer = json_response({"id": enqueued.work_id})
     if enqueued.replayed:
         answer.set_header("Idempotent-Replayed", "true")
@@ -49,17 +51,19 @@ def enqueue(ctx: Context) -> HTTPResponse:
 def pull_completed(ctx: Context) -> HTTPResponse:
     params = query_params(request.query_string)
     top = positive_int(params, "top", ctx.limits.max_top)
-    return pulled_response(ctx.pulls.pull(top, delivery_token(params)))
+    return pulled_response(ctx.pulls.pull(top, delivery_token(params), client_of()))
 
 
 def work_status(ctx: Context, work_id: str) -> HTTPResponse:
-    detailed = details_allowed(ctx.keys)
+    client = client_of()
+    detailed = client is None and details_allowed(ctx.keys)
     store, peer = ctx.store, ctx.peer
     owner = owner_of(work_id)
     not_found = json_response({"error": f"no work item {work_id!r}"}, 404)
     if owner == store.node_id:
         item = store.get(work_id)
-        return json_response(public_item(item_view(item), detailed)) if item else not_found
+        return json_response(public_item(item_view(item), detailed)) if item and _visible(item, client) \
+            else not_found
     if owner is None or peer is None:
         return not_found
     if peer.node_id is not None and owner != peer.node_id:
@@ -68,7 +72,12 @@ def work_status(ctx: Context, work_id: str) -> HTTPResponse:
         view = peer.get_work(work_id)
     except PeerUnavailable as exc:
         return json_response({"error": f"endpoint {owner!r}, which owns this item, is unreachable: {exc}"}, 503)
-    return json_response(public_item(view, detailed)) if view else not_found
+    return json_response(public_item(view, detailed)) if view and _visible(view, client) else not_found
+
+
+def _visible(item: dict[str, Any], client: str | None) -> bool:
+    """A client key sees the items it enqueued, and no other (as if they did not exist: 404)."""
+    return client is None or item.get("client_key") == client
 
 
 def stats(ctx: Context) -> HTTPResponse:
@@ -104,7 +113,8 @@ def item_view(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def public_item(view: dict[str, Any], detailed: bool) -> dict[str, Any]:
-    return view if detailed else {key: value for key, value in view.items() if key != "worker_id"}
+    hidden = ("client_key",) if detailed else ("client_key", "worker_id")
+    return {key: value for key, value in view.items() if key not in hidden}
 
 
 def idempotency_key(header: str | None) -> str | None:

@@ -61,29 +61,34 @@ class Pulls:
         self._locks: dict[str, tuple[threading.Lock, int]] = {}  # token -> its lock, and how many hold or wait
         self._locks_guard = threading.Lock()
 
-    def pull(self, top: int, token: str | None = None) -> Pulled:
+    def pull(self, top: int, token: str | None = None, client: str | None = None) -> Pulled:
+        """The results of the items client key `client` (its id) enqueued, or with client keys off (None) of
+        those enqueued without a key. A delivery token is the key's own: another key's same token is another
+        pull."""
         if token is None:
-            results = self._store.take_completed(top, delivery_id=secrets.token_hex(16))
+            results = self._store.take_completed(top, delivery_id=secrets.token_hex(16), client=client)
             if len(results) < top and self._peer is not None:
-                results += self._peer.take_completed(top - len(results))
+                results += self._peer.take_completed(top - len(results), client)
             return Pulled(newest_first(results), replayed=False)
+        if client is not None:
+            token = f"{client}:{token}"  # the key's own (ids are 16 hex digits, tokens have no ':')
         with self._one_at_a_time(token):
-            return self._pull_with_token(top, token)
+            return self._pull_with_token(top, token, client)
 
-    def _pull_with_token(self, top: int, token: str) -> Pulled:
+    def _pull_with_token(self, top: int, token: str, client: str | None) -> Pulled:
         fill_up = self._peer is not None and not self._peer.marked_down()
-        delivery = self._store.take_for_client(token, top, fill_up)
+        delivery = self._store.take_for_client(token, top, fill_up, client)
         peer_part = delivery.peer_part
         if peer_part is None:  # a first pull, or one whose peer part was never recorded
-            peer_part = self._peer_part(token, delivery.peer_limit)
+            peer_part = self._peer_part(token, delivery.peer_limit, client)
         return Pulled(newest_first(delivery.local + peer_part), delivery.replayed)
 
-    def _peer_part(self, token: str, limit: int) -> list[Delivered]:
+    def _peer_part(self, token: str, limit: int, client: str | None) -> list[Delivered]:
         derived = peer_token(self._store.node_id, token)
         items: list[Delivered] = []
         if self._peer is not None:  # (none: restarted without one since the first pull)
             try:
-                items = self._peer.take_exactly(derived, limit)
+                items = self._peer.take_exactly(derived, limit, client)
             except PeerUnavailable:
                 # Taken or not, they are not in this answer: the peer gives them back. Before any later
                 # take from it, so a repeat of this token that finds its peer part unrecorded (this

@@ -6,13 +6,18 @@ role each one needs in the route's config:
 
     app.route("/internal/claims", "POST", claims, auth="worker")
 
-Three plugins, installed by endpoint/app.py on every route, do the rest (outermost first):
+Four plugins, installed by endpoint/app.py on every route, do the rest (outermost first):
 
 * `Authentication`: a route's `auth` is "worker", "peer" or "scaler" (HTTP Bearer with that
   role's key; 401 without a key, 403 with another, and the answer carries X-Node-Id so that the
   peer learns which ids are this node's) or "operator" (HTTP Basic, the operator key as the
   password; 401 with a challenge). Without `auth` a route is public. Keys come from the cluster
   secret (endpoint/secret.py); none opens another role's routes.
+* `ClientKeys`: with client keys on (`--client-keys on`), a route with `client=True` (the
+  clients' routes) opens only to a live client key (HTTP Bearer; 401 without a key, 403 with an
+  unknown or revoked one), and `client_of()` names the key's id for the route, which serves that
+  key's items alone. With `details=True` the peer key and the scaler key open it too, as before.
+  With client keys off, nothing changes: the routes are public.
 * `JsonErrors`: what a route raises of InputError, the store's errors (not stored, disk full,
   outcome unknown), a reused Idempotency-Key and a refused delivery token becomes its JSON
   answer. A route skips it with `skip=[JSON_ERRORS]`.
@@ -86,6 +91,7 @@ class Context:
     pulls: Pulls
     peer: Peer | None = None
     instance_id: str = ""
+    client_keys: bool = False  # the clients' routes need a client key (endpoint/key_store.py)
     # Threads that ask the peer while a route does its own work (the dashboard).
     peer_asking: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="dashboard-peer"))
@@ -197,6 +203,45 @@ class Authentication(Plugin):
         return guarded
 
 
+# -- client keys -----------------------------------------------------------------------------
+
+CLIENT_KEY_ENVIRON = "dw.client_key"  # the id of the client key the request presented
+
+
+def client_of() -> str | None:
+    """The id of the live client key this request presented; None with client keys off (or the peer's
+    and the scaler's details)."""
+    return request.environ.get(CLIENT_KEY_ENVIRON)
+
+
+class ClientKeys(Plugin):
+    """With client keys on, opens a route with `client=True` only to a live client key."""
+
+    name = "client_keys"
+
+    def apply(self, callback: Route, route: bottle.Route) -> Route:
+        if not (self.context.client_keys and route.config.get("client")):
+            return callback
+        keys, store = self.context.keys, self.context.store
+        details = bool(route.config.get("details"))
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            scheme, _, token = request.get_header("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                return json_response({"error": "missing credentials: this endpoint needs a client key "
+                                               "(Authorization: Bearer <client key>)"}, 401)
+            if details and (presents(keys.peer) or presents(keys.scaler)):
+                return callback(*args, **kwargs)
+            holder, live = store.client_keys.holder(token)
+            if not live:
+                return json_response({"error": "this client key is revoked" if holder else "unknown client key"},
+                                     403)
+            request.environ[CLIENT_KEY_ENVIRON] = holder
+            return callback(*args, **kwargs)
+
+        return guarded
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 def store_unavailable(exc: Exception) -> HTTPResponse:
@@ -263,5 +308,5 @@ class WithContext(Plugin):
 
 def install(app: bottle.Bottle, context: Context) -> None:
     """The plugins, outermost first: Bottle applies the last installed innermost."""
-    for plugin in (Authentication(context), JsonErrors(context), WithContext(context)):
+    for plugin in (Authentication(context), ClientKeys(context), JsonErrors(context), WithContext(context)):
         app.install(plugin)

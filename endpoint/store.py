@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from endpoint.history import History, count_event
+from endpoint.key_store import KeyStore
 from endpoint.waiting import WorkSignal
 from endpoint.writer import (
     DEFAULT_WAIT_S,
@@ -53,8 +54,10 @@ RECENT_ARRIVALS_SQL = "SELECT count(*) FROM work_items WHERE created_at > ?"
 RECENT_ARRIVALS_PENDING_SQL = "SELECT count(*) FROM work_items WHERE state = 'pending' AND created_at > ?"
 # pullCompleted's take and the undelivered count, held to the index of undelivered results: left
 # to itself the planner walks work_items_recently_completed, every delivered result ever kept.
-UNDELIVERED_SQL = ("SELECT seq FROM work_items INDEXED BY work_items_undelivered "
-                   "WHERE state = 'completed' AND delivered_at IS NULL ORDER BY completed_at DESC LIMIT ?")
+# Per client key (NULL with client keys off): `client_key IS ?` matches NULL too, on the index.
+UNDELIVERED_SQL = ("SELECT seq FROM work_items INDEXED BY work_items_undelivered_by_client "
+                   "WHERE state = 'completed' AND delivered_at IS NULL AND client_key IS ? "
+                   "ORDER BY completed_at DESC LIMIT ?")
 UNDELIVERED_COUNT_SQL = ("SELECT count(*) FROM work_items INDEXED BY work_items_undelivered "
                          "WHERE state = 'completed' AND delivered_at IS NULL")
 PRUNE_BATCH = 1000
@@ -211,7 +214,9 @@ def read_stats(conn: sqlite3.Connection, node_id: str, worker_seen_window: float
         (recent_arrivals,) = conn.execute(RECENT_ARRIVALS_SQL, (now - ARRIVAL_WINDOW_S,)).fetchone()
         (recent_arrivals_pending,) = conn.execute(RECENT_ARRIVALS_PENDING_SQL, (now - ARRIVAL_WINDOW_S,)).fetchone()
         workers = conn.execute(
-            "SELECT worker_id, last_seen_at, jobs_completed FROM workers WHERE last_seen_at > ? ORDER BY worker_id",
+            # The index, not the planner's scan in id order: the table remembers every worker of the history kept.
+            "SELECT worker_id, last_seen_at, jobs_completed FROM workers INDEXED BY workers_last_seen "
+            "WHERE last_seen_at > ? ORDER BY worker_id",
             (now - worker_seen_window,),
         ).fetchall()
         scaler = conn.execute(
@@ -259,16 +264,35 @@ def request_fingerprint(payload: bytes, iterations: int) -> str:
     return hashlib.sha256(b"%d\n" % iterations + payload).hexdigest()
 
 
+def _work_items_definition(schema_sql: str) -> str:
+    match = re.search(r"CREATE TABLE IF NOT EXISTS work_items \((.*?)\n\);", schema_sql, re.DOTALL)
+    if match is None:
+        raise RuntimeError("schema.sql has no CREATE TABLE IF NOT EXISTS work_items (...);")
+    return match.group(1)
+
+
+def _work_items_added_columns_sql(schema_sql: str, old_columns: list[str]) -> str:
+    """ALTER TABLE ... ADD COLUMN for the plain (nullable, unconstrained) columns schema.sql has and the file
+    lacks; any other new column needs a rebuild (a new REBUILT_AT_VERSION)."""
+    statements = []
+    for line in _work_items_definition(schema_sql).splitlines():
+        column = re.match(r"^    ([a-z_]+)\s+(INTEGER|TEXT|REAL)(.*)$", line)
+        if column is None or column.group(1) in old_columns:
+            continue
+        if not re.fullmatch(r"\s*,\s*(--.*)?", column.group(3)):
+            raise RuntimeError(f"work_items column {column.group(1)} cannot be added in place: it needs a rebuild")
+        statements.append(f"ALTER TABLE work_items ADD COLUMN {column.group(1)} {column.group(2)};\n")
+    return "".join(statements)
+
+
 def _work_items_rebuild_sql(schema_sql: str, old_columns: list[str]) -> str:
     """Rebuild work_items from schema.sql's definition, keeping every row (SQLite cannot add CHECK
     constraints to a table). Indexes and triggers are dropped with the old table; schema.sql,
     applied right after in the same transaction, creates them again."""
-    match = re.search(r"CREATE TABLE IF NOT EXISTS work_items \((.*?)\n\);", schema_sql, re.DOTALL)
-    if match is None:
-        raise RuntimeError("schema.sql has no CREATE TABLE IF NOT EXISTS work_items (...);")
-    new_columns = re.findall(r"^    ([a-z_]+)\s+(?:INTEGER|TEXT|REAL)", match.group(1), re.MULTILINE)
+    definition = _work_items_definition(schema_sql)
+    new_columns = re.findall(r"^    ([a-z_]+)\s+(?:INTEGER|TEXT|REAL)", definition, re.MULTILINE)
     kept = ", ".join(column for column in new_columns if column in old_columns)
-    return (f"CREATE TABLE work_items_rebuilt ({match.group(1)}\n);\n"
+    return (f"CREATE TABLE work_items_rebuilt ({definition}\n);\n"
             f"INSERT INTO work_items_rebuilt ({kept}) SELECT {kept} FROM work_items;\n"
             "DROP TABLE work_items;\n"
             "ALTER TABLE work_items_rebuilt RENAME TO work_items;\n")
@@ -335,6 +359,7 @@ class Store:
             raise
         self._writer = Writer(self.path, self._connect, self._synchronous, write_wait_s)
         self.history = History(self._writer, self._reader, node_id, retention_days)
+        self.client_keys = KeyStore(self._writer, self._reader)
         self._sample_history()  # at once: the first sample is the baseline of what this run will count
         self._stopping = threading.Event()
         self._maintenance = threading.Thread(
@@ -379,7 +404,10 @@ class Store:
             rebuild = bool(old_columns) and found < REBUILT_AT_VERSION
             # Dropping the old table must not cascade into payloads; checked again below.
             conn.execute("PRAGMA foreign_keys = OFF")
-            script = _work_items_rebuild_sql(schema_sql, old_columns) if rebuild else ""
+            if rebuild:
+                script = _work_items_rebuild_sql(schema_sql, old_columns)
+            else:
+                script = _work_items_added_columns_sql(schema_sql, old_columns) if old_columns else ""
             try:
                 conn.executescript(f"BEGIN IMMEDIATE;\n{script}{schema_sql}\n{self._grace_sql(time.time())}\nCOMMIT;")
             except sqlite3.IntegrityError as exc:
@@ -447,7 +475,7 @@ class Store:
                 self._sample_history()
                 if time.monotonic() >= next_prune:
                     pruned = (self.prune_idempotency_keys() + self.prune_client_deliveries() + self.history.prune()
-                              + (self.prune_delivered() if self.retention_s else 0))
+                              + self.prune_workers() + (self.prune_delivered() if self.retention_s else 0))
                     # A full batch means more are due: come back next round, not in a minute.
                     next_prune = time.monotonic() + (0 if pruned >= PRUNE_BATCH else 60)
             except DiskFull:
@@ -489,23 +517,33 @@ class Store:
         cutoff = (now or time.time()) - self.delivery_token_ttl_s
         return self._prune_created_before("client_deliveries", "token", cutoff)
 
-    def _prune_created_before(self, table: str, key: str, cutoff: float) -> int:
-        """Delete at most PRUNE_BATCH of `table`'s oldest rows created before `cutoff` (the table and
-        its key column are this module's constants, never input)."""
+    def _prune_created_before(self, table: str, key: str, cutoff: float, column: str = "created_at") -> int:
+        """Delete at most PRUNE_BATCH of `table`'s oldest rows whose `column` is before `cutoff` (the
+        table and its columns are this module's constants, never input)."""
         statement = (f"DELETE FROM {table} WHERE {key} IN "
-                     f"(SELECT {key} FROM {table} WHERE created_at < ? ORDER BY created_at LIMIT ?)")
+                     f"(SELECT {key} FROM {table} WHERE {column} < ? ORDER BY {column} LIMIT ?)")
 
         def op(conn: sqlite3.Connection) -> int:
             return conn.execute(statement, (cutoff, PRUNE_BATCH)).rowcount
 
         return self._writer.run(op, durable=False)
 
+    def prune_workers(self, now: float | None = None) -> int:
+        """Forget workers not heard from for the history's retention period: a fleet replaced every day
+        leaves a thousand ids a day, which /stats would otherwise scan on every call."""
+        return self._prune_created_before("workers", "worker_id", (now or time.time()) - self.history.keep_s,
+                                          column="last_seen_at")
+
     # -- public API --------------------------------------------------------------------
 
-    def enqueue(self, payload: bytes, iterations: int, idempotency_key: str | None = None) -> Enqueued:
-        """Store a new item. With an idempotency key seen in the last day for the same payload and
-        iterations, return that request's item instead (IdempotencyKeyReused if they differ)."""
+    def enqueue(self, payload: bytes, iterations: int, idempotency_key: str | None = None,
+                client: str | None = None) -> Enqueued:
+        """Store a new item, of the client key `client` (its id) if given. With an idempotency key seen in
+        the last day for the same payload and iterations (and client key), return that request's item instead
+        (IdempotencyKeyReused if they differ)."""
         work_id = f"{self.node_id}-{secrets.token_hex(8)}"
+        if idempotency_key is not None and client is not None:
+            idempotency_key = f"{client}:{idempotency_key}"  # each key's own: ids are 16 hex digits
         fingerprint = request_fingerprint(payload, iterations) if idempotency_key is not None else ""
 
         def op(conn: sqlite3.Connection) -> Enqueued:
@@ -525,8 +563,8 @@ class Store:
                     (idempotency_key, work_id, fingerprint, now),
                 )
             seq = conn.execute(
-                "INSERT INTO work_items (id, iterations, payload_bytes, created_at) VALUES (?, ?, ?, ?)",
-                (work_id, iterations, len(payload), now),
+                "INSERT INTO work_items (id, iterations, payload_bytes, created_at, client_key) VALUES (?, ?, ?, ?, ?)",
+                (work_id, iterations, len(payload), now, client),
             ).lastrowid
             conn.execute("INSERT INTO payloads (seq, data) VALUES (?, ?)", (seq, payload))
             return Enqueued(work_id, replayed=False)
@@ -544,8 +582,9 @@ class Store:
             self._work_signal.notify(1)
         return enqueued
 
-    def take_completed(self, limit: int, delivery_id: str) -> list[Delivered]:
-        """Mark up to `limit` undelivered results delivered and return them, newest first.
+    def take_completed(self, limit: int, delivery_id: str, client: str | None = None) -> list[Delivered]:
+        """Mark up to `limit` undelivered results delivered and return them, newest first: of the items that
+        client key enqueued (`client`, its id), or with client keys off (None) of the items enqueued without.
 
         Taking again with the same delivery_id returns what that take returned, so a caller
         whose answer got lost can retry without losing or duplicating results. A take whose
@@ -557,7 +596,7 @@ class Store:
             earlier = conn.execute(TAKEN_BEFORE_SQL, (delivery_id,)).fetchall()
             if earlier:
                 return earlier, self._note_replay(delivery_id)
-            taken = conn.execute(TAKE_SQL, (time.time(), delivery_id, limit)).fetchall()
+            taken = conn.execute(TAKE_SQL, (time.time(), delivery_id, client, limit)).fetchall()
             count_event(conn, "delivered", len(taken))
             return taken, self._replays_of(delivery_id)
 
@@ -568,7 +607,7 @@ class Store:
         rows, _ = self._writer.run(op, undo=undo)
         return sorted(_delivered(rows), key=lambda item: item.completed_at, reverse=True)
 
-    def take_for_client(self, token: str, limit: int, fill_up: bool) -> ClientDelivery:
+    def take_for_client(self, token: str, limit: int, fill_up: bool, client: str | None = None) -> ClientDelivery:
         """pullCompleted under a client's delivery token: the first use takes up to `limit` results
         (and, with `fill_up`, leaves room for the peer's part); a repeat returns what the first took,
         whatever its limit. DeliveryTokenExpired for a token used longer ago than its lifetime.
@@ -591,7 +630,7 @@ class Store:
             # Its record was pruned, but its results are still here: an old token, not a new one.
             if conn.execute("SELECT 1 FROM work_items WHERE delivery_id = ? LIMIT 1", (delivery_id,)).fetchone():
                 raise DeliveryTokenExpired(token)
-            local = _delivered(conn.execute(TAKE_SQL, (now, delivery_id, limit)).fetchall())
+            local = _delivered(conn.execute(TAKE_SQL, (now, delivery_id, client, limit)).fetchall())
             count_event(conn, "delivered", len(local))
             peer_limit = limit - len(local) if fill_up else 0
             conn.execute("INSERT INTO client_deliveries (token, created_at, peer_limit, peer_part) VALUES (?, ?, ?, ?)",
@@ -658,7 +697,7 @@ class Store:
                 """
                 SELECT id, state, iterations, payload_bytes, attempts, worker_id, created_at,
                        claimed_at, lease_expires_at, completed_at, duration_s, result,
-                       delivered_at, failed_reason
+                       delivered_at, failed_reason, client_key
                 FROM work_items WHERE id = ?
                 """,
                 (work_id,),

@@ -36,12 +36,13 @@ def create_app() -> RequestReader:
                   retention_days=settings.retention_days, max_waiting_claims=settings.max_waiting_claims)
     atexit.register(store.close)
     _exit_with_parent(store)
-    peer = Peer(settings.peer, peer_key(secret)) if settings.peer else None
+    peer = Peer(settings.peer, peer_key(secret), ca_file=settings.tls_ca) if settings.peer else None
     limits = Limits(settings.max_payload_bytes, settings.max_iterations, settings.max_top)
-    log.info("endpoint %s serving on http://%s:%d (db %s, peer %s)", settings.node_id, settings.host,
+    log.info("endpoint %s serving on %s://%s:%d (db %s, peer %s)", settings.node_id,
+             "https" if settings.tls else "http", settings.host,
              settings.port, store.path, settings.peer or "none")
     metrics = Metrics(store)
-    app = make_app(store, secret, limits, peer, settings.instance_id, metrics)
+    app = make_app(store, secret, limits, peer, settings.instance_id, metrics, client_keys=settings.client_keys == "on")
     read_limits = ReadLimits(settings.max_payload_bytes + FORM_OVERHEAD_BYTES, settings.body_timeout)
     # Claims that wait for work are held on the reader's event loop, not on the app's threads.
     return RequestReader(app, read_limits, settings.threads, metrics.observe_request, news=store.work_signal)

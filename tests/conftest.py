@@ -164,11 +164,13 @@ class Service:
 
 class Endpoint:
     def __init__(self, services: Services, node_id: str, directory: Path, port: int, peer_url: str = "",
-                 extra_args: tuple[str, ...] = (), host: str = "127.0.0.1") -> None:
+                 extra_args: tuple[str, ...] = (), host: str = "127.0.0.1", ca_file: str = "") -> None:
         self.node_id = node_id
         self.port = port
         self.host = host  # listen address, e.g. a HostNetwork gateway that fake hosts reach
-        self.url = f"http://{host}:{port}"
+        # With TLS (extra_args name the certificate): https, and the tests' requests trust this CA alone.
+        self.verify: str | bool = ca_file or True
+        self.url = f"{'https' if ca_file else 'http'}://{host}:{port}"
         self.db = directory / f"{node_id}.sqlite3"
         args = [PYTHON, "-m", "endpoint", "--node-id", node_id, "--host", host, "--port", str(port),
                 "--db", str(self.db), "--log-level", "WARNING", *extra_args]
@@ -182,7 +184,9 @@ class Endpoint:
             if not self.service.running():
                 raise AssertionError(f"endpoint {self.node_id} exited:\n{self.service.log()}")
             try:
-                return requests.get(f"{self.url}/stats", timeout=1).status_code == 200
+                return requests.get(f"{self.url}/stats", timeout=1, verify=self.verify).status_code == 200
+            except requests.exceptions.SSLError:  # up, and speaks TLS: a certificate refused is the test's business
+                return True
             except (requests.ConnectionError, requests.Timeout):  # the port is bound before the app is up
                 return False
 
@@ -194,24 +198,26 @@ class Endpoint:
 
     def enqueue(self, payload: bytes, iterations: int) -> str:
         response = requests.put(f"{self.url}/enqueue", params={"iterations": iterations}, data=payload,
-                                headers={"Content-Type": "application/octet-stream"}, timeout=30)
+                                headers={"Content-Type": "application/octet-stream"}, timeout=30, verify=self.verify)
         assert response.status_code == 200, response.text
         return response.json()["id"]
 
     def pull(self, top: int) -> list[dict[str, str]]:
-        response = requests.post(f"{self.url}/pullCompleted", params={"top": top}, timeout=30)
+        response = requests.post(f"{self.url}/pullCompleted", params={"top": top}, timeout=30, verify=self.verify)
         assert response.status_code == 200, response.text
         return response.json()
 
     def stats(self, public: bool = False) -> dict[str, Any]:
         """/stats with the details the peer key opens, or as anybody sees it."""
-        response = requests.get(f"{self.url}/stats", headers={} if public else PEER_AUTH, timeout=10)
+        response = requests.get(f"{self.url}/stats", headers={} if public else PEER_AUTH, timeout=10,
+                                verify=self.verify)
         assert response.status_code == 200, response.text
         return response.json()
 
     def work(self, work_id: str, public: bool = False) -> requests.Response:
         """GET /work/<id> with the details the peer key opens (the worker), or as anybody sees it."""
-        return requests.get(f"{self.url}/work/{work_id}", headers={} if public else PEER_AUTH, timeout=10)
+        return requests.get(f"{self.url}/work/{work_id}", headers={} if public else PEER_AUTH, timeout=10,
+                            verify=self.verify)
 
 
 class Services:
@@ -227,13 +233,17 @@ class Services:
         return service
 
     def endpoint(self, node_id: str, port: int | None = None, peer_url: str = "",
-                 extra_args: tuple[str, ...] = (), host: str = "127.0.0.1") -> Endpoint:
-        return Endpoint(self, node_id, self.directory, port or free_port(host), peer_url, extra_args, host)
+                 extra_args: tuple[str, ...] = (), host: str = "127.0.0.1", ca_file: str = "") -> Endpoint:
+        return Endpoint(self, node_id, self.directory, port or free_port(host), peer_url, extra_args, host, ca_file)
 
-    def endpoint_pair(self, extra_args: tuple[str, ...] = (), host: str = "127.0.0.1") -> tuple[Endpoint, Endpoint]:
+    def endpoint_pair(self, extra_args: tuple[str, ...] = (), host: str = "127.0.0.1",
+                      tls: dict[str, tuple[str, ...]] | None = None, ca_file: str = "") -> tuple[Endpoint, Endpoint]:
+        """With `tls` (each node's TLS arguments) and `ca_file`, both serve HTTPS and reach each other so."""
         port_a, port_b = free_port(host), free_port(host)
-        a = self.endpoint("a", port_a, f"http://{host}:{port_b}", extra_args, host)
-        b = self.endpoint("b", port_b, f"http://{host}:{port_a}", extra_args, host)
+        scheme = "https" if tls else "http"
+        tls = tls or {}
+        a = self.endpoint("a", port_a, f"{scheme}://{host}:{port_b}", (*extra_args, *tls.get("a", ())), host, ca_file)
+        b = self.endpoint("b", port_b, f"{scheme}://{host}:{port_a}", (*extra_args, *tls.get("b", ())), host, ca_file)
         return a, b
 
     def worker(self, endpoints: list[Endpoint], *, worker_id: str = "", processes: int = 1,

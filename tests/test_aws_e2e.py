@@ -2,6 +2,10 @@
 namespace of its own, and everything after the API call is real -- SSH, SFTP, the offline
 venv install, the endpoint service, the scaler's crontab entry, the workers, the results.
 
+With TLS on (the default): the deploy makes the cluster CA, each endpoint serves HTTPS with a
+certificate for its addresses, and the clients (this test, curl), the peer, the scalers and the
+workers all check it; the endpoints' port serves no plain HTTP.
+
 setup.sh aws -> deploy.sh aws (two endpoints provisioned over SSH) -> a burst of jobs -> both
 scalers run (as their crontab entry would) and launch and provision workers over SSH -> all
 results equal the reference -> idle workers run their exit action (a harmless stand-in for
@@ -66,6 +70,33 @@ def start_beside_the_service(host: FakeHost) -> subprocess.CompletedProcess[str]
     return subprocess.CompletedProcess(second.args, second.returncode, output)
 
 
+def check_tls(deployed: str, urls: list[str], ca: str, endpoints: list[FakeHost]) -> None:
+    """HTTPS only, checked against the cluster CA, which the deploy printed for curl; each endpoint host holds
+    its own key (0600) and the CA's certificate, never the CA's key."""
+    assert f'curl --cacert {ca} -X PUT "{urls[0]}/enqueue?iterations=10"' in deployed
+    ca_key = Path(ca).with_name(f"{CLUSTER}-ca-key.pem")
+    assert ca_key.stat().st_mode & 0o777 == 0o600
+    for url in urls:
+        assert requests.get(f"{url}/stats", timeout=10, verify=ca).json()["pending"] == 0
+        with pytest.raises(requests.exceptions.SSLError):  # only the cluster's CA vouches for it
+            requests.get(f"{url}/stats", timeout=10)
+        with pytest.raises(requests.ConnectionError):  # no plain HTTP on the port
+            requests.get(url.replace("https://", "http://") + "/stats", timeout=10)
+    for host in endpoints:
+        assert modes(host, "tls", "tls/endpoint-key.pem") == [0o700, 0o600]
+        held = "".join(path.read_text(errors="replace") for path in host.root_dir.rglob("*.pem") if path.is_file())
+        assert ca_key.read_text().strip() not in held
+    key_a, key_b = ((host.root_dir / "dynamic-workload" / "tls" / "endpoint-key.pem").read_text() for host in endpoints)
+    assert key_a != key_b
+
+
+def check_worker_tls(host: FakeHost, ca: str) -> None:
+    """The worker was handed the CA's certificate, and reaches the endpoints over https only."""
+    worker_env = (host.root_dir / "dynamic-workload" / "worker.env").read_text()
+    assert "DW_TLS_CA=" in worker_env and "https://" in worker_env and "http://" not in worker_env
+    assert (host.root_dir / "dynamic-workload" / "ca.pem").read_text() == Path(ca).read_text()
+
+
 @pytest.mark.slow
 def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
     require_root()
@@ -103,12 +134,12 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
                 host.start_sshd(public_key_from_private(key_path))
 
             deployed = run_script(["./deploy.sh", "aws"], env)
-            urls = [f"http://{host.address}:5000" for host in endpoints]
+            urls = [f"https://{host.address}:5000" for host in endpoints]
             assert all(url in deployed.stdout for url in urls), deployed.stdout
+            ca = str(tmp_path / "aws" / f"{CLUSTER}-ca.pem")
+            check_tls(deployed.stdout, urls, ca, endpoints)
             ec2 = moto.client("ec2")
             assert len(live_instances(ec2, "endpoint")) == 2
-            for url in urls:
-                assert requests.get(f"{url}/stats", timeout=10).json()["pending"] == 0
             secret_file = endpoints[0].root_dir / "dynamic-workload" / "secret"
             assert secret_file.stat().st_mode & 0o077 == 0
             for host in endpoints:  # data and logs owner-only, also the log the shell opens
@@ -116,14 +147,14 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
             second = start_beside_the_service(endpoints[0])
             assert second.returncode == 1, second.stdout
             assert "is in use by another endpoint" in second.stdout and "a.sqlite3" in second.stdout, second.stdout
-            assert requests.get(f"{urls[0]}/stats", timeout=10).json()["pending"] == 0  # the service still serves
+            assert requests.get(f"{urls[0]}/stats", timeout=10, verify=ca).json()["pending"] == 0  # still serves
 
             # a burst of jobs at both endpoints
             expected = {}
             for index in range(12):
                 payload = f"burst {index}".encode()
                 response = requests.put(f"{urls[index % 2]}/enqueue", params={"iterations": 20_000}, data=payload,
-                                        timeout=10)
+                                        timeout=10, verify=ca)
                 expected[response.json()["id"]] = reference(payload, 20_000)
 
             # both scalers run at once, as their crontab entries would
@@ -141,7 +172,8 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
             while len(results) < len(expected):
                 assert time.monotonic() < deadline, f"{len(results)} of {len(expected)} results"
                 for url in urls:
-                    for item in requests.post(f"{url}/pullCompleted", params={"top": 5}, timeout=10).json():
+                    for item in requests.post(f"{url}/pullCompleted", params={"top": 5}, timeout=10,
+                                              verify=ca).json():
                         assert item["id"] not in results
                         results[item["id"]] = item["result"]
                 time.sleep(0.2)
@@ -153,6 +185,7 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
             assert len(launched_hosts) == len(launched)
             for host in launched_hosts:
                 assert modes(host, "worker.log", "worker.pid", "secret") == [0o600, 0o600, 0o600]
+                check_worker_tls(host, ca)
             wait_for(lambda: all((host.root_dir / "dynamic-workload" / "idle-exit-ran").exists()
                                  for host in launched_hosts), timeout=60, what="the idle workers' exit action")
             time.sleep(4)  # past the silence deadline
@@ -171,5 +204,6 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
                                                          "Values": ["pending", "running", "stopping", "stopped"]}])
             assert remaining["Reservations"] == []
             assert not (tmp_path / "aws" / f"{CLUSTER}.json").exists()
+            assert not (tmp_path / "aws" / f"{CLUSTER}-ca-key.pem").exists()
         finally:
             moto.stop()

@@ -131,7 +131,7 @@ def ingress(group: dict) -> set[tuple[str, int, int, str]]:
 
 
 def expected_rules(group_id: str, cidr: str = CIDR, port: int = 5000) -> set[tuple[str, int, int, str]]:
-    return {("tcp", port, port, cidr), ("tcp", 22, 22, cidr), ("tcp", 0, 65535, group_id)}
+    return {("tcp", port, port, cidr), ("tcp", 22, 22, cidr), ("tcp", port, port, group_id), ("tcp", 22, 22, group_id)}
 
 
 def tags(resource: dict) -> dict[str, str]:
@@ -298,9 +298,9 @@ def test_rerun_completes_a_half_finished_setup(aws: Aws) -> None:
     aws.iam.delete_instance_profile(InstanceProfileName="dw-endpoint")
     aws.iam.delete_role_policy(RoleName="dw-endpoint", PolicyName="dw-scaler")
     # (moto matches a group rule to revoke on its description too; EC2 does not)
-    pair = {"GroupId": group_id, "Description": "dw:dw all TCP within the cluster"}
+    pair = {"GroupId": group_id, "Description": "dw:dw SSH within the cluster"}
     aws.ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=[
-        {"IpProtocol": "tcp", "FromPort": 0, "ToPort": 65535, "UserIdGroupPairs": [pair]}])
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "UserIdGroupPairs": [pair]}])
 
     aws.setup()
     (group,) = aws.groups()

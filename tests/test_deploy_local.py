@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import os
 import re
 import signal
@@ -54,7 +55,10 @@ class Deployment:
         directory.mkdir(parents=True, exist_ok=True)
         self.state = state or directory / "state"
         self.port_a, self.port_b = ports or (free_port(), free_port())
-        self.url_a, self.url_b = f"http://127.0.0.1:{self.port_a}", f"http://127.0.0.1:{self.port_b}"
+        scheme = "https" if "--tls" in args else "http"
+        self.url_a, self.url_b = f"{scheme}://127.0.0.1:{self.port_a}", f"{scheme}://127.0.0.1:{self.port_b}"
+        self.ca_file = self.state / "tls" / "ca.pem"
+        self.verify: str | bool = str(self.ca_file) if "--tls" in args else True
         self.log_path = directory / f"deploy-{time.monotonic_ns()}.log"
         environment = {**os.environ, "DW_STATE_DIR": str(self.state), **(env or {})}
         environment.pop("DW_SECRET", None)
@@ -110,18 +114,18 @@ class Deployment:
         assert text in self.output(), self.output()
 
     def stats(self, url: str) -> dict:
-        response = requests.get(f"{url}/stats", timeout=10)
+        response = requests.get(f"{url}/stats", timeout=10, verify=self.verify)
         assert response.status_code == 200, response.text
         return response.json()
 
     def enqueue(self, url: str, payload: bytes, iterations: int) -> str:
         response = requests.put(f"{url}/enqueue", params={"iterations": iterations}, data={"data": payload},
-                                timeout=10)
+                                timeout=10, verify=self.verify)
         assert response.status_code == 200, response.text
         return response.json()["id"]
 
     def work(self, work_id: str) -> dict:
-        response = requests.get(f"{self.url_a}/work/{work_id}", timeout=10)
+        response = requests.get(f"{self.url_a}/work/{work_id}", timeout=10, verify=self.verify)
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -129,7 +133,7 @@ class Deployment:
         pulled: list[dict] = []
 
         def enough() -> bool:
-            pulled.extend(requests.post(f"{self.url_a}/pullCompleted?top=100", timeout=10).json())
+            pulled.extend(requests.post(f"{self.url_a}/pullCompleted?top=100", timeout=10, verify=self.verify).json())
             return len(pulled) >= expected
 
         wait_for(enough, timeout, f"{expected} result(s) from {self.url_a}")
@@ -187,6 +191,42 @@ def test_deploy_local_serves_a_job_and_stops_everything(tmp_path: Path, deployme
     assert deployment.stop(stop_signal) == (130 if stop_signal == signal.SIGINT else 143)
     assert processes_of(deployment.state) == []
     assert "stopped." in deployment.output()
+
+
+def test_deploy_local_tls_serves_https_only_with_its_ca_and_the_printed_commands_work(
+        tmp_path: Path, deployments: list[Deployment]) -> None:
+    deployment = deploy(deployments, tmp_path, *FAST, "--tls")
+    deployment.wait_running()
+    ca = deployment.ca_file
+    output = deployment.output()
+    tls_folder = deployment.state / "tls"
+    assert sorted(path.name for path in tls_folder.iterdir()) == \
+        ["a-key.pem", "a.pem", "b-key.pem", "b.pem", "ca-key.pem", "ca-key.pem.lock", "ca.pem"]
+    assert all((tls_folder / name).stat().st_mode & 0o077 == 0 for name in ("ca-key.pem", "a-key.pem", "b-key.pem"))
+    # The printed commands, run as printed (in the checkout, as the banner's user would).
+    commands = [line.strip() for line in output.splitlines() if line.strip().startswith("curl ")]
+    assert len(commands) == 4 and all(command.startswith(f"curl --cacert {ca} ") for command in commands), output
+    answers = [subprocess.run(["sh", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=30)
+               for command in commands[:2]]
+    assert all(answer.returncode == 0 and '"id"' in answer.stdout for answer in answers), answers
+    ids = {json.loads(answer.stdout)["id"] for answer in answers}
+    pulled = deployment.pull_until(2)  # at endpoint a: b's result comes through the peer, over TLS
+    assert {item["id"] for item in pulled} == ids
+    assert {item["result"] for item in pulled if item["id"].startswith("a-")} == {reference(b"Hello", 10)}
+    # The workers and scalers worked over TLS; plain HTTP and an untrusting client get nothing.
+    assert deployment.stats(deployment.url_b)["scaler"]["last_run_s_ago"] is not None
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{deployment.port_a}/stats", timeout=10)
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(f"{deployment.url_a}/stats", timeout=10)
+    # A restart keeps the CA and issues the endpoints fresh certificates.
+    ca_before = ca.read_bytes()
+    assert deployment.stop() == 130
+    again = deploy(deployments, tmp_path / "again", *FAST, "--tls", state=deployment.state)
+    again.wait_running()
+    assert ca.read_bytes() == ca_before and "cluster CA created" not in again.output()
+    assert again.stats(again.url_a)["pending"] == 0
+    assert again.stop() == 130
 
 
 # --- options ----------------------------------------------------------------------------------------------------

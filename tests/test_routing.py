@@ -30,8 +30,8 @@ KEYS = Keys.from_secret(SECRET)
 BEARER = {role: {"HTTP_AUTHORIZATION": f"Bearer {getattr(KEYS, role)}"} for role in routing.BEARER_ROLES}
 OPERATOR = {"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(f"any:{KEYS.operator}".encode()).decode()}
 # What each route is opened to, by its rule: a route module that forgets its role fails here.
-EXPECTED_ROLES = {"/internal/peer/": "peer", "/internal/scaler/": "scaler", "/internal/": "worker",
-                  "/details": "operator"}
+EXPECTED_ROLES = {"/internal/peer/": "peer", "/internal/scaler/": "scaler", "/internal/client-keys": "operator",
+                  "/internal/": "worker", "/details": "operator"}
 
 
 def call(app: bottle.Bottle, method: str, path: str, headers: dict[str, str] | None = None,
@@ -57,7 +57,8 @@ def expected_role(rule: str) -> str | None:
 
 
 def concrete(rule: str) -> str:
-    return rule.replace("<work_id>", "a-0000000000000001").replace("<run_id>", "run-1")
+    return rule.replace("<work_id>", "a-0000000000000001").replace("<run_id>", "run-1").replace(
+        "<key_id>", "0123456789abcdef")
 
 
 def test_each_route_is_opened_to_its_role_alone(store: Store) -> None:

@@ -384,7 +384,7 @@ def test_a_version_2_file_is_rebuilt_with_the_constraints_and_keeps_every_row(tm
         assert {state: store.stats()[state] for state in counts} == counts  # the state counts still agree
         assert store.stats()["undelivered"] == 1
         with sqlite3.connect(path) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+            assert conn.execute("PRAGMA user_version").fetchone() == (4,)
             assert conn.execute("SELECT count(*) FROM payloads").fetchone() == (3,)
             indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
             triggers = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
@@ -422,6 +422,24 @@ def test_a_file_that_cannot_take_the_constraints_is_refused_and_left_as_it_was(t
 
 
 # -- retention and figures --------------------------------------------------------------------
+
+
+def test_workers_not_heard_from_for_the_retention_are_forgotten(tmp_path: Path) -> None:
+    """A fleet replaced every day leaves a thousand worker ids a day: /stats must not scan them all."""
+    store = Store(tmp_path / "a.sqlite3", "a", maintenance_interval=3600, retention_days=7)
+    try:
+        now = time.time()
+        for worker_id, seen in (("old", now - 8 * 86_400), ("last-week", now - 6 * 86_400), ("now", now)):
+            store._record_contact(worker_id, seen)
+        store._flush_contacts()
+        assert store.prune_workers() == 1
+        with sqlite3.connect(tmp_path / "a.sqlite3") as conn:
+            assert {row[0] for row in conn.execute("SELECT worker_id FROM workers")} == {"last-week", "now"}
+        conn.close()
+        assert [worker["id"] for worker in store.stats()["workers"]] == ["now"]
+        assert store.prune_workers(now=now + 2 * 86_400) == 1  # "last-week" is 8 days old by then, "now" 2
+    finally:
+        store.close()
 
 
 def test_only_results_delivered_longer_ago_than_the_retention_are_pruned(tmp_path: Path) -> None:

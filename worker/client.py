@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from cli.tls import client_context
+
 _CLOSED_BY_SERVER = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 # Longer than the endpoint's wait for its store (5 s), which therefore always answers first: a
 # write it has not done by then it does not do afterwards (see endpoint/writer.py). A claim that
@@ -69,13 +71,16 @@ class ClaimAnswer:
 class EndpointClient:
     """Not thread-safe: one per thread that talks to this endpoint (abort() may come from any)."""
 
-    def __init__(self, base_url: str, worker_key: str, worker_id: str, timeout: float = HTTP_TIMEOUT_S) -> None:
+    def __init__(self, base_url: str, worker_key: str, worker_id: str, timeout: float = HTTP_TIMEOUT_S,
+                 ca_file: str = "") -> None:
+        """An https endpoint is checked against `ca_file` (the cluster's CA), else the system's CAs."""
         parts = urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"endpoint URL must look like http://host:port, got {base_url!r}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"endpoint URL must look like https://host:port or http://host:port, got {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self._host = parts.hostname
-        self._port = parts.port or 80
+        self._tls = client_context(ca_file) if parts.scheme == "https" else None
+        self._port = parts.port or (443 if self._tls else 80)
         self._timeout = timeout
         self._worker_id = worker_id
         self._auth = f"Bearer {worker_key}"
@@ -150,6 +155,11 @@ class EndpointClient:
             self._conn.close()
             self._conn = None
 
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._tls is None:
+            return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        return http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout, context=self._tls)
+
     def _per_job(self, path: str, name: str, items: list[dict[str, object]]) -> list[str]:
         status, body = self._post(path, {"worker": self._worker_id, name: items})
         if status != 200:
@@ -169,7 +179,7 @@ class EndpointClient:
                     if self._aborted:
                         raise EndpointDown(f"{self.base_url}: the request was called off")
                     if self._conn is None:
-                        self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+                        self._conn = self._connection()
                     if self._conn.sock is None:
                         self._conn.connect()
                 self._conn.sock.settimeout(timeout or self._timeout)

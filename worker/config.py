@@ -33,6 +33,8 @@ SETTINGS = {
                                "seconds a result is offered to a failing endpoint before it is given up"),
     "exit_command": Setting("DW_EXIT_COMMAND", "", text,
                             "command run after an idle exit, e.g. 'systemctl poweroff' on EC2"),
+    "tls_ca": Setting("DW_TLS_CA", "", text,
+                      "CA certificate that https endpoints are checked against (default: the system's CAs)"),
     "log_level": Setting("DW_LOG_LEVEL", "INFO", choice("DEBUG", "INFO", "WARNING", "ERROR", fold=str.upper),
                          "DEBUG, INFO, WARNING or ERROR"),
 }

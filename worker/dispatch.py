@@ -85,6 +85,7 @@ class DispatchOptions:
     poll_interval: float = 0.5
     max_backoff: float = 30.0
     submit_patience: float = 3600.0
+    tls_ca: str = ""
 
 
 @dataclass
@@ -212,8 +213,12 @@ class Dispatcher:
 
     # -- claims ----------------------------------------------------------------------------
 
+    def new_client(self, url: str) -> EndpointClient:
+        """A connection of its own for one thread (a simulated fleet, bench/fleet.py, times its requests)."""
+        return EndpointClient(url, self.options.worker_key, self.options.worker_id, ca_file=self.options.tls_ca)
+
     def claim_loop(self, url: str) -> None:
-        client = EndpointClient(url, self.options.worker_key, self.options.worker_id)
+        client = self.new_client(url)
         with self.state:
             self.clients[url] = client
         backoff = Backoff(cap=self.options.max_backoff)
@@ -351,7 +356,7 @@ class Dispatcher:
     # -- leases and results ----------------------------------------------------------------
 
     def keep_loop(self, url: str) -> None:
-        client = EndpointClient(url, self.options.worker_key, self.options.worker_id)
+        client = self.new_client(url)
         keeper = _Keeper(self, client)
         try:
             while not self.stopping.is_set():

@@ -49,6 +49,7 @@ class WorkerOptions:
     kernel: str = "auto"  # worker/native.py's choices
     kernel_library: str = ""  # default: sha512_lanes.so beside native.py
     claim_wait: float = 20.0  # how long a claim waits at the endpoint for work
+    tls_ca: str = ""  # the CA https endpoints are checked against ("": the system's)
 
 
 class _Slots:
@@ -66,7 +67,7 @@ class _Slots:
         ours, theirs = self.context.Pipe()
         process = self.context.Process(
             target=run_slot, args=(index, theirs, self.options.kernel, self.options.kernel_library, self.log_level,
-                                   self.options.worker_key, self.options.worker_id),
+                                   self.options.worker_key, self.options.worker_id, self.options.tls_ca),
             name=f"slot-{index}", daemon=True)
         process.start()
         theirs.close()
@@ -113,7 +114,7 @@ def run_worker(options: WorkerOptions) -> int:
     processes = [process for process, _ in started]
     dispatcher = Dispatcher(DispatchOptions(options.endpoints, options.worker_key, options.worker_id,
                                             options.claim_wait, options.poll_interval, options.max_backoff,
-                                            options.submit_patience), [pipe for _, pipe in started])
+                                            options.submit_patience, options.tls_ca), [pipe for _, pipe in started])
     slots.dispatcher = dispatcher
     threading.Thread(target=slots.read_forever, name="slots", daemon=True).start()
     dispatcher.start()
@@ -158,7 +159,7 @@ def give_back_lost(options: WorkerOptions, dispatcher: Dispatcher, jobs: list) -
     for url in options.endpoints:
         lost = [job for job in jobs if job.endpoint == url]
         if lost:
-            client = EndpointClient(url, options.worker_key, options.worker_id)
+            client = EndpointClient(url, options.worker_key, options.worker_id, ca_file=options.tls_ca)
             dispatcher.give_back(client, lost)
             client.close()
 

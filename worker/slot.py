@@ -76,10 +76,10 @@ class Slot:
         return True
 
 
-def give_back_orphaned(jobs: list[Job], worker_key: str, worker_id: str) -> None:
+def give_back_orphaned(jobs: list[Job], worker_key: str, worker_id: str, tls_ca: str) -> None:
     """The supervisor died: give back the jobs this slot held, once each (no time for patience)."""
     for url in sorted({job.endpoint for job in jobs}):
-        client = EndpointClient(url, worker_key, worker_id)
+        client = EndpointClient(url, worker_key, worker_id, ca_file=tls_ca)
         try:
             client.release([job for job in jobs if job.endpoint == url])
             log.info("supervisor gone: gave back %d job(s) to %s", sum(job.endpoint == url for job in jobs), url)
@@ -90,7 +90,7 @@ def give_back_orphaned(jobs: list[Job], worker_key: str, worker_id: str) -> None
 
 
 def run_slot(index: int, conn: Connection, kernel_choice: str, library: str, log_level: int,
-             worker_key: str, worker_id: str) -> None:
+             worker_key: str, worker_id: str, tls_ca: str = "") -> None:
     # Ctrl-C and a group-wide SIGTERM reach every process; the supervisor alone decides when slots
     # stop (and a slot whose supervisor died notices by itself).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -103,4 +103,4 @@ def run_slot(index: int, conn: Connection, kernel_choice: str, library: str, log
     conn.send(("ready", kernel.name, kernel.lanes, kernel.reason))
     orphaned = Slot(conn, kernel, single, os.getppid()).run()
     if orphaned:
-        give_back_orphaned(orphaned, worker_key, worker_id)
+        give_back_orphaned(orphaned, worker_key, worker_id, tls_ca)

@@ -50,13 +50,14 @@ def _private(path: Path, mode: int) -> BinaryIO:
 class LocalProvider:
     def __init__(self, state_dir: Path, endpoints: Sequence[str], worker_key: Callable[[], str], *,
                  processes_per_worker: int = 1, idle_timeout: float = 60.0, log_dir: Path | None = None,
-                 kernel: str = "auto") -> None:
+                 kernel: str = "auto", tls_ca: str = "") -> None:
         """`worker_key` is asked for at the first launch only: listing and terminating need no secret."""
         self.state_dir = state_dir
         self.endpoints = list(endpoints)
         self.processes_per_worker = processes_per_worker
         self.idle_timeout = idle_timeout
         self.kernel = kernel
+        self.tls_ca = tls_ca  # the CA https endpoints are checked against
         self.log_dir = log_dir or state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.key_file = state_dir / "worker-key"
@@ -102,7 +103,9 @@ class LocalProvider:
                        "--kernel", self.kernel]
             for endpoint in self.endpoints:
                 command += ["--endpoint", endpoint]
-            env = {**os.environ, **environment(WORKER_SETTINGS, {"secret_file": self.key_file})}
+            env = {**os.environ, **environment(WORKER_SETTINGS, {"secret_file": self.key_file,
+                                                                  "tls_ca": os.path.abspath(self.tls_ca)
+                                                                  if self.tls_ca else ""})}
             env.pop(SECRET_ENV, None)
             self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             with _private(self.log_dir / f"worker-{worker_id}.log", os.O_APPEND) as log_file:
