@@ -23,9 +23,10 @@ def test_an_endpoint_paused_past_the_lease_leaves_the_job_with_its_worker(servic
     """While the endpoint is stopped its workers cannot renew: when it resumes, their leases get a full
     lease to renew in, as after a restart, and no attempt is used up or handed to another worker."""
     endpoint = services.endpoint("a", extra_args=("--lease-seconds", "2", "--max-attempts", "1"))
-    payload, iterations = b"outlives a pause of its endpoint", 9_000_000  # seconds of hashing
+    payload, iterations = b"outlives a pause of its endpoint", 20_000_000  # 9-35 s in the Python loop
     work_id = endpoint.enqueue(payload, iterations)
-    worker = services.worker([endpoint], processes=1, worker_id="paused-through")
+    # The Python loop: the native kernel could finish the job within the pause (the test needs it running after).
+    worker = services.worker([endpoint], processes=1, worker_id="paused-through", extra_args=("--kernel", "python"))
     wait_for(lambda: endpoint.work(work_id).json()["state"] == "running", what="the worker to claim it")
     endpoint.service.signal_group(signal.SIGSTOP)  # a paused VM, a stopped process: no answers at all
     try:
@@ -38,7 +39,7 @@ def test_an_endpoint_paused_past_the_lease_leaves_the_job_with_its_worker(servic
     other = requests.post(f"{endpoint.url}/internal/claim", json={"worker": "another"}, headers=WORKER_AUTH,
                           timeout=10)
     assert other.status_code == 204, other.text  # nothing to claim: the job is still its worker's
-    wait_for(lambda: endpoint.work(work_id).json()["state"] == "completed", timeout=90, what="the job to complete")
+    wait_for(lambda: endpoint.work(work_id).json()["state"] == "completed", timeout=180, what="the job to complete")
     status = endpoint.work(work_id).json()
     assert (status["attempts"], status["worker_id"]) == (1, "paused-through")
     assert status["result"] == reference(payload, iterations)
