@@ -26,6 +26,8 @@ from typing import Any
 
 from endpoint.history import History, count_event
 from endpoint.key_store import KeyStore
+from endpoint.prices import PriceTable
+from endpoint.usage import Usage
 from endpoint.waiting import WorkSignal
 from endpoint.writer import (
     DEFAULT_WAIT_S,
@@ -366,6 +368,10 @@ class Store:
             target=self._maintain, args=(maintenance_interval,), name="store-maintenance", daemon=True
         )
         self._maintenance.start()
+
+    def usage(self, prices: PriceTable) -> Usage:
+        """The worker machines' seconds and cost (endpoint/usage.py), kept in this file by its writer."""
+        return Usage(self._writer, self._reader, prices)
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -14,6 +14,12 @@ Per endpoint two threads, each with its own connection:
 
 Jobs go to the slot with the most free lanes, so a few jobs spread over the cores (each then
 runs the scalar kernel alone), and many fill every lane.
+
+A drain (a Spot interruption notice, worker/interruption.py) ends the claims as a stop does
+(waiting claims called off, jobs that arrive given back), gives back at once the jobs still
+waiting for a lane, and tells the slots its deadline: each gives back the jobs that cannot end
+by then (worker/slot.py), which the keeper releases in one request; the keepers go on posting
+results and renewing the leases of the jobs that finish.
 """
 
 from __future__ import annotations
@@ -135,6 +141,9 @@ class Dispatcher:
         self.pending_at: dict[str, int] = {}  # what each endpoint said it still had pending
         self.job_seconds: float | None = None  # a moving mean of the jobs' lengths in their lanes
         self.stopping = threading.Event()
+        self.claims_over = threading.Event()  # set by a stop or a drain: nothing more is claimed
+        self.drain_deadline = 0.0  # unix seconds, once a drain began: jobs not done by then go back
+        self.returned: dict[str, list[Job]] = {url: [] for url in options.endpoints}  # to give back now
         self.last_work = time.monotonic()
         self.clients: dict[str, EndpointClient] = {}  # the claimers', to abort a waiting claim
         self.threads: list[threading.Thread] = []
@@ -159,26 +168,53 @@ class Dispatcher:
 
     def busy(self) -> bool:
         with self.state:
-            return bool(self.in_flight) or any(self.finished.values())
+            return bool(self.in_flight) or any(self.finished.values()) or any(self.returned.values())
 
     def stop(self) -> None:
         """Claim no more, call off waiting claims, give back the jobs in flight, post what is done."""
         self.stopping.set()
+        self.end_claims(("stop",))
+        for thread in self.threads:
+            thread.join()
+
+    def drain(self, deadline: float) -> None:
+        """Claim no more and call off waiting claims; finish the jobs that can end by `deadline` (unix
+        seconds), give the others back at once, post what is done (a Spot interruption)."""
+        self.claims_over.set()  # first: jobs that a claim brings from now on go back, none wait for a lane
+        with self.state:
+            self.drain_deadline = deadline
+            waiting = [key for key, flight in self.in_flight.items() if flight.slot is None]
+            self.return_jobs(waiting)
+        if waiting:
+            log.info("draining: giving back %d job(s) that waited for a lane", len(waiting))
+        self.end_claims(("drain", deadline))
+
+    def end_claims(self, message: tuple[object, ...]) -> None:
+        """No more claims; the waiting ones broken off (the claimers call them off); `message` to the slots."""
+        self.claims_over.set()
         with self.state:
             self.state.notify_all()
             clients = list(self.clients.values())
             for slot in self.slots:
-                slot.send(("stop",))
+                slot.send(message)
         for client in clients:  # not under the state: an abort may wait for a connect in progress
             client.abort()
-        for thread in self.threads:
-            thread.join()
+
+    def return_jobs(self, keys: list[tuple[str, str]]) -> None:
+        """Jobs no longer computed here, for their endpoints' keepers to give back (with the state held)."""
+        for key in keys:
+            flight = self.in_flight.pop(key, None)
+            if flight is not None:  # not dropped meanwhile
+                self.returned[flight.job.endpoint].append(flight.job)
+        self.state.notify_all()
 
     # -- the slots' side -------------------------------------------------------------------
 
     def slot_ready(self, index: int, kernel: str, lanes: int) -> None:
         with self.state:
             self.slots[index].kernel, self.slots[index].lanes = kernel, lanes
+            if self.drain_deadline:  # a slot restarted during a drain gets no jobs; it learns of it anyway
+                self.slots[index].send(("drain", self.drain_deadline))
             self.start_waiting()
             self.state.notify_all()
 
@@ -193,10 +229,15 @@ class Dispatcher:
             self.start_waiting()
             self.state.notify_all()
 
+    def slots_gave_back(self, keys: list[tuple[str, str]]) -> None:
+        """A draining slot stopped jobs that cannot end in time: they go back at once."""
+        with self.state:
+            self.return_jobs(keys)
+
     def start_waiting(self) -> None:
         """Jobs that came without a free lane take the lanes free now (with the state held)."""
         for flight in self.in_flight.values():
-            if flight.slot is None and not self.stopping.is_set():
+            if flight.slot is None and not self.claims_over.is_set():
                 flight.slot = self.roomiest_slot()
                 if flight.slot is None:
                     return
@@ -224,27 +265,27 @@ class Dispatcher:
         backoff = Backoff(cap=self.options.max_backoff)
         self.wait_for_slots(SLOTS_READY_WAIT_S)  # so that the first claim reports the whole capacity
         try:
-            while not self.stopping.is_set():
+            while not self.claims_over.is_set():
                 want = self.reserve(url)
                 if want == 0:
                     break
                 try:
-                    wait = 0.0 if self.stopping.is_set() else self.options.claim_wait
+                    wait = 0.0 if self.claims_over.is_set() else self.options.claim_wait
                     answer = client.claim(want, MAX_CLAIM_BYTES, wait, self.report())
                 except (EndpointDown, Rejected) as exc:
                     self.unreserve(url, want)
-                    if self.stopping.is_set():
+                    if self.claims_over.is_set():
                         break
                     wait = backoff.failed()
                     log.warning("%s unavailable, retry in %.1fs: %s", url, wait, exc)
-                    self.stopping.wait(wait)
+                    self.claims_over.wait(wait)
                     continue
                 backoff.succeeded()
                 self.unreserve(url, want)
                 self.pending_at[url] = answer.pending
                 self.run_jobs(client, answer.jobs)
                 if not answer.jobs and not answer.waited:
-                    self.stopping.wait(self.options.poll_interval * random.uniform(0.8, 1.2))
+                    self.claims_over.wait(self.options.poll_interval * random.uniform(0.8, 1.2))
         finally:
             self.call_off(client)
             client.close()
@@ -254,7 +295,7 @@ class Dispatcher:
         longer than `timeout`)."""
         deadline = time.monotonic() + timeout
         with self.state:
-            while not all(slot.lanes for slot in self.slots) and not self.stopping.is_set():
+            while not all(slot.lanes for slot in self.slots) and not self.claims_over.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
@@ -262,9 +303,9 @@ class Dispatcher:
 
     def reserve(self, url: str) -> int:
         """Lanes for one claim: this endpoint's share of the free lanes (at least one, so that every
-        endpoint is asked even while another's claim waits), once there is a free lane. 0: stop."""
+        endpoint is asked even while another's claim waits), once there is a free lane. 0: claim no more."""
         with self.state:
-            while not self.stopping.is_set():
+            while not self.claims_over.is_set():
                 free = self.capacity() + self.prefetch(url) - len(self.in_flight)
                 if free > 0:
                     share = -(-free // len(self.options.endpoints))
@@ -291,9 +332,9 @@ class Dispatcher:
     def run_jobs(self, client: EndpointClient, jobs: list[Job]) -> None:
         """Into the slots with the most free lanes. A job with no free lane (claims at both
         endpoints came back at once) waits for the next, its lease kept; jobs that came while
-        stopping are given back at once."""
+        stopping or draining are given back at once."""
         with self.state:
-            if self.stopping.is_set():
+            if self.claims_over.is_set():
                 surplus, jobs = jobs, []
             else:
                 surplus = []
@@ -306,7 +347,8 @@ class Dispatcher:
                 self.last_work = time.monotonic()
                 self.state.notify_all()  # the keeper learns when their first renewal is due
         if surplus:
-            log.info("giving back %d job(s) from %s: stopping", len(surplus), client.base_url)
+            log.info("giving back %d job(s) from %s: %s", len(surplus), client.base_url,
+                     "draining" if self.drain_deadline and not self.stopping.is_set() else "stopping")
             self.give_back(client, surplus)
 
     def roomiest_slot(self) -> int | None:
@@ -319,14 +361,14 @@ class Dispatcher:
         return best if room[best] > 0 else None
 
     def call_off(self, client: EndpointClient) -> None:
-        """A claim broken off by a stop: the endpoint ends it and gives back what it took."""
+        """A claim broken off by a stop or a drain: the endpoint ends it and gives back what it took."""
         if client.unanswered_claim is None:
             return
         client.resume()
         try:
             released = client.cancel_unanswered()
             if released:
-                log.info("%s: the claim broken off by the stop had taken %d job(s): given back",
+                log.info("%s: the claim broken off had taken %d job(s): given back",
                          client.base_url, released)
         except (EndpointDown, Rejected) as exc:
             log.warning("%s: could not call off the waiting claim: %s", client.base_url, exc)
@@ -405,11 +447,16 @@ class Dispatcher:
             keys = [key for key, flight in self.in_flight.items() if flight.job.endpoint == url]
             return [self.in_flight.pop(key).job for key in keys]
 
+    def take_returned(self, url: str) -> list[Job]:
+        with self.state:
+            jobs, self.returned[url] = self.returned[url], []
+            return jobs
+
     def wait_for_news(self, url: str, timeout: float, results_wait: bool) -> None:
         """Up to `timeout`, or until something changes; at once if results wait to be posted (unless
-        `results_wait`: they wait for a back-off)."""
+        `results_wait`: they wait for a back-off) or jobs to be given back."""
         with self.state:
-            if (results_wait or not self.finished[url]) and not self.stopping.is_set():
+            if (results_wait or not self.finished[url]) and not self.returned[url] and not self.stopping.is_set():
                 self.state.wait(timeout)
 
 
@@ -424,6 +471,9 @@ class _Keeper:
         self.renew_backoff = Backoff(first=0.5, cap=10.0)  # its cap follows the lease (renew())
 
     def round(self) -> None:
+        returned = self.dispatcher.take_returned(self.url)
+        if returned:
+            self.dispatcher.give_back(self.client, returned)
         post_at = max(self.submit_backoff.next_try(), self.dispatcher.results_due(self.url))
         if post_at <= time.monotonic():
             self.submit_finished(self.dispatcher.options.submit_patience)
@@ -494,7 +544,7 @@ class _Keeper:
 
     def finish(self) -> None:
         """At a stop: the jobs still computing go back, then what is done is posted (briefly)."""
-        jobs = self.dispatcher.take_in_flight(self.url)
+        jobs = self.dispatcher.take_returned(self.url) + self.dispatcher.take_in_flight(self.url)
         if jobs:
             self.dispatcher.give_back(self.client, jobs)
         deadline = time.monotonic() + GIVE_BACK_PATIENCE_S
