@@ -294,4 +294,15 @@ CREATE TABLE IF NOT EXISTS samples (
     durations            TEXT NOT NULL
 );
 
+-- The cluster's worker machines as the scalers list them at every run (PUT /internal/scaler/fleet), for
+-- the worker-seconds and estimated cost in GET /stats (endpoint/usage.py). Kept two days after
+-- the last listing.
+CREATE TABLE IF NOT EXISTS fleet_machines (
+    machine_id     TEXT PRIMARY KEY,                -- an instance id (the worker's id), or a host
+    instance_type  TEXT NOT NULL,                   -- EC2's; the provider's name (local, ssh) off EC2
+    market         TEXT NOT NULL CHECK (market IN ('on-demand', 'spot', 'none')),
+    launched_at    REAL NOT NULL,                   -- EC2's launch time (the first listing off EC2)
+    last_listed_at REAL NOT NULL CHECK (last_listed_at >= launched_at)
+) WITHOUT ROWID;
+
 PRAGMA user_version = 4;

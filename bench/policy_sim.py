@@ -3,6 +3,10 @@
 A benchmark, not a test: it prints figures. Simulated time (an event queue, no sleeping), deterministic
 for a given seed.
     usage: .venv/bin/python bench/policy_sim.py [--seed N]      (about 2 s)
+           .venv/bin/python bench/policy_sim.py --markets [--spot-interruptions-per-hour R] [--spot-discount D]
+               [--spot-shortage F] [--job-scale K] [--seed N]
+    The second compares On-Demand, Spot and Spot with the On-Demand fallback (see `Markets`): cost per
+    thousand jobs and p50/p95 time to result, side by side, with our policy.
 
 The model
 ---------
@@ -167,6 +171,8 @@ class Worker:
     running: int = 0
     last_work: float = 0.0  # ready time, then every job start and end
     exited_at: float | None = None
+    spot: bool = False
+    leaving: bool = False  # its Spot interruption notice came: it takes no more jobs, and counts as gone
 
 
 @dataclass(frozen=True)
@@ -290,24 +296,74 @@ class Result:
     latencies: list[float] = field(default_factory=list)
     worker_seconds: float = 0.0
     launches: int = 0
+    cost: float = 0.0  # in On-Demand worker-seconds: a Spot second costs (1 - discount) of one
+    spot_launches: int = 0
+    interrupted: int = 0  # workers whose Spot notice came while they lived
+    given_back: int = 0  # jobs a worker released at its notice, to be run again elsewhere
+    failed_launches: int = 0  # no Spot capacity and no fallback
+
+
+@dataclass(frozen=True)
+class Markets:
+    """Where the scalers' workers come from (ours only; the baseline stays On-Demand).
+
+    Spot workers are interrupted at `interruptions_per_hour` (a Poisson process over each worker's life,
+    booting included); at the notice a worker takes no more jobs, finishes those that end within
+    NOTICE_S - MARGIN_S and gives the others back at once (they go to the front of their queue), then
+    exits, and the scalers count it as gone from the notice on. A Spot second costs (1 - discount) of an
+    On-Demand one. During `shortages` (intervals of simulated time) there is no Spot capacity: a launch
+    then fails, counts toward its scaler's circuit breaker (3 in a row open it for 600 s, as the
+    scaler's defaults), or with `fallback` is made On-Demand and counts nothing."""
+
+    spot: bool = False
+    fallback: bool = False
+    interruptions_per_hour: float = 0.0
+    discount: float = 0.6
+    shortages: tuple[tuple[float, float], ...] = ()
+    seed: int = 1
+
+    def short_at(self, now: float) -> bool:
+        return any(start <= now < end for start, end in self.shortages)
+
+
+NOTICE_S = 120.0  # EC2's warning before it takes a Spot instance
+MARGIN_S = 20.0  # worker/interruption.py: what must be left to post results and release jobs
+BREAKER_THRESHOLD, BREAKER_COOLDOWN_S = 3, 600.0
+
+
+def shortages(rng: random.Random, share: float, horizon: float,
+              mean_s: float = 1200.0) -> tuple[tuple[float, float], ...]:
+    """Intervals without Spot capacity, `share` of the time, of `mean_s` on average (exponential lengths)."""
+    if share <= 0:
+        return ()
+    found, t = [], 0.0
+    while t < horizon:
+        t += rng.expovariate(share / (mean_s * (1 - share)))  # the gaps between shortages
+        length = rng.expovariate(1 / mean_s)
+        found.append((t, t + length))
+        t += length
+    return tuple(found)
 
 
 # Event kinds, in the order they are handled within one instant.
-DONE, READY, ARRIVAL, IDLE, TICK = range(5)
+DONE, READY, ARRIVAL, IDLE, TICK, INTERRUPT = range(6)
 
 
-def simulate(jobs: list[Job], scalers: Scalers, cluster: Cluster = CLUSTER) -> Result:
-    return Simulation(jobs, scalers, cluster).run()
+def simulate(jobs: list[Job], scalers: Scalers, cluster: Cluster = CLUSTER, markets: Markets | None = None) -> Result:
+    return Simulation(jobs, scalers, cluster, markets or Markets()).run()
 
 
 class Simulation:
     """One run of the event queue: each event kind has its handler, then free slots take pending jobs."""
 
-    def __init__(self, jobs: list[Job], scalers: Scalers, cluster: Cluster) -> None:
+    def __init__(self, jobs: list[Job], scalers: Scalers, cluster: Cluster, markets: Markets) -> None:
         self.jobs = sorted(jobs, key=lambda job: job.arrival)
         self.scalers = scalers
         self.cluster = cluster
-        self.events: list[tuple[float, int, int, int]] = []  # (time, kind, sequence, job or worker index)
+        self.markets = markets
+        self.rng = random.Random(f"{markets.seed}:interruptions")
+        # (time, kind, sequence, job or worker index, run)
+        self.events: list[tuple[float, int, int, int, int]] = []
         self.sequence = 0
         self.queues: tuple[deque[int], deque[int]] = (deque(), deque())  # pending job indexes per endpoint
         # (end, duration) of the jobs completed recently, per endpoint
@@ -316,62 +372,99 @@ class Simulation:
         self.workers: list[Worker] = []
         self.alive: list[Worker] = []  # in launch order: free slots of older workers are used first
         self.worker_of: dict[int, Worker] = {}  # running job -> its worker
+        # running job -> (its run, when it ends): a run given back at an interruption ends never
+        self.runs: dict[int, tuple[int, float]] = {}
+        self.breakers = [[0, -math.inf], [0, -math.inf]]  # per scaler: failures in a row, time of the last
         self.result = Result()
         self.unfinished = len(self.jobs)
 
-    def schedule(self, time: float, kind: int, index: int) -> None:
-        heapq.heappush(self.events, (time, kind, self.sequence, index))
+    def schedule(self, time: float, kind: int, index: int, run: int = 0) -> None:
+        heapq.heappush(self.events, (time, kind, self.sequence, index, run))
         self.sequence += 1
 
     def run(self) -> Result:
         for index, job in enumerate(self.jobs):
             self.schedule(job.arrival, ARRIVAL, index)
         self.schedule(0.0, TICK, 0)
-        handlers = {ARRIVAL: self.arrival, DONE: self.done, READY: self.ready, IDLE: self.idle, TICK: self.tick}
+        handlers = {ARRIVAL: self.arrival, DONE: self.done, READY: self.ready, IDLE: self.idle, TICK: self.tick,
+                    INTERRUPT: self.interrupt}
         while self.events:
-            now, kind, _, index = heapq.heappop(self.events)
-            handlers[kind](now, index)
+            now, kind, _, index, run = heapq.heappop(self.events)
+            handlers[kind](now, index, run)
             self.dispatch(now)
         assert self.unfinished == 0 and not self.alive
         return self.result
 
-    def arrival(self, now: float, index: int) -> None:
+    def arrival(self, now: float, index: int, _: int) -> None:
         self.queues[index % 2].append(index)
         self.arrived[index % 2].append(now)
 
-    def done(self, now: float, index: int) -> None:
+    def done(self, now: float, index: int, run: int) -> None:
+        if self.runs.get(index, (0, 0.0))[0] != run or index not in self.worker_of:
+            return  # a run given back at an interruption
         job, worker = self.jobs[index], self.worker_of.pop(index)
         worker.running -= 1
         worker.last_work = now
         self.result.latencies.append(now - job.arrival)
         self.recent[index % 2].append((now, job.duration))
         self.unfinished -= 1
-        if not worker.running:
+        if worker.leaving and not worker.running:
+            self.exit_worker(worker, now)
+        elif not worker.running:
             self.schedule(now + IDLE_TIMEOUT_S, IDLE, worker.id)
 
-    def ready(self, now: float, index: int) -> None:
+    def ready(self, now: float, index: int, _: int) -> None:
         self.workers[index].last_work = now
         self.schedule(now + IDLE_TIMEOUT_S, IDLE, index)
 
-    def idle(self, now: float, index: int) -> None:
+    def idle(self, now: float, index: int, _: int) -> None:
         worker = self.workers[index]
         if worker.exited_at is None and not worker.running and now - worker.last_work >= IDLE_TIMEOUT_S - 1e-9:
-            worker.exited_at = now
-            self.alive.remove(worker)
-            self.result.worker_seconds += max(MIN_BILLING_S, now - worker.launched_at)
+            self.exit_worker(worker, now)
 
-    def tick(self, now: float, _: int) -> None:
+    def interrupt(self, now: float, index: int, _: int) -> None:
+        """A Spot notice: jobs that cannot end before the notice's time less the margin go back."""
+        worker = self.workers[index]
+        if worker.exited_at is not None:
+            return
+        worker.leaving = True
+        self.result.interrupted += 1
+        for job in [job for job, holder in self.worker_of.items() if holder is worker]:
+            if self.runs[job][1] - now > NOTICE_S - MARGIN_S:
+                del self.worker_of[job]
+                self.runs[job] = (self.runs[job][0], math.inf)
+                worker.running -= 1
+                self.give_back(job)
+        if not worker.running:
+            self.exit_worker(worker, now)
+
+    def give_back(self, index: int) -> None:
+        """Back to its queue, in arrival order (so, usually, at the front)."""
+        queue = self.queues[index % 2]
+        arrival = self.jobs[index].arrival
+        position = next((i for i, other in enumerate(queue) if self.jobs[other].arrival > arrival), len(queue))
+        queue.insert(position, index)
+        self.result.given_back += 1
+
+    def exit_worker(self, worker: Worker, now: float) -> None:
+        worker.exited_at = now
+        self.alive.remove(worker)
+        billed = max(MIN_BILLING_S, now - worker.launched_at)
+        self.result.worker_seconds += billed
+        self.result.cost += billed * (1 - self.markets.discount) if worker.spot else billed
+
+    def tick(self, now: float, _: int, __: int) -> None:
         for owner, count in enumerate(self.scalers(self.snapshot(now))):
-            for _ in range(count):
-                self.launch(now, owner)
-        if len(self.alive) > self.cluster.max_workers:
+            self.launch(now, owner, count)
+        if sum(not worker.leaving for worker in self.alive) > self.cluster.max_workers:
             raise AssertionError(f"{len(self.alive)} workers alive at {now:.0f}s, over the cap of "
                                  f"{self.cluster.max_workers}")
         if self.unfinished or self.alive:
             self.schedule(now + self.cluster.tick_s, TICK, 0)
 
     def snapshot(self, now: float) -> Snapshot:
-        """What the scalers see: each endpoint's figures over its windows, and the cluster."""
+        """What the scalers see: each endpoint's figures over its windows, and the cluster (a leaving
+        worker counts as gone)."""
         for window in self.recent:
             while window and window[0][0] < now - STATS_WINDOW_S:
                 window.popleft()
@@ -380,9 +473,10 @@ class Simulation:
                 times.popleft()
         loads = tuple(self.load(now, queue, window, times)
                       for queue, window, times in zip(self.queues, self.recent, self.arrived, strict=True))
-        ready = sum(worker.ready_at <= now for worker in self.alive)
-        owned = (sum(worker.owner == 0 for worker in self.alive), sum(worker.owner == 1 for worker in self.alive))
-        return Snapshot(now, (loads[0], loads[1]), ready, len(self.alive) - ready, owned)
+        staying = [worker for worker in self.alive if not worker.leaving]
+        ready = sum(worker.ready_at <= now for worker in staying)
+        owned = (sum(worker.owner == 0 for worker in staying), sum(worker.owner == 1 for worker in staying))
+        return Snapshot(now, (loads[0], loads[1]), ready, len(staying) - ready, owned)
 
     def load(self, now: float, queue: deque[int], window: deque[tuple[float, float]],
              times: deque[float]) -> EndpointLoad:
@@ -401,25 +495,58 @@ class Simulation:
             count += 1
         return count
 
-    def launch(self, now: float, owner: int) -> None:
-        worker = Worker(len(self.workers), owner, launched_at=now, ready_at=now + self.cluster.boot_s)
-        self.workers.append(worker)
-        self.alive.append(worker)
-        self.schedule(worker.ready_at, READY, worker.id)
-        self.result.launches += 1
+    def offer(self, owner: int, now: float) -> bool | None:
+        """A launch's market: True (Spot), False (On-Demand), None (no Spot capacity, no fallback: failed)."""
+        markets, breaker = self.markets, self.breakers[owner]
+        if not markets.spot:
+            return False
+        if not markets.short_at(now):
+            breaker[0] = 0
+            return True
+        if markets.fallback:
+            return False
+        breaker[0] += 1
+        breaker[1] = now
+        self.result.failed_launches += 1
+        return None
+
+    def breaker_allows(self, owner: int, now: float) -> bool:
+        failures, last = self.breakers[owner]
+        return failures < BREAKER_THRESHOLD or now - last >= BREAKER_COOLDOWN_S
+
+    def launch(self, now: float, owner: int, count: int) -> None:
+        if not count or not self.breaker_allows(owner, now):
+            return
+        market = self.offer(owner, now)
+        if market is None:
+            return
+        for _ in range(count):
+            worker = Worker(len(self.workers), owner, launched_at=now, ready_at=now + self.cluster.boot_s, spot=market)
+            self.workers.append(worker)
+            self.alive.append(worker)
+            self.schedule(worker.ready_at, READY, worker.id)
+            self.result.launches += 1
+            if market:
+                self.result.spot_launches += 1
+                if self.markets.interruptions_per_hour > 0:
+                    self.schedule(now + self.rng.expovariate(self.markets.interruptions_per_hour / 3600), INTERRUPT,
+                                  worker.id)
 
     def dispatch(self, now: float) -> None:
-        queues = self.queues
+        queues, jobs = self.queues, self.jobs
         for worker in self.alive:
-            while worker.running < SLOTS_PER_WORKER and worker.ready_at <= now and (queues[0] or queues[1]):
-                if not queues[1] or (queues[0] and self.jobs[queues[0][0]].arrival <= self.jobs[queues[1][0]].arrival):
+            while (worker.running < SLOTS_PER_WORKER and worker.ready_at <= now and not worker.leaving
+                   and (queues[0] or queues[1])):
+                if not queues[1] or (queues[0] and jobs[queues[0][0]].arrival <= jobs[queues[1][0]].arrival):
                     index = queues[0].popleft()
                 else:
                     index = queues[1].popleft()
                 worker.running += 1
                 worker.last_work = now
                 self.worker_of[index] = worker
-                self.schedule(now + self.jobs[index].duration, DONE, index)
+                run = self.runs[index][0] + 1 if index in self.runs else 1
+                self.runs[index] = (run, now + jobs[index].duration)
+                self.schedule(now + jobs[index].duration, DONE, index, run)
 
 
 # --- figures -----------------------------------------------------------------------------------------------------
@@ -469,18 +596,82 @@ def context_row(label: str, comparisons: dict[str, Comparison]) -> str:
 
 def merged(results: list[Result]) -> Result:
     return Result([latency for result in results for latency in result.latencies],
-                  sum(result.worker_seconds for result in results), sum(result.launches for result in results))
+                  *(sum(getattr(result, name) for result in results)
+                    for name in ("worker_seconds", "launches", "cost", "spot_launches", "interrupted", "given_back",
+                                 "failed_launches")))
 
 
 def total(comparisons: dict[str, Comparison]) -> Comparison:
     return Comparison(merged([c.ours for c in comparisons.values()]), merged([c.base for c in comparisons.values()]))
 
 
+ON_DEMAND_USD_PER_HOUR = 0.08925  # c7i.large (2 vCPUs: SLOTS_PER_WORKER), us-east-1, endpoint/prices.py
+
+
+def market_modes(args: argparse.Namespace, horizon: float) -> dict[str, Markets]:
+    spot = Markets(spot=True, interruptions_per_hour=args.spot_interruptions_per_hour, discount=args.spot_discount,
+                   shortages=shortages(random.Random(f"{args.seed}:shortages"), args.spot_shortage, horizon),
+                   seed=args.seed)
+    return {"on-demand": Markets(), "spot": spot, "spot, fallback": replace(spot, fallback=True)}
+
+
+def market_row(label: str, jobs: str, name: str, result: Result) -> str:
+    usd = result.cost / 3600 * ON_DEMAND_USD_PER_HOUR
+    per_thousand = usd / len(result.latencies) * 1000
+    return (f"{label:<18}{jobs:>7}  {name:<15}{per_thousand:>11.4f}{percentile(result.latencies, 0.5):>9.1f}"
+            f"{percentile(result.latencies, 0.95):>9.1f}{result.worker_seconds:>10.0f}{result.launches:>7}"
+            f"{result.spot_launches:>6}{result.interrupted:>7}{result.given_back:>7}{result.failed_launches:>7}")
+
+
+def compare_markets(args: argparse.Namespace, traces: dict[str, list[Job]]) -> None:
+    """On-Demand, Spot and Spot with the On-Demand fallback, side by side, all with our policy."""
+    horizon = max(job.arrival for jobs in traces.values() for job in jobs) + 3600
+    modes = market_modes(args, horizon)
+    short = sum(end - start for start, end in modes["spot"].shortages) / horizon
+    print(f"seed {args.seed}; our policy, cap {MAX_WORKERS} workers x {SLOTS_PER_WORKER} slots, boot "
+          f"{CLUSTER.boot_s:.0f}s; Spot: {args.spot_interruptions_per_hour:g} interruptions per hour of a worker's "
+          f"life, {NOTICE_S:.0f}s notice ({MARGIN_S:.0f}s kept to post), {args.spot_discount:.0%} discount, no "
+          f"Spot capacity {short:.1%} of the time (a failed launch counts toward the breaker: "
+          f"{BREAKER_THRESHOLD} in a row stop launches for {BREAKER_COOLDOWN_S:.0f}s)")
+    print(f"cost: On-Demand ${ON_DEMAND_USD_PER_HOUR}/h (c7i.large, us-east-1), Spot at "
+          f"{1 - args.spot_discount:.0%} of it, per-second billing with a {MIN_BILLING_S:.0f}s minimum; jobs "
+          f"{args.job_scale:g}x the traces' durations")
+    print()
+    print(f"{'trace':<18}{'jobs':>7}  {'market':<15}{'$/1000 jobs':>11}{'p50 s':>9}{'p95 s':>9}{'worker-s':>10}"
+          f"{'launch':>7}{'spot':>6}{'interr':>7}{'given':>7}{'failed':>7}")
+    totals: dict[str, list[Result]] = {name: [] for name in modes}
+    for trace, jobs in traces.items():
+        for index, (name, markets) in enumerate(modes.items()):
+            result = simulate(jobs, ours(OUR_POLICY), markets=markets)
+            totals[name].append(result)
+            print(market_row(trace if index == 0 else "", str(len(jobs)) if index == 0 else "", name, result))
+    count = sum(map(len, traces.values()))
+    for index, (name, results) in enumerate(totals.items()):
+        whole = merged(results)
+        print(market_row("all traces" if index == 0 else "", str(count) if index == 0 else "", name, whole))
+    print()
+    print("interr: workers interrupted; given: jobs given back at a notice (run again elsewhere); failed: launches")
+    print("that found no Spot capacity (none with the fallback, which launches those On-Demand)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--markets", action="store_true",
+                        help="compare On-Demand, Spot and Spot with the fallback (ours) instead")
+    parser.add_argument("--spot-interruptions-per-hour", type=float, default=0.1, metavar="R")
+    parser.add_argument("--spot-discount", type=float, default=0.6, metavar="D", help="Spot costs (1 - D) of On-Demand")
+    parser.add_argument("--spot-shortage", type=float, default=0.1, metavar="F",
+                        help="share of the time without Spot capacity (in spells of 20 min on average)")
+    parser.add_argument("--job-scale", type=float, default=1.0, metavar="K",
+                        help="with --markets: every job K times as long (jobs that outlast a notice)")
     args = parser.parse_args()
     traces = {name: make(random.Random(f"{args.seed}:{name}")) for name, make in TRACES.items()}
+    if args.markets:
+        traces = {name: [Job(job.arrival, job.duration * args.job_scale) for job in jobs]
+                  for name, jobs in traces.items()}
+        compare_markets(args, traces)
+        return
     print(f"seed {args.seed}; cap {MAX_WORKERS} workers x {SLOTS_PER_WORKER} slots, boot {CLUSTER.boot_s:.0f}s, "
           f"idle timeout {IDLE_TIMEOUT_S:.0f}s, {MIN_BILLING_S:.0f}s minimum billing, "
           f"ticks every {CLUSTER.tick_s:.0f}s")

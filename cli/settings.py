@@ -31,7 +31,7 @@ class Setting:
     default: str
     parse: Callable[[str], Any]  # raises ValueError with what is wrong
     help: str
-    many: bool = False  # a list: the flag given once per value, the variable comma-separated
+    many: bool = False  # a list: the flag given once per value (or comma-separated), the variable comma-separated
 
 
 def flag(name: str) -> str:
@@ -101,8 +101,9 @@ def add_settings(parser: argparse.ArgumentParser, table: Mapping[str, Setting],
         metavar = getattr(setting.parse, "metavar", flag_of(name, setting).split("-")[-1].upper())
         help_text = (setting.help + (f" [{', '.join(shown)}]" if shown else "")).replace("%", "%%")
         if setting.many:  # no flag given: None, and check_settings takes the variable or the default
-            parser.add_argument(flag_of(name, setting), dest=name, action="append", metavar=metavar,
-                                help=help_text)
+            # The plural flag too (--instance-types a,b), as a list is often written.
+            flags = dict.fromkeys((flag_of(name, setting), flag(name)))
+            parser.add_argument(*flags, dest=name, action="append", metavar=metavar, help=help_text)
         else:
             raw = environ.get(setting.env, default) if setting.env else default
             parser.add_argument(flag(name), dest=name, default=raw, metavar=metavar, help=help_text)
@@ -154,7 +155,7 @@ def read_environment(table: Mapping[str, Setting], environ: Mapping[str, str] = 
 def parsed(setting: Setting, raw: str | list[str]) -> Any:
     if not setting.many:
         return setting.parse(raw)  # type: ignore[arg-type]
-    items = raw.split(",") if isinstance(raw, str) else raw
+    items = [part for item in ([raw] if isinstance(raw, str) else raw) for part in item.split(",")]
     return [setting.parse(item) for item in items if item.strip()]
 
 

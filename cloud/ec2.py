@@ -6,10 +6,13 @@ also dw:node (a or b), workers dw:owner (the endpoint whose scaler launched them
 provisioned, dw:ready. Tag filters take exact values only: EC2 would read `*` and `?` in one
 as wildcards and match another cluster's instances.
 
-A launch (`Launch.run`) uses setup's key pair, security group and subnets (`Launch`), requires
-IMDSv2, tags at launch, and is retried with backoff on capacity errors (the next subnet) and
-throttling. Its client token comes from the caller's launch decision (`intent`): a request
-retried after a timeout returns the instances it already started instead of starting more.
+A launch (`Launch.run`, `Launch.run_offers`) uses setup's key pair, security group and subnets
+(`Launch`), requires IMDSv2, tags at launch, and goes down an ordered list of offers -- an
+instance type in a market, On-Demand or Spot (one-time, terminated on interruption) -- and
+subnets: a shortage of one type in one zone, or of Spot capacity, moves it to the next subnet,
+then to the next offer, at once; throttling and passing faults are retried with backoff. Its
+client token comes from the caller's launch decision (`intent`), the offer and the subnet: a
+request retried after a timeout returns the instances it already started instead of starting more.
 """
 
 from __future__ import annotations
@@ -46,11 +49,26 @@ LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
 BILLED_STATES = ("pending", "running", "stopping", "stopped")
 IMDS_V2_ONLY = {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 1}
 DEFAULT_AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
-_CAPACITY_ERRORS = {"InsufficientInstanceCapacity", "InsufficientCapacity", "Unsupported"}
+ON_DEMAND, SPOT = "on-demand", "spot"
+MARKETS = (ON_DEMAND, SPOT)
+# A one-time Spot request, ended with its instance; no maximum price: EC2 caps it at the On-Demand price.
+SPOT_MARKET_OPTIONS = {"MarketType": "spot",
+                       "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
+# No room for this request in this zone: the next subnet, then the next offer. Unsupported: the type
+# is not offered in the subnet's zone; SpotMaxPriceTooLow: Spot costs more than On-Demand there now.
+CAPACITY_ERRORS = {"InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity",
+                   "UnfulfillableCapacity", "Unsupported", "SpotMaxPriceTooLow", "InsufficientFreeAddressesInSubnet"}
+# The account's Spot quota is used up: no Spot request of any type or zone helps, On-Demand may.
+SPOT_QUOTA_ERRORS = {"MaxSpotInstanceCountExceeded"}
 # Not worth retrying: the account or request is wrong, not the moment.
 _FATAL_LAUNCH_ERRORS = {"InstanceLimitExceeded", "VcpuLimitExceeded", "InvalidParameterValue",
                         "InvalidParameterCombination", "UnauthorizedOperation", "InvalidAMIID.NotFound",
-                        "InvalidKeyPair.NotFound", "InvalidGroup.NotFound", "IdempotentParameterMismatch"}
+                        "InvalidKeyPair.NotFound", "InvalidGroup.NotFound", "IdempotentParameterMismatch",
+                        "AuthFailure.ServiceLinkedRoleCreationNotPermitted"}
+# What to do about an error that is the account's setup, not this launch.
+_REMEDIES = {"AuthFailure.ServiceLinkedRoleCreationNotPermitted":
+             "the account has no Spot service-linked role yet: run ./deploy.sh aws --market spot once, or "
+             "`aws iam create-service-linked-role --aws-service-name spot.amazonaws.com`"}
 
 
 class Ec2Error(Exception):
@@ -132,51 +150,128 @@ class Launch:
 
     def run(self, ec2: Any, *, image: str, instance_type: str, count: int, tags: dict[str, str], intent: str,
             shutdown_behavior: str, instance_profile_arn: str = "") -> list[dict]:
-        """RunInstances for this cluster, retried with backoff on capacity errors (trying each
-        subnet in turn) and throttling, with a client token derived from `intent`."""
+        """RunInstances of one On-Demand instance type for this cluster (see `run_offers`)."""
+        return self.run_offers(ec2, image=image, offers=(Offer(instance_type),), count=count, tags=tags,
+                               intent=intent, shutdown_behavior=shutdown_behavior,
+                               instance_profile_arn=instance_profile_arn).instances
+
+    def run_offers(self, ec2: Any, *, image: str, offers: Sequence[Offer], count: int, tags: dict[str, str],
+                   intent: str, shutdown_behavior: str, instance_profile_arn: str = "") -> Launched:
+        """`count` instances of the first offer that has room for all of them, trying each subnet in
+        turn; Ec2Error (naming every shortage met) when none has. Each offer and subnet is a request
+        of its own, with a client token derived from `intent`."""
         tagged = tag_list({Tag.CLUSTER: self.cluster, **tags})
-        subnets = self.subnet_ids or ("",)
+        passed_over: list[str] = []
+        spot_quota_reached = False
+        for offer in offers:
+            if offer.market == SPOT and spot_quota_reached:
+                continue
+            for subnet in self.subnet_ids or ("",):
+                request = launch_request(offer, image=image, count=count, tagged=tagged, key_name=self.key_name,
+                                         security_group_id=self.security_group_id, subnet=subnet,
+                                         shutdown_behavior=shutdown_behavior, token=client_token(
+                                             intent, f"{offer.market}/{offer.instance_type}/{subnet}"),
+                                         instance_profile_arn=instance_profile_arn)
+                try:
+                    return Launched(self._request(ec2, request), offer, tuple(passed_over))
+                except _Shortage as shortage:
+                    where = f"{offer} in {subnet or 'the default subnet'}"
+                    passed_over.append(f"{where}: {shortage.code}")
+                    log.warning("no room for %d instance(s) of %s (%s); trying the next", count, where, shortage.code)
+                    if shortage.code in SPOT_QUOTA_ERRORS:
+                        spot_quota_reached = True
+                        break
+        raise Ec2Error(f"launching {count} instance(s) failed: no capacity in any offer: {'; '.join(passed_over)}")
+
+    def _request(self, ec2: Any, request: dict[str, Any]) -> list[dict]:
+        """One RunInstances request, retried as the same request (token included) after throttling and
+        passing faults: if a first try did start instances, EC2 answers a retry with them, not more."""
         error: Exception | None = None
-        subnet_index = 0
         for attempt in range(self.attempts):
-            subnet = subnets[subnet_index % len(subnets)]
-            request: dict[str, Any] = {
-                "ImageId": image, "InstanceType": instance_type, "MinCount": count, "MaxCount": count,
-                "KeyName": self.key_name, "SecurityGroupIds": [self.security_group_id],
-                "InstanceInitiatedShutdownBehavior": shutdown_behavior,
-                "MetadataOptions": IMDS_V2_ONLY,
-                "TagSpecifications": [{"ResourceType": "instance", "Tags": tagged},
-                                      {"ResourceType": "volume", "Tags": tagged}],
-                "ClientToken": client_token(intent, subnet),
-            }
-            if subnet:
-                request["SubnetId"] = subnet
-            if instance_profile_arn:
-                request["IamInstanceProfile"] = {"Arn": instance_profile_arn}
             try:
                 return ec2.run_instances(**request)["Instances"]
             except ClientError as exc:
                 code = error_code(exc)
+                if code in CAPACITY_ERRORS or code in SPOT_QUOTA_ERRORS:
+                    raise _Shortage(code) from exc
                 error = exc
                 if code in _FATAL_LAUNCH_ERRORS or attempt + 1 == self.attempts:
                     break
-                if code in _CAPACITY_ERRORS:
-                    # A shortage is often per zone: the next subnet, a new request and so a new token.
-                    # Any other error is retried as the same request, token included: if the first
-                    # try did start instances, EC2 answers the retry with them instead of more.
-                    subnet_index += 1
                 wait = min(30.0, 2.0 * 2**attempt)
                 log.warning("launch attempt %d failed (%s); retrying in %.0fs", attempt + 1, code, wait)
                 time.sleep(wait)
             except API_ERRORS as exc:  # not worth retrying here: botocore has retried what it can
                 error = exc
                 break
-        raise Ec2Error(f"launching {count} instance(s) failed: {api_error_text(error) if error else '?'}")
+        remedy = _REMEDIES.get(error_code(error), "") if isinstance(error, ClientError) else ""
+        raise Ec2Error(f"launching {request['MaxCount']} instance(s) failed: "
+                       f"{api_error_text(error) if error else '?'}" + (f" ({remedy})" if remedy else ""))
 
 
-def client_token(intent: str, subnet_id: str) -> str:
-    """Same launch decision and subnet, same token: EC2 then starts no second set of instances."""
-    return hashlib.sha256(f"{intent}/{subnet_id}".encode()).hexdigest()[:64]
+@dataclass(frozen=True)
+class Offer:
+    """An instance type in a market, as a launch asks EC2 for it."""
+
+    instance_type: str
+    market: str = ON_DEMAND
+
+    def __str__(self) -> str:
+        return f"{self.instance_type} ({self.market})"
+
+
+def offers_for(instance_types: Sequence[str], market: str, spot_fallback: bool) -> tuple[Offer, ...]:
+    """The offers of a launch in the order tried: every type in the chosen market, then, with the
+    fallback, every type On-Demand."""
+    chosen = tuple(Offer(instance_type, market) for instance_type in instance_types)
+    if market == SPOT and spot_fallback:
+        chosen += tuple(Offer(instance_type, ON_DEMAND) for instance_type in instance_types)
+    return chosen
+
+
+@dataclass(frozen=True)
+class Launched:
+    instances: list[dict]
+    offer: Offer  # the one that had room
+    passed_over: tuple[str, ...] = ()  # the shortages met before it: "c7i.large (spot) in subnet-1: ..."
+
+
+class _Shortage(Exception):
+    """No room for this request: the launch moves on to the next subnet or offer."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def launch_request(offer: Offer, *, image: str, count: int, tagged: list[dict[str, str]], key_name: str,
+                   security_group_id: str, subnet: str, shutdown_behavior: str, token: str,
+                   instance_profile_arn: str) -> dict[str, Any]:
+    """RunInstances' parameters: tagged at launch (a Spot request too), IMDSv2 required."""
+    specifications = [{"ResourceType": "instance", "Tags": tagged}, {"ResourceType": "volume", "Tags": tagged}]
+    request: dict[str, Any] = {
+        "ImageId": image, "InstanceType": offer.instance_type, "MinCount": count, "MaxCount": count,
+        "KeyName": key_name, "SecurityGroupIds": [security_group_id],
+        "InstanceInitiatedShutdownBehavior": shutdown_behavior, "MetadataOptions": IMDS_V2_ONLY,
+        "TagSpecifications": specifications, "ClientToken": token,
+    }
+    if offer.market == SPOT:
+        request["InstanceMarketOptions"] = SPOT_MARKET_OPTIONS
+        specifications.append({"ResourceType": "spot-instances-request", "Tags": tagged})
+    if subnet:
+        request["SubnetId"] = subnet
+    if instance_profile_arn:
+        request["IamInstanceProfile"] = {"Arn": instance_profile_arn}
+    return request
+
+
+def market_of(instance: dict) -> str:
+    """Spot or On-Demand, as EC2 describes the instance."""
+    return SPOT if instance.get("InstanceLifecycle") == "spot" else ON_DEMAND
+
+
+def client_token(intent: str, where: str) -> str:
+    """Same launch decision, offer and subnet, same token: EC2 then starts no second set of instances."""
+    return hashlib.sha256(f"{intent}/{where}".encode()).hexdigest()[:64]
 
 
 def image(ami: str, region: str) -> str:

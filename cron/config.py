@@ -8,9 +8,23 @@ hosts' scalers as the variables it names: a value the deploy accepts is one the 
 from __future__ import annotations
 
 import argparse
+import re
 
 from cli.settings import Setting, add_settings, check_settings, choice, seconds, text, whole
 from cloud.aws import CLUSTER_SETTING, REGION_SETTING
+
+# EC2's instance type names: c7i.large, m7i-flex.large, u-6tb1.metal.
+INSTANCE_TYPE = re.compile(r"[a-z][a-z0-9-]*\.[a-z0-9]+")
+
+
+def instance_type(value: str) -> str:
+    value = value.strip()
+    if not INSTANCE_TYPE.fullmatch(value):
+        raise ValueError(f"must be EC2 instance type names such as c7i.large, not {value!r}")
+    return value
+
+
+instance_type.metavar = "TYPE"  # type: ignore[attr-defined]
 
 # An endpoint lists the workers it heard from within at most a day (GET /stats?workers_within=).
 LONGEST_DEADLINE = 86_400 - 120
@@ -39,7 +53,8 @@ SETTINGS: dict[str, Setting] = {
                            "seconds the oldest pending item waits before the backlog counts (not on an empty cluster)"),
     "target_drain": Setting("DW_TARGET_DRAIN", "30", seconds(0), "seconds to drain the backlog in"),
     "max_launch_per_tick": Setting("DW_MAX_LAUNCH_PER_TICK", "4", whole(0), "launches per run; 0: reconcile only"),
-    "slots_per_worker": Setting("DW_SLOTS_PER_WORKER", "1", whole(1), "jobs one worker runs at once (its vCPUs)"),
+    "slots_per_worker": Setting("DW_SLOTS_PER_WORKER", "1", whole(1),
+                                "jobs one worker runs at once (its vCPUs); ec2: of a type whose vCPUs are not known"),
     "default_job_duration": Setting("DW_DEFAULT_JOB_DURATION", "1", seconds(0),
                                     "seconds a job is assumed to take until jobs were measured"),
     # reconcile and the circuit breaker
@@ -74,7 +89,16 @@ SETTINGS: dict[str, Setting] = {
     "cluster": CLUSTER_SETTING,
     "region": REGION_SETTING,
     "aws_state": Setting("DW_AWS_STATE", "", text, "ec2 (required there): the state file of ./setup.sh aws"),
-    "instance_type": Setting("DW_INSTANCE_TYPE", "c7i.large", text, "ec2: the workers' instance type"),
+    "instance_types": Setting("DW_INSTANCE_TYPES", "c7i.large", instance_type,
+                              "ec2: the workers' instance types in order of preference (--instance-types "
+                              "c7i.large,c6i.large works too); a type without room moves a launch to the next",
+                              many=True),
+    "market": Setting("DW_MARKET", "on-demand", choice("on-demand", "spot"), "ec2: the workers' market"),
+    "spot_fallback": Setting("DW_SPOT_FALLBACK", "none", choice("none", "on-demand"),
+                             "ec2 with --market spot: on-demand launches On-Demand what finds no Spot capacity in "
+                             "any type"),
+    "worker_metadata_url": Setting("DW_WORKER_METADATA_URL", "", text,
+                                   "ec2: the instance metadata service as Spot workers reach it (default EC2's own)"),
     "ami": Setting("DW_AMI", "", text, "ec2: image id (default: the latest Amazon Linux 2023)"),
     "test_ssh_addresses": Setting("DW_TEST_SSH_ADDRESSES", "", text,
                                   "TEST ONLY: SSH addresses given to new instances instead of their IPs"),
@@ -85,7 +109,8 @@ SETTINGS: dict[str, Setting] = {
 # The knobs `./deploy.sh aws` takes with these very entries and hands to the endpoint hosts' scalers.
 HOST_KNOBS = ("max_workers", "scale_after", "target_drain", "max_launch_per_tick", "slots_per_worker",
               "default_job_duration", "ready_deadline", "silence_deadline", "partition_deadline", "breaker_threshold",
-              "breaker_cooldown", "idle_timeout", "worker_processes", "worker_exit_command", "instance_type")
+              "breaker_cooldown", "idle_timeout", "worker_processes", "worker_exit_command", "instance_types",
+              "market", "spot_fallback")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,13 +121,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reset-breaker", action="store_true", help="close the circuit breaker, then exit")
     args = parser.parse_args(argv)
     check_settings(parser, SETTINGS, args)
-    check_deadlines(parser, args)
+    check_knobs(parser, args)
     if args.provider == "ec2" and not args.aws_state:
         parser.error("--provider ec2 needs --aws-state (DW_AWS_STATE): the state file of ./setup.sh aws")
     args.secret_file = args.secret_file or f"{args.state_dir}/secret"
     return args
 
 
+
+
+def check_knobs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What no single entry can check, of the knobs the deploy hands over too."""
+    check_deadlines(parser, args)
+    check_instance_types(parser, args)
+
+
+def check_instance_types(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What no single entry can check: a list of types, each once, and a fallback only for Spot."""
+    if not args.instance_types:
+        parser.error("--instance-types needs at least one instance type")
+    twice = sorted({name for name in args.instance_types if args.instance_types.count(name) > 1})
+    if twice:
+        parser.error(f"--instance-types names {', '.join(twice)} more than once")
+    if args.spot_fallback != "none" and args.market != "spot":
+        parser.error(f"--spot-fallback {args.spot_fallback} is for --market spot (the market is {args.market})")
+    provider = getattr(args, "provider", "ec2")  # the deploy's workers are EC2 instances
+    if args.market == "spot" and provider != "ec2":
+        parser.error(f"--market spot is for --provider ec2 (the provider is {provider})")
 
 
 def check_deadlines(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

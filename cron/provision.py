@@ -68,6 +68,8 @@ class WorkerInstall:
     kernel: str = "auto"  # the worker's hashing kernel (worker/native.py)
     # The cluster CA's certificate (PEM), which the worker checks https endpoints against; public.
     ca_certificate: str = ""
+    spot: bool = False  # an EC2 Spot instance: the worker watches for its interruption notice
+    metadata_url: str = ""  # where that worker asks for it ("": the worker's default, EC2's own)
 
 
 @contextmanager
@@ -92,6 +94,10 @@ def worker_settings(install: WorkerInstall, install_dir: str, secret_path: str =
         values["processes"] = install.processes
     if install.kernel != "auto":
         values["kernel"] = install.kernel
+    if install.spot:
+        values["interruption_notices"] = "ec2-spot"
+    if install.metadata_url:
+        values["metadata_url"] = install.metadata_url
     return "".join(f"{name}={shlex.quote(value)}\n" for name, value in environment(WORKER_SETTINGS, values).items())
 
 

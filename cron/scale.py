@@ -36,7 +36,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cli.interrupts import Interrupted, exit_now, parallel, stop_on_signals
@@ -44,6 +44,8 @@ from cli.tls import urlopen
 from cloud.aws import API_ERRORS, ClusterUsageError, check_state_cluster, read_state, resolve_region
 from cloud.ssh import HostKeyPins
 from cron.config import parse_args
+from cron.fleet_report import report_fleet
+from cron.instance_types import mean_slots
 from cron.policy import ClusterView, Decision, EndpointLoad, Policy, decide
 from cron.providers import Machine, Provider, ProviderError
 from cron.providers.local import LocalProvider
@@ -118,7 +120,8 @@ def ec2_provider(args: argparse.Namespace, pins: HostKeyPins) -> Provider:
     test_addresses = [address.strip() for address in args.test_ssh_addresses.split(",") if address.strip()]
     settings = Ec2Settings(
         launch=Launch.from_state(setup, args.cluster, region.name), key_path=Path(args.ssh_key or setup["key_path"]),
-        instance_type=args.instance_type, ami=args.ami, ssh_user=args.ssh_user, ssh_timeout=args.ready_deadline,
+        instance_types=tuple(args.instance_types), market=args.market, spot_fallback=args.spot_fallback != "none",
+        metadata_url=args.worker_metadata_url, ami=args.ami, ssh_user=args.ssh_user, ssh_timeout=args.ready_deadline,
         test_addresses=tuple(test_addresses[args.endpoint_index::2]))
     return Ec2Provider(settings, lambda: worker_install(args), pins, args.node_id)
 
@@ -207,6 +210,26 @@ class Hearing:
 
     seconds_since: dict[str, float]
     from_both: bool  # False: the peer did not answer; this is this endpoint's view alone
+    # Workers that said they are leaving (a Spot interruption; endpoint/departures.py), from either endpoint.
+    leaving: dict[str, Leaving] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Leaving:
+    reason: str
+    left: bool  # it gave back or finished its jobs and exited
+    seconds_left: float  # until its instance is taken
+
+
+def leaving_of(answers: list[dict]) -> dict[str, Leaving]:
+    """What the endpoints heard of workers leaving; a worker that left at either one has left."""
+    found: dict[str, Leaving] = {}
+    for stats in answers:
+        for worker_id, said in stats.get("leaving", {}).items():
+            earlier = found.get(worker_id)
+            found[worker_id] = Leaving(said["reason"], said["left"] or bool(earlier and earlier.left),
+                                       min(said["seconds_left"], earlier.seconds_left if earlier else float("inf")))
+    return found
 
 
 @dataclass(frozen=True)
@@ -217,8 +240,9 @@ class Fleet:
     in_doubt: frozenset[str] = frozenset()
 
 
-# What reconcile does with a worker.
-KEEP, PROVISION, TERMINATE, PROBE = "keep", "provision", "terminate", "probe"
+# What reconcile does with a worker. GONE: it is leaving (a Spot interruption), so it counts neither
+# as capacity nor against the cap, and is left to finish what it can before its instance is taken.
+KEEP, PROVISION, TERMINATE, PROBE, GONE = "keep", "provision", "terminate", "probe", "gone"
 
 
 def host_answers(machine: Machine, timeout: float = 3.0) -> bool:
@@ -244,6 +268,7 @@ class Scaler:
         self.record = RunRecord(args.url, self.key, args.node_id, self.breaker, args.tls_ca)
         # What this run knows runs, for the report when it is interrupted or fails.
         self.known: list[Machine] = []
+        self.listed: list[Machine] = []  # what the provider listed at the start of this run
         self.unprovisioned: dict[str, Machine] = {}
         self.launch_under_way = False
 
@@ -253,18 +278,31 @@ class Scaler:
         own_stats = fetch_stats(args.url, self.key, window, ca_file=args.tls_ca)
         peer_stats = fetch_stats(args.peer, self.key, window, ca_file=args.tls_ca) if args.peer else None
         self.record = RunRecord(args.url, self.key, args.node_id, self.breaker, args.tls_ca)
+        self.known = self.listed = []  # until the listing: a run that fails before it reports nothing
         self.known = self.provider.list()
+        self.listed = list(self.known)
         fleet = self.reconcile(self.known, self._hearing(own_stats, peer_stats))
         self.known = fleet.machines
         if own_stats is None:
             raise EndpointUnreachable(f"this endpoint ({args.url}) does not answer /stats, so its queue and the "
                                       f"circuit breaker are unknown: reconciled only, launched nothing")
-        decision = decide(cluster_view(own_stats, peer_stats, fleet, args.node_id), self.policy)
+        policy = replace(self.policy, slots_per_worker=self.slots_per_worker(fleet.machines))
+        decision = decide(cluster_view(own_stats, peer_stats, fleet, args.node_id), policy)
         self.record_decision(decision, ScalerState.from_stats(own_stats), fleet)
         if self.record.fields["allowed"]:
             self.launch(self.record.fields["allowed"])
         self.record.flush()  # not after Ctrl-C: a stop does not wait for the endpoint
         return decision
+
+    def report_fleet(self) -> None:
+        """For the cost in /stats: what ran at the start of this run, and what it launched (also after
+        a run that failed midway; never after a stop, which does not wait for the endpoint). To both
+        endpoints: a worker that lived between two runs of one scaler is still in the other's listing."""
+        seen = {machine.machine_id: machine for machine in self.listed + self.known}
+        if not seen:
+            return
+        for url in [self.args.url] + ([self.args.peer] if self.args.peer else []):
+            report_fleet(url, self.key, list(seen.values()), self.args.provider, self.args.tls_ca)
 
     def record_decision(self, decision: Decision, state: ScalerState, fleet: Fleet) -> None:
         """Limit the decision by the circuit breaker, log it and post it to the endpoint."""
@@ -279,6 +317,14 @@ class Scaler:
                             allowed=decision.launch if allowance is None else min(decision.launch, allowance),
                             ready=ready, booting=len(fleet.machines) - ready, breaker=breaker)
 
+    def slots_per_worker(self, machines: list[Machine]) -> float:
+        """The jobs a worker runs at once, from the fleet's instance types (cron/instance_types.py), or on
+        an empty fleet what a worker of the first type brings; off EC2, --slots-per-worker."""
+        if self.args.provider != "ec2":
+            return self.args.slots_per_worker
+        types = [machine.instance_type for machine in machines] or self.args.instance_types[:1]
+        return mean_slots(types, self.args.worker_processes, self.args.slots_per_worker)
+
     def _hearing(self, own: dict | None, peer_stats: dict | None) -> Hearing | None:
         """None unless this endpoint answered: without its view nothing is judged silent."""
         if own is None or "workers" not in own:
@@ -289,12 +335,15 @@ class Scaler:
             for worker in stats["workers"]:
                 ago = worker["last_seen_s_ago"]
                 heard[worker["id"]] = min(ago, heard.get(worker["id"], ago))
-        return Hearing(heard, from_both=not self.args.peer or len(answers) == 2)
+        return Hearing(heard, from_both=not self.args.peer or len(answers) == 2, leaving=leaving_of(answers))
 
     def verdict(self, machine: Machine, now: float, hearing: Hearing | None) -> tuple[str, str]:
         """What to do with one worker, and why.
 
-        A ready worker that no endpoint heard from for --silence-deadline is dead or hung. While the
+        A worker that said it is leaving (its Spot instance is being taken) is GONE: neither capacity
+        nor counted against the cap, so that a replacement is launched now; once it left (or its time
+        is up) its instance is terminated. A ready worker that no endpoint heard from for
+        --silence-deadline is dead or hung. While the
         peer does not answer, only this endpoint's view is there, and a live worker may be serving
         the peer alone (cut off from this host, not from the peer). Its host is asked then: if it
         answers here, so would its worker -- a worker that can reach this endpoint and says nothing
@@ -310,6 +359,13 @@ class Scaler:
             return (PROVISION, "") if machine.owner == args.node_id else (KEEP, "")
         if hearing is None:
             return KEEP, ""
+        # Only a Spot instance is taken back: any worker may say that it is leaving (they share the
+        # worker key), but none can so have an On-Demand one terminated.
+        leaving = hearing.leaving.get(machine.machine_id) if machine.market == "spot" else None
+        if leaving is not None:
+            if leaving.left or leaving.seconds_left <= 0:
+                return TERMINATE, f"{leaving.reason}: its worker gave back or finished its jobs and left"
+            return GONE, ""
         silent = min(age, hearing.seconds_since.get(machine.machine_id, age))
         if silent <= args.silence_deadline:
             return KEEP, ""
@@ -335,6 +391,9 @@ class Scaler:
                             "%.0fs (--partition-deadline) unless heard from", machine.machine_id, reason,
                             self.args.partition_deadline)
         kept = [machine for machine in machines if verdicts[machine.machine_id][0] in (KEEP, PROBE)]
+        gone = [machine.machine_id for machine in machines if verdicts[machine.machine_id][0] == GONE]
+        if gone:
+            log.info("leaving (Spot interruption), counted as gone: %s", ", ".join(gone))
         for machine in machines:
             action, reason = verdicts[machine.machine_id]
             if action == TERMINATE and not self._terminate(machine, reason):
@@ -428,15 +487,16 @@ def run_loop(args: argparse.Namespace, scaler: Scaler) -> int:
 
 def run_guarded(scaler: Scaler) -> bool:
     """One run; a failure is logged with what keeps running, and must not end an --every loop."""
+    succeeded = False
     try:
         scaler.run_once()
+        succeeded = True
     except (ProviderError, EndpointUnreachable, *API_ERRORS) as exc:
         log.error("scaling run failed: %s. %s", exc, scaler.left_running())
-        return False
     except Exception:  # noqa: BLE001 -- a bug: its traceback is what helps
         log.exception("scaling run failed. %s", scaler.left_running())
-        return False
-    return True
+    scaler.report_fleet()
+    return succeeded
 
 
 def terminate_all(provider: Provider) -> int:

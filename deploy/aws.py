@@ -45,7 +45,7 @@ from cloud.ec2 import (
     wait_until,
 )
 from cloud.ssh import HostKeyPins, SshError, SshTarget, wait_for_ssh
-from cron.config import HOST_KNOBS, check_deadlines
+from cron.config import HOST_KNOBS, check_knobs
 from cron.config import SETTINGS as SCALER_SETTINGS
 from deploy.cluster import (
     AWS_DIR_SETTING,
@@ -60,6 +60,7 @@ from deploy.cluster import (
 )
 from deploy.cluster_ca import Pem, ensure_ca, issue
 from deploy.destroy import destroy_summary, left_running, remove_resources, terminate_cluster
+from deploy.iam import ensure_spot_role
 from deploy.install import EndpointInstall, InstallError, ensure_remote_python, install_endpoint, wheelhouse_for
 from endpoint.config import OPTIONS as ENDPOINT_SETTINGS
 
@@ -112,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "own CA in <aws-dir>/<cluster>-ca.pem)")
     args = parser.parse_args(argv)
     check_settings(parser, SETTINGS, args)
-    check_deadlines(parser, args)
+    check_knobs(parser, args)
     args.state_file = args.state_file or f"{args.aws_dir}/{args.cluster}.json"
     return args
 
@@ -343,6 +344,8 @@ def provision_endpoints(args: argparse.Namespace, setup: dict, secret: str, inst
 
 def deploy(args: argparse.Namespace, setup: dict, region: Region) -> None:
     announce(f"deploying cluster {args.cluster} in {region.name} (region from {region.source})")
+    if args.market == "spot":
+        ensure_spot_role(make_clients(region.name)[1])
     secret = secret_for(args)
     ca = cluster_ca(args)
     instances = start_endpoints(args, client("ec2", region.name), setup)
@@ -354,11 +357,13 @@ def deploy(args: argparse.Namespace, setup: dict, region: Region) -> None:
     keys = client_keys_help(args, url_a, url_b) if args.client_keys == "on" else ""
     tls = (f"  TLS         every hop (no plain HTTP on port {setup.get('http_port', 5000)}); the cluster CA is "
            f"{ca_paths(args)[0]}\n" if ca else "")
+    types = ", ".join(args.instance_types)
     print(f"""
 dynamic-workload runs on EC2 (cluster {args.cluster}, region {region.name}):
   endpoint a  {url_a}   ({instances['a']['InstanceId']})
   endpoint b  {url_b}   ({instances['b']['InstanceId']})
-  workers     launched by the scalers' cron (up to {args.max_workers}); they power off after {args.idle_timeout:g}s idle
+  workers     launched by the scalers' cron (up to {args.max_workers}; {args.market}: {types}); they power off after
+              {args.idle_timeout:g}s idle
   dashboard   {url_a}/   {url_b}/   (both endpoints on each; worker ids, errors and failed items at /details)
   metrics     {url_a}/metrics   {url_b}/metrics   (Prometheus text format)
 {tls}

@@ -5,7 +5,10 @@ The role's inline policy `dw-scaler` allows what the scaler on the endpoints doe
   ec2:RunInstances        launch workers. Resources: any image (the AMI is Amazon Linux from SSM
                           or the operator's --ami); only this cluster's key pair and security
                           group; subnets of the cluster's VPC only; the new network interface;
-                          and instances/volumes only when the request tags them dw:cluster=<cluster>.
+                          and instances, volumes and Spot requests only when the request tags
+                          them dw:cluster=<cluster>. A Spot launch (RunInstances with
+                          InstanceMarketOptions) creates a one-time Spot request: the
+                          spot-instances-request resource is all it needs beyond an On-Demand one.
   ec2:CreateTags          (a) as part of RunInstances only (ec2:CreateAction), to tag what it
                           launches; (b) on instances already tagged dw:cluster=<cluster>, to
                           mark workers ready (dw:ready).
@@ -16,6 +19,11 @@ The role's inline policy `dw-scaler` allows what the scaler on the endpoints doe
   ssm:GetParameter        the public parameter of the latest Amazon Linux AMI (/aws/service/...).
   iam:PassRole            only if a worker role `<cluster>-worker` (tagged for the cluster) exists;
                           by default there is none: workers hold no AWS credentials.
+
+Spot needs the account's service-linked role AWSServiceRoleForEC2Spot, which EC2 creates at the
+first Spot request only if the caller may (iam:CreateServiceLinkedRole). The endpoints are not
+given that: `./deploy.sh aws --market spot` creates the role once, with the operator's credentials
+(`ensure_spot_role`), and nothing ever deletes it (it is the account's, not the cluster's).
 
 IAM is global and EC2 is not: the policy names the region, and a cluster name has one region
 per account (`check_role_region`); destroy leaves a role that serves another region alone.
@@ -76,11 +84,11 @@ def endpoint_policy(*, cluster: str, region: str, partition: str, account: str, 
             "Condition": {"ArnEquals": {"ec2:Vpc": f"{ec2}:vpc/{vpc_id}"}},
         },
         {
-            # New instances and volumes only if the request tags them as the cluster's.
+            # New instances, volumes and Spot requests only if the request tags them as the cluster's.
             "Sid": "RunInstancesTaggedForCluster",
             "Effect": "Allow",
             "Action": "ec2:RunInstances",
-            "Resource": [f"{ec2}:instance/*", f"{ec2}:volume/*"],
+            "Resource": [f"{ec2}:instance/*", f"{ec2}:volume/*", f"{ec2}:spot-instances-request/*"],
             "Condition": {"StringEquals": {f"aws:RequestTag/{Tag.CLUSTER}": cluster}},
         },
         {
@@ -88,7 +96,7 @@ def endpoint_policy(*, cluster: str, region: str, partition: str, account: str, 
             "Sid": "TagAtLaunch",
             "Effect": "Allow",
             "Action": "ec2:CreateTags",
-            "Resource": [f"{ec2}:instance/*", f"{ec2}:volume/*"],
+            "Resource": [f"{ec2}:instance/*", f"{ec2}:volume/*", f"{ec2}:spot-instances-request/*"],
             "Condition": {"StringEquals": {"ec2:CreateAction": "RunInstances"}},
         },
         {
@@ -117,6 +125,29 @@ def endpoint_policy(*, cluster: str, region: str, partition: str, account: str, 
             "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
         })
     return {"Version": "2012-10-17", "Statement": statements}
+
+
+SPOT_SERVICE = "spot.amazonaws.com"
+SPOT_ROLE_NAME = "AWSServiceRoleForEC2Spot"
+SPOT_ROLE_PATH = f"/aws-service-role/{SPOT_SERVICE}/"  # where IAM keeps it, whatever its name
+
+
+def ensure_spot_role(iam: Any) -> None:
+    """The account's Spot service-linked role, created if missing (once per account, with the
+    operator's credentials): EC2 refuses Spot requests without it from callers, like the
+    endpoints, that may not create it themselves."""
+    what = f"IAM service-linked role {SPOT_ROLE_NAME}"
+    with step(what):
+        if iam.list_roles(PathPrefix=SPOT_ROLE_PATH)["Roles"]:
+            report(what, "exists (the account's: Spot instances may be launched)")
+            return
+        try:
+            iam.create_service_linked_role(AWSServiceName=SPOT_SERVICE)
+        except ClientError as exc:
+            # Made meanwhile: IAM says "has been taken in this account" (InvalidInput), or EntityAlreadyExists.
+            if error_code(exc) != "EntityAlreadyExists" and "taken" not in str(exc):
+                raise
+        report(what, "created for the account, once: EC2 needs it for Spot instances; nothing deletes it")
 
 
 def get_or_none(call: Callable[..., dict], key: str, **kwargs: Any) -> dict | None:

@@ -88,6 +88,20 @@ def stats_of(url: str, ca_file: str = "") -> dict | None:
     return stats if isinstance(stats, dict) else {}
 
 
+def peer_urls_for_tests(scheme: str) -> dict[str, str] | None:
+    """Test only (bench/soak.py): DW_TEST_PEER_URLS, the peer URL of A's endpoint and scaler, then B's, e.g.
+    through proxies that can cut the link between the endpoints. Workers and clients reach them directly.
+    `scheme` is what the endpoints speak (https with --tls)."""
+    given = os.environ.get("DW_TEST_PEER_URLS", "")
+    if not given:
+        return None
+    urls = given.split(",")
+    if len(urls) != len(NODES) or not all(url.startswith(f"{scheme}://") for url in urls):
+        raise SystemExit(f"deploy.sh local: DW_TEST_PEER_URLS must be two {scheme}:// URLs, A's peer then B's, "
+                         f"comma-separated, not {given!r}")
+    return dict(zip(NODES, urls, strict=True))
+
+
 class LocalDeployment:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -95,6 +109,8 @@ class LocalDeployment:
         self.tls = LocalTls(self.state / "tls") if args.tls else None
         scheme = "https" if self.tls else "http"
         self.urls = {"a": f"{scheme}://127.0.0.1:{args.port_a}", "b": f"{scheme}://127.0.0.1:{args.port_b}"}
+        # How each node's endpoint and scaler reach the other endpoint.
+        self.peer_urls = peer_urls_for_tests(scheme) or {"a": self.urls["b"], "b": self.urls["a"]}
         # A fresh id for this run's endpoints, which they report in /stats: whatever answers on
         # our ports with another id (or none) is not ours. Restarts keep it.
         self.instance_id = secrets.token_hex(8)
@@ -114,7 +130,7 @@ class LocalDeployment:
         return self.state / "log" / f"{name}.log"
 
     def _peer(self, node: str) -> str:
-        return self.urls["b" if node == "a" else "a"]
+        return self.peer_urls[node]
 
     def _endpoint_command(self, node: str) -> list[str]:
         port = self.args.port_a if node == "a" else self.args.port_b

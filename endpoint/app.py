@@ -6,9 +6,11 @@ Worker (the worker key):      endpoint/worker_api.py   POST /internal/claims, /i
                                                        /internal/leases/{renew,release}, /internal/results
                                                        (batches); /internal/claim,
                                                        /internal/work/<id>/{renew,release,result} (one job)
+                              endpoint/departures.py   POST /internal/leaving (a Spot interruption)
 Peer (the peer key):          endpoint/peer_api.py     POST /internal/peer/take-completed, /internal/peer/give-back,
                                                        GET /internal/peer/work/<id>
 Scaler (the scaler key):      endpoint/scaler_record.py  the scaler's runs and its breaker
+                                                       and PUT /internal/scaler/fleet (the workers, for their cost)
 Operator and anybody:         endpoint/dashboard.py    GET /, GET /details (the operator key), and the peer's
                                                        GET /internal/peer/dashboard
 Anybody:                      endpoint/metrics.py      GET /metrics
@@ -30,23 +32,38 @@ from __future__ import annotations
 
 import bottle
 
-from endpoint import client_key_api, dashboard, metrics, peer_api, public_api, routing, scaler_record, worker_api
+from endpoint import (
+    client_key_api,
+    dashboard,
+    departures,
+    metrics,
+    peer_api,
+    public_api,
+    routing,
+    scaler_record,
+    worker_api,
+)
+from endpoint.departures import Departures
 from endpoint.metrics import Metrics
 from endpoint.peer import Peer
+from endpoint.prices import PriceTable
 from endpoint.pulls import Pulls
 from endpoint.routing import Context, JsonBottle, Keys, Limits
 from endpoint.store import Store
 
 __all__ = ["Limits", "make_app"]
-ROUTE_MODULES = (public_api, worker_api, peer_api, scaler_record, metrics, dashboard, client_key_api)
+ROUTE_MODULES = (public_api, worker_api, departures, peer_api, scaler_record, metrics, dashboard, client_key_api)
 
 
 def make_app(store: Store, secret: str, limits: Limits, peer: Peer | None = None,
-             instance_id: str = "", metrics: Metrics | None = None, client_keys: bool = False) -> bottle.Bottle:
+             instance_id: str = "", metrics: Metrics | None = None, prices: PriceTable | None = None,
+             client_keys: bool = False) -> bottle.Bottle:
     """`secret` is the cluster secret; callers present the key derived from it for their role. With
     `client_keys`, the clients' routes need a client key (endpoint/routing.py's ClientKeys)."""
     context = Context(store=store, limits=limits, keys=Keys.from_secret(secret), metrics=metrics or Metrics(store),
-                      pulls=Pulls(store, peer), peer=peer, instance_id=instance_id, client_keys=client_keys)
+                      pulls=Pulls(store, peer), peer=peer, instance_id=instance_id, client_keys=client_keys,
+                      departures=Departures(), usage=store.usage(prices or PriceTable()))
+    context.metrics.watch_fleet(context.departures, context.usage)
     app = JsonBottle()
     routing.install(app, context)
     for module in ROUTE_MODULES:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 
 from cli.settings import Setting, add_settings, check_settings, environment, read_environment
 from cli.tls import client_context, is_https
+from endpoint.prices import Price, price_entry
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Settings:
     retention_days: float
     log_level: str
     instance_id: str
+    prices: list[Price]
     tls_cert: str
     tls_key: str
     tls_ca: str
@@ -88,6 +90,9 @@ OPTIONS: dict[str, Setting] = {
     "instance_id": Setting("DW_INSTANCE_ID", "", str,
                            "any id for this run, reported in GET /stats, so that whoever started it can tell it is "
                            "this process that answers (./deploy.sh local passes a fresh random one)"),
+    "prices": Setting("DW_PRICES", "", price_entry,
+                      "a worker machine's price for the cost estimate in GET /stats, USD per hour: TYPE=USD "
+                      "(On-Demand) or TYPE/spot=USD; the defaults are us-east-1's (README)", many=True),
     "tls_cert": Setting("DW_TLS_CERT", "", str,
                         "PEM certificate (chain) to serve HTTPS with, together with --tls-key; then the port "
                         "serves no plain HTTP"),

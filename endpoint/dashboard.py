@@ -7,6 +7,10 @@ is shown as such and the page renders all the same. The page is a Bottle templat
 (endpoint/views/dashboard.tpl) with the charts drawn as inline SVG by endpoint/charts.py: no
 JavaScript, nothing fetched from anywhere, and it reloads itself (`<meta http-equiv="refresh">`).
 
+It also shows what the workers cost over the last hour and day, by market and instance type
+(endpoint/usage.py; either endpoint's figures are the whole cluster's), and how many workers said
+they are leaving (Spot interruptions, endpoint/departures.py).
+
 The public page shows counts, charts, percentiles and the scaler's decisions with their reasons;
 worker ids, the scaler's errors (addresses, SSH and EC2 messages) and the failed items (ids, last
 error) are for the operator. Their password is the operator key, derived from the cluster secret
@@ -27,11 +31,13 @@ import bottle
 from bottle import HTTPResponse, request
 
 from endpoint import charts
+from endpoint.departures import Departures
 from endpoint.history import HISTOGRAMS
 from endpoint.inputs import positive_int, query_params
 from endpoint.peer import Peer, PeerUnavailable
 from endpoint.routing import Context
 from endpoint.store import Store
+from endpoint.usage import Usage
 
 VIEWS = Path(__file__).resolve().parent / "views"
 # name -> (seconds shown, seconds per bin)
@@ -53,7 +59,8 @@ HEADERS = {
 
 # -- the figures of one endpoint ---------------------------------------------------------------
 
-def figures(store: Store, instance_id: str = "", now: float | None = None) -> dict[str, Any]:
+def figures(store: Store, instance_id: str = "", now: float | None = None, usage: Usage | None = None,
+            departures: Departures | None = None) -> dict[str, Any]:
     """Everything the page shows of this endpoint, details included (JSON: the peer asks for it)."""
     now = time.time() if now is None else now
     history = store.history
@@ -80,6 +87,8 @@ def figures(store: Store, instance_id: str = "", now: float | None = None) -> di
         "runs": history.runs(RECENT_RUNS),
         "failed_items": store.failed_items(FAILED_SHOWN),
         "workers": stats["workers"],
+        "cost": usage.figures(now) if usage is not None else None,
+        "workers_leaving": departures.counts()[0] if departures is not None else 0,
     }
 
 
@@ -244,8 +253,12 @@ def details(ctx: Context) -> HTTPResponse:
 
 
 def peer_dashboard(ctx: Context) -> HTTPResponse:
-    return HTTPResponse(json.dumps(figures(ctx.store, ctx.instance_id)), status=200,
+    return HTTPResponse(json.dumps(own_figures(ctx)), status=200,
                         headers={"Content-Type": "application/json"})
+
+
+def own_figures(ctx: Context, now: float | None = None) -> dict[str, Any]:
+    return figures(ctx.store, ctx.instance_id, now, ctx.usage, ctx.departures)
 
 
 def page(ctx: Context, detailed: bool) -> HTTPResponse:
@@ -253,7 +266,7 @@ def page(ctx: Context, detailed: bool) -> HTTPResponse:
     refresh = positive_int(params, "refresh", 3600) if "refresh" in params else DEFAULT_REFRESH_S
     now = time.time()
     asked = ctx.peer_asking.submit(peer_view, ctx.peer) if ctx.peer is not None else None
-    views = [figures(ctx.store, ctx.instance_id, now)]
+    views = [own_figures(ctx, now)]
     if asked is not None:
         try:
             views.append(asked.result(PEER_TIMEOUT_S + 0.5))

@@ -8,8 +8,11 @@ Two kinds of values, told apart in the README:
   kept by schema.sql's trigger at each completion), and the scaler's figures from the runs it
   posted.
 * Counted by this process, starting from zero at each start: the HTTP request durations by
-  route and status (measured by endpoint/bridge.py around each request), results refused, and
+  route and status (measured by endpoint/bridge.py around each request), results refused, the
+  workers that said they are leaving (Spot interruptions, endpoint/departures.py), and
   prometheus_client's own process figures.
+* The workers' cost (endpoint/usage.py): worker-seconds and estimated USD over the last hour
+  and day, by market and instance type, from the scalers' listings.
 
 Every dw_ series carries the label `node` (the endpoint's id, a or b).
 """
@@ -28,8 +31,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from endpoint.departures import Departures
 from endpoint.routing import JSON_ERRORS, Context
 from endpoint.store import STATES, LeaseAnswer, Store
+from endpoint.usage import Usage
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
@@ -92,6 +97,10 @@ class Metrics:
         reason = REFUSED_RESULTS.get(answer)
         if reason is not None:
             self.results_refused.labels(self.store.node_id, reason).inc()
+
+    def watch_fleet(self, departures: Departures, usage: Usage) -> None:
+        """Add the workers leaving (Spot interruptions) and what the workers cost."""
+        self.registry.register(FleetCollector(self.store.node_id, departures, usage))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -184,3 +193,40 @@ def scaler_gauges(node: str, latest: list[dict[str, Any]], breaker: dict[str, An
         if breaker["last_run_s_ago"] is not None:
             yield gauge("dw_scaler_last_run_timestamp_seconds", "When the scaler last posted a run (unix time).",
                         node, round(time.time() - breaker["last_run_s_ago"], 1))
+
+
+class FleetCollector(Collector):
+    """Interruptions and cost, read at each scrape."""
+
+    def __init__(self, node: str, departures: Departures, usage: Usage) -> None:
+        self.node = node
+        self.departures = departures
+        self.usage = usage
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        leaving, announced = self.departures.counts()
+        yield gauge("dw_workers_leaving", "Workers that said they are leaving (a Spot interruption), in the last hour.",
+                    self.node, leaving)
+        departures = CounterMetricFamily("dw_worker_departures", "Workers that said they are leaving, by reason "
+                                         "(spot-interruption), since this endpoint started (process counter).",
+                                         labels=["node", "reason"])
+        for reason, count in sorted(announced.items()):
+            departures.add_metric([self.node, reason], count)
+        yield departures
+        labels = ["node", "window", "market", "instance_type"]
+        seconds = GaugeMetricFamily("dw_worker_seconds", "Worker machine seconds in the window (1h, 1d), from the "
+                                    "scalers' listings.", labels=labels)
+        cost = GaugeMetricFamily("dw_worker_estimated_cost_usd", "Estimated cost of those seconds at the price "
+                                 "table (--price); priced types only.", labels=labels)
+        figures = self.usage.figures()
+        for window, name in (("1h", "last_hour"), ("1d", "last_day")):
+            for entry in figures[name]["by_type"]:
+                key = [self.node, window, entry["market"], entry["instance_type"]]
+                seconds.add_metric(key, entry["worker_seconds"])
+                if entry["estimated_usd"] is not None:
+                    cost.add_metric(key, entry["estimated_usd"])
+        yield seconds
+        yield cost

@@ -88,11 +88,16 @@ def stats(ctx: Context) -> HTTPResponse:
     detailed = details_allowed(ctx.keys)
     figures = ctx.store.stats(window)
     figures["workers_heard_from"] = len(figures["workers"])
+    if ctx.departures is not None:
+        ctx.departures.annotate(figures)
+    if ctx.usage is not None:
+        figures["usage"] = ctx.usage.figures()
     figures["instance_id"] = ctx.instance_id or None
     if not detailed:
         # The public view: counts, not names. Worker ids (instance ids) and the scaler's last
         # error (addresses, SSH and EC2 messages) are for the endpoints and their scalers.
         del figures["workers"]
+        figures.pop("leaving", None)
         if figures["scaler"]:
             del figures["scaler"]["last_error"]
     return json_response(figures)

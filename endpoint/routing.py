@@ -46,10 +46,12 @@ from endpoint.secret import operator_key, peer_key, scaler_key, worker_key
 from endpoint.store import DeliveryTokenExpired, DiskFull, IdempotencyKeyReused, OutcomeUnknown, StoreUnavailable
 
 if TYPE_CHECKING:
+    from endpoint.departures import Departures
     from endpoint.metrics import Metrics
     from endpoint.peer import Peer
     from endpoint.pulls import Pulls
     from endpoint.store import Store
+    from endpoint.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ class Context:
     pulls: Pulls
     peer: Peer | None = None
     instance_id: str = ""
+    departures: Departures | None = None  # workers that said they are leaving (Spot interruptions)
+    usage: Usage | None = None  # what the worker machines cost
     client_keys: bool = False  # the clients' routes need a client key (endpoint/key_store.py)
     # Threads that ask the peer while a route does its own work (the dashboard).
     peer_asking: ThreadPoolExecutor = field(

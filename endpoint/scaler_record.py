@@ -8,12 +8,14 @@ and nothing else: a scaler takes no results and poses as no endpoint.
 
 PUT /internal/scaler/runs/<run>       the whole record of the run so far; a repeat is harmless
 POST /internal/scaler/reset-breaker   `python -m cron.scale --reset-breaker`
+PUT /internal/scaler/fleet            the cluster's machines it listed this run, for their cost (endpoint/usage.py)
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import bottle
@@ -22,6 +24,7 @@ from bottle import HTTPResponse, request
 from endpoint.history import BREAKER_STATES, ERROR_CHARS, EVENT_KINDS, ScalerEvent, ScalerRun
 from endpoint.inputs import InputError
 from endpoint.routing import Context, json_response
+from endpoint.usage import listed_machines
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_EVENTS = 1000
@@ -32,6 +35,7 @@ COUNT_FIELDS = ("needed", "decided", "allowed", "ready", "booting", "launched", 
 def add_routes(app: bottle.Bottle) -> None:
     app.route("/internal/scaler/runs/<run_id>", "PUT", record_run, auth="scaler")
     app.route("/internal/scaler/reset-breaker", "POST", reset_breaker, auth="scaler")
+    app.route("/internal/scaler/fleet", "PUT", record_fleet, auth="scaler")
 
 
 def record_run(ctx: Context, run_id: str) -> HTTPResponse:
@@ -42,6 +46,13 @@ def record_run(ctx: Context, run_id: str) -> HTTPResponse:
 def reset_breaker(ctx: Context) -> HTTPResponse:
     ctx.store.history.reset_breaker()
     return json_response({"reset": True})
+
+
+def record_fleet(ctx: Context) -> HTTPResponse:
+    assert ctx.usage is not None  # make_app gives every app its own
+    machines = listed_machines(json_object(request.body.read()), time.time())
+    ctx.usage.record(machines)
+    return json_response({"recorded": len(machines)})
 
 
 def json_object(body: bytes) -> dict[str, Any]:

@@ -26,6 +26,8 @@ from typing import Any
 
 from endpoint.history import History, count_event
 from endpoint.key_store import KeyStore
+from endpoint.prices import PriceTable
+from endpoint.usage import Usage
 from endpoint.waiting import WorkSignal, hold_for
 from endpoint.writer import (
     DEFAULT_WAIT_S,
@@ -338,6 +340,11 @@ class Store:
         self._reader_conns_lock = threading.Lock()
         self._contacts: dict[str, float] = {}
         self._contacts_lock = threading.Lock()
+        # When maintenance last checked the leases (and that committed). A longer gap than this pause means
+        # the endpoint itself did not run -- SIGSTOP, a paused VM, a writer stuck on its disk -- and so its
+        # workers could not renew either: their leases get a grace, as after a restart (_requeue_expired).
+        self._leases_checked_at = time.time()
+        self._pause_s = max(3 * maintenance_interval, lease_seconds / 3)
         self._reports: dict[str, tuple[float, WorkerReport]] = {}  # in memory: every claim repeats them
         self._work_signal = WorkSignal(max_waiting_claims)
 
@@ -361,6 +368,10 @@ class Store:
             target=self._maintain, args=(maintenance_interval,), name="store-maintenance", daemon=True
         )
         self._maintenance.start()
+
+    def usage(self, prices: PriceTable) -> Usage:
+        """The worker machines' seconds and cost (endpoint/usage.py), kept in this file by its writer."""
+        return Usage(self._writer, self._reader, prices)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -404,7 +415,7 @@ class Store:
             else:
                 script = _work_items_added_columns_sql(schema_sql, old_columns) if old_columns else ""
             try:
-                conn.executescript(f"BEGIN IMMEDIATE;\n{script}{schema_sql}\n{self._grace_sql()}\nCOMMIT;")
+                conn.executescript(f"BEGIN IMMEDIATE;\n{script}{schema_sql}\n{self._grace_sql(time.time())}\nCOMMIT;")
             except sqlite3.IntegrityError as exc:
                 raise RuntimeError(f"cannot bring {self.path} to schema version {schema_version(schema_sql)}: "
                                    f"a row breaks the new constraints ({exc}); nothing was changed") from exc
@@ -420,10 +431,11 @@ class Store:
         finally:
             conn.close()
 
-    def _grace_sql(self) -> str:
-        """Leases held when the endpoint starts: their workers could not renew while it was down. Each
-        gets a full lease from now to renew in, and if it expires unrenewed it does not count."""
-        return (f"UPDATE work_items SET lease_expires_at = max(lease_expires_at, {time.time() + self.lease_seconds!r}),"
+    def _grace_sql(self, now: float) -> str:
+        """Leases held when the endpoint starts (or resumes after a pause): their workers could not renew
+        while it was down. Each gets a full lease from now to renew in, and if it expires unrenewed it
+        does not count."""
+        return (f"UPDATE work_items SET lease_expires_at = max(lease_expires_at, {now + self.lease_seconds!r}),"
                 " lease_confirmed = 0 WHERE state = 'running';")
 
     def _reader(self) -> sqlite3.Connection:
@@ -456,9 +468,13 @@ class Store:
     def _maintain(self, interval: float) -> None:
         # Leases expire and worker contacts are recorded even when no worker calls in.
         next_prune = 0.0
+        def check_leases(conn: sqlite3.Connection) -> tuple[float, int]:
+            now = time.time()
+            return now, self._requeue_expired(conn, now)
+
         while not self._stopping.wait(interval):
             try:
-                requeued = self._writer.run(lambda conn: self._requeue_expired(conn, time.time()), durable=False)
+                self._leases_checked_at, requeued = self._writer.run(check_leases, durable=False)
                 if requeued:
                     self._work_signal.notify(requeued)
                 self._pass_on_spent_wakes()
@@ -974,8 +990,16 @@ class Store:
             row[0], LeaseAnswer.NOT_LEASED)
 
     def _requeue_expired(self, conn: sqlite3.Connection, now: float) -> int:
-        # A lease carried over a restart and never renewed since (lease_confirmed = 0) is given back
-        # without counting: its worker may have given up while the endpoint was down.
+        paused_s = now - self._leases_checked_at
+        if paused_s > self._pause_s:
+            # The endpoint has not run for a while (see __init__): expiring leases now would take the jobs of
+            # workers that could not reach it. Until maintenance checks again, each check repeats this.
+            log.warning("leases not checked for %.1f s (the endpoint was paused or its writer stuck): every "
+                        "running lease gets %g s from now, as after a restart", paused_s, self.lease_seconds)
+            conn.execute(self._grace_sql(now))
+            return 0
+        # A lease carried over a restart (or a pause) and never renewed since (lease_confirmed = 0) is given
+        # back without counting: its worker may have given up while the endpoint was down.
         return conn.execute(
             """
             UPDATE work_items

@@ -18,6 +18,7 @@ from endpoint.config import from_env
 from endpoint.inputs import FORM_OVERHEAD_BYTES
 from endpoint.metrics import Metrics
 from endpoint.peer import Peer
+from endpoint.prices import PriceTable
 from endpoint.secret import peer_key, read_secret
 from endpoint.server import held_data_lock
 from endpoint.store import Store
@@ -42,7 +43,8 @@ def create_app() -> RequestReader:
              "https" if settings.tls else "http", settings.host,
              settings.port, store.path, settings.peer or "none")
     metrics = Metrics(store)
-    app = make_app(store, secret, limits, peer, settings.instance_id, metrics, client_keys=settings.client_keys == "on")
+    app = make_app(store, secret, limits, peer, settings.instance_id, metrics, PriceTable(settings.prices),
+                   client_keys=settings.client_keys == "on")
     read_limits = ReadLimits(settings.max_payload_bytes + FORM_OVERHEAD_BYTES, settings.body_timeout)
     # Claims that wait for work are held on the reader's event loop, not on the app's threads.
     return RequestReader(app, read_limits, settings.threads, metrics.observe_request, news=store.work_signal)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import socket
 import socketserver
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 import requests
 
-from endpoint.secret import peer_key, worker_key
+from endpoint.secret import peer_key, scaler_key, worker_key
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -33,6 +34,17 @@ WORKER_KEY = worker_key(SECRET)
 WORKER_AUTH = {"Authorization": f"Bearer {WORKER_KEY}"}
 WORKER_ENV = {"DW_SECRET": WORKER_KEY}  # what a worker process is started with
 PEER_AUTH = {"Authorization": f"Bearer {peer_key(SECRET)}"}
+SCALER_AUTH = {"Authorization": f"Bearer {scaler_key(SECRET)}"}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one series of a /metrics answer."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0])) if "{" in line else {}
+            if all(found.get(key) == value for key, value in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} {labels} in:\n{text}")
 
 
 def reference(data: bytes, iterations: int) -> str:

@@ -120,6 +120,13 @@ def launch(ec2: Any, cluster: str, role: str, count: int = 1) -> set[str]:
     (["--ready-timeout", "nan", "--service", "docker", "--max-launch-per-tick", "1.5"], {},
      ["--ready-timeout must be more than 0, not nan", "--service must be one of systemd, process, not 'docker'",
       "--max-launch-per-tick must be a whole number, not '1.5'"]),
+    (["--market", "cheap", "--instance-types", "c7i.large,BIG"], {"DW_SPOT_FALLBACK": "reserved"},
+     ["--market must be one of on-demand, spot, not 'cheap'",
+      "--instance-type must be EC2 instance type names such as c7i.large, not 'BIG'",
+      "--spot-fallback must be one of none, on-demand, not 'reserved' (from DW_SPOT_FALLBACK)"]),
+    (["--spot-fallback", "on-demand"], {}, ["--spot-fallback on-demand is for --market spot"]),
+    (["--market", "spot", "--instance-types", "c7i.large,c6i.large,c7i.large"], {},
+     ["--instance-types names c7i.large more than once"]),
 ])
 def test_invalid_settings_launch_nothing(cloud: Aws, args: list[str], env: dict[str, str],
                                          problems: list[str]) -> None:
@@ -139,7 +146,9 @@ def test_help_lists_the_scaler_knobs_with_their_defaults(cloud: Aws) -> None:
                      "[DW_DEFAULT_JOB_DURATION, default 1]", "[DW_READY_DEADLINE, default 300]",
                      "[DW_SILENCE_DEADLINE, default 180]", "[DW_PARTITION_DEADLINE, default 900]",
                      "[DW_BREAKER_THRESHOLD, default 3]", "[DW_BREAKER_COOLDOWN, default 600]",
-                     "[DW_READY_TIMEOUT, default 600]", "--destroy"):
+                     "[DW_READY_TIMEOUT, default 600]", "--market {on-demand,spot}", "[DW_MARKET, default on-",
+                     "[DW_INSTANCE_TYPES, comma-separated, default c7i.large]", "[DW_SPOT_FALLBACK, default none]",
+                     "--destroy"):
         assert expected in shown, shown
 
 

@@ -9,7 +9,9 @@ workers all check it; the endpoints' port serves no plain HTTP.
 setup.sh aws -> deploy.sh aws (two endpoints provisioned over SSH) -> a burst of jobs -> both
 scalers run (as their crontab entry would) and launch and provision workers over SSH -> all
 results equal the reference -> idle workers run their exit action (a harmless stand-in for
-the poweroff) -> the scalers see them gone and terminate them -> deploy.sh aws --destroy.
+the poweroff) -> the scalers see them gone and terminate them -> deploy.sh aws --destroy. Once
+On-Demand, once with --market spot (moto records Spot instances; no interruption here, see
+tests/test_spot.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -70,6 +73,40 @@ def start_beside_the_service(host: FakeHost) -> subprocess.CompletedProcess[str]
     return subprocess.CompletedProcess(second.args, second.returncode, output)
 
 
+def check_market(moto: MotoServer, market: str, launched: list[dict[str, Any]], deployed: str) -> None:
+    """The workers' type and market as EC2 (moto) recorded them."""
+    assert {instance["InstanceType"] for instance in launched} == {"c7i.large"}
+    assert {instance.get("InstanceLifecycle", "on-demand") for instance in launched} == {market}
+    if market == "spot":  # the deploy made the account's Spot role, with the operator's credentials
+        roles = moto.client("iam").list_roles(PathPrefix="/aws-service-role/spot.amazonaws.com/")["Roles"]
+        assert roles and "AWSServiceRoleForEC2Spot" in deployed
+
+
+def pull_all(urls: list[str], count: int, ca: str, timeout: float = 120) -> dict[str, str]:
+    """Pull from the endpoints in turn until `count` results came, each once."""
+    results: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while len(results) < count:
+        assert time.monotonic() < deadline, f"{len(results)} of {count} results"
+        for url in urls:
+            for item in requests.post(f"{url}/pullCompleted", params={"top": 5}, timeout=10, verify=ca).json():
+                assert item["id"] not in results
+                results[item["id"]] = item["result"]
+        time.sleep(0.2)
+    return results
+
+
+def check_usage(urls: list[str], market: str, launched: list[dict[str, Any]], ca: str) -> None:
+    """What the workers cost, as either endpoint reports it from the scalers' listings."""
+    for url in urls:
+        usage = requests.get(f"{url}/stats", timeout=10, verify=ca).json()["usage"]["last_hour"]
+        assert [(entry["market"], entry["instance_type"]) for entry in usage["by_type"]] == [(market, "c7i.large")]
+        # Each worker at least EC2's minute from its launch, so far as that minute has passed: the
+        # workers ended sooner, yet count up to now.
+        billed = sum(min(60.0, time.time() - instance["LaunchTime"].timestamp()) for instance in launched)
+        assert usage["worker_seconds"] >= billed - 2 and usage["estimated_usd"] > 0, (usage, billed)
+
+
 def check_tls(deployed: str, urls: list[str], ca: str, endpoints: list[FakeHost]) -> None:
     """HTTPS only, checked against the cluster CA, which the deploy printed for curl; each endpoint host holds
     its own key (0600) and the CA's certificate, never the CA's key."""
@@ -98,7 +135,8 @@ def check_worker_tls(host: FakeHost, ca: str) -> None:
 
 
 @pytest.mark.slow
-def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("market", ["on-demand", "spot"])
+def test_setup_deploy_scale_and_destroy(market: str, tmp_path: Path) -> None:
     require_root()
     with HostNetwork(tmp_path / "hosts") as network:
         moto = MotoServer(tmp_path, host=network.gateway)
@@ -114,6 +152,7 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
                 # entry is written to a file and run by this test
                 "DW_SERVICE_MANAGER": "process", "DW_CRON_INSTALL": "file",
                 "DW_MAX_WORKERS": "2", "DW_SLOTS_PER_WORKER": "1", "DW_SCALE_AFTER": "0", "DW_IDLE_TIMEOUT": "4",
+                "DW_MARKET": market, "DW_INSTANCE_TYPES": "c7i.large,c6i.large",
                 "DW_SILENCE_DEADLINE": "3", "DW_READY_DEADLINE": "60",
                 "DW_WORKER_EXIT_COMMAND": "touch idle-exit-ran",  # the harmless stand-in for a poweroff
                 # test-only settings: the fake instances' addresses, and moto for the hosts' scalers
@@ -164,26 +203,20 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
             launched = live_instances(ec2, "worker")
             assert 1 <= len(launched) <= 2, outputs
             assert all(any(tag["Key"] == "dw:ready" for tag in instance["Tags"]) for instance in launched), outputs
+            check_market(moto, market, launched, deployed.stdout)
             for host in endpoints:  # the crontab line's log, opened by its shell
                 assert modes(host, "var/log/scaler.log") == [0o600]
 
-            results: dict[str, str] = {}
-            deadline = time.monotonic() + 120
-            while len(results) < len(expected):
-                assert time.monotonic() < deadline, f"{len(results)} of {len(expected)} results"
-                for url in urls:
-                    for item in requests.post(f"{url}/pullCompleted", params={"top": 5}, timeout=10,
-                                              verify=ca).json():
-                        assert item["id"] not in results
-                        results[item["id"]] = item["result"]
-                time.sleep(0.2)
-            assert results == expected
+            assert pull_all(urls, len(expected), ca) == expected
 
             # idle workers run their exit action; the next scaler runs see them gone
             launched_hosts = [host for host in workers
                               if (host.root_dir / "dynamic-workload" / "worker.env").exists()]
             assert len(launched_hosts) == len(launched)
             for host in launched_hosts:
+                settings = (host.root_dir / "dynamic-workload" / "worker.env").read_text()
+                # A Spot worker watches for its interruption notice; no other does.
+                assert ("DW_INTERRUPTION_NOTICES=ec2-spot" in settings) == (market == "spot")
                 assert modes(host, "worker.log", "worker.pid", "secret") == [0o600, 0o600, 0o600]
                 check_worker_tls(host, ca)
             wait_for(lambda: all((host.root_dir / "dynamic-workload" / "idle-exit-ran").exists()
@@ -196,6 +229,7 @@ def test_setup_deploy_scale_and_destroy(tmp_path: Path) -> None:
                 return not live_instances(ec2, "worker")
 
             wait_for(workers_terminated, timeout=60, what="the scalers to terminate the idle workers")
+            check_usage(urls, market, launched, ca)
 
             # destroy leaves nothing of the cluster
             run_script(["./deploy.sh", "aws", "--destroy"], env)

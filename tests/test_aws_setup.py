@@ -348,9 +348,14 @@ def test_endpoint_policy_allows_only_what_the_scaler_needs(aws: Aws) -> None:
 
     run = statements_with(policy, "ec2:RunInstances")
     by_resource = {resource: statement for statement in run for resource in as_list(statement["Resource"])}
-    for kind in ("instance", "volume"):
+    # A Spot launch's one-time request too, only tagged for the cluster; and no IAM write of any kind
+    # (the account's Spot service-linked role is the deploy's to make, with the operator's credentials).
+    for kind in ("instance", "volume", "spot-instances-request"):
         condition = by_resource[f"arn:aws:ec2:us-east-1:123456789012:{kind}/*"]["Condition"]
         assert condition == {"StringEquals": {"aws:RequestTag/dw:cluster": "dw"}}
+    (tag_at_launch,) = [statement for statement in statements_with(policy, "ec2:CreateTags")
+                        if statement["Condition"] == {"StringEquals": {"ec2:CreateAction": "RunInstances"}}]
+    assert "arn:aws:ec2:us-east-1:123456789012:spot-instances-request/*" in as_list(tag_at_launch["Resource"])
     assert f"arn:aws:ec2:us-east-1:123456789012:security-group/{group_id}" in by_resource
     assert "arn:aws:ec2:us-east-1:123456789012:key-pair/dw-key" in by_resource
     subnet = by_resource["arn:aws:ec2:us-east-1:123456789012:subnet/*"]

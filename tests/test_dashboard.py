@@ -16,26 +16,15 @@ from typing import Any
 import pytest
 import requests
 
-from conftest import PEER_AUTH, PYTHON, REPO, SECRET, WORKER_AUTH, Endpoint, Services, wait_for
+from conftest import PEER_AUTH, PYTHON, REPO, SCALER_AUTH, SECRET, WORKER_AUTH, Endpoint, Services, metric, wait_for
 from endpoint.secret import operator_key, scaler_key
 
 OPERATOR_KEY = operator_key(SECRET)
-SCALER_AUTH = {"Authorization": f"Bearer {scaler_key(SECRET)}"}
 SCHEMA = (REPO / "schema.sql").read_text()
 
 
 def basic(password: str, user: str = "operator") -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one series of a /metrics answer."""
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0])) if "{" in line else {}
-            if all(found.get(key) == value for key, value in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {name} {labels} in:\n{text}")
 
 
 def put_run(endpoint: Endpoint, run_id: str, headers: dict[str, str] | None = None, **fields: Any) -> requests.Response:

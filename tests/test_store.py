@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from writer_holds import Background, Hold, committing_too_long, queued, settle
 
+from endpoint.prices import PriceTable
 from endpoint.store import (
     IDEMPOTENCY_TTL_S,
     RECENT_ARRIVALS_PENDING_SQL,
@@ -22,6 +23,7 @@ from endpoint.store import (
     Store,
     StoreUnavailable,
 )
+from endpoint.usage import Listed
 from endpoint.writer import Writer
 
 RESULT = "e" * 128
@@ -388,6 +390,9 @@ def test_a_version_2_file_is_rebuilt_with_the_constraints_and_keeps_every_row(tm
             assert conn.execute("SELECT count(*) FROM payloads").fetchone() == (3,)
             indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
             triggers = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        # What both lines of version 3 added: the dashboard's history and the workers' listing (their cost).
+        assert {"scaler_runs", "event_counts", "duration_buckets", "samples", "fleet_machines"} <= tables
         assert {"work_items_undelivered", "work_items_pending", "work_items_leased"} <= indexes
         assert triggers == {"work_items_count_insert", "work_items_count_update", "work_items_count_delete",
                             "work_items_enqueued", "work_items_completed", "work_items_failed",
@@ -403,6 +408,9 @@ def test_a_version_2_file_is_rebuilt_with_the_constraints_and_keeps_every_row(tm
         assert (claim.work_id, claim.payload) == ("a-0000000000000001", b"abc")
         assert store.complete(claim.work_id, "w", RESULT, 0.1) is LeaseAnswer.DONE
         assert len(store.take_completed(10, "4" * 32)) == 2
+        usage = store.usage(PriceTable())
+        usage.record([Listed("i-0abc", "c7i.large", "spot", time.time() - 300)])
+        assert usage.figures()["last_hour"]["worker_seconds"] == pytest.approx(300, abs=5)
     finally:
         store.close()
     reopened = Store(path, "a", maintenance_interval=3600)  # the next start changes nothing

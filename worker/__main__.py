@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s worker: %(message)s")
     same = ("worker_id", "processes", "idle_timeout", "poll_interval", "exit_command", "submit_patience", "kernel",
-            "claim_wait", "tls_ca")
+            "claim_wait", "tls_ca", "interruption_notices", "metadata_url", "notice_interval")
     options = WorkerOptions(endpoints=tuple(args.endpoints), worker_key=read_worker_key(args.secret_file),
                             kernel_library=os.environ.get(LIBRARY_ENV, ""),
                             **{name: getattr(args, name) for name in same})

@@ -147,6 +147,13 @@ class EndpointClient:
                              [{"id": job.work_id, "result": result, "duration_s": round(seconds, 6)}
                               for job, result, seconds in results])
 
+    def leaving(self, reason: str, left: bool, seconds_left: float) -> None:
+        """Tell the endpoint that this worker is leaving (`reason`: a Spot interruption), or has left."""
+        status, body = self._post("/internal/leaving", {"worker": self._worker_id, "reason": reason, "left": left,
+                                                        "seconds_left": max(0.0, round(seconds_left, 3))})
+        if status != 200:
+            raise Rejected(f"leaving: HTTP {status}: {body[:200]!r}")
+
     def abort(self) -> None:
         """From another thread: break off the request in progress (a claim waiting for work), and
         send no more, until resume()."""

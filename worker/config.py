@@ -32,9 +32,16 @@ SETTINGS = {
     "submit_patience": Setting("DW_SUBMIT_PATIENCE", "3600", seconds(0, inclusive=True),
                                "seconds a result is offered to a failing endpoint before it is given up"),
     "exit_command": Setting("DW_EXIT_COMMAND", "", text,
-                            "command run after an idle exit, e.g. 'systemctl poweroff' on EC2"),
+                            "command run after an idle exit (and after an interruption), e.g. 'systemctl poweroff'"),
+    "interruption_notices": Setting("DW_INTERRUPTION_NOTICES", "off", choice("off", "ec2-spot"),
+                                    "ec2-spot: watch the instance metadata for a Spot interruption notice and give "
+                                    "back what cannot be finished before it (the ec2 provider sets it for Spot)"),
     "tls_ca": Setting("DW_TLS_CA", "", text,
                       "CA certificate that https endpoints are checked against (default: the system's CAs)"),
+    "metadata_url": Setting("DW_METADATA_URL", "http://169.254.169.254", text,
+                            "the instance metadata service (IMDSv2) that interruption notices come from"),
+    "notice_interval": Setting("DW_NOTICE_INTERVAL", "5", seconds(0),
+                               "seconds between two looks for an interruption notice"),
     "log_level": Setting("DW_LOG_LEVEL", "INFO", choice("DEBUG", "INFO", "WARNING", "ERROR", fold=str.upper),
                          "DEBUG, INFO, WARNING or ERROR"),
 }

@@ -16,7 +16,13 @@ Jobs go to the slot with the most free lanes, so a few jobs spread over the core
 runs the scalar kernel alone), and many fill every lane. A job that comes with no lane free waits
 in the worker only if the lanes finish it soon (short jobs, PREFETCH_HORIZON_S); any other is
 given back at once, so that an idle worker takes it. Jobs waiting for a lane take it by turns of
-their endpoints.
+their endpoints. A worker whose lanes stay busy calls off its claims at the other endpoints.
+
+A drain (a Spot interruption notice, worker/interruption.py) ends the claims as a stop does
+(waiting claims called off, jobs that arrive given back), gives back at once the jobs still
+waiting for a lane, and tells the slots its deadline: each gives back the jobs that cannot end
+by then (worker/slot.py), which the keeper releases in one request; the keepers go on posting
+results and renewing the leases of the jobs that finish.
 """
 
 from __future__ import annotations
@@ -149,6 +155,9 @@ class Dispatcher:
         self.turns = itertools.count()  # jobs waiting for a lane take it by turns of their endpoints
         self.last_turn: dict[str, int] = {}
         self.stopping = threading.Event()
+        self.claims_over = threading.Event()  # set by a stop or a drain: nothing more is claimed
+        self.drain_deadline = 0.0  # unix seconds, once a drain began: jobs not done by then go back
+        self.returned: dict[str, list[Job]] = {url: [] for url in options.endpoints}  # to give back now
         self.last_work = time.monotonic()
         self.clients: dict[str, EndpointClient] = {}  # the claimers', to abort a waiting claim
         self.threads: list[threading.Thread] = []
@@ -173,26 +182,53 @@ class Dispatcher:
 
     def busy(self) -> bool:
         with self.state:
-            return bool(self.in_flight) or any(self.finished.values())
+            return bool(self.in_flight) or any(self.finished.values()) or any(self.returned.values())
 
     def stop(self) -> None:
         """Claim no more, call off waiting claims, give back the jobs in flight, post what is done."""
         self.stopping.set()
+        self.end_claims(("stop",))
+        for thread in self.threads:
+            thread.join()
+
+    def drain(self, deadline: float) -> None:
+        """Claim no more and call off waiting claims; finish the jobs that can end by `deadline` (unix
+        seconds), give the others back at once, post what is done (a Spot interruption)."""
+        self.claims_over.set()  # first: jobs that a claim brings from now on go back, none wait for a lane
+        with self.state:
+            self.drain_deadline = deadline
+            waiting = [key for key, flight in self.in_flight.items() if flight.slot is None]
+            self.return_jobs(waiting)
+        if waiting:
+            log.info("draining: giving back %d job(s) that waited for a lane", len(waiting))
+        self.end_claims(("drain", deadline))
+
+    def end_claims(self, message: tuple[object, ...]) -> None:
+        """No more claims; the waiting ones broken off (the claimers call them off); `message` to the slots."""
+        self.claims_over.set()
         with self.state:
             self.state.notify_all()
             clients = list(self.clients.values())
             for slot in self.slots:
-                slot.send(("stop",))
+                slot.send(message)
         for client in clients:  # not under the state: an abort may wait for a connect in progress
             client.abort()
-        for thread in self.threads:
-            thread.join()
+
+    def return_jobs(self, keys: list[tuple[str, str]]) -> None:
+        """Jobs no longer computed here, for their endpoints' keepers to give back (with the state held)."""
+        for key in keys:
+            flight = self.in_flight.pop(key, None)
+            if flight is not None:  # not dropped meanwhile
+                self.returned[flight.job.endpoint].append(flight.job)
+        self.state.notify_all()
 
     # -- the slots' side -------------------------------------------------------------------
 
     def slot_ready(self, index: int, kernel: str, lanes: int) -> None:
         with self.state:
             self.slots[index].kernel, self.slots[index].lanes = kernel, lanes
+            if self.drain_deadline:  # a slot restarted during a drain gets no jobs; it learns of it anyway
+                self.slots[index].send(("drain", self.drain_deadline))
             self.start_waiting()
             self.state.notify_all()
 
@@ -209,11 +245,16 @@ class Dispatcher:
             self.start_waiting()
             self.state.notify_all()
 
+    def slots_gave_back(self, keys: list[tuple[str, str]]) -> None:
+        """A draining slot stopped jobs that cannot end in time: they go back at once."""
+        with self.state:
+            self.return_jobs(keys)
+
     def start_waiting(self) -> None:
         """Jobs that came without a free lane take the lanes free now (with the state held): by turns
         of their endpoints, each one's in the order they came, so that a batch taken early from one
         endpoint does not hold back the jobs of another."""
-        while not self.stopping.is_set():
+        while not self.claims_over.is_set():
             heads: dict[str, InFlight] = {}
             for flight in self.in_flight.values():
                 if flight.slot is None:
@@ -251,12 +292,12 @@ class Dispatcher:
         backoff = Backoff(cap=self.options.max_backoff)
         self.wait_for_slots(SLOTS_READY_WAIT_S)  # so that the first claim reports the whole capacity
         try:
-            while not self.stopping.is_set():
+            while not self.claims_over.is_set():
                 want = self.reserve(url)
                 if want == 0:
                     break
                 try:
-                    wait = 0.0 if self.stopping.is_set() else self.options.claim_wait
+                    wait = 0.0 if self.claims_over.is_set() else self.options.claim_wait
                     answer = client.claim(want, MAX_CLAIM_BYTES, wait, self.report())
                 except ClaimCalledOff:  # the worker filled up meanwhile: what the claim took goes back
                     self.unreserve(url, want)
@@ -265,18 +306,18 @@ class Dispatcher:
                     continue
                 except (EndpointDown, Rejected) as exc:
                     self.unreserve(url, want)
-                    if self.stopping.is_set():
+                    if self.claims_over.is_set():
                         break
                     wait = backoff.failed()
                     log.warning("%s unavailable, retry in %.1fs: %s", url, wait, exc)
-                    self.stopping.wait(wait)
+                    self.claims_over.wait(wait)
                     continue
                 backoff.succeeded()
                 self.unreserve(url, want)
                 self.pending_at[url] = answer.pending
                 self.run_jobs(client, answer.jobs)
                 if not answer.jobs and not answer.waited:
-                    self.stopping.wait(self.options.poll_interval * random.uniform(0.8, 1.2))
+                    self.claims_over.wait(self.options.poll_interval * random.uniform(0.8, 1.2))
         finally:
             self.call_off(client)
             client.close()
@@ -286,20 +327,20 @@ class Dispatcher:
         longer than `timeout`)."""
         deadline = time.monotonic() + timeout
         with self.state:
-            while not all(slot.lanes for slot in self.slots) and not self.stopping.is_set():
+            while not all(slot.lanes for slot in self.slots) and not self.claims_over.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
                 self.state.wait(left)
 
     def reserve(self, url: str) -> int:
-        """Lanes for one claim: this endpoint's share of the free lanes, once there is a free lane. 0: stop.
-        At least one, so that every endpoint is asked even while another's claim waits for work; but
+        """Lanes for one claim: this endpoint's share of the free lanes, once there is a free lane. 0: claim
+        no more. At least one, so that every endpoint is asked even while another's claim waits for work; but
         not while the claims that hold the free lanes are at endpoints that said they have work
         pending (those claims come back with jobs at once, and a second claim's jobs would be given
         back)."""
         with self.state:
-            while not self.stopping.is_set():
+            while not self.claims_over.is_set():
                 free = self.capacity() + self.prefetch(url) - len(self.in_flight)
                 others = {other: count for other, count in self.reserved.items() if other != url and count}
                 room = free - sum(others.values())
@@ -343,10 +384,10 @@ class Dispatcher:
         lease kept, only if the lanes finish the jobs waiting within PREFETCH_HORIZON_S (short jobs,
         taken early on purpose); any other (claims at both endpoints came back at once, each with a
         job for the last free lane) is given back at once, its attempt not counted, so that an idle
-        worker takes it. Jobs that came while stopping are given back at once too."""
+        worker takes it. Jobs that came while stopping or draining are given back at once too."""
         surplus: list[Job] = []
         with self.state:
-            if self.stopping.is_set():
+            if self.claims_over.is_set():
                 surplus, jobs = jobs, []
             if jobs:
                 self.last_iterations[client.base_url] = jobs[-1].iterations
@@ -370,14 +411,15 @@ class Dispatcher:
             other.call_off_claim()
         if surplus:
             log.info("giving back %d job(s) from %s: %s", len(surplus), client.base_url,
-                     "stopping" if self.stopping.is_set() else "no lane free for them")
+                     "no lane free for them" if not self.claims_over.is_set()
+                     else "draining" if self.drain_deadline and not self.stopping.is_set() else "stopping")
             self.give_back(client, surplus)
 
     def claims_to_call_off(self, url: str) -> list[EndpointClient]:
         """The claimers' clients at other endpoints than `url` whose claims are out, if no lane is free
         nor frees within CALL_OFF_AFTER_S as far as the estimates tell (with the state held): a claim
         woken there would wake a worker that cannot take the work, and the wake would be spent."""
-        if self.stopping.is_set() or len(self.in_flight) < self.capacity():
+        if self.claims_over.is_set() or len(self.in_flight) < self.capacity():
             return []
         now = time.monotonic()
         for flight in self.in_flight.values():
@@ -396,14 +438,14 @@ class Dispatcher:
         return best if room[best] > 0 else None
 
     def call_off(self, client: EndpointClient) -> None:
-        """A claim broken off by a stop: the endpoint ends it and gives back what it took."""
+        """A claim broken off by a stop or a drain: the endpoint ends it and gives back what it took."""
         if client.unanswered_claim is None:
             return
         client.resume()
         try:
             released = client.cancel_unanswered()
             if released:
-                log.info("%s: the claim broken off by the stop had taken %d job(s): given back",
+                log.info("%s: the claim broken off had taken %d job(s): given back",
                          client.base_url, released)
         except (EndpointDown, Rejected) as exc:
             log.warning("%s: could not call off the waiting claim: %s", client.base_url, exc)
@@ -482,11 +524,16 @@ class Dispatcher:
             keys = [key for key, flight in self.in_flight.items() if flight.job.endpoint == url]
             return [self.in_flight.pop(key).job for key in keys]
 
+    def take_returned(self, url: str) -> list[Job]:
+        with self.state:
+            jobs, self.returned[url] = self.returned[url], []
+            return jobs
+
     def wait_for_news(self, url: str, timeout: float, results_wait: bool) -> None:
         """Up to `timeout`, or until something changes; at once if results wait to be posted (unless
-        `results_wait`: they wait for a back-off)."""
+        `results_wait`: they wait for a back-off) or jobs to be given back."""
         with self.state:
-            if (results_wait or not self.finished[url]) and not self.stopping.is_set():
+            if (results_wait or not self.finished[url]) and not self.returned[url] and not self.stopping.is_set():
                 self.state.wait(timeout)
 
 
@@ -501,6 +548,9 @@ class _Keeper:
         self.renew_backoff = Backoff(first=0.5, cap=10.0)  # its cap follows the lease (renew())
 
     def round(self) -> None:
+        returned = self.dispatcher.take_returned(self.url)
+        if returned:
+            self.dispatcher.give_back(self.client, returned)
         post_at = max(self.submit_backoff.next_try(), self.dispatcher.results_due(self.url))
         if post_at <= time.monotonic():
             self.submit_finished(self.dispatcher.options.submit_patience)
@@ -571,7 +621,7 @@ class _Keeper:
 
     def finish(self) -> None:
         """At a stop: the jobs still computing go back, then what is done is posted (briefly)."""
-        jobs = self.dispatcher.take_in_flight(self.url)
+        jobs = self.dispatcher.take_returned(self.url) + self.dispatcher.take_in_flight(self.url)
         if jobs:
             self.dispatcher.give_back(self.client, jobs)
         deadline = time.monotonic() + GIVE_BACK_PATIENCE_S

@@ -4,7 +4,9 @@ The supervisor claims jobs for all its slots (worker/dispatch.py: one claimer an
 thread per endpoint, batched claims, renewals and results), hands them to the slots
 (worker/slot.py: the hashing kernel, one job per lane), ends the worker when no endpoint has had
 work for `idle_timeout` seconds, and then runs the exit action (on EC2 a shutdown, which
-terminates the instance).
+terminates the instance). On a Spot instance it watches for the interruption notice
+(worker/interruption.py) and drains at once: the worker ends, and runs its exit action, once what
+could finish is posted and the rest given back, or at the drain's deadline.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from types import FrameType
 
 from worker.client import HTTP_TIMEOUT_S, EndpointClient
 from worker.dispatch import GIVE_BACK_PATIENCE_S, Dispatcher, DispatchOptions, SlotPipe
+from worker.interruption import MARGIN_S, Metadata, Notice, Watcher, announce
 from worker.slot import run_slot
 
 log = logging.getLogger("worker")
@@ -50,6 +53,9 @@ class WorkerOptions:
     kernel_library: str = ""  # default: sha512_lanes.so beside native.py
     claim_wait: float = 20.0  # how long a claim waits at the endpoint for work
     tls_ca: str = ""  # the CA https endpoints are checked against ("": the system's)
+    interruption_notices: str = "off"  # ec2-spot: watch for a Spot interruption notice (worker/interruption.py)
+    metadata_url: str = "http://169.254.169.254"
+    notice_interval: float = 5.0
 
 
 class _Slots:
@@ -91,6 +97,8 @@ class _Slots:
         if message[0] == "done":
             _, key, result, seconds = message
             self.dispatcher.job_done(key, str(result), float(seconds))  # type: ignore[arg-type]
+        elif message[0] == "give_back":
+            self.dispatcher.slots_gave_back(list(message[1]))  # type: ignore[call-overload]
         elif message[0] == "ready":
             _, kernel, lanes, _reason = message
             self.dispatcher.slot_ready(index, str(kernel), int(lanes))  # type: ignore[call-overload]
@@ -119,6 +127,7 @@ def run_worker(options: WorkerOptions) -> int:
     threading.Thread(target=slots.read_forever, name="slots", daemon=True).start()
     dispatcher.start()
     log.info("worker %s: %d slots on %s", options.worker_id, options.processes, ", ".join(options.endpoints))
+    notices = watch_for_interruption(options, dispatcher)
     status = supervise(options, slots, processes, dispatcher, signalled)
     dispatcher.stop()  # claims called off, jobs given back, results posted: the slots are told to stop
     deadline = time.monotonic() + STOP_GRACE_S
@@ -127,6 +136,9 @@ def run_worker(options: WorkerOptions) -> int:
         if process.is_alive():
             log.error("slot %s did not stop: killing it", process.name)
             process.kill()
+    if notices:  # the scalers may terminate the instance now
+        announce(options.endpoints, options.worker_key, options.worker_id, notices[0], left=True,
+                 ca_file=options.tls_ca)
     if status == 0 and options.exit_command:
         run_exit_command(options.exit_command)
     return status
@@ -134,7 +146,8 @@ def run_worker(options: WorkerOptions) -> int:
 
 def supervise(options: WorkerOptions, slots: _Slots, processes: list[BaseProcess], dispatcher: Dispatcher,
               signalled: list[int]) -> int:
-    """Until a signal (128 + its number) or the idle timeout (0); restarts slots that died."""
+    """Until a signal (128 + its number), the idle timeout or the end of a drain (0); restarts slots
+    that died."""
     reported = False
     while True:
         time.sleep(0.25)
@@ -149,10 +162,38 @@ def supervise(options: WorkerOptions, slots: _Slots, processes: list[BaseProcess
                 log.error("slot %d exited with code %s; restarting it", index, process.exitcode)
                 processes[index], pipe = slots.start(index)
                 give_back_lost(options, dispatcher, dispatcher.slot_lost(index, pipe))
-        idle_for = time.monotonic() - dispatcher.last_work
-        if not dispatcher.busy() and idle_for >= options.idle_timeout:
-            log.info("no work from any endpoint for %.0fs: exiting", idle_for)
+        finished = why_finished(options, dispatcher)
+        if finished:
+            log.info("%s: exiting", finished)
             return 0
+
+
+def why_finished(options: WorkerOptions, dispatcher: Dispatcher) -> str:
+    """Why the worker is done ("": it is not): idle long enough, or drained (or out of time to drain)."""
+    if dispatcher.drain_deadline and time.time() >= dispatcher.drain_deadline:
+        return "interrupted, and out of time: what is still computing goes back"
+    if dispatcher.busy():
+        return ""
+    if dispatcher.drain_deadline:
+        return "interrupted: what could finish is posted, the rest given back"
+    idle_for = time.monotonic() - dispatcher.last_work
+    return f"no work from any endpoint for {idle_for:.0f}s" if idle_for >= options.idle_timeout else ""
+
+
+def watch_for_interruption(options: WorkerOptions, dispatcher: Dispatcher) -> list[Notice]:
+    """On a Spot instance: a thread that drains the worker at the notice (and tells the endpoints);
+    the list holds the notice once it came."""
+    notices: list[Notice] = []
+    if options.interruption_notices != "ec2-spot":
+        return notices
+
+    def on_notice(notice: Notice) -> None:
+        notices.append(notice)  # first: the worker may be done draining at once
+        dispatcher.drain(notice.deadline - MARGIN_S)
+        announce(options.endpoints, options.worker_key, options.worker_id, notice, left=False, ca_file=options.tls_ca)
+
+    Watcher(Metadata(options.metadata_url), options.notice_interval, on_notice, threading.Event()).start()
+    return notices
 
 
 def give_back_lost(options: WorkerOptions, dispatcher: Dispatcher, jobs: list) -> None:

@@ -7,6 +7,11 @@ job at once, so jobs of different lengths share the vector; with one job alone t
 the scalar kernel, faster for a single chain than one lane of a vector (worker/native.py).
 Between kernel calls (a few milliseconds each; ctypes releases the GIL meanwhile) it reads its
 pipe, so a cancelled job stops within one call.
+
+After ("drain", deadline) -- a Spot interruption notice -- the slot looks every JUDGE_EVERY_S
+at how long each of its jobs still needs at its speed so far, stops those that cannot end by
+the deadline (or whose speed is not known yet) and sends ("give_back", [keys]) for the
+supervisor to release them at once; the others run to the end.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from worker.client import EndpointClient, EndpointDown, Job, Rejected
+from worker.interruption import can_finish, seconds_to_go
 from worker.native import CHECK_EVERY, Kernel, Lanes, select_kernel
 
 log = logging.getLogger("worker")
 
 IDLE_POLL_S = 0.5  # an idle slot looks this often whether its supervisor is still there
+JUDGE_EVERY_S = 0.2  # while draining: how often the jobs' time to go is weighed against the deadline
 
 
 def slot_kernels(choice: str, library: str) -> tuple[Kernel, Kernel | None]:
@@ -42,6 +49,8 @@ class Slot:
         self.started: dict[Any, float] = {}
         self.jobs: dict[Any, Job] = {}
         self.parent_pid = parent_pid
+        self.drain_deadline = 0.0  # unix seconds; 0 while there is no drain
+        self.judged_at = -float("inf")  # monotonic
 
     def run(self) -> list[Job]:
         """Until told to stop (returns nothing), or until the supervisor died: returns the jobs held."""
@@ -55,6 +64,8 @@ class Slot:
             for key, result in self.lanes.step(CHECK_EVERY, stop_on_finish=True):
                 self.jobs.pop(key, None)
                 self.conn.send(("done", key, result, time.perf_counter() - self.started.pop(key)))
+            if self.drain_deadline and time.monotonic() - self.judged_at >= JUDGE_EVERY_S:
+                self.give_back_late()
         return list(self.jobs.values())
 
     def read_messages(self, timeout: float) -> bool:
@@ -70,10 +81,34 @@ class Slot:
                 self.jobs[job.key] = job
                 self.lanes.submit(job.key, job.payload, job.iterations)
             elif message[0] == "cancel":
-                self.lanes.cancel(message[1])
-                self.started.pop(message[1], None)
-                self.jobs.pop(message[1], None)
+                self.drop(message[1])
+            elif message[0] == "drain":
+                self.drain_deadline = float(message[1])
+                self.judged_at = -float("inf")  # judged at once
         return True
+
+    def drop(self, key: Any) -> None:
+        self.lanes.cancel(key)
+        self.started.pop(key, None)
+        self.jobs.pop(key, None)
+
+    def give_back_late(self) -> None:
+        """Stop the jobs that cannot end by the drain's deadline, and have the supervisor give them back."""
+        self.judged_at = time.monotonic()
+        seconds_left = self.drain_deadline - time.time()
+        late = []
+        for key, job in self.jobs.items():
+            remaining = self.lanes.remaining(key)
+            if remaining is None:  # done already, handed back at the next step
+                continue
+            to_go = seconds_to_go(job.iterations, remaining, time.perf_counter() - self.started[key])
+            if not can_finish(to_go, seconds_left):
+                late.append(key)
+        for key in late:
+            log.info("giving %s back: it cannot finish before the interruption", self.jobs[key].work_id)
+            self.drop(key)
+        if late:
+            self.conn.send(("give_back", late))
 
 
 def give_back_orphaned(jobs: list[Job], worker_key: str, worker_id: str, tls_ca: str) -> None:

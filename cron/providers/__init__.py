@@ -24,6 +24,8 @@ class Machine:
     launched_at: float  # unix seconds
     ready: bool  # provisioned: the worker was started and confirmed running
     address: str | None = None  # where SSH reaches it, for providers that use SSH
+    instance_type: str = ""  # an EC2 instance's type ("" elsewhere)
+    market: str = ""  # an EC2 instance's: on-demand or spot ("" elsewhere)
 
 
 class Provider(Protocol):

@@ -1,10 +1,15 @@
 """Workers as EC2 instances, launched with boto3 (cloud/ec2.py) and provisioned over SSH.
 
 Every instance carries the tags dw:cluster, dw:role=worker and dw:owner (the endpoint whose
-scaler launched it, whose share of the cap it uses); its volume carries them too. Instances
-are launched with InstanceInitiatedShutdownBehavior=terminate, so a worker that powers off
-when idle is gone for good, with IMDSv2 required, and with no instance profile: workers
-hold no AWS credentials. A provisioned instance gets the tag dw:ready.
+scaler launched it, whose share of the cap it uses); its volume (and its Spot request) carries
+them too. Instances are launched with InstanceInitiatedShutdownBehavior=terminate, so a worker
+that powers off when idle is gone for good, with IMDSv2 required, and with no instance profile:
+workers hold no AWS credentials. A provisioned instance gets the tag dw:ready.
+
+A launch tries the instance types in the order given, in the chosen market (On-Demand or Spot),
+and with the Spot fallback every type On-Demand after that (cloud/ec2.py, `offers_for`); the
+shortages it met on the way are logged, and are no failure if an offer had room. A Spot
+worker is told to watch for its interruption notice (worker/interruption.py).
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ from pathlib import Path
 
 from cloud.aws import API_ERRORS, api_error_text, client
 from cloud.ec2 import (
+    ON_DEMAND,
+    SPOT,
     Ec2Error,
     Launch,
     Tag,
     cluster_instances,
     image,
+    market_of,
+    offers_for,
     tag_instance,
     tags_of,
     terminate_instances,
@@ -39,7 +48,10 @@ log = logging.getLogger(__name__)
 class Ec2Settings:
     launch: Launch  # setup's key pair, security group and subnets
     key_path: Path
-    instance_type: str = "c7i.large"
+    instance_types: tuple[str, ...] = ("c7i.large",)  # in order of preference
+    market: str = ON_DEMAND
+    spot_fallback: bool = False  # a Spot launch that finds no room in any type is made On-Demand
+    metadata_url: str = ""  # the instance metadata service as Spot workers reach it ("": the worker's default)
     ami: str = ""  # empty: the latest Amazon Linux 2023 from SSM's public parameter
     ssh_user: str = "ec2-user"
     ssh_timeout: float = 300.0  # from launch until SSH answers
@@ -79,7 +91,8 @@ class Ec2Provider:
         tags = tags_of(instance)
         address = tags.get(Tag.TEST_ADDRESS) or instance.get("PrivateIpAddress")
         return Machine(instance["InstanceId"], tags.get(Tag.OWNER, "?"), instance["LaunchTime"].timestamp(),
-                    ready=Tag.READY in tags, address=address)
+                       ready=Tag.READY in tags, address=address, instance_type=instance.get("InstanceType", ""),
+                       market=market_of(instance))
 
     def _image(self) -> str:
         with _provider_errors():
@@ -88,12 +101,13 @@ class Ec2Provider:
     def launch(self, count: int, owner: str, intent: str) -> list[Machine]:
         tags = {Tag.ROLE: "worker", Tag.OWNER: owner, Tag.INTENT: intent,
                 "Name": f"{self.settings.launch.cluster}-worker"}
+        offers = offers_for(self.settings.instance_types, self.settings.market, self.settings.spot_fallback)
         with _provider_errors():
-            instances = self.settings.launch.run(self.ec2, image=self._image(), count=count, tags=tags,
-                                                 instance_type=self.settings.instance_type, intent=intent,
-                                                 shutdown_behavior="terminate")
-        machines = [self._machine(instance) for instance in instances]
-        log.info("launched %s", ", ".join(machine.machine_id for machine in machines))
+            launched = self.settings.launch.run_offers(self.ec2, image=self._image(), offers=offers, count=count,
+                                                       tags=tags, intent=intent, shutdown_behavior="terminate")
+        machines = [self._machine(instance) for instance in launched.instances]
+        passed = f", after no room for: {'; '.join(launched.passed_over)}" if launched.passed_over else ""
+        log.info("launched %s as %s%s", ", ".join(machine.machine_id for machine in machines), launched.offer, passed)
         return self._assign_test_addresses(machines, owner)
 
     def _assign_test_addresses(self, machines: list[Machine], owner: str) -> list[Machine]:
@@ -120,9 +134,11 @@ class Ec2Provider:
             waited = wait_for_ssh(machine.address, timeout=remaining,
                                   what=f"within {deadline:.0f}s of the launch (--ready-deadline)")
         target = SshTarget(machine.machine_id, machine.address, self.settings.ssh_user, self.settings.key_path)
-        # An EC2 worker is ours to end: its idle exit powers it off, which terminates it.
-        took = provision_worker(target, self.pins,
-                                replace(self._install(), worker_id=machine.machine_id, poweroff_on_idle=True))
+        # An EC2 worker is ours to end: its idle exit powers it off, which terminates it. A Spot
+        # worker watches for its interruption notice.
+        install = replace(self._install(), worker_id=machine.machine_id, poweroff_on_idle=True,
+                          spot=machine.market == SPOT, metadata_url=self.settings.metadata_url)
+        took = provision_worker(target, self.pins, install)
         self._tag(machine, Tag.READY, datetime.now(timezone.utc).isoformat(timespec="seconds"))
         log.info("provisioned %s at %s: SSH answered after %.1fs, worker running %.2fs later",
                  machine.machine_id, machine.address, waited, took)

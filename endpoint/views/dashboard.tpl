@@ -101,6 +101,21 @@ public view: counts only · <a href="/details">details</a> (operator key)
 % end
   </table>
 % end
+% cost = view.get('cost')
+% if cost and (cost['last_day']['by_type'] or view.get('workers_leaving')):
+  <h3>what the workers cost (the whole cluster, estimated)</h3>
+  <table class="cost">
+    <tr><th>market</th><th>type</th><th class="n">last hour</th><th class="n">USD</th><th class="n">last day</th><th class="n">USD</th></tr>
+% hour = {(e['market'], e['instance_type']): e for e in cost['last_hour']['by_type']}
+% for entry in cost['last_day']['by_type']:
+% key = (entry['market'], entry['instance_type'])
+% recent = hour.get(key)
+    <tr data-cost="{{entry['market']}}/{{entry['instance_type']}}"><td>{{entry['market']}}</td><td>{{entry['instance_type']}}</td><td class="n">{{seconds(recent['worker_seconds']) if recent else '–'}}</td><td class="n">{{'%.4f' % recent['estimated_usd'] if recent and recent['estimated_usd'] is not None else '–'}}</td><td class="n">{{seconds(entry['worker_seconds'])}}</td><td class="n">{{'%.4f' % entry['estimated_usd'] if entry['estimated_usd'] is not None else '–'}}</td></tr>
+% end
+    <tr data-cost="total"><td colspan="2">in all</td><td class="n">{{seconds(cost['last_hour']['worker_seconds'])}}</td><td class="n">{{'%.4f' % cost['last_hour']['estimated_usd']}}</td><td class="n">{{seconds(cost['last_day']['worker_seconds'])}}</td><td class="n">{{'%.4f' % cost['last_day']['estimated_usd']}}</td></tr>
+  </table>
+  <p data-leaving="{{view.get('workers_leaving', 0)}}">workers leaving (Spot interruptions, last hour): {{view.get('workers_leaving', 0)}} · prices: {{cost['prices']}}</p>
+% end
 % if detailed:
   <h3>failed items ({{counts['failed']}})</h3>
 % if view['failed_items']:
