@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from worker.client import ClaimAnswer, EndpointClient, Job
+from worker.client import LEASE_HELD, ClaimAnswer, EndpointClient, Job
 from worker.dispatch import Dispatcher, DispatchOptions, SlotPipe
 
 SLOTS = 2  # a 2-vCPU worker: two slot processes, each one lane here
@@ -54,7 +54,8 @@ class Tally:
         self.requests: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self.answers: Counter[str] = Counter()
-        # jobs: jobs claimed; unwaited: claims answered at once, the endpoint could not let them wait
+        # jobs: jobs claimed; released: jobs given back (no lane free for them, or stopping); unwaited:
+        # claims answered at once, the endpoint could not let them wait
         self.claims: Counter[str] = Counter()
         self.seconds: dict[str, list[float]] = {}
         self.job_claims: list[float] = []
@@ -72,6 +73,10 @@ class Tally:
                 self.claims["jobs"] += len(answer.jobs)
             elif not answer.waited:
                 self.claims["unwaited"] += 1
+
+    def released(self, jobs: int) -> None:
+        with self.lock:
+            self.claims["released"] += jobs
 
     def results(self, answers: Sequence[str]) -> None:
         with self.lock:
@@ -93,11 +98,12 @@ class TimedClient(EndpointClient):
         super().__init__(base_url, worker_key, worker_id)
         self.tally = tally
 
-    def _post(self, path: str, fields: dict[str, object], timeout: float | None = None) -> tuple[int, bytes]:
+    def _post(self, path: str, fields: dict[str, object], timeout: float | None = None,
+              interruptible: bool = False) -> tuple[int, bytes]:
         started = time.perf_counter()
         failed = True
         try:
-            answer = super()._post(path, fields, timeout)
+            answer = super()._post(path, fields, timeout, interruptible)
             failed = answer[0] != 200
             return answer
         finally:
@@ -113,6 +119,11 @@ class TimedClient(EndpointClient):
     def submit(self, results: Sequence[tuple[Job, str, float]]) -> list[str]:
         answers = super().submit(results)
         self.tally.results(answers)
+        return answers
+
+    def release(self, jobs: Sequence[Job]) -> list[str]:
+        answers = super().release(jobs)
+        self.tally.released(answers.count(LEASE_HELD))
         return answers
 
 

@@ -357,7 +357,8 @@ def describe(window: Window) -> str:
     fleet = window.fleet
     if fleet["job_claims"]:
         lines.append(f"claims that brought jobs (round trip): {ms(fleet['job_claims'])}, "
-                     f"{fleet['claims']['jobs'] / len(fleet['job_claims']):.1f} jobs each")
+                     f"{fleet['claims']['jobs'] / len(fleet['job_claims']):.1f} jobs each; given back at once "
+                     f"(no lane free): {fleet['claims']['released']}")
     if fleet["seconds"].get("/internal/results"):
         lines.append(f"results posted: {ms(fleet['seconds']['/internal/results'])}")
     failures = {path: count for path, count in fleet["failures"].items() if count}
@@ -533,7 +534,8 @@ def account(report: FleetReport, endpoints: Sequence[Endpoint], book: Book, fina
         rows.update(dict(db.execute("SELECT state || ':' || attempts, count(*) FROM work_items GROUP BY 1")))
         db.close()
     report.counts = {"enqueued": len(expected), "pulled": len(pulled), "runs": sum(runs.values()),
-                     "jobs_claimed": final["claims"]["jobs"], "results_stored": stored,
+                     "jobs_claimed": final["claims"]["jobs"] - final["claims"].get("released", 0),
+                     "jobs_given_back": final["claims"].get("released", 0), "results_stored": stored,
                      "rows_completed_first_attempt": rows.get("completed:1", 0),
                      "results_posts_sent": final["requests"].get("/internal/results", 0),
                      "results_posts_answered": routes.get("/internal/results", 0)}

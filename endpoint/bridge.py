@@ -50,7 +50,7 @@ GATHER_S = 0.005
 class News(Protocol):
     """What held answers wait for (endpoint/waiting.py's WorkSignal)."""
 
-    def listen(self, since: int, callback: Callable[[], None]) -> Callable[[], None]:
+    def listen(self, since: int, holder: str, callback: Callable[[], None]) -> Callable[[], None]:
         """Call `callback` (from any thread) once the generation is past `since`; returns an unlisten."""
 
     def leave(self, holder: str) -> None:
@@ -186,7 +186,7 @@ class RequestReader:
         loop = asyncio.get_running_loop()
         woken: asyncio.Future[None] = loop.create_future()
         timer = loop.call_later(float(seconds), _resolve, woken)
-        unlisten = self.news.listen(int(generation), lambda: loop.call_soon_threadsafe(
+        unlisten = self.news.listen(int(generation), holder, lambda: loop.call_soon_threadsafe(
             loop.call_later, GATHER_S, _resolve, woken))
         # The body has been read: the next message of the request is the client's disconnect.
         gone = asyncio.ensure_future(receive())

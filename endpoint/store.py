@@ -28,7 +28,7 @@ from endpoint.history import History, count_event
 from endpoint.key_store import KeyStore
 from endpoint.prices import PriceTable
 from endpoint.usage import Usage
-from endpoint.waiting import WorkSignal
+from endpoint.waiting import WorkSignal, hold_for
 from endpoint.writer import (
     DEFAULT_WAIT_S,
     DiskFull,
@@ -118,7 +118,7 @@ class ClaimBatch:
     claims: list[Claim]
     pending: int  # items still pending after this claim
     waited: bool = True  # False: the claim could not wait (too many waiting), so its worker backs off
-    hold: str = ""  # for endpoint/bridge.py: "<generation> <seconds> <worker>" to hold the answer
+    hold: str = ""  # for endpoint/bridge.py: "<generation> <seconds> <worker> <token>" to hold the answer
 
 
 @dataclass(frozen=True)
@@ -477,6 +477,7 @@ class Store:
                 self._leases_checked_at, requeued = self._writer.run(check_leases, durable=False)
                 if requeued:
                     self._work_signal.notify(requeued)
+                self._pass_on_spent_wakes()
                 self._flush_contacts()
                 self._sample_history()
                 if time.monotonic() >= next_prune:
@@ -763,6 +764,7 @@ class Store:
         caller heard "outcome unknown" is given back when it commits, without using attempts.
         """
         self._record_contact(worker_id, time.time(), report)
+        self._work_signal.claiming(worker_id)
         generation = self._work_signal.generation  # before looking: work that comes after wakes the wait
         batch = self._claim_now(worker_id, claim_token, max_jobs, max_bytes)
         if batch.claims or wait_s <= 0 or self._work_signal.is_cancelled(worker_id, claim_token):
@@ -773,7 +775,17 @@ class Store:
         # the answer on its event loop (endpoint/bridge.py). Woken, the claim takes nothing itself:
         # its worker claims again at once, so a claim whose worker died while it waited (nobody
         # would hear its answer) never holds a lease.
-        return ClaimBatch([], batch.pending, hold=f"{generation} {wait_s:g} {worker_id}")
+        return ClaimBatch([], batch.pending, hold=f"{generation} {wait_s:g} {hold_for(worker_id, claim_token)}")
+
+    def _pass_on_spent_wakes(self) -> None:
+        """Wakes whose workers did not come back (full by now, or gone) go to other waiting claims, while
+        work is pending: work on a fleet with free lanes does not wait for the next enqueue or for a
+        claim's wait to end."""
+        late = self._work_signal.overdue()
+        if late:
+            pending = _pending_count(self._reader())
+            if pending:
+                self._work_signal.notify(min(late, pending))
 
     @property
     def work_signal(self) -> WorkSignal:

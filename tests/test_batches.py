@@ -229,6 +229,41 @@ def test_a_cancelled_claim_ends_its_wait_and_gives_back_what_its_token_took(serv
     assert post(endpoint, "/internal/claims/cancel", {"worker": "v", "claim": "bad token!"}).status_code == 400
 
 
+def test_a_cancel_ends_its_own_waiting_claim_alone(services: Services) -> None:
+    """A worker that calls off its claim (it stops, or it filled up) does not wake the rest of the fleet."""
+    endpoint = services.endpoint("a")
+    others = [Waiting(endpoint, f"w{index}", f"t{index}", 20) for index in range(3)]
+    leaving = Waiting(endpoint, "leaving", "mine", 20)
+    wait_for(lambda: endpoint.stats()["waiting_claims"] == 4, what="four claims to wait")
+    assert post(endpoint, "/internal/claims/cancel", {"worker": "leaving", "claim": "mine"}).json() == {"released": 0}
+    leaving.join(timeout=5)
+    time.sleep(0.5)
+    assert endpoint.stats()["waiting_claims"] == 3
+    assert all(other.thread.is_alive() for other in others)
+    endpoint.enqueue(b"for the others", 10)
+    for other in others:
+        other.join()
+
+
+def test_a_wake_whose_worker_does_not_claim_again_is_passed_on(services: Services) -> None:
+    """The claim woken for an item belongs to a worker that will not claim again (it filled up with work
+    from the other endpoint meanwhile): the wake goes to the next waiting claim, not to waste."""
+    endpoint = services.endpoint("a")
+    full = Waiting(endpoint, "full", "t1", 20)
+    wait_for(lambda: endpoint.stats()["waiting_claims"] == 1, what="the first claim to wait")
+    idle = Waiting(endpoint, "idle", "t2", 25)
+    wait_for(lambda: endpoint.stats()["waiting_claims"] == 2, what="the second claim to wait")
+    work_id = endpoint.enqueue(b"somebody take it", 10)
+    full.join(timeout=5)  # the longest waiting is woken; its worker does not come back
+    idle.join(timeout=10)  # woken in its place within a few seconds, not after its 25 s
+    assert idle.answer is not None and idle.answer[0]["jobs"] == [] and idle.finished_at - idle.started < 10
+    manifest, _ = claim(endpoint, "idle", "t3")
+    assert [job["id"] for job in manifest["jobs"]] == [work_id]
+    # A wake that was answered (its worker claimed again) is not passed on: the next claim waits.
+    later = Waiting(endpoint, "idle", "t4", 3).join()
+    assert later.finished_at - later.started > 2.5
+
+
 def test_an_endpoint_restart_answers_its_waiting_claims_at_once(services: Services) -> None:
     endpoint = services.endpoint("a")
     waiting = Waiting(endpoint, "w", "t1", 25)

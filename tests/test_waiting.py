@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import time
+from datetime import datetime
 
 from conftest import Endpoint, Services, reference, wait_for
 
@@ -20,19 +21,25 @@ def test_work_enqueued_on_an_idle_fleet_is_picked_up_at_once(services: Services)
         services.worker([a, b], worker_id=f"idle-{index}", extra_args=("--claim-wait", "20"))
     wait_for(lambda: waiting(a, 2) and waiting(b, 2), what="each worker's claim to wait at both endpoints")
     time.sleep(1)
-    delays = []
+    delays, claimed = [], []
     for index in range(6):
         endpoint = (a, b)[index % 2]
         payload = f"prompt {index}".encode()
         enqueued = time.monotonic()
         work_id = endpoint.enqueue(payload, 10)
         wait_for(lambda endpoint=endpoint, work_id=work_id: endpoint.work(work_id).json()["state"] == "completed",
-                 timeout=10, what="the job")
-        delays.append(time.monotonic() - enqueued)
-        assert endpoint.work(work_id).json()["result"] == reference(payload, 10)
+                 timeout=25, what="the job")
+        delays.append(round(time.monotonic() - enqueued, 3))
+        status = endpoint.work(work_id).json()
+        assert status["result"] == reference(payload, 10)
+        claimed.append(round((datetime.fromisoformat(status["claimed_at"])
+                              - datetime.fromisoformat(status["created_at"])).total_seconds(), 3))
         time.sleep(0.3)
-    # Polled every 0.5 s before; now the waiting claim hears of the work within milliseconds.
-    assert max(delays) < 1.0, delays
+    # Polled every 0.5 s before; now the waiting claim hears of the work within milliseconds. Judged by the
+    # item's own times, enqueue to claim (a wake lost would wait for a claim's 20 s): the round trips of
+    # this test's requests and the durable writes of the enqueue's answer and of the result are not what
+    # is tested, and on a loaded machine they took seconds.
+    assert max(claimed) < 1.0, (claimed, delays)
     assert a.stats()["workers_heard_from"] == 2
 
 

@@ -65,14 +65,54 @@ def test_worker_serves_both_endpoints_and_retries_one_that_was_down(services: Se
 
 def test_worker_alternates_between_endpoints(services: Services, pair: tuple[Endpoint, Endpoint]) -> None:
     a, b = pair
-    for index in range(20):
+    for index in range(60):
         a.enqueue(f"a{index}".encode(), 10)
         b.enqueue(f"b{index}".encode(), 10)
     services.worker([a, b], processes=1, extra_args=("--kernel", "python"))  # one lane: one job at a time
-    wait_for(lambda: a.stats()["completed"] + b.stats()["completed"] >= 10, timeout=30, what="ten jobs done")
-    # Each endpoint's claimer asks for the free lane, both at once: neither endpoint is starved.
+    wait_for(lambda: a.stats()["completed"] + b.stats()["completed"] >= 40, timeout=30, what="forty jobs done")
+    # Each endpoint's claimer asks for the free lane, both at once, and short jobs come many to a claim
+    # (taken early): they wait for the lane by turns of their endpoints, so that neither endpoint is
+    # starved by the other's batch. (Sixty jobs each: one endpoint's first answer may come late on a
+    # loaded machine, but not later than thirty of the other's jobs.)
     done_a, done_b = a.stats()["completed"], b.stats()["completed"]
     assert min(done_a, done_b) >= 0.3 * (done_a + done_b), (done_a, done_b)
+
+
+LONG = 12_000_000  # iterations: several seconds on the python kernel
+
+
+def states(endpoint: Endpoint, ids: list[str]) -> list[tuple[str, int]]:
+    return [(status["state"], status["attempts"]) for status in (endpoint.work(work_id).json() for work_id in ids)]
+
+
+def test_a_long_job_that_came_with_no_lane_free_is_given_back(services: Services,
+                                                             pair: tuple[Endpoint, Endpoint]) -> None:
+    """One lane, both endpoints asked for it at once, both answer with a long job: the second is given back
+    at once (its attempt not counted) for an idle worker to take, instead of waiting a job's length."""
+    a, b = pair
+    ids = {a: [a.enqueue(b"long at a", LONG)], b: [b.enqueue(b"long at b", LONG)]}
+    services.worker([a, b], processes=1, extra_args=("--kernel", "python"))
+    wait_for(lambda: a.stats()["running"] + b.stats()["running"] == 1
+             and a.stats()["workers_heard_from"] + b.stats()["workers_heard_from"] == 2,
+             timeout=20, what="one job running, both endpoints asked")
+    time.sleep(1.0)  # a job held in the worker would show as running
+    both = states(a, ids[a]) + states(b, ids[b])
+    assert sorted(both) == [("pending", 0), ("running", 1)], both
+    wait_for(lambda: a.stats()["completed"] + b.stats()["completed"] == 2, timeout=60, what="both jobs done")
+    assert sorted(states(a, ids[a]) + states(b, ids[b])) == [("completed", 1), ("completed", 1)]
+
+
+def test_short_jobs_before_do_not_make_a_worker_take_long_ones_early(services: Services) -> None:
+    """Short jobs are taken many to a claim; the long ones that follow them are not (their length is told
+    by their iterations, not by the short ones' mean)."""
+    endpoint = services.endpoint("a")
+    services.worker([endpoint], processes=1, extra_args=("--kernel", "python"))
+    short = [endpoint.enqueue(f"short {index}".encode(), 10) for index in range(30)]
+    wait_for(lambda: endpoint.stats()["completed"] == len(short), timeout=30, what="the short jobs")
+    long = [endpoint.enqueue(f"long {index}".encode(), LONG) for index in range(3)]
+    wait_for(lambda: endpoint.stats()["running"] >= 1, timeout=10, what="a long job to start")
+    time.sleep(1.0)
+    assert sorted(states(endpoint, long)) == [("pending", 0), ("pending", 0), ("running", 1)]
 
 
 def test_idle_worker_exits_and_runs_its_exit_action(services: Services, tmp_path: Path) -> None:

@@ -43,6 +43,11 @@ class EndpointDown(Exception):
     """The endpoint did not answer, or answered with a server error: try again later."""
 
 
+class ClaimCalledOff(EndpointDown):
+    """The worker called its claim off (call_off_claim()) before the answer came: what the claim took, if
+    anything, is given back by cancel_unanswered()."""
+
+
 class Rejected(Exception):
     """The endpoint refused the request itself (bad key, bad request): retrying won't help."""
 
@@ -86,6 +91,7 @@ class EndpointClient:
         self._auth = f"Bearer {worker_key}"
         self._conn: http.client.HTTPConnection | None = None
         self._aborted = False
+        self._calling_off = False  # call_off_claim(): the claim in progress (or the next) is broken off
         self._connecting = threading.Lock()  # abort() shuts down every socket connected after it
         self.unanswered_claim: str | None = None
 
@@ -100,7 +106,13 @@ class EndpointClient:
                                      "wait_s": wait_s, **(report or {})}
         if max_bytes:
             fields["max_bytes"] = max_bytes
-        status, body = self._post("/internal/claims", fields, self._timeout + wait_s)
+        try:
+            status, body = self._post("/internal/claims", fields, self._timeout + wait_s, interruptible=True)
+        except EndpointDown as exc:
+            if self._called_off():
+                raise ClaimCalledOff(f"{self.base_url}: the claim was called off") from exc
+            raise
+        self._called_off()  # too late to call it off: its answer is here
         if status != 200:
             raise Rejected(f"claim: HTTP {status}: {body[:200]!r}")
         answer = parse_jobs(self.base_url, body)
@@ -153,6 +165,21 @@ class EndpointClient:
                 with contextlib.suppress(OSError):  # closed already
                     sock.shutdown(socket.SHUT_RDWR)
 
+    def call_off_claim(self) -> None:
+        """From another thread: break off the claim in progress (its worker has no lane free for what it
+        would bring, nor soon): claim() raises ClaimCalledOff, and a claim not yet sent is not sent."""
+        with self._connecting:
+            self._calling_off = True
+            sock = self._conn.sock if self._conn is not None else None
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _called_off(self) -> bool:
+        with self._connecting:
+            called_off, self._calling_off = self._calling_off, False
+            return called_off
+
     def resume(self) -> None:
         """Requests go out again after an abort() (calling off the claim it broke off, say)."""
         self._aborted = False
@@ -176,14 +203,15 @@ class EndpointClient:
             raise Rejected(f"{path}: {len(answers)} answers to {len(items)} items")
         return [str(answer) for answer in answers]
 
-    def _post(self, path: str, fields: dict[str, object], timeout: float | None = None) -> tuple[int, bytes]:
+    def _post(self, path: str, fields: dict[str, object], timeout: float | None = None,
+              interruptible: bool = False) -> tuple[int, bytes]:
         body = json.dumps(fields).encode()
         headers = {"Authorization": self._auth, "Content-Type": "application/json"}
         reused = self._conn is not None
         for _ in range(2):
             try:
                 with self._connecting:
-                    if self._aborted:
+                    if self._aborted or (interruptible and self._calling_off):
                         raise EndpointDown(f"{self.base_url}: the request was called off")
                     if self._conn is None:
                         self._conn = self._connection()

@@ -13,7 +13,10 @@ Per endpoint two threads, each with its own connection:
   whose lease merely expired is finished, as its result still counts.
 
 Jobs go to the slot with the most free lanes, so a few jobs spread over the cores (each then
-runs the scalar kernel alone), and many fill every lane.
+runs the scalar kernel alone), and many fill every lane. A job that comes with no lane free waits
+in the worker only if the lanes finish it soon (short jobs, PREFETCH_HORIZON_S); any other is
+given back at once, so that an idle worker takes it. Jobs waiting for a lane take it by turns of
+their endpoints. A worker whose lanes stay busy calls off its claims at the other endpoints.
 
 A drain (a Spot interruption notice, worker/interruption.py) ends the claims as a stop does
 (waiting claims called off, jobs that arrive given back), gives back at once the jobs still
@@ -25,6 +28,7 @@ results and renewing the leases of the jobs that finish.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
 import threading
@@ -37,6 +41,7 @@ from worker.client import (
     LEASE_HELD,
     NOT_LEASED,
     STORED,
+    ClaimCalledOff,
     EndpointClient,
     EndpointDown,
     Job,
@@ -52,6 +57,9 @@ RESULTS_LINGER_S = 0.005  # a result waits this long for others to go in the sam
 RESULTS_ENOUGH = 64  # ... unless that many wait already
 PREFETCH_HORIZON_S = 0.05  # jobs beyond the free lanes: what the lanes finish within this time
 MAX_ITEMS_PER_REQUEST = 1000  # the endpoint's bound on a batch
+# A worker whose lanes are all busy for longer than this calls off its claims at the other endpoints:
+# a claim of it woken there for new work would be a wake spent on a worker that cannot take the work.
+CALL_OFF_AFTER_S = 1.0
 # A stopping worker keeps offering its jobs back (or its results) this long to an endpoint that
 # does not answer -- one being restarted, say -- so that the leases need not expire and count.
 GIVE_BACK_PATIENCE_S = 10.0
@@ -97,9 +105,10 @@ class DispatchOptions:
 @dataclass
 class InFlight:
     job: Job
-    slot: int | None  # None: waiting for a free lane (two claims came back at once)
+    slot: int | None  # None: waiting for a free lane (a short job taken early)
     renewing: bool = True  # False once the lease expired: finish it, but do not renew
     renew_at: float = 0.0  # monotonic: a third of the lease after the claim or the last renewal
+    started: float = 0.0  # monotonic: when it went into its lane
 
     def __post_init__(self) -> None:
         self.renew_at = time.monotonic() + self.job.lease_seconds / 3
@@ -139,7 +148,12 @@ class Dispatcher:
         self.finished: dict[str, list[Finished]] = {url: [] for url in options.endpoints}
         self.reserved: dict[str, int] = {url: 0 for url in options.endpoints}
         self.pending_at: dict[str, int] = {}  # what each endpoint said it still had pending
-        self.job_seconds: float | None = None  # a moving mean of the jobs' lengths in their lanes
+        # A moving mean of the seconds per iteration that jobs took in their lanes: a job's length is
+        # estimated from its iterations, so that a run of short jobs says nothing of a long one's.
+        self.iteration_seconds: float | None = None
+        self.last_iterations: dict[str, int] = {}  # of the last job claimed from each endpoint
+        self.turns = itertools.count()  # jobs waiting for a lane take it by turns of their endpoints
+        self.last_turn: dict[str, int] = {}
         self.stopping = threading.Event()
         self.claims_over = threading.Event()  # set by a stop or a drain: nothing more is claimed
         self.drain_deadline = 0.0  # unix seconds, once a drain began: jobs not done by then go back
@@ -225,7 +239,9 @@ class Dispatcher:
                 return  # cancelled meanwhile
             self.finished[flight.job.endpoint].append(Finished(flight.job, result, seconds))
             self.last_work = time.monotonic()
-            self.job_seconds = seconds if self.job_seconds is None else 0.9 * self.job_seconds + 0.1 * seconds
+            per_iteration = seconds / max(1, flight.job.iterations)
+            self.iteration_seconds = (per_iteration if self.iteration_seconds is None
+                                      else 0.9 * self.iteration_seconds + 0.1 * per_iteration)
             self.start_waiting()
             self.state.notify_all()
 
@@ -235,13 +251,24 @@ class Dispatcher:
             self.return_jobs(keys)
 
     def start_waiting(self) -> None:
-        """Jobs that came without a free lane take the lanes free now (with the state held)."""
-        for flight in self.in_flight.values():
-            if flight.slot is None and not self.claims_over.is_set():
-                flight.slot = self.roomiest_slot()
+        """Jobs that came without a free lane take the lanes free now (with the state held): by turns
+        of their endpoints, each one's in the order they came, so that a batch taken early from one
+        endpoint does not hold back the jobs of another."""
+        while not self.claims_over.is_set():
+            heads: dict[str, InFlight] = {}
+            for flight in self.in_flight.values():
                 if flight.slot is None:
-                    return
-                self.slots[flight.slot].send(("run", flight.job))
+                    heads.setdefault(flight.job.endpoint, flight)
+            slot = self.roomiest_slot() if heads else None
+            if slot is None:
+                return
+            flight = min(heads.values(), key=lambda waiting: self.last_turn.get(waiting.job.endpoint, -1))
+            self.start_job(flight, slot)
+
+    def start_job(self, flight: InFlight, slot: int) -> None:
+        flight.slot, flight.started = slot, time.monotonic()
+        self.last_turn[flight.job.endpoint] = next(self.turns)
+        self.slots[slot].send(("run", flight.job))
 
     def slot_lost(self, index: int, pipe: SlotPipe) -> list[Job]:
         """A slot died: its jobs are no longer computed (the caller gives them back)."""
@@ -272,6 +299,11 @@ class Dispatcher:
                 try:
                     wait = 0.0 if self.claims_over.is_set() else self.options.claim_wait
                     answer = client.claim(want, MAX_CLAIM_BYTES, wait, self.report())
+                except ClaimCalledOff:  # the worker filled up meanwhile: what the claim took goes back
+                    self.unreserve(url, want)
+                    self.call_off(client)
+                    client.unanswered_claim = None  # never repeated: a cancelled token takes nothing
+                    continue
                 except (EndpointDown, Rejected) as exc:
                     self.unreserve(url, want)
                     if self.claims_over.is_set():
@@ -302,15 +334,19 @@ class Dispatcher:
                 self.state.wait(left)
 
     def reserve(self, url: str) -> int:
-        """Lanes for one claim: this endpoint's share of the free lanes (at least one, so that every
-        endpoint is asked even while another's claim waits), once there is a free lane. 0: claim no more."""
+        """Lanes for one claim: this endpoint's share of the free lanes, once there is a free lane. 0: claim
+        no more. At least one, so that every endpoint is asked even while another's claim waits for work; but
+        not while the claims that hold the free lanes are at endpoints that said they have work
+        pending (those claims come back with jobs at once, and a second claim's jobs would be given
+        back)."""
         with self.state:
             while not self.claims_over.is_set():
                 free = self.capacity() + self.prefetch(url) - len(self.in_flight)
-                if free > 0:
+                others = {other: count for other, count in self.reserved.items() if other != url and count}
+                room = free - sum(others.values())
+                if free > 0 and (room > 0 or not any(self.pending_at.get(other) for other in others)):
                     share = -(-free // len(self.options.endpoints))
-                    others = sum(count for other, count in self.reserved.items() if other != url)
-                    want = min(MAX_CLAIM_JOBS, max(1, min(share, free - others)))
+                    want = min(MAX_CLAIM_JOBS, max(1, min(share, room)))
                     self.reserved[url] += want
                     return want
                 self.state.wait()
@@ -318,38 +354,79 @@ class Dispatcher:
 
     def prefetch(self, url: str) -> int:
         """Jobs taken beyond the free lanes, to wait in the worker for the next free lane: only while
-        `url` said more are pending, and only as many as the lanes finish within PREFETCH_HORIZON_S
-        at the recent job length. Short jobs then come many to a claim (a claim per job costs more
-        than the job); a long job is never held back from a worker that could start it sooner."""
-        if not self.pending_at.get(url) or self.job_seconds is None:
+        `url` said more are pending, and only as many as the lanes finish within PREFETCH_HORIZON_S,
+        if its next jobs are as long as its last one. Short jobs then come many to a claim (a claim
+        per job costs more than the job); a long job is never held back from a worker that could
+        start it sooner (and one that comes all the same is given back, see may_wait())."""
+        last = self.estimate(self.last_iterations.get(url, 0))
+        if not self.pending_at.get(url) or last is None:
             return 0
-        return min(MAX_CLAIM_JOBS, int(self.capacity() * PREFETCH_HORIZON_S / max(self.job_seconds, 1e-6)))
+        return min(MAX_CLAIM_JOBS, int(self.capacity() * PREFETCH_HORIZON_S / max(last, 1e-6)))
+
+    def estimate(self, iterations: int) -> float | None:
+        """Seconds in a lane for a job of `iterations`, from the jobs done so far (None: none done yet)."""
+        if self.iteration_seconds is None or iterations <= 0:
+            return None
+        return iterations * self.iteration_seconds
+
+    def waiting_work(self) -> float:
+        """Lane-seconds of the jobs waiting for a lane (with the state held)."""
+        return sum(self.estimate(flight.job.iterations) or 0.0 for flight in self.in_flight.values()
+                   if flight.slot is None)
 
     def unreserve(self, url: str, count: int) -> None:
         with self.state:
             self.reserved[url] -= count
+            self.state.notify_all()  # a claimer that waited for this claim's answer looks again
 
     def run_jobs(self, client: EndpointClient, jobs: list[Job]) -> None:
-        """Into the slots with the most free lanes. A job with no free lane (claims at both
-        endpoints came back at once) waits for the next, its lease kept; jobs that came while
-        stopping or draining are given back at once."""
+        """Into the slots with the most free lanes. A job with no free lane waits for the next, its
+        lease kept, only if the lanes finish the jobs waiting within PREFETCH_HORIZON_S (short jobs,
+        taken early on purpose); any other (claims at both endpoints came back at once, each with a
+        job for the last free lane) is given back at once, its attempt not counted, so that an idle
+        worker takes it. Jobs that came while stopping or draining are given back at once too."""
+        surplus: list[Job] = []
         with self.state:
             if self.claims_over.is_set():
                 surplus, jobs = jobs, []
-            else:
-                surplus = []
+            if jobs:
+                self.last_iterations[client.base_url] = jobs[-1].iterations
+            waiting = self.waiting_work()
             for job in jobs:
                 slot = self.roomiest_slot()
-                self.in_flight[job.key] = InFlight(job, slot)
+                if slot is None:
+                    length = self.estimate(job.iterations)
+                    if length is None or waiting + length > self.capacity() * PREFETCH_HORIZON_S:
+                        surplus.append(job)
+                        continue
+                    waiting += length
+                flight = self.in_flight[job.key] = InFlight(job, None)
                 if slot is not None:
-                    self.slots[slot].send(("run", job))
-            if jobs:
+                    self.start_job(flight, slot)
+            if len(surplus) < len(jobs):
                 self.last_work = time.monotonic()
                 self.state.notify_all()  # the keeper learns when their first renewal is due
+            calling_off = self.claims_to_call_off(client.base_url)
+        for other in calling_off:  # not under the state: it may wait for a connect in progress
+            other.call_off_claim()
         if surplus:
             log.info("giving back %d job(s) from %s: %s", len(surplus), client.base_url,
-                     "draining" if self.drain_deadline and not self.stopping.is_set() else "stopping")
+                     "no lane free for them" if not self.claims_over.is_set()
+                     else "draining" if self.drain_deadline and not self.stopping.is_set() else "stopping")
             self.give_back(client, surplus)
+
+    def claims_to_call_off(self, url: str) -> list[EndpointClient]:
+        """The claimers' clients at other endpoints than `url` whose claims are out, if no lane is free
+        nor frees within CALL_OFF_AFTER_S as far as the estimates tell (with the state held): a claim
+        woken there would wake a worker that cannot take the work, and the wake would be spent."""
+        if self.claims_over.is_set() or len(self.in_flight) < self.capacity():
+            return []
+        now = time.monotonic()
+        for flight in self.in_flight.values():
+            length = self.estimate(flight.job.iterations)
+            if flight.slot is None or (length is not None and flight.started + length - now < CALL_OFF_AFTER_S):
+                return []  # short jobs: a lane frees soon, and its claimer claims again then
+        return [client for other, client in self.clients.items() if other != url and self.reserved[other]]
 
     def roomiest_slot(self) -> int | None:
         load = [0] * len(self.slots)
