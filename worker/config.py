@@ -25,7 +25,7 @@ SETTINGS = {
                             "exit after this many seconds without work from any endpoint"),
     "poll_interval": Setting("DW_POLL_INTERVAL", "0.5", seconds(0, inclusive=True),
                              "pause between claims when an endpoint cannot let a claim wait for work"),
-    "claim_wait": Setting("DW_CLAIM_WAIT", "20", seconds(0, inclusive=True, maximum=30),
+    "claim_wait": Setting("DW_CLAIM_WAIT", "30", seconds(0, inclusive=True, maximum=30),
                           "seconds a claim waits at the endpoint for work (0: poll)"),
     "kernel": Setting("DW_KERNEL", "auto", choice(*CHOICES),
                       "hashing kernel: auto picks the fastest this CPU runs; python is the hashlib loop"),

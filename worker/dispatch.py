@@ -95,7 +95,7 @@ class DispatchOptions:
     endpoints: tuple[str, ...]
     worker_key: str  # never the cluster secret
     worker_id: str
-    claim_wait: float = 20.0
+    claim_wait: float = 30.0
     poll_interval: float = 0.5
     max_backoff: float = 30.0
     submit_patience: float = 3600.0

@@ -51,7 +51,7 @@ class WorkerOptions:
     submit_patience: float = 3600.0
     kernel: str = "auto"  # worker/native.py's choices
     kernel_library: str = ""  # default: sha512_lanes.so beside native.py
-    claim_wait: float = 20.0  # how long a claim waits at the endpoint for work
+    claim_wait: float = 30.0  # how long a claim waits at the endpoint for work
     tls_ca: str = ""  # the CA https endpoints are checked against ("": the system's)
     interruption_notices: str = "off"  # ec2-spot: watch for a Spot interruption notice (worker/interruption.py)
     metadata_url: str = "http://169.254.169.254"
