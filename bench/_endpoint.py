@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cli.tls import urlopen
 from endpoint.secret import worker_key
@@ -52,12 +54,7 @@ def running_endpoint(*extra_args: str, port: int = 0,
                     time.sleep(0.1)
             yield url, process, Path(directory)
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_group(process, signal.SIGTERM, 15)
 
 
 def group_pids(pgid: int) -> list[int]:
@@ -83,3 +80,16 @@ def rss_kib(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM) of one process in KiB: resident now, and the peak."""
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0])
+
+
+def stop_group(process: subprocess.Popen[Any], first: signal.Signals, patience: float) -> int:
+    """Send `first` to the process group the bench started, SIGKILL it if it is not gone within
+    `patience` seconds; the leader's exit status."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, first)
+    try:
+        return process.wait(patience)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()

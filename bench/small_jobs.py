@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench._endpoint import REPO, SECRET, free_port
+from bench._endpoint import REPO, SECRET, free_port, stop_group
 
 ITERATIONS = 10
 LATENCY_PROBES = 10
@@ -153,12 +153,7 @@ def deployment_rates(checkout: Path, jobs: int, clients: int) -> tuple[float, fl
             puller.join()
             return jobs / (pulled_at[0] - started), jobs / (enqueued - started), latencies
         finally:
-            os.killpg(deployment.pid, signal.SIGINT)
-            try:
-                deployment.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(deployment.pid, signal.SIGKILL)
-                deployment.wait()
+            stop_group(deployment, signal.SIGINT, 90)
 
 
 def main() -> None:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench._endpoint import stop_group
+
 REPO = Path(__file__).resolve().parent.parent
 NODES = ("a", "b")
 BANNER_END = "Ctrl-C stops everything"
@@ -341,15 +343,8 @@ class Cluster:
         run is named and killed. Returns deploy's exit status and the processes that were left."""
         status = None
         if self.deploy is not None:
-            if self.deploy.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.deploy.pid, signal.SIGINT)
-            try:
-                status = self.deploy.wait(120)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.deploy.pid, signal.SIGKILL)
-                status = self.deploy.wait()
+            running = self.deploy.poll() is None
+            status = stop_group(self.deploy, signal.SIGINT, 120) if running else self.deploy.returncode
         time.sleep(0.5)
         left = []
         for pid in self.processes():
